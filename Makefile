@@ -1,0 +1,45 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up the venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+VENV ?= .venv
+DEVICE ?= cpu
+PY := $(VENV)/bin/python
+TORCHREC_VERSION := 1.9.2
+STAMP := $(VENV)/.installed-$(DEVICE)
+SYSTEM_PYTHON ?= python3.11
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# pip warns about every missing local package folder this machine's pip.conf names
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# Runs again only when pyproject.toml changes or DEVICE differs: a second `make setup` installs
+# nothing. torchrec comes last and without dependencies: its metadata asks for the CUDA build
+# of fbgemm-gpu, which would replace fbgemm-gpu-cpu (DEVICE=cuda installs that build instead).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[dev,$(DEVICE)]" $(QUIET_PIP)
+	$(PIP) --no-deps torchrec==$(TORCHREC_VERSION) $(QUIET_PIP)
+	$(PY) -c "import torchrec, fbgemm_gpu" 2>/dev/null
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ctnet demo --config examples/demo.toml
+
+# pytest exits 5 when it collected nothing: a failure of ours, never a pass
+test: setup
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

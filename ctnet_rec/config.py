@@ -1,0 +1,393 @@
+"""Configuration: TOML files loaded into dataclasses and validated before anything runs.
+
+Every section is a dataclass; `load_config` walks the TOML tree against the dataclass fields,
+so an unknown key, a value of the wrong type or an impossible value is refused with its dotted
+key path (``features.tables[2].num_embeddings``) and the file named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the file and the key."""
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: the model's view of the Parquet data contract.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableConfig:
+    """One embedding table; several features may share it (item ids and behaviour items)."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+
+    def validate(self, key: str) -> None:
+        _check(self.name.isidentifier(), f"{key}.name", f"{self.name!r} is not an identifier")
+        _check(self.num_embeddings > 0, f"{key}.num_embeddings", "must be > 0")
+        _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
+
+
+@dataclass
+class IdFeatureConfig:
+    """A scalar int64 id column, pooled into one embedding per row."""
+
+    name: str
+    table: str
+    column: str = ""  # defaults to `name`
+
+    def __post_init__(self) -> None:
+        self.column = self.column or self.name
+
+
+@dataclass
+class SequenceConfig:
+    """A behaviour sequence: aligned item/category list columns, newest first.
+
+    Lists longer than `max_len` are truncated to their first (newest) `max_len` entries.
+    """
+
+    name: str
+    item_column: str
+    category_column: str
+    max_len: int
+    item_table: str = "item"
+    category_table: str = "category"
+    kind: Literal["short", "long"] = "short"
+
+    def validate(self, key: str) -> None:
+        _check(self.max_len > 0, f"{key}.max_len", "must be > 0")
+
+
+@dataclass
+class NumericFeatureConfig:
+    """A float/int column. With `boundaries` it is bucketised into an id feature whose table has
+    len(boundaries) + 1 rows (bucket i holds values in [b[i-1], b[i])); without, it stays dense."""
+
+    name: str
+    column: str = ""
+    boundaries: list[float] = field(default_factory=list)
+    embedding_dim: int = 8
+
+    def __post_init__(self) -> None:
+        self.column = self.column or self.name
+
+    def validate(self, key: str) -> None:
+        b = self.boundaries
+        _check(
+            all(x < y for x, y in zip(b, b[1:], strict=False)),
+            f"{key}.boundaries",
+            "must be strictly increasing",
+        )
+        _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
+
+    @property
+    def bucketized(self) -> bool:
+        return bool(self.boundaries)
+
+
+@dataclass
+class FeatureConfig:
+    """Which columns are used, how raw ids map into rows, and which features share tables.
+
+    `id_policy`: "modulo" (default) maps a raw int64 id x to row x mod num_embeddings (always
+    in [0, num_embeddings), negative ids included); "hash" first mixes the 64 bits (splitmix64)
+    so ids with structure in their low bits (e.g. multiples of the table size) spread evenly.
+    """
+
+    tables: list[TableConfig]
+    id_features: list[IdFeatureConfig]
+    sequences: list[SequenceConfig] = field(default_factory=list)
+    numeric: list[NumericFeatureConfig] = field(default_factory=list)
+    id_policy: Literal["modulo", "hash"] = "modulo"
+    label_column: str = "label"
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    category_column: str = "category_id"
+    time_column: str = "ts"
+
+    def validate(self, key: str) -> None:
+        _check(len(self.tables) > 0, f"{key}.tables", "at least one table is required")
+        names = [t.name for t in self.tables]
+        _check(len(set(names)) == len(names), f"{key}.tables", f"duplicate table names {names}")
+        for i, t in enumerate(self.tables):
+            t.validate(f"{key}.tables[{i}]")
+        for i, f in enumerate(self.id_features):
+            _check(f.table in names, f"{key}.id_features[{i}].table", f"unknown table {f.table!r}")
+        for i, s in enumerate(self.sequences):
+            s.validate(f"{key}.sequences[{i}]")
+            for attr in ("item_table", "category_table"):
+                _check(
+                    getattr(s, attr) in names,
+                    f"{key}.sequences[{i}].{attr}",
+                    f"unknown table {getattr(s, attr)!r}",
+                )
+        for i, n in enumerate(self.numeric):
+            n.validate(f"{key}.numeric[{i}]")
+        keys = self.sparse_keys() + [n.name for n in self.numeric if not n.bucketized]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        _check(not dup, key, f"feature names must be unique, repeated: {dup}")
+
+    # -- derived views used by the reader and the models --------------------------------------
+
+    def table(self, name: str) -> TableConfig:
+        return next(t for t in self.tables if t.name == name)
+
+    def sparse_keys(self) -> list[str]:
+        """Keys of the KeyedJaggedTensor, in order: id features, bucketised numerics, then each
+        sequence's item and category lists (keyed by their column names)."""
+        keys = [f.name for f in self.id_features]
+        keys += [n.name for n in self.numeric if n.bucketized]
+        for s in self.sequences:
+            keys += [s.item_column, s.category_column]
+        return keys
+
+    def dense_names(self) -> list[str]:
+        return [n.name for n in self.numeric if not n.bucketized]
+
+    def required_columns(self) -> dict[str, str]:
+        """Column name -> expected kind ("id", "list", "numeric", "label", "time")."""
+        cols = {self.label_column: "label", self.time_column: "time", self.user_column: "id"}
+        cols[self.item_column] = "id"
+        for f in self.id_features:
+            cols[f.column] = "id"
+        for s in self.sequences:
+            cols[s.item_column] = "list"
+            cols[s.category_column] = "list"
+        for n in self.numeric:
+            cols[n.column] = "numeric"
+        return cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading and the synthetic world.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """How batches are read: size, bounded shuffle buffer, decode threads and prefetch depth."""
+
+    batch_size: int = 512
+    shuffle_buffer: int = 65536
+    decode_threads: int = 2
+    prefetch_batches: int = 8
+
+    def validate(self, key: str) -> None:
+        for name in ("batch_size", "shuffle_buffer", "decode_threads", "prefetch_batches"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+
+
+@dataclass
+class DomainWorldConfig:
+    """One domain of the synthetic world; see `ctnet_rec.data.synth` for why each default."""
+
+    impressions_per_period: int
+    user_share: float
+    item_share: float
+    new_item_rate: float
+    user_join_rate: float
+    specific_weight: float
+    base_logit: float
+
+    def validate(self, key: str) -> None:
+        _check(self.impressions_per_period > 0, f"{key}.impressions_per_period", "must be > 0")
+        for name in ("user_share", "item_share", "new_item_rate", "user_join_rate"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1], got {v}")
+        _check(self.specific_weight >= 0, f"{key}.specific_weight", "must be >= 0")
+
+
+def _default_domains() -> dict[str, DomainWorldConfig]:
+    # Full Taobao-like scale: A has 60x the impressions of B and 200x those of C.
+    return {
+        "A": DomainWorldConfig(1_200_000, 1.0, 1.0, 0.10, 0.02, 0.5, -3.0),
+        "B": DomainWorldConfig(20_000, 0.30, 0.30, 0.05, 0.05, 0.5, -3.0),
+        "C": DomainWorldConfig(6_000, 0.20, 0.30, 0.40, 0.08, 0.5, -3.0),
+    }
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the synthetic continual cross-domain world (documented in data/synth.py)."""
+
+    periods: int = 16
+    period_seconds: int = 86_400
+    start_ts: int = 1_700_000_000
+    num_users: int = 200_000
+    num_items_initial: int = 100_000
+    new_items_per_period: int = 8_000
+    num_categories: int = 200
+    num_sellers: int = 10_000
+    latent_dim: int = 16
+    interest_drift: float = 0.25
+    category_drift: float = 0.25
+    category_affinity_weight: float = 1.0
+    category_temperature: float = 1.0
+    category_explore: float = 0.2
+    item_spread: float = 0.5
+    zipf_exponent: float = 1.0
+    short_history_max: int = 50
+    long_history_max: int = 256
+    new_items_from_source: float = 0.85
+    background_clicks: float = 8.0
+    burn_in_periods: int = 4
+    domains: dict[str, DomainWorldConfig] = field(default_factory=_default_domains)
+
+    def validate(self, key: str) -> None:
+        for name in (
+            "periods", "period_seconds", "num_users", "num_items_initial", "num_categories",
+            "num_sellers", "latent_dim", "short_history_max", "long_history_max",
+        ):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        for name in ("interest_drift", "category_drift", "category_explore",
+                     "new_items_from_source"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1], got {v}")
+        for name in ("new_items_per_period", "background_clicks", "burn_in_periods"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0")
+        _check(self.zipf_exponent > 0, f"{key}.zipf_exponent", "must be > 0")
+        _check(self.category_temperature > 0, f"{key}.category_temperature", "must be > 0")
+        _check("A" in self.domains, f"{key}.domains", "the source domain 'A' is required")
+        for name, d in self.domains.items():
+            _check(name.isidentifier(), f"{key}.domains", f"bad domain name {name!r}")
+            d.validate(f"{key}.domains.{name}")
+
+
+@dataclass
+class Config:
+    """A whole configuration file."""
+
+    features: FeatureConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self, key: str = "") -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, for checkpoint manifests and caches."""
+        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The generic TOML -> dataclass walk.
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a table, got {type(value).__name__}")
+        return _build_dataclass(tp, value, key)
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a table, got {type(value).__name__}")
+        return {k: _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if origin is Literal:
+        _check(value in args, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _build(a, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        _check(value is None, key, "expected nothing")
+        return None
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, f"expected an integer, got {value!r}")
+        return value
+    _check(isinstance(value, tp), key, f"expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build_dataclass(cls: type, raw: dict[str, Any], key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    where = f"{key}." if key else ""
+    _check(not unknown, f"{where}{unknown[0]}" if unknown else key,
+           f"unknown key (allowed: {sorted(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}{name}: required key is missing")
+        elif cls is SynthConfig and name == "domains":
+            kwargs[name] = _build_domains(raw[name], f"{where}{name}")
+        else:
+            kwargs[name] = _build(hints[name], raw[name], f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _build_domains(raw: Any, key: str) -> dict[str, DomainWorldConfig]:
+    """Domain tables override the built-in A/B/C defaults key by key (a new domain starts from
+    B's), so a config may set only what it changes; the source domain A is always present."""
+    _check(isinstance(raw, dict), key, "expected a table")
+    defaults = _default_domains()
+    out = {"A": defaults["A"]}
+    for name, d in raw.items():
+        _check(isinstance(d, dict), f"{key}.{name}", "expected a table")
+        base = dataclasses.asdict(defaults.get(name, defaults["B"]))
+        out[name] = _build(DomainWorldConfig, base | d, f"{key}.{name}")
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build_dataclass(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a TOML config; every problem is reported with the file and key."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

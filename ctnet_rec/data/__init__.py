@@ -1,0 +1,1 @@
+"""Data: the Parquet contract, id mapping, the synthetic world and the batch reader."""

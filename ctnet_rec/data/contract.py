@@ -1,0 +1,244 @@
+"""The Parquet data contract: where files live, what their columns must hold, and the checks
+that refuse bad input (naming file, column and reason) before any training step.
+
+Layout: ``<root>/<domain>/period=<int>/<any>.parquet``, hive style, periods sorted
+numerically. Folders whose names start with ``_`` or ``.`` are not domains (the synthetic
+world keeps its true click probabilities in ``<root>/_oracle``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ctnet_rec.config import FeatureConfig
+
+ORACLE_DIR = "_oracle"
+ORACLE_COLUMN = "p_click"
+_PERIOD_RE = re.compile(r"^period=(-?\d+)$")
+
+
+class DataError(ValueError):
+    """Input that breaks the contract; the message names the file, column and reason."""
+
+
+@dataclass(frozen=True)
+class ParquetPiece:
+    """One row group of one file: the unit of decoding and of sharding across ranks."""
+
+    path: Path
+    row_group: int
+    num_rows: int
+    period: int
+
+
+def list_domains(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist or is not a folder")
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+    )
+
+
+def list_periods(root: str | Path, domain: str) -> dict[int, list[Path]]:
+    """Period -> its Parquet files (sorted), for one domain; an empty period is an error."""
+    ddir = Path(root) / domain
+    if not ddir.is_dir():
+        raise DataError(f"{ddir}: domain folder not found (domains: {list_domains(root)})")
+    periods: dict[int, list[Path]] = {}
+    for p in ddir.iterdir():
+        if p.name.startswith(("_", ".")):
+            continue
+        m = _PERIOD_RE.match(p.name)
+        if not p.is_dir() or not m:
+            raise DataError(f"{p}: expected a folder named period=<int>")
+        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        if not files:
+            raise DataError(f"{p}: empty period (no .parquet files)")
+        periods[int(m.group(1))] = files
+    return dict(sorted(periods.items()))
+
+
+def select_periods(root: str | Path, domain: str, periods: Iterable[int]) -> dict[int, list[Path]]:
+    available = list_periods(root, domain)
+    chosen = {}
+    for t in periods:
+        if t not in available:
+            raise DataError(
+                f"{Path(root) / domain}/period={t}: missing period "
+                f"(available: {sorted(available)})"
+            )
+        chosen[t] = available[t]
+    return chosen
+
+
+def parse_periods(spec: str) -> list[int]:
+    """'3' -> [3]; '0:8' -> [0..7] (Python slice, end exclusive); '1,4,6' -> [1, 4, 6]."""
+    try:
+        if ":" in spec:
+            a, b = spec.split(":")
+            return list(range(int(a), int(b)))
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"bad period spec {spec!r}: use N, A:B or N,M,...") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema checks (metadata only, cheap) and content checks (vectorised, per decoded piece).
+# ---------------------------------------------------------------------------------------------
+
+
+def _kind_ok(kind: str, t: pa.DataType) -> bool:
+    if kind in ("id", "time"):
+        return pa.types.is_integer(t)
+    if kind == "label":
+        return pa.types.is_integer(t) or pa.types.is_boolean(t)
+    if kind == "numeric":
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+    if kind == "list":
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(
+            t.value_type
+        )
+    raise AssertionError(kind)
+
+
+_KIND_TEXT = {
+    "id": "an integer (int64) id",
+    "time": "integer unix seconds",
+    "label": "int or bool 0/1",
+    "numeric": "int or float",
+    "list": "list<int64>",
+}
+
+
+def read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: unreadable Parquet file ({e})") from None
+
+
+def check_schema(path: Path, schema: pa.Schema, features: FeatureConfig) -> None:
+    for col, kind in features.required_columns().items():
+        idx = schema.get_field_index(col)
+        if idx < 0:
+            raise DataError(f"{path}: missing column {col!r} ({_KIND_TEXT[kind]})")
+        t = schema.field(idx).type
+        if not _kind_ok(kind, t):
+            raise DataError(f"{path}: column {col!r} has type {t}, expected {_KIND_TEXT[kind]}")
+
+
+def check_period_schemas(period_files: dict[int, list[Path]], features: FeatureConfig) -> None:
+    """Each file matches the feature config, and all files of a period agree on used columns."""
+    cols = list(features.required_columns())
+    for _, files in period_files.items():
+        first: tuple[Path, pa.Schema] | None = None
+        for f in files:
+            schema = read_schema(f)
+            check_schema(f, schema, features)
+            used = pa.schema([schema.field(c) for c in cols])
+            if first is None:
+                first = (f, used)
+            elif not used.equals(first[1]):
+                diff = [
+                    c for c in cols if used.field(c).type != first[1].field(c).type
+                ]
+                raise DataError(
+                    f"{f}: schema conflicts with {first[0].name} of the same period "
+                    f"(columns {diff}: {[str(used.field(c).type) for c in diff]} vs "
+                    f"{[str(first[1].field(c).type) for c in diff]})"
+                )
+
+
+def check_content(table: pa.Table, features: FeatureConfig, where: str) -> None:
+    """Value checks on decoded rows: nulls, labels in {0,1}, aligned lists, finite numerics."""
+    for col in features.required_columns():
+        arr = table.column(col)
+        if arr.null_count:
+            raise DataError(f"{where}: column {col!r} has {arr.null_count} null values")
+    label = table.column(features.label_column)
+    if not pa.types.is_boolean(label.type):
+        bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], type=label.type)))
+        n_bad = pc.sum(bad).as_py() or 0
+        if n_bad:
+            example = pc.filter(label, bad)[0].as_py()
+            raise DataError(
+                f"{where}: column {features.label_column!r}: {n_bad} labels not in {{0,1}} "
+                f"(e.g. {example})"
+            )
+    for s in features.sequences:
+        li = pc.list_value_length(table.column(s.item_column))
+        lc = pc.list_value_length(table.column(s.category_column))
+        mis = pc.not_equal(li, lc)
+        n_mis = pc.sum(mis).as_py() or 0
+        if n_mis:
+            row = int(np.flatnonzero(mis.to_numpy(zero_copy_only=False))[0])
+            raise DataError(
+                f"{where}: columns {s.item_column!r} and {s.category_column!r} are misaligned "
+                f"in {n_mis} rows (first at row {row}: {li[row]} vs {lc[row]} entries)"
+            )
+        for col in (s.item_column, s.category_column):
+            nulls = pc.list_flatten(table.column(col)).null_count
+            if nulls:
+                raise DataError(f"{where}: column {col!r} has {nulls} null list entries")
+    for n in features.numeric:
+        arr = table.column(n.column)
+        if pa.types.is_floating(arr.type):
+            bad = pc.sum(pc.invert(pc.is_finite(arr))).as_py() or 0
+            if bad:
+                raise DataError(f"{where}: column {n.column!r} has {bad} NaN/inf values")
+
+
+def pieces_of(period_files: dict[int, list[Path]]) -> list[ParquetPiece]:
+    pieces = []
+    for t, files in period_files.items():
+        for f in files:
+            try:
+                md = pq.ParquetFile(f).metadata
+            except Exception as e:
+                raise DataError(f"{f}: unreadable Parquet file ({e})") from None
+            for rg in range(md.num_row_groups):
+                n = md.row_group(rg).num_rows
+                if n:
+                    pieces.append(ParquetPiece(f, rg, n, t))
+    return pieces
+
+
+def read_piece(piece: ParquetPiece, columns: list[str]) -> pa.Table:
+    try:
+        # pre_buffer off: one row group per call, decoded in our own threads; the read-ahead
+        # cache only adds work here (measured: ~40% more CPU per row)
+        return pq.ParquetFile(piece.path, pre_buffer=False).read_row_group(
+            piece.row_group, columns=columns, use_threads=False
+        )
+    except Exception as e:
+        raise DataError(f"{piece.path}: unreadable Parquet file ({e})") from None
+
+
+def validate_periods(
+    root: str | Path, domain: str, periods: Iterable[int], features: FeatureConfig
+) -> dict[int, list[Path]]:
+    """Full check of some periods of a domain: schemas, then every value. Raises DataError."""
+    period_files = select_periods(root, domain, periods)
+    check_period_schemas(period_files, features)
+    cols = list(features.required_columns())
+    for t, files in period_files.items():
+        rows = 0
+        for piece in pieces_of({t: files}):
+            check_content(read_piece(piece, cols), features, str(piece.path))
+            rows += piece.num_rows
+        if rows == 0:
+            raise DataError(f"{Path(root) / domain}/period={t}: empty period (0 rows)")
+    return period_files
+
+
+def oracle_path(root: str | Path, domain: str, period: int) -> Path:
+    return Path(root) / ORACLE_DIR / domain / f"period={period}" / "part-0.parquet"

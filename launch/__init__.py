@@ -1,0 +1,1 @@
+"""torchx components that launch ctnet jobs on local, Kubernetes and Slurm schedulers."""

@@ -1,0 +1,2 @@
+"""Sharding plans and sharders for the towers' embedding tables, applied from outside the
+model code."""

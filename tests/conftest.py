@@ -1,0 +1,86 @@
+"""Shared fixtures: the demo feature config, a tiny synthetic world, and a valid small table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctnet_rec.config import Config, DomainWorldConfig, load_config
+from ctnet_rec.data.synth import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "examples" / "demo.toml"
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> Config:
+    return load_config(DEMO_CONFIG)
+
+
+def tiny_synth(cfg: Config, **overrides):
+    domains = {
+        "A": DomainWorldConfig(3000, 1.0, 1.0, 0.10, 0.02, 0.5, -3.0),
+        "B": DomainWorldConfig(600, 0.3, 0.3, 0.05, 0.05, 0.5, -3.0),
+        "C": DomainWorldConfig(400, 0.2, 0.3, 0.40, 0.08, 0.5, -3.0),
+    }
+    base = dict(
+        periods=4, num_users=600, num_items_initial=800, new_items_per_period=100,
+        num_categories=20, num_sellers=100, background_clicks=3.0, burn_in_periods=2,
+        short_history_max=20, long_history_max=40, domains=domains,
+    )
+    return dataclasses.replace(cfg.synth, **(base | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(demo_config: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "data"
+    synthesize(tiny_synth(demo_config), out, seed=7)
+    return out
+
+
+def valid_table(n: int = 50, seed: int = 0) -> pa.Table:
+    """A small table that satisfies the demo config's contract, with extreme raw ids."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64, endpoint=True)
+    ids[: min(n, 2)] = [-(2**63) + seed, 2**63 - 1 - seed][: min(n, 2)]
+
+    def lists(mean: int) -> tuple[pa.Array, pa.Array]:
+        lens = rng.poisson(mean, n)
+        off = pa.array(np.r_[0, np.cumsum(lens)].astype(np.int32))
+        vals = rng.integers(-(2**62), 2**62, int(lens.sum()))
+        return (pa.ListArray.from_arrays(off, pa.array(vals)),
+                pa.ListArray.from_arrays(off, pa.array(vals // 7)))
+
+    hi, hc = lists(5)
+    li, lc = lists(40)
+    return pa.table({
+        "ts": pa.array(1_700_000_000 + np.arange(n, dtype=np.int64)),
+        "label": pa.array(rng.integers(0, 2, n).astype(np.int8)),
+        "user_id": pa.array(ids),
+        "item_id": pa.array(rng.integers(-(2**40), 2**40, n)),
+        "category_id": pa.array(rng.integers(0, 50, n)),
+        "seller_id": pa.array(rng.integers(0, 10**12, n)),
+        "age_group": pa.array(rng.integers(0, 8, n)),
+        "hour": pa.array(rng.integers(0, 24, n)),
+        "price": pa.array(rng.lognormal(3, 1, n)),
+        "hist_item_ids": hi,
+        "hist_category_ids": hc,
+        "long_hist_item_ids": li,
+        "long_hist_category_ids": lc,
+    })
+
+
+def write_period(root: Path, domain: str, period: int, tables: list[pa.Table],
+                 row_group_size: int = 16) -> list[Path]:
+    paths = []
+    for i, t in enumerate(tables):
+        path = root / domain / f"period={period}" / f"part-{i}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, path, row_group_size=row_group_size)
+        paths.append(path)
+    return paths

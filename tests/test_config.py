@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctnet_rec.config import ConfigError, load_config
+
+from .conftest import DEMO_CONFIG
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.toml"
+    p.write_text(text)
+    return p
+
+
+def _demo_with(tmp_path: Path, old: str, new: str) -> Path:
+    text = DEMO_CONFIG.read_text()
+    assert old in text
+    return _write(tmp_path, text.replace(old, new, 1))
+
+
+def test_demo_config_loads(demo_config):
+    f = demo_config.features
+    assert f.table("item").num_embeddings == 100_000
+    assert f.sparse_keys()[:2] == ["user_id", "item_id"]
+    assert "long_hist_category_ids" in f.sparse_keys()
+    assert f.dense_names() == []  # price is bucketised
+    assert demo_config.synth.domains["A"].impressions_per_period == 60_000
+    # unspecified domain knobs keep their documented defaults
+    assert demo_config.synth.domains["C"].new_item_rate == 0.40
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("[data]\n", "[data]\nbatchsize = 3\n", "data.batchsize"),
+        ("batch_size = 512", 'batch_size = "512"', "data.batch_size"),
+        ("batch_size = 512", "batch_size = 0", "data.batch_size"),
+        ("num_embeddings = 40000", "num_embeddings = 0", "features.tables[0].num_embeddings"),
+        ("embedding_dim = 16", "embedding_dim = 1.5", "features.tables[0].embedding_dim"),
+        ('id_policy = "modulo"', 'id_policy = "random"', "features.id_policy"),
+        ('table = "seller"', 'table = "sellers"', "features.id_features[3].table"),
+        ("max_len = 30 ", "max_len = -1 ", "features.sequences[0].max_len"),
+        ("[synth.domains.C]\n", "[synth.domains.C]\nuser_share = 1.5\n",
+         "synth.domains.C.user_share"),
+        ("periods = 16", "periods = true", "synth.periods"),
+    ],
+)
+def test_bad_values_are_refused_with_key_named(tmp_path, old, new, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(_demo_with(tmp_path, old, new))
+    assert key in str(e.value)
+    assert "cfg.toml" in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"features: required key is missing"):
+        load_config(_write(tmp_path, "[data]\nbatch_size = 4\n"))
+
+
+def test_unknown_section(tmp_path):
+    text = DEMO_CONFIG.read_text() + "\n[modle]\nx = 1\n"
+    with pytest.raises(ConfigError, match=r"modle: unknown key"):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[features\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_duplicate_feature_names(tmp_path):
+    cfg = _demo_with(tmp_path, 'name = "seller_id"', 'name = "user_id"')
+    with pytest.raises(ConfigError, match="repeated: \\['user_id'\\]"):
+        load_config(cfg)

@@ -1,0 +1,158 @@
+"""One test per contract violation: each is refused with file, column and reason named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from ctnet_rec.data.contract import DataError, list_periods, parse_periods, validate_periods
+from ctnet_rec.data.reader import ParquetBatchReader
+
+from .conftest import valid_table, write_period
+
+
+def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, arr)
+
+
+def _refused(tmp_path, demo_config, table: pa.Table, *needles: str) -> None:
+    (path,) = write_period(tmp_path, "B", 0, [table])
+    with pytest.raises(DataError) as e:
+        validate_periods(tmp_path, "B", [0], demo_config.features)
+    msg = str(e.value)
+    assert path.name in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_valid_data_passes(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table(), valid_table(seed=1)])
+    files = validate_periods(tmp_path, "B", [0], demo_config.features)
+    assert len(files[0]) == 2
+
+
+def test_bool_labels_are_accepted(tmp_path, demo_config):
+    t = valid_table()
+    write_period(tmp_path, "B", 0, [_set(t, "label", pc.cast(t["label"], pa.bool_()))])
+    validate_periods(tmp_path, "B", [0], demo_config.features)
+
+
+def test_missing_column(tmp_path, demo_config):
+    t = valid_table().drop_columns(["hist_category_ids"])
+    _refused(tmp_path, demo_config, t, "missing column 'hist_category_ids'")
+
+
+def test_wrong_type(tmp_path, demo_config):
+    t = valid_table()
+    t = _set(t, "item_id", pc.cast(t["item_id"], pa.float64()))
+    _refused(tmp_path, demo_config, t, "'item_id'", "type double", "integer")
+
+
+def test_wrong_list_type(tmp_path, demo_config):
+    t = valid_table()
+    t = _set(t, "long_hist_item_ids", pc.cast(t["long_hist_item_ids"], pa.list_(pa.string())))
+    _refused(tmp_path, demo_config, t, "'long_hist_item_ids'", "list<int64>")
+
+
+def test_label_not_binary(tmp_path, demo_config):
+    t = valid_table()
+    labels = t["label"].to_numpy().copy()
+    labels[7] = 2
+    _refused(tmp_path, demo_config, _set(t, "label", pa.array(labels)),
+             "'label'", "1 labels not in {0,1}", "e.g. 2")
+
+
+def test_misaligned_lists(tmp_path, demo_config):
+    t = valid_table()
+    cats = t["hist_category_ids"].to_pylist()
+    cats[3] = cats[3] + [1]
+    t = _set(t, "hist_category_ids", pa.array(cats, pa.list_(pa.int64())))
+    _refused(tmp_path, demo_config, t, "'hist_item_ids'", "'hist_category_ids'", "misaligned",
+             "row 3")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_numeric(tmp_path, demo_config, bad):
+    t = valid_table()
+    price = t["price"].to_numpy().copy()
+    price[5] = bad
+    _refused(tmp_path, demo_config, _set(t, "price", pa.array(price)), "'price'", "NaN/inf")
+
+
+def test_null_ids(tmp_path, demo_config):
+    t = valid_table()
+    users = t["user_id"].to_pylist()
+    users[0] = None
+    _refused(tmp_path, demo_config, _set(t, "user_id", pa.array(users, pa.int64())),
+             "'user_id'", "null")
+
+
+def test_empty_period_folder(tmp_path, demo_config):
+    (tmp_path / "B" / "period=0").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"period=0: empty period"):
+        validate_periods(tmp_path, "B", [0], demo_config.features)
+
+
+def test_period_with_zero_rows(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table().slice(0, 0)])
+    with pytest.raises(DataError, match=r"period=0: empty period \(0 rows\)"):
+        validate_periods(tmp_path, "B", [0], demo_config.features)
+
+
+def test_missing_period(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table()])
+    with pytest.raises(DataError, match=r"period=3: missing period \(available: \[0\]\)"):
+        validate_periods(tmp_path, "B", [0, 3], demo_config.features)
+
+
+def test_missing_domain_and_bad_folder(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table()])
+    with pytest.raises(DataError, match=r"domain folder not found \(domains: \['B'\]\)"):
+        validate_periods(tmp_path, "Z", [0], demo_config.features)
+    (tmp_path / "B" / "day=1").mkdir()
+    with pytest.raises(DataError, match=r"day=1: expected a folder named period=<int>"):
+        list_periods(tmp_path, "B")
+
+
+def test_unreadable_parquet(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table()])
+    bad = tmp_path / "B" / "period=0" / "part-9.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"part-9.parquet: unreadable Parquet file"):
+        validate_periods(tmp_path, "B", [0], demo_config.features)
+
+
+def test_conflicting_schemas_in_one_period(tmp_path, demo_config):
+    t = valid_table()
+    t2 = _set(valid_table(seed=1), "label", pc.cast(valid_table(seed=1)["label"], pa.int32()))
+    write_period(tmp_path, "B", 0, [t, t2])
+    with pytest.raises(DataError) as e:
+        validate_periods(tmp_path, "B", [0], demo_config.features)
+    assert "part-1.parquet: schema conflicts with part-0.parquet" in str(e.value)
+    assert "'label'" in str(e.value) and "int32" in str(e.value)
+
+
+def test_periods_sorted_numerically(tmp_path):
+    for t in (10, 2, 1):
+        write_period(tmp_path, "A", t, [valid_table(5)])
+    assert list(list_periods(tmp_path, "A")) == [1, 2, 10]
+    assert parse_periods("0:3") == [0, 1, 2] and parse_periods("4,1") == [4, 1]
+
+
+def test_reader_refuses_bad_schema_before_any_batch(tmp_path, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table().drop_columns(["price"])])
+    with pytest.raises(DataError, match="missing column 'price'"):
+        ParquetBatchReader(tmp_path, "B", [0], demo_config.features, demo_config.data)
+
+
+def test_reader_refuses_bad_values_naming_file(tmp_path, demo_config):
+    t = valid_table(200)
+    labels = t["label"].to_numpy().copy()
+    labels[150] = 3
+    write_period(tmp_path, "B", 0, [_set(t, "label", pa.array(labels))])
+    reader = ParquetBatchReader(tmp_path, "B", [0], demo_config.features, demo_config.data,
+                                batch_size=16)
+    with pytest.raises(DataError, match=r"part-0.parquet \(row group 9\).*labels not in"):
+        list(reader)

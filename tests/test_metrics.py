@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from ctnet_rec.metrics import auc, gauc
+
+
+def _pairwise_auc(y, s):
+    pos = [si for si, yi in zip(s, y, strict=True) if yi == 1]
+    neg = [si for si, yi in zip(s, y, strict=True) if yi == 0]
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auc_matches_pairwise_and_torchmetrics_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) + 0.3 * y, 1)  # coarse scores: many ties
+    assert auc(y, s) == pytest.approx(_pairwise_auc(y, s), abs=1e-12)
+    ref = binary_auroc(torch.tensor(s), torch.tensor(y)).item()
+    assert auc(y, s) == pytest.approx(ref, abs=1e-6)
+
+
+def test_gauc_is_impression_weighted_and_skips_one_class_users():
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 30, 600)
+    y = rng.integers(0, 2, 600)
+    y[users == 3] = 1  # one-class users are left out
+    y[users == 4] = 0
+    s = rng.random(600) + 0.5 * y * (users % 3)
+    num = den = 0.0
+    for u in np.unique(users):
+        m = users == u
+        if y[m].min() == y[m].max():
+            continue
+        num += m.sum() * _pairwise_auc(y[m], s[m])
+        den += m.sum()
+    assert gauc(y, s, users) == pytest.approx(num / den, abs=1e-12)
+
+
+def test_degenerate_inputs_are_nan():
+    assert np.isnan(auc(np.ones(5), np.arange(5)))
+    assert np.isnan(gauc(np.ones(5), np.arange(5), np.arange(5)))

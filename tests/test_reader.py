@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import bisect
+import copy
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ctnet_rec.data.reader import ParquetBatchReader, batch_sizes
+
+from .conftest import valid_table, write_period
+
+
+@pytest.fixture()
+def features(demo_config):
+    f = copy.deepcopy(demo_config.features)
+    f.sequences[0].max_len = 3  # the tables' lists average 5 and 40: both get truncated
+    f.sequences[1].max_len = 30
+    return f
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> tuple:
+    tables = [valid_table(70, seed=1), valid_table(61, seed=2), valid_table(72, seed=3)]
+    write_period(tmp_path, "B", 0, tables[:2])
+    write_period(tmp_path, "B", 1, tables[2:])
+    return tmp_path, pa.concat_tables(tables)
+
+
+def expected_rows(table: pa.Table, features) -> dict[int, dict]:
+    """Per raw user id (unique in the fixture), the row's expected sparse values, naively."""
+    rows = {}
+    for r in table.to_pylist():
+        exp = {}
+        for f in features.id_features:
+            exp[f.name] = [r[f.column] % features.table(f.table).num_embeddings]
+        for n in features.numeric:
+            exp[n.name] = [bisect.bisect_right(n.boundaries, r[n.column])]
+        for s in features.sequences:
+            for col, tname in ((s.item_column, s.item_table), (s.category_column, s.category_table)):
+                exp[col] = [v % features.table(tname).num_embeddings for v in r[col][: s.max_len]]
+        exp["_label"] = float(r["label"])
+        exp["_raw_item"] = r["item_id"]
+        rows[r["user_id"]] = exp
+    return rows
+
+
+def check_batch(batch, expected: dict[int, dict], features) -> list[int]:
+    d = batch.sparse.to_dict()
+    users = batch.user_ids.tolist()
+    for key in features.sparse_keys():
+        jt = d[key]
+        got = [x.tolist() for x in jt.values().split(jt.lengths().tolist())]
+        assert got == [expected[u][key] for u in users], key
+    assert batch.labels.tolist() == [expected[u]["_label"] for u in users]
+    assert batch.item_ids.tolist() == [expected[u]["_raw_item"] for u in users]
+    assert batch.dense.shape == (len(users), 0)
+    return users
+
+
+def read_all(reader) -> list:
+    return [b for b in reader]
+
+
+def test_round_trip_in_order(dataset, features, demo_config):
+    root, table = dataset
+    reader = ParquetBatchReader(root, "B", [0, 1], features, demo_config.data, batch_size=32,
+                                shuffle=False)
+    exp = expected_rows(table, features)
+    users = [u for b in read_all(reader) for u in check_batch(b, exp, features)]
+    assert users == table["user_id"].to_pylist()  # stored order, every row once
+    assert len(reader) == 7 and reader.sizes == [32] * 6 + [11]
+
+
+def test_shuffle_keeps_rows_whole_and_is_seeded(dataset, features, demo_config):
+    root, table = dataset
+    data = copy.deepcopy(demo_config.data)
+    data.shuffle_buffer = 40
+    exp = expected_rows(table, features)
+
+    def order(seed: int, epoch: int = 0) -> list[int]:
+        r = ParquetBatchReader(root, "B", [0, 1], features, data, batch_size=16, seed=seed)
+        r.set_epoch(epoch)
+        return [u for b in read_all(r) for u in check_batch(b, exp, features)]
+
+    a, b = order(0), order(0)
+    assert a == b  # same seed, same batches
+    assert sorted(a) == sorted(table["user_id"].to_pylist())  # a permutation of all rows
+    assert a != table["user_id"].to_pylist()
+    assert order(1) != a and order(0, epoch=1) != a
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("batch_size", [16, 50])
+def test_rank_shares_disjoint_complete_equal_batches(dataset, features, demo_config,
+                                                     world_size, batch_size):
+    root, table = dataset
+    shares, counts = [], []
+    for rank in range(world_size):
+        r = ParquetBatchReader(root, "B", [0, 1], features, demo_config.data,
+                               batch_size=batch_size, rank=rank, world_size=world_size, seed=3)
+        batches = read_all(r)
+        assert len(batches) == len(r)
+        assert all(0 < len(b) <= batch_size for b in batches)
+        counts.append(len(batches))
+        shares.append([u for b in batches for u in b.user_ids.tolist()])
+    assert len(set(counts)) == 1
+    flat = [u for s in shares for u in s]
+    assert len(flat) == len(set(flat)) == table.num_rows  # disjoint and complete
+    assert set(flat) == set(table["user_id"].to_pylist())
+
+
+def test_batch_sizes_never_leave_an_empty_batch():
+    assert batch_sizes(100, 4, 32) == [32, 32, 32, 4]
+    assert batch_sizes(64, 3, 32) == [32, 16, 16]  # a short rank splits its last batch
+    assert sum(batch_sizes(33, 2, 32)) == 33
+    with pytest.raises(ValueError):
+        batch_sizes(1, 2, 32)
+
+
+def test_uneven_split_same_batch_count(tmp_path, features, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table(65, seed=4)])
+    readers = [ParquetBatchReader(tmp_path, "B", [0], features, demo_config.data, batch_size=16,
+                                  rank=r, world_size=2) for r in range(2)]
+    assert [r.sizes for r in readers] == [[16, 8, 8], [16, 16, 1]]
+
+
+def test_too_few_rows_for_ranks(tmp_path, features, demo_config):
+    write_period(tmp_path, "B", 0, [valid_table(1)])
+    with pytest.raises(ValueError, match="cannot be shared by 2 ranks"):
+        ParquetBatchReader(tmp_path, "B", [0], features, demo_config.data, rank=0, world_size=2)
+
+
+def test_breaking_early_stops_background_threads(dataset, features, demo_config):
+    root, _ = dataset
+    before = threading.active_count()
+    reader = ParquetBatchReader(root, "B", [0, 1], features, demo_config.data, batch_size=8)
+    for _ in reader:
+        break
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_dense_numeric_features(tmp_path, demo_config):
+    f = copy.deepcopy(demo_config.features)
+    f.numeric[0].boundaries = []  # price stays a dense float
+    t = valid_table(40)
+    write_period(tmp_path, "B", 0, [t])
+    (batch,) = read_all(ParquetBatchReader(tmp_path, "B", [0], f, demo_config.data,
+                                           batch_size=64, shuffle=False))
+    assert "price" not in batch.sparse.keys()
+    np.testing.assert_allclose(batch.dense[:, 0].numpy(), t["price"].to_numpy(), rtol=1e-6)
