@@ -77,3 +77,9 @@ def test_duplicate_feature_names(tmp_path):
     cfg = _demo_with(tmp_path, 'name = "seller_id"', 'name = "user_id"')
     with pytest.raises(ConfigError, match="repeated: \\['user_id'\\]"):
         load_config(cfg)
+
+
+def test_template_config_loads():
+    cfg = load_config(DEMO_CONFIG.parent / "template.toml")
+    assert cfg.features.table("item").num_embeddings == 50_000_000
+    assert [s.max_len for s in cfg.features.sequences] == [50, 1000]

@@ -40,7 +40,8 @@ def expected_rows(table: pa.Table, features) -> dict[int, dict]:
         for n in features.numeric:
             exp[n.name] = [bisect.bisect_right(n.boundaries, r[n.column])]
         for s in features.sequences:
-            for col, tname in ((s.item_column, s.item_table), (s.category_column, s.category_table)):
+            pairs = ((s.item_column, s.item_table), (s.category_column, s.category_table))
+            for col, tname in pairs:
                 exp[col] = [v % features.table(tname).num_embeddings for v in r[col][: s.max_len]]
         exp["_label"] = float(r["label"])
         exp["_raw_item"] = r["item_id"]

@@ -1,10 +1,10 @@
 """Stream a domain's periods from Parquet into `Batch`es, fast enough that training never waits.
 
-Pipeline: decode threads read row-group slices with pyarrow (which releases the GIL), check
-their values and turn them into mapped, truncated id columns (`RowBlock`); one producer thread
-fills a bounded shuffle window, permutes it and cuts batches; a bounded queue hands batches to
-the training loop (background prefetch). There is no Python loop per row: KJTs are built from
-Arrow's offset and value buffers.
+Pipeline: decode threads read row-group slices with pyarrow (which releases the GIL) and check
+their values (`RowBlock`: Arrow's buffers plus per-row starts and truncated lengths); one
+producer thread fills a bounded shuffle window, draws batches from it in random order and
+assembles each KJT with one gather per key, mapping ids to rows in place; a bounded queue hands
+batches to the training loop (background prefetch). There is no Python loop per row.
 
 Distributed: the rows of the chosen periods, in (period, file, row group) order, are split into
 `world_size` contiguous, disjoint ranges that together cover every row. Each rank cuts its
@@ -14,7 +14,6 @@ forever in a collective.
 
 from __future__ import annotations
 
-import logging
 import math
 import queue
 import threading
@@ -39,8 +38,6 @@ from ctnet_rec.data.contract import (
     select_periods,
 )
 from ctnet_rec.data.ids import map_ids_
-
-log = logging.getLogger(__name__)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -175,7 +172,8 @@ class RowCodec:
         lengths = np.concatenate(
             [group_lengths[g] for g, (keys, _, _) in enumerate(self.layout) for _ in keys]
         )
-        values = np.empty(sum(t * len(k) for t, (k, _, _) in zip(totals, self.layout)), np.int64)
+        values = np.empty(sum(t * len(keys) for t, (keys, _, _) in
+                              zip(totals, self.layout, strict=True)), np.int64)
         base = 0
         for g, (keys, tables, max_len) in enumerate(self.layout):
             at = base

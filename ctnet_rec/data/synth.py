@@ -314,7 +314,8 @@ class SyntheticWorld:
         users = np.repeat(active, rng.poisson(lam))
         pool = self._pool(np.flatnonzero(self.item_avail["A"] <= max(t, 0)))
         cats = self._sample_categories(users, pool[2] > 0, explore=0.0)
-        cand = np.stack([self._pick_items(cats, pool) for _ in range(CANDIDATES_PER_BACKGROUND_CLICK)], 1)
+        picks = [self._pick_items(cats, pool) for _ in range(CANDIDATES_PER_BACKGROUND_CLICK)]
+        cand = np.stack(picks, 1)
         score = np.einsum("nd,nkd->nk", self.u[users], self.item_v[cand])
         items = cand[np.arange(len(users)), np.argmax(score, 1)]
         ts = self._period_ts(t, len(users))

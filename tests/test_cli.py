@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctnet_rec.cli import main
+
+from .conftest import DEMO_CONFIG
+
+CTNET = str(Path(sys.executable).parent / "ctnet")
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([CTNET, "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("data", "demo"):
+        assert cmd in out
+    for args in (["data", "--help"], ["data", "validate", "--help"], ["data", "synth", "--help"],
+                 ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 0
+
+
+def test_validate_prints_summary_with_oracle(tiny_world, tmp_path, capsys):
+    out_json = tmp_path / "summary.json"
+    rc = main(["data", "validate", str(tiny_world), "--config", str(DEMO_CONFIG),
+               "--domain", "C", "--json", str(out_json)])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "oracle AUC" in lines[0] and len(lines) == 2 + 4
+    assert all(line.startswith("C ") for line in lines[2:])
+    records = json.loads(out_json.read_text())
+    assert [r["period"] for r in records] == [0, 1, 2, 3]
+    assert all(0.5 < r["oracle_auc"] < 1 for r in records)
+
+
+def test_bad_input_exits_2_naming_the_problem(tiny_world, tmp_path, caplog):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEMO_CONFIG.read_text().replace("batch_size = 512", "batch_size = -1"))
+    assert main(["data", "validate", str(tiny_world), "--config", str(bad)]) == 2
+    assert "data.batch_size: must be > 0" in caplog.text
+    assert main(["data", "validate", str(tmp_path / "nowhere"), "--config",
+                 str(DEMO_CONFIG)]) == 2
+    assert "data root does not exist" in caplog.text
+
+
+def test_synth_command(demo_config, tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(DEMO_CONFIG.read_text().split("[synth]")[0] + """
+[synth]
+periods = 2
+num_users = 300
+num_items_initial = 300
+new_items_per_period = 20
+num_categories = 10
+num_sellers = 40
+burn_in_periods = 1
+[synth.domains.A]
+impressions_per_period = 500
+[synth.domains.B]
+impressions_per_period = 100
+""")
+    assert main(["data", "synth", "--config", str(cfg), "--out", str(tmp_path / "w"),
+                 "--seed", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["A", "B", "_oracle",
+                                                                   "world.json"]
+    assert main(["data", "validate", str(tmp_path / "w"), "--config", str(cfg)]) == 0
