@@ -33,11 +33,13 @@ from ctnet_rec.data.contract import (
     ParquetPiece,
     check_content,
     check_period_schemas,
+    iter_piece,
     pieces_of,
-    read_piece,
     select_periods,
 )
 from ctnet_rec.data.ids import map_ids_
+
+DECODE_ROWS = 4096  # rows per decoded Arrow batch (and per RowBlock)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -48,6 +50,15 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 def _single_chunk(col: pa.ChunkedArray) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def _writable_int64(arr: pa.Array, copy: bool) -> np.ndarray:
+    """The int64 values of a null-free array: a writable view of Arrow's buffer when that buffer
+    is mutable (freshly decoded, ours alone), else a copy."""
+    buf = arr.buffers()[1]
+    if copy or arr.type != pa.int64() or not buf.is_mutable:
+        return np.array(arr.to_numpy(), dtype=np.int64)
+    return np.frombuffer(buf, np.int64, count=len(arr), offset=arr.offset * 8)
 
 
 def _gather_positions(grp: IdGroup) -> np.ndarray:
@@ -115,28 +126,37 @@ class RowCodec:
     def __init__(self, features: FeatureConfig) -> None:
         self.features = features
         self.columns = list(features.required_columns())
-        # (keys, table of each key or None if already rows, max_len or None) per IdGroup
-        self.layout: list[tuple[list[str], list[int | None], int | None]] = []
-        for f in features.id_features:
-            self.layout.append(([f.name], [features.table(f.table).num_embeddings], None))
-        for n in features.numeric:
-            if n.bucketized:
-                self.layout.append(([n.name], [None], None))
-        for s in features.sequences:
-            rows = [features.table(s.item_table).num_embeddings,
-                    features.table(s.category_table).num_embeddings]
-            self.layout.append(([s.item_column, s.category_column], rows, s.max_len))
-        self.keys = [k for keys, _, _ in self.layout for k in keys]
+        # (keys, max_len or None for one value per row), one entry per IdGroup, in KJT order
+        self.layout: list[tuple[list[str], int | None]] = [
+            ([f.name], None) for f in features.id_features
+        ]
+        self.layout += [([n.name], None) for n in features.numeric if n.bucketized]
+        self.layout += [
+            ([s.item_column, s.category_column], s.max_len) for s in features.sequences
+        ]
+        self.keys = [k for keys, _ in self.layout for k in keys]
         assert self.keys == features.sparse_keys()
 
     def decode(self, table: pa.Table) -> RowBlock:
+        """Ids are mapped to rows here, in the decode threads, in place in Arrow's freshly
+        decoded buffers (no copy); sequences keep all values, truncation lives in lengths."""
         f = self.features
         n = table.num_rows
+        user_ids = np.array(table.column(f.user_column).to_numpy(), dtype=np.int64)
+        item_ids = np.array(table.column(f.item_column).to_numpy(), dtype=np.int64)
+        claimed: set[str] = set()
+
+        def mapped(col: str, arr: pa.Array, rows: int) -> np.ndarray:
+            values = _writable_int64(arr, copy=col in claimed)
+            claimed.add(col)
+            return map_ids_(values, rows, f.id_policy)
+
         row_index, ones = np.arange(n, dtype=np.int64), np.ones(n, np.int32)
         groups: list[IdGroup] = []
         for f_id in f.id_features:
-            raw = _single_chunk(table.column(f_id.column)).to_numpy()
-            groups.append(IdGroup(row_index, ones, {f_id.name: raw.astype(np.int64, copy=False)}))
+            arr = _single_chunk(table.column(f_id.column))
+            rows = mapped(f_id.column, arr, f.table(f_id.table).num_embeddings)
+            groups.append(IdGroup(row_index, ones, {f_id.name: rows}))
         dense_cols = []
         for num in f.numeric:
             x = table.column(num.column).to_numpy().astype(np.float64, copy=False)
@@ -147,35 +167,32 @@ class RowCodec:
                 dense_cols.append(x.astype(np.float32))
         for s in f.sequences:
             values = {}
-            for col in (s.item_column, s.category_column):
+            pairs = ((s.item_column, s.item_table), (s.category_column, s.category_table))
+            for col, tname in pairs:
                 arr = _single_chunk(table.column(col))
                 off = arr.offsets.to_numpy()
-                values[col] = arr.values.to_numpy()[off[0] : off[-1]].astype(np.int64, copy=False)
+                flat = arr.values.slice(off[0], off[-1] - off[0])
+                values[col] = mapped(col, flat, f.table(tname).num_embeddings)
             lengths = np.minimum(np.diff(off), s.max_len).astype(np.int32)
             groups.append(IdGroup(off[:-1] - off[0], lengths, values))
         dense = np.stack(dense_cols, 1) if dense_cols else np.zeros((n, 0), np.float32)
-        return RowBlock(
-            groups=groups,
-            dense=dense,
-            labels=table.column(f.label_column).to_numpy().astype(np.float32),
-            user_ids=np.array(table.column(f.user_column).to_numpy(), dtype=np.int64),
-            item_ids=np.array(table.column(f.item_column).to_numpy(), dtype=np.int64),
-        )
+        labels = table.column(f.label_column).to_numpy().astype(np.float32)
+        return RowBlock(groups, dense, labels, user_ids, item_ids)
 
     def assemble(self, parts: list[RowBlock]) -> Batch:
-        """One batch from rows of several blocks. Each key's values are gathered once, straight
-        into their slice of the KJT's values array, then mapped to table rows in place."""
+        """One batch from rows of several blocks: each key's values are gathered once, straight
+        into their slice of the KJT's values array."""
         group_lengths = [
             np.concatenate([p.groups[g].lengths for p in parts]) for g in range(len(self.layout))
         ]
         totals = [int(x.sum(dtype=np.int64)) for x in group_lengths]
         lengths = np.concatenate(
-            [group_lengths[g] for g, (keys, _, _) in enumerate(self.layout) for _ in keys]
+            [group_lengths[g] for g, (keys, _) in enumerate(self.layout) for _ in keys]
         )
-        values = np.empty(sum(t * len(keys) for t, (keys, _, _) in
-                              zip(totals, self.layout, strict=True)), np.int64)
+        size = sum(t * len(keys) for t, (keys, _) in zip(totals, self.layout, strict=True))
+        values = np.empty(size, np.int64)
         base = 0
-        for g, (keys, tables, max_len) in enumerate(self.layout):
+        for g, (keys, max_len) in enumerate(self.layout):
             at = base
             for p in parts:
                 grp = p.groups[g]
@@ -184,10 +201,6 @@ class RowCodec:
                     s = at + j * totals[g]
                     np.take(grp.values[k], pos, out=values[s : s + len(pos)], mode="clip")
                 at += len(pos)
-            for j, rows in enumerate(tables):
-                if rows is not None:
-                    s = base + j * totals[g]
-                    map_ids_(values[s : s + totals[g]], rows, self.features.id_policy)
             base += len(keys) * totals[g]
 
         def cat(xs: list[np.ndarray]) -> torch.Tensor:
@@ -312,10 +325,18 @@ class ParquetBatchReader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _decode(self, sl: PieceSlice) -> RowBlock:
-        table = read_piece(sl.piece, self.codec.columns).slice(sl.start, sl.stop - sl.start)
-        check_content(table, self.features, f"{sl.piece.path} (row group {sl.piece.row_group})")
-        return self.codec.decode(table)
+    def _decode(self, sl: PieceSlice) -> list[RowBlock]:
+        blocks, at = [], 0
+        where = f"{sl.piece.path} (row group {sl.piece.row_group})"
+        for table in iter_piece(sl.piece, self.codec.columns, DECODE_ROWS):
+            a, b = at, at + table.num_rows
+            at = b
+            lo, hi = max(a, sl.start), min(b, sl.stop)
+            if lo < hi:
+                part = table.slice(lo - a, hi - lo)
+                check_content(part, self.features, where)
+                blocks.append(self.codec.decode(part))
+        return blocks
 
     def _blocks(self, rng: np.random.Generator | None) -> Iterator[RowBlock]:
         """Decoded slices in (possibly shuffled) order, decoded ahead by the thread pool."""
@@ -324,13 +345,13 @@ class ParquetBatchReader:
             order = [order[i] for i in rng.permutation(len(order))]
         ahead = self.data.decode_threads + 1
         with ThreadPoolExecutor(self.data.decode_threads, thread_name_prefix="decode") as pool:
-            futures: list[Future[RowBlock]] = []
+            futures: list[Future[list[RowBlock]]] = []
             for sl in order:
                 futures.append(pool.submit(self._decode, sl))
                 if len(futures) > ahead:
-                    yield futures.pop(0).result()
+                    yield from futures.pop(0).result()
             for fut in futures:
-                yield fut.result()
+                yield from fut.result()
 
     def _batches(self) -> Iterator[Batch]:
         """Fill a window of at least `shuffle_buffer` rows, draw batches from it in random order;

@@ -71,17 +71,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ctnet_rec.config import SynthConfig
-from ctnet_rec.data.contract import ORACLE_COLUMN, ORACLE_DIR
+from ctnet_rec.data.contract import ORACLE_COLUMN, ORACLE_DIR, write_parquet
 from ctnet_rec.data.ids import splitmix64
 
 log = logging.getLogger(__name__)
 
 INTEREST_SCALE = 4.0
-ROW_GROUP_SIZE = 16_384
 NUM_AGE_GROUPS = 8
 CANDIDATES_PER_BACKGROUND_CLICK = 4
 LOG_PRICE_MEAN = 3.0
@@ -392,14 +390,14 @@ class SyntheticWorld:
                 clicks.append(args)
             self.long_log.add(*(np.concatenate(parts) for parts in zip(*clicks, strict=True)))
             for d, ev in events.items():
-                _write(self._table(d, ev), tmp / d / f"period={t}" / "part-0.parquet")
+                write_parquet(self._table(d, ev), tmp / d / f"period={t}" / "part-0.parquet")
                 oracle = pa.table({
                     "ts": pa.array(ev["ts"], pa.int64()),
                     "user_id": pa.array(raw_ids("user", ev["users"])),
                     "item_id": pa.array(raw_ids("item", ev["items"])),
                     ORACLE_COLUMN: pa.array(ev["p"]),
                 })
-                _write(oracle, tmp / ORACLE_DIR / d / f"period={t}" / "part-0.parquet")
+                write_parquet(oracle, tmp / ORACLE_DIR / d / f"period={t}" / "part-0.parquet")
             self._drift()
         meta = {"seed": self.seed, "synth": asdict(cfg)}
         (tmp / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -407,11 +405,6 @@ class SyntheticWorld:
             out.rmdir()
         tmp.rename(out)
         log.info("wrote %d periods of domains %s to %s", cfg.periods, self.domains, out)
-
-
-def _write(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE)
 
 
 def synthesize(cfg: SynthConfig, out: str | Path, seed: int) -> None:
