@@ -151,14 +151,30 @@ class FeatureConfig:
     def table(self, name: str) -> TableConfig:
         return next(t for t in self.tables if t.name == name)
 
-    def sparse_keys(self) -> list[str]:
-        """Keys of the KeyedJaggedTensor, in order: id features, bucketised numerics, then each
-        sequence's item and category lists (keyed by their column names)."""
-        keys = [f.name for f in self.id_features]
-        keys += [n.name for n in self.numeric if n.bucketized]
+    def sequence_tables(self) -> set[str]:
+        return {t for s in self.sequences for t in (s.item_table, s.category_table)}
+
+    def pooled_keys(self) -> list[str]:
+        """Features embedded once per row (an EmbeddingBagCollection): scalar ids whose table no
+        sequence uses, and bucketised numerics."""
+        shared = self.sequence_tables()
+        keys = [f.name for f in self.id_features if f.table not in shared]
+        return keys + [n.name for n in self.numeric if n.bucketized]
+
+    def sequence_keys(self) -> list[str]:
+        """Features of the sequence tables (an EmbeddingCollection): the scalar ids that share a
+        table with behaviours (the target item and category), then each sequence's item and
+        category lists (keyed by column name)."""
+        shared = self.sequence_tables()
+        keys = [f.name for f in self.id_features if f.table in shared]
         for s in self.sequences:
             keys += [s.item_column, s.category_column]
         return keys
+
+    def sparse_keys(self) -> list[str]:
+        """Keys of the reader's KeyedJaggedTensor, in order: pooled keys, then sequence keys, so
+        a model splits it in two with `kjt.split([len(pooled), len(sequence)])`."""
+        return self.pooled_keys() + self.sequence_keys()
 
     def dense_names(self) -> list[str]:
         return [n.name for n in self.numeric if not n.bucketized]

@@ -24,8 +24,10 @@ def _demo_with(tmp_path: Path, old: str, new: str) -> Path:
 def test_demo_config_loads(demo_config):
     f = demo_config.features
     assert f.table("item").num_embeddings == 100_000
-    assert f.sparse_keys()[:2] == ["user_id", "item_id"]
-    assert "long_hist_category_ids" in f.sparse_keys()
+    assert f.pooled_keys() == ["user_id", "seller_id", "age_group", "hour", "price"]
+    assert f.sequence_keys() == ["item_id", "category_id", "hist_item_ids", "hist_category_ids",
+                                 "long_hist_item_ids", "long_hist_category_ids"]
+    assert f.sparse_keys() == f.pooled_keys() + f.sequence_keys()
     assert f.dense_names() == []  # price is bucketised
     assert demo_config.synth.domains["A"].impressions_per_period == 60_000
     # unspecified domain knobs keep their documented defaults

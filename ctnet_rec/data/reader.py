@@ -127,13 +127,13 @@ class RowCodec:
         self.features = features
         self.columns = list(features.required_columns())
         # (keys, max_len or None for one value per row), one entry per IdGroup, in KJT order
-        self.layout: list[tuple[list[str], int | None]] = [
-            ([f.name], None) for f in features.id_features
-        ]
-        self.layout += [([n.name], None) for n in features.numeric if n.bucketized]
-        self.layout += [
-            ([s.item_column, s.category_column], s.max_len) for s in features.sequences
-        ]
+        seq_of = {s.item_column: s for s in features.sequences}
+        self.layout: list[tuple[list[str], int | None]] = []
+        for k in features.sparse_keys():
+            if k in seq_of:
+                self.layout.append(([k, seq_of[k].category_column], seq_of[k].max_len))
+            elif k not in {s.category_column for s in features.sequences}:
+                self.layout.append(([k], None))
         self.keys = [k for keys, _ in self.layout for k in keys]
         assert self.keys == features.sparse_keys()
 
@@ -152,17 +152,17 @@ class RowCodec:
             return map_ids_(values, rows, f.id_policy)
 
         row_index, ones = np.arange(n, dtype=np.int64), np.ones(n, np.int32)
-        groups: list[IdGroup] = []
+        groups: dict[str, IdGroup] = {}  # by first key
         for f_id in f.id_features:
             arr = _single_chunk(table.column(f_id.column))
             rows = mapped(f_id.column, arr, f.table(f_id.table).num_embeddings)
-            groups.append(IdGroup(row_index, ones, {f_id.name: rows}))
+            groups[f_id.name] = IdGroup(row_index, ones, {f_id.name: rows})
         dense_cols = []
         for num in f.numeric:
             x = table.column(num.column).to_numpy().astype(np.float64, copy=False)
             if num.bucketized:
                 b = np.searchsorted(np.asarray(num.boundaries), x, side="right")
-                groups.append(IdGroup(row_index, ones, {num.name: b.astype(np.int64)}))
+                groups[num.name] = IdGroup(row_index, ones, {num.name: b.astype(np.int64)})
             else:
                 dense_cols.append(x.astype(np.float32))
         for s in f.sequences:
@@ -174,10 +174,11 @@ class RowCodec:
                 flat = arr.values.slice(off[0], off[-1] - off[0])
                 values[col] = mapped(col, flat, f.table(tname).num_embeddings)
             lengths = np.minimum(np.diff(off), s.max_len).astype(np.int32)
-            groups.append(IdGroup(off[:-1] - off[0], lengths, values))
+            groups[s.item_column] = IdGroup(off[:-1] - off[0], lengths, values)
         dense = np.stack(dense_cols, 1) if dense_cols else np.zeros((n, 0), np.float32)
         labels = table.column(f.label_column).to_numpy().astype(np.float32)
-        return RowBlock(groups, dense, labels, user_ids, item_ids)
+        ordered = [groups[keys[0]] for keys, _ in self.layout]
+        return RowBlock(ordered, dense, labels, user_ids, item_ids)
 
     def assemble(self, parts: list[RowBlock]) -> Batch:
         """One batch from rows of several blocks: each key's values are gathered once, straight
