@@ -42,7 +42,7 @@ class TableConfig:
 
     def validate(self, key: str) -> None:
         _check(self.name.isidentifier(), f"{key}.name", f"{self.name!r} is not an identifier")
-        _check(self.num_embeddings > 0, f"{key}.num_embeddings", "must be > 0")
+        _check(0 < self.num_embeddings < 2**62, f"{key}.num_embeddings", "must be in (0, 2^62)")
         _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
 
 
@@ -193,6 +193,30 @@ class FeatureConfig:
         return cols
 
 
+@dataclass
+class TowerConfig:
+    """A single-domain CTR tower (DESIGN.md section 1); any of TA/SIM/ETA can be switched off.
+
+    The defaults are the paper's: MLP [1024, 512, 256], SIM/ETA top-k 64."""
+
+    mlp_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])
+    attention_heads: int = 2
+    use_target_attention: bool = True
+    use_sim: bool = True
+    use_eta: bool = True
+    sim_top_k: int = 64
+    eta_top_k: int = 64
+    eta_hash_bits: int = 32
+    leaky_relu_slope: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _check(len(self.mlp_hidden) > 0 and all(h > 0 for h in self.mlp_hidden),
+               f"{key}.mlp_hidden", "needs at least one layer, every size > 0")
+        for name in ("attention_heads", "sim_top_k", "eta_top_k", "eta_hash_bits"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(self.leaky_relu_slope >= 0, f"{key}.leaky_relu_slope", "must be >= 0")
+
+
 # ---------------------------------------------------------------------------------------------
 # Data loading and the synthetic world.
 # ---------------------------------------------------------------------------------------------
@@ -293,12 +317,20 @@ class Config:
     """A whole configuration file."""
 
     features: FeatureConfig
+    model: TowerConfig = field(default_factory=TowerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        dims = {self.features.table(t).embedding_dim for t in self.features.sequence_tables()}
+        _check(len(dims) <= 1, "features.tables",
+               f"tables used by sequences must share one embedding_dim, got {sorted(dims)}")
+        if self.features.sequences:
+            token = 2 * dims.pop()
+            _check(token % self.model.attention_heads == 0, "model.attention_heads",
+                   f"must divide the behaviour token size {token} (item + category dims)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,115 @@
+"""Behaviour-sequence modelling: padding, target attention, and the SIM / ETA retrievers.
+
+Sequences arrive newest first, so position 0 is the most recent behaviour and "the k most
+recent" are the first k kept positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+
+def pad(jt: JaggedTensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length, D) zero-padded values and the (B, length) mask of real entries."""
+    values = jt.values()
+    if values.dim() == 1:
+        values = values.unsqueeze(-1)
+    dense = torch.ops.fbgemm.jagged_to_padded_dense(values, [jt.offsets()], [length], 0.0)
+    positions = torch.arange(length, device=values.device)
+    return dense, positions.unsqueeze(0) < jt.lengths().unsqueeze(1)
+
+
+def pad_ids(jt: JaggedTensor, length: int, fill: int = -1) -> torch.Tensor:
+    """(B, length) int64 ids (exact, any size) with `fill` where there is no behaviour."""
+    values, lengths = jt.values(), jt.lengths()
+    positions = torch.arange(length, device=values.device).unsqueeze(0)
+    valid = positions < lengths.unsqueeze(1)
+    if values.numel() == 0:
+        return torch.full(valid.shape, fill, dtype=torch.long, device=values.device)
+    idx = torch.where(valid, jt.offsets()[:-1].unsqueeze(1) + positions, 0)
+    return torch.where(valid, values[idx], fill)
+
+
+def _attendable(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key mask with at least one position per row (a row without behaviours attends to its
+    zero padding, and its output is zeroed afterwards), and which rows have any."""
+    has_any = mask.any(dim=1)
+    safe = mask.clone()
+    safe[:, 0] |= ~has_any
+    return safe, has_any
+
+
+class TargetAttention(nn.Module):
+    """Multi-head attention with the target item as the query over behaviour keys/values."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        safe, has_any = _attendable(mask)
+        out, _ = self.attn(target.unsqueeze(1), keys, keys, key_padding_mask=~safe,
+                           need_weights=False)
+        return out.squeeze(1) * has_any.unsqueeze(1).to(out.dtype)
+
+
+class SequenceEncoder(nn.Module):
+    """One Transformer encoder layer over the short behaviour sequence."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
+                                                batch_first=True)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        safe, _ = _attendable(mask)
+        return self.layer(tokens, src_key_padding_mask=~safe) * mask.unsqueeze(-1).to(tokens.dtype)
+
+
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) tokens at (B, k) positions -> (B, k, D)."""
+    return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def sim_select(
+    categories: torch.Tensor, target_category: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIM (hard search): positions of the k most recent behaviours of the target's category.
+
+    Returns (B, k') indices (k' = min(k, L)) ordered newest first, and which of them are real."""
+    length = categories.shape[1]
+    k = min(k, length)
+    match = mask & (categories == target_category.unsqueeze(1))
+    keep = match & (match.long().cumsum(dim=1) <= k)
+    recency = torch.arange(length, 0, -1, device=categories.device)
+    idx = (keep.long() * recency).topk(k, dim=1).indices
+    return idx, keep.gather(1, idx)
+
+
+class SimHash(nn.Module):
+    """Random-hyperplane signatures (LSH for cosine similarity) of embeddings; fixed, not
+    trained, saved with the model so a checkpoint hashes the same way."""
+
+    def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("planes", torch.randn(dim, bits, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.planes) > 0
+
+
+def eta_select(
+    signatures: torch.Tensor, target_signature: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ETA: positions of the k behaviours nearest to the target in Hamming distance between
+    SimHash signatures (ties go to the more recent). Returns (B, k') indices and validity."""
+    length, bits = signatures.shape[1], signatures.shape[2]
+    k = min(k, length)
+    hamming = (signatures != target_signature.unsqueeze(1)).sum(dim=-1)
+    recency = torch.arange(length, 0, -1, device=signatures.device)
+    score = (bits - hamming) * (length + 1) + recency
+    score = torch.where(mask, score, torch.full_like(score, -1))
+    idx = score.topk(k, dim=1).indices
+    return idx, mask.gather(1, idx)

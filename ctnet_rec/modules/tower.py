@@ -1,0 +1,105 @@
+"""The single-domain CTR tower ("Base" model of the paper)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from ctnet_rec.config import FeatureConfig, TowerConfig
+from ctnet_rec.modules.attention import (
+    SequenceEncoder,
+    SimHash,
+    TargetAttention,
+    eta_select,
+    gather_tokens,
+    pad,
+    pad_ids,
+    sim_select,
+)
+from ctnet_rec.modules.embeddings import TowerEmbeddings
+from ctnet_rec.modules.mlp import TowerMLP
+
+
+@dataclass
+class TowerOutput:
+    """Logits, the MLP input E and each hidden layer's output (what CTNet's adapters read)."""
+
+    logits: torch.Tensor
+    inputs: torch.Tensor
+    hidden: list[torch.Tensor]
+
+
+class Tower(nn.Module):
+    """E = concat(pooled ids, target item+category, A_TA, A_SIM, A_ETA, dense numerics);
+    p = sigmoid(MLP(E)). Behaviour tokens are item and category embeddings concatenated.
+
+    - TA: one Transformer layer over the short sequence, then target attention.
+    - SIM: the k most recent long-sequence behaviours of the target's category, then TA.
+    - ETA: the k long-sequence behaviours nearest to the target by SimHash Hamming distance,
+      then TA.
+    Any of the three is left out when the config switches it off or lacks the sequence."""
+
+    def __init__(self, features: FeatureConfig, model: TowerConfig,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.features, self.model_cfg = features, model
+        self.embeddings = TowerEmbeddings(features, device)
+        shared = features.sequence_tables()
+        self.target_keys = [f.name for f in features.id_features if f.table in shared]
+        short = next((s for s in features.sequences if s.kind == "short"), None)
+        long = next((s for s in features.sequences if s.kind == "long"), None)
+        self.short = short if model.use_target_attention else None
+        self.long = long if (model.use_sim or model.use_eta) else None
+        token = 2 * self.embeddings.token_dim
+        heads = model.attention_heads
+        self.encoder = SequenceEncoder(token, heads) if self.short else None
+        self.ta = TargetAttention(token, heads) if self.short else None
+        self.sim = TargetAttention(token, heads) if long and model.use_sim else None
+        self.eta = TargetAttention(token, heads) if long and model.use_eta else None
+        self.simhash = SimHash(self.embeddings.token_dim, model.eta_hash_bits) if self.eta else None
+        n_attn = sum(m is not None for m in (self.ta, self.sim, self.eta))
+        in_dim = (self.embeddings.pooled_dim + token * (1 + n_attn)
+                  + len(features.dense_names()))
+        self.mlp = TowerMLP(in_dim, model.mlp_hidden, model.leaky_relu_slope)
+
+    def _tokens(self, emb: dict, item_key: str, cat_key: str, length: int):
+        items, mask = pad(emb[item_key], length)
+        cats, _ = pad(emb[cat_key], length)
+        return torch.cat([items, cats], dim=-1), items, mask
+
+    def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """The MLP input E."""
+        pooled, emb = self.embeddings(sparse)
+        item_key, cat_key = self.features.item_column, self.features.category_column
+        target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
+        parts = [pooled.values(), target]
+        if self.short is not None:
+            s = self.short
+            tokens, _, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
+            parts.append(self.ta(target, self.encoder(tokens, mask), mask))
+        if self.long is not None:
+            s = self.long
+            tokens, items, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
+            if self.sim is not None:
+                cats = pad_ids(sparse[s.category_column], s.max_len)
+                idx, valid = sim_select(cats, sparse[cat_key].values(), mask,
+                                        self.model_cfg.sim_top_k)
+                parts.append(self.sim(target, gather_tokens(tokens, idx), valid))
+            if self.eta is not None:
+                with torch.no_grad():
+                    sig = self.simhash(items)
+                    target_sig = self.simhash(emb[item_key].values())
+                idx, valid = eta_select(sig, target_sig, mask, self.model_cfg.eta_top_k)
+                parts.append(self.eta(target, gather_tokens(tokens, idx), valid))
+        if dense.shape[1]:
+            parts.append(dense)
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                adds: list[torch.Tensor | None] | None = None) -> TowerOutput:
+        inputs = self.embed(sparse, dense)
+        logits, hidden = self.mlp(inputs, adds)
+        return TowerOutput(logits, inputs, hidden)

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.attention import (
+    SequenceEncoder,
+    SimHash,
+    TargetAttention,
+    eta_select,
+    pad,
+    pad_ids,
+    sim_select,
+)
+from ctnet_rec.modules.tower import Tower
+
+
+def test_pad_and_mask_with_empty_rows():
+    jt = JaggedTensor(values=torch.arange(10.0).view(5, 2), lengths=torch.tensor([0, 3, 2, 0]))
+    dense, mask = pad(jt, 2)
+    assert dense.shape == (4, 2, 2)
+    assert mask.tolist() == [[False, False], [True, True], [True, True], [False, False]]
+    assert dense[1].tolist() == [[0.0, 1.0], [2.0, 3.0]]  # first (newest) entries kept
+    assert dense[0].abs().sum() == 0
+    ids = JaggedTensor(values=torch.tensor([2**62, -5, 7]), lengths=torch.tensor([2, 0, 1]))
+    assert pad_ids(ids, 3).tolist() == [[2**62, -5, -1], [-1, -1, -1], [7, -1, -1]]
+
+
+def test_attention_handles_empty_and_all_padding_rows():
+    torch.manual_seed(0)
+    ta, enc = TargetAttention(8, 2), SequenceEncoder(8, 2)
+    keys = torch.randn(3, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [False] * 4, [True] * 4])
+    out = ta(torch.randn(3, 8), enc(keys, mask), mask)
+    assert torch.isfinite(out).all()
+    assert out[1].abs().sum() == 0  # no behaviours, no signal
+    assert out[0].abs().sum() > 0
+    # padding positions do not influence the result
+    keys2 = keys.clone()
+    keys2[0, 2:] = 100.0
+    torch.testing.assert_close(ta(torch.ones(3, 8), keys2, mask)[0],
+                               ta(torch.ones(3, 8), keys, mask)[0])
+
+
+def test_sim_picks_the_k_most_recent_of_the_target_category():
+    g = torch.Generator().manual_seed(1)
+    cats = torch.randint(0, 3, (50, 20), generator=g)
+    lengths = torch.randint(0, 21, (50,), generator=g)
+    mask = torch.arange(20).unsqueeze(0) < lengths.unsqueeze(1)
+    target = torch.randint(0, 3, (50,), generator=g)
+    idx, valid = sim_select(cats, target, mask, k=4)
+    assert idx.shape == (50, 4)
+    for b in range(50):
+        want = [p for p in range(int(lengths[b])) if cats[b, p] == target[b]][:4]
+        assert idx[b][valid[b]].tolist() == want
+
+
+def test_eta_picks_the_k_nearest_by_hamming():
+    g = torch.Generator().manual_seed(2)
+    sig = torch.rand(40, 15, 16, generator=g) > 0.5
+    target = torch.rand(40, 16, generator=g) > 0.5
+    lengths = torch.randint(0, 16, (40,), generator=g)
+    mask = torch.arange(15).unsqueeze(0) < lengths.unsqueeze(1)
+    idx, valid = eta_select(sig, target, mask, k=5)
+    for b in range(40):
+        n = int(lengths[b])
+        dist = [int((sig[b, p] != target[b]).sum()) for p in range(n)]
+        want = sorted(range(n), key=lambda p: (dist[p], p))[:5]  # nearest, then most recent
+        assert idx[b][valid[b]].tolist() == want
+
+
+def test_simhash_is_deterministic_and_locality_sensitive():
+    h = SimHash(16, 64)
+    assert torch.equal(h.planes, SimHash(16, 64).planes)
+    x = torch.randn(100, 16)
+    near = (h(x) != h(x + 0.05 * torch.randn(100, 16))).sum(-1).float().mean()
+    far = (h(x) != h(torch.randn(100, 16))).sum(-1).float().mean()
+    assert near < far / 4
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_world, demo_config):
+    reader = ParquetBatchReader(tiny_world, "B", [3], demo_config.features, demo_config.data,
+                                batch_size=128, shuffle=False)
+    return next(iter(reader))
+
+
+@pytest.mark.parametrize(("ta", "sim", "eta", "n_attn"),
+                         [(True, True, True, 3), (False, True, False, 1), (False, False, False, 0)])
+def test_tower_modules_switch_off(demo_config, batch, ta, sim, eta, n_attn):
+    model = copy.deepcopy(demo_config.model)
+    model.use_target_attention, model.use_sim, model.use_eta = ta, sim, eta
+    torch.manual_seed(0)
+    tower = Tower(demo_config.features, model)
+    out = tower(batch.sparse, batch.dense)
+    token = 2 * 16
+    pooled = 16 + 8 + 4 + 4 + 4  # user, seller, age, hour, price buckets
+    assert out.inputs.shape == (len(batch), pooled + token * (1 + n_attn))
+    assert out.logits.shape == (len(batch),) and torch.isfinite(out.logits).all()
+    assert [h.shape[1] for h in out.hidden] == model.mlp_hidden
+    out.logits.sum().backward()
+    item_table = tower.embeddings.sequence.embeddings["item"].weight
+    assert item_table.grad is not None and item_table.grad.abs().sum() > 0
+
+
+def test_tower_with_users_without_history(demo_config, tiny_world):
+    reader = ParquetBatchReader(tiny_world, "C", [0], demo_config.features, demo_config.data,
+                                batch_size=400, shuffle=False)
+    b = next(iter(reader))
+    lengths = b.sparse["hist_item_ids"].lengths()
+    assert (lengths == 0).any()  # the first period has users with no history at all
+    tower = Tower(demo_config.features, demo_config.model).eval()
+    assert torch.isfinite(tower(b.sparse, b.dense).logits).all()
+
+
+def test_mlp_adds_hook(demo_config, batch):
+    tower = Tower(demo_config.features, demo_config.model).eval()
+    out = tower(batch.sparse, batch.dense)
+    zeros = [torch.zeros_like(h) for h in out.hidden]
+    torch.testing.assert_close(tower(batch.sparse, batch.dense, zeros).logits, out.logits)
+    bumped = tower(batch.sparse, batch.dense, [None, None, torch.ones_like(out.hidden[2])])
+    assert not torch.allclose(bumped.logits, out.logits)
+    torch.testing.assert_close(bumped.hidden[0], out.hidden[0])
