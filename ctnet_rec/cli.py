@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ctnet_rec.config import ConfigError, load_config
 from ctnet_rec.data.contract import DataError
+from ctnet_rec.training.checkpoint import CheckpointError
 
 log = logging.getLogger("ctnet")
 
@@ -34,6 +35,16 @@ def _data_synth(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     synthesize(cfg.synth, args.out, seed=args.seed)
     log.info("synthetic world written to %s (seed %d)", args.out, args.seed)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ctnet_rec.data.contract import parse_periods
+    from ctnet_rec.training.trainer import train_continual
+
+    cfg = load_config(args.config)
+    train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
+                    Path(args.run), init=Path(args.init) if args.init else None,
+                    resume=args.resume)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -84,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     s.set_defaults(func=_data_synth)
 
+    t = sub.add_parser(
+        "train",
+        help="train a single-domain tower continually, period by period",
+        description="For each period: start from the previous period's checkpoint, train one "
+        "pass on the period, save a sharded checkpoint under RUN/checkpoints/period=<t>, "
+        "evaluate on the next period and rewrite RUN/metrics.jsonl.",
+    )
+    t.add_argument("--config", required=True)
+    t.add_argument("--data", required=True, help="dataset root")
+    t.add_argument("--domain", required=True)
+    t.add_argument("--periods", required=True, help="N, A:B (B exclusive) or N,M,...")
+    t.add_argument("--run", required=True, help="run folder (checkpoints, metrics.jsonl)")
+    t.add_argument("--init", help="start from this checkpoint folder")
+    t.add_argument("--resume", action="store_true",
+                   help="continue after the newest complete checkpoint of RUN")
+    t.set_defaults(func=_train)
+
     d = sub.add_parser(
         "demo",
         help="run the main job on the embedded synthetic default",
@@ -105,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ConfigError, DataError, FileExistsError) as e:
+    except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -313,11 +313,29 @@ class SynthConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation and placement. The paper: AdaGrad, lr 0.01 (tables: TorchRec's fused
+    row-wise AdaGrad; dense layers: torch.optim.Adagrad). `device` "cpu" runs on gloo, "cuda"
+    on nccl: the code is the same."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    sparse_lr: float = 0.01
+    dense_lr: float = 0.01
+    eval_batch_size: int = 4096
+
+    def validate(self, key: str) -> None:
+        for name in ("sparse_lr", "dense_lr", "eval_batch_size"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+
+
+@dataclass
 class Config:
     """A whole configuration file."""
 
     features: FeatureConfig
     model: TowerConfig = field(default_factory=TowerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 

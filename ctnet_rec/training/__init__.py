@@ -1,0 +1,1 @@
+"""Training: the process group, the period loop, checkpoints and evaluation."""

@@ -1,0 +1,104 @@
+"""Sharded checkpoints with torch.distributed.checkpoint: one folder per period, written to a
+temporary folder and renamed when complete, so a crash never leaves one that loads half.
+
+Layout: <run>/checkpoints/period=<t>/ holding the DCP shards, `manifest.json` (model kind,
+config hash, feature schema, period, world size, metrics, lineage) and `seen_ids.npz` (the raw
+user and item ids of all training data so far, for cold-start slices)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+
+MANIFEST = "manifest.json"
+SEEN_IDS = "seen_ids.npz"
+_DIR_RE = re.compile(r"^period=(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the difference."""
+
+
+@dataclass
+class Manifest:
+    kind: str
+    config_hash: str
+    schema: dict[str, Any]
+    period: int
+    world_size: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def read(folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        if not path.exists():
+            raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})")
+        return Manifest(**json.loads(path.read_text()))
+
+    def check_compatible(self, kind: str, config_hash: str, schema: dict[str, Any],
+                         where: Path) -> None:
+        if self.kind != kind:
+            raise CheckpointError(f"{where}: holds a {self.kind!r} model, expected {kind!r}")
+        if self.schema != schema:
+            diff = sorted(k for k in set(self.schema) | set(schema)
+                          if self.schema.get(k) != schema.get(k))
+            detail = "; ".join(f"{k}: checkpoint {self.schema.get(k)} vs config {schema.get(k)}"
+                               for k in diff)
+            raise CheckpointError(f"{where}: feature schema differs from the config ({detail})")
+        if self.config_hash != config_hash:
+            raise CheckpointError(
+                f"{where}: model config differs (hash {self.config_hash} vs {config_hash})")
+
+
+def period_dir(run: Path, period: int) -> Path:
+    return run / "checkpoints" / f"period={period}"
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run (partial folders are ignored)."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in root.iterdir()
+            if (m := _DIR_RE.match(p.name)) and (p / MANIFEST).exists()]
+    return max(done)[1] if done else None
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
+                    seen: dict[str, np.ndarray]) -> None:
+    """Collective: every rank writes its shards; rank 0 completes and renames."""
+    tmp = folder.with_name(folder.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        np.savez(tmp / SEEN_IDS, **seen)
+        (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    dist.barrier()
+
+
+def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Load in place into `state` (built from the live, possibly resharded, model); returns
+    the seen ids. Works at another world size or sharding plan."""
+    dcp.load(state, checkpoint_id=str(folder),
+             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    with np.load(folder / SEEN_IDS) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,222 @@
+"""Continual single-domain training: for each period, start from the previous period's
+checkpoint, train one pass on that period, save, evaluate on the next period."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ctnet_rec.config import Config
+from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.tower import Tower
+from ctnet_rec.training.checkpoint import (
+    Manifest,
+    latest_checkpoint,
+    load_checkpoint,
+    period_dir,
+    save_checkpoint,
+)
+from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.evaluate import evaluate_predictions
+from sharding.tower import dense_parameters, shard_model
+
+log = logging.getLogger(__name__)
+
+TOWER = "tower"
+
+
+def feature_schema(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint's tables and inputs must match: keys, tables and their sizes."""
+    f = cfg.features
+    return {
+        "sparse_keys": f.sparse_keys(),
+        "dense": f.dense_names(),
+        "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in f.tables},
+        "id_policy": f.id_policy,
+        "max_len": {s.name: s.max_len for s in f.sequences},
+    }
+
+
+def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+class PeriodTrainer:
+    """A tower under DistributedModelParallel with its optimisers, trained period by period."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        torch.manual_seed(cfg.train.seed)
+        model = Tower(cfg.features, cfg.model, device=torch.device("meta"))
+        self.dmp = shard_model(model, env, cfg.train.sparse_lr)
+        self.dense_names = [n for n, _ in self._named_dense()]
+        self.dense_opt = torch.optim.Adagrad(dense_parameters(self.dmp), lr=cfg.train.dense_lr)
+        self.seen: dict[str, np.ndarray] = {"users": np.zeros(0, np.int64),
+                                            "items": np.zeros(0, np.int64)}
+        self.config_hash = cfg.section_hash("features", "model")
+
+    def _named_dense(self) -> list[tuple[str, torch.Tensor]]:
+        fused = {id(p) for p in dense_parameters(self.dmp)}
+        return [(n, p) for n, p in self.dmp.named_parameters() if id(p) in fused]
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds: model, fused (table) optimiser state, dense optimiser
+        state keyed by parameter name (so it reloads at any world size)."""
+        dense_state = {
+            name: dict(self.dense_opt.state[p]) for name, p in self._named_dense()
+        }
+        return {"model": self.dmp.state_dict(), "optim": self.dmp.fused_optimizer.state_dict(),
+                "dense_optim": dense_state}
+
+    def save(self, folder: Path, period: int, metrics: dict[str, Any],
+             lineage: dict[str, Any] | None = None) -> None:
+        manifest = Manifest(kind=TOWER, config_hash=self.config_hash,
+                            schema=feature_schema(self.cfg), period=period,
+                            world_size=self.env.world_size, metrics=metrics,
+                            lineage=lineage or {})
+        save_checkpoint(folder, self.state(), manifest, self.seen)
+
+    def restore(self, folder: Path) -> Manifest:
+        manifest = Manifest.read(folder)
+        manifest.check_compatible(TOWER, self.config_hash, feature_schema(self.cfg), folder)
+        state = self.state()
+        self.seen = load_checkpoint(folder, state)
+        self.dmp.load_state_dict(state["model"])
+        self.dmp.fused_optimizer.load_state_dict(state["optim"])
+        for name, p in self._named_dense():
+            self.dense_opt.state[p].update(state["dense_optim"][name])
+        log.info("restored %s (period %d, trained at world size %d)", folder, manifest.period,
+                 manifest.world_size)
+        return manifest
+
+    # -- work -----------------------------------------------------------------------------
+
+    def _reader(self, root: Path, domain: str, period: int, train: bool) -> ParquetBatchReader:
+        return ParquetBatchReader(
+            root, domain, [period], self.cfg.features, self.cfg.data,
+            batch_size=None if train else self.cfg.train.eval_batch_size,
+            rank=self.env.rank, world_size=self.env.world_size, shuffle=train,
+            seed=self.cfg.train.seed * 1_000_003 + period,
+        )
+
+    def train_period(self, root: Path, domain: str, period: int) -> dict[str, float]:
+        reader = self._reader(root, domain, period, train=True)
+        self.dmp.train()
+        users, items = [], []
+        total_loss, rows, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(reader, desc=f"{domain} period {period}", unit="batch",
+                   disable=not self.env.is_main, leave=False)
+        for batch in bar:
+            batch = batch.to(self.env.device)
+            out = self.dmp(batch.sparse, batch.dense)
+            loss = F.binary_cross_entropy_with_logits(out.logits, batch.labels)
+            self.dense_opt.zero_grad()
+            loss.backward()
+            self.dense_opt.step()
+            total_loss += loss.item() * len(batch)
+            rows += len(batch)
+            users.append(batch.user_ids.cpu().numpy())
+            items.append(batch.item_ids.cpu().numpy())
+            bar.set_postfix(loss=f"{total_loss / rows:.4f}",
+                            samples_s=f"{rows / (time.perf_counter() - start):.0f}")
+        seen = _gather({"users": np.unique(np.concatenate(users)),
+                        "items": np.unique(np.concatenate(items))})
+        self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
+        elapsed = time.perf_counter() - start
+        stats = torch.tensor([total_loss, float(rows)])
+        dist.all_reduce(stats)
+        return {"train_loss": float(stats[0] / stats[1]), "train_rows": int(stats[1]),
+                "train_seconds": round(elapsed, 3)}
+
+    @torch.no_grad()
+    def predict(self, root: Path, domain: str, period: int) -> dict[str, np.ndarray]:
+        """Scores of a period's rows (each rank scores its share; gathered on every rank).
+
+        no_grad, not inference_mode: on CPU, fbgemm's fused table lookup is registered only
+        behind the autograd dispatch key, and inference_mode skips that key."""
+        self.dmp.eval()
+        parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
+        for batch in self._reader(root, domain, period, train=False):
+            batch = batch.to(self.env.device)
+            parts["p"].append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits).cpu()
+                              .double().numpy())
+            parts["labels"].append(batch.labels.cpu().double().numpy())
+            parts["users"].append(batch.user_ids.cpu().numpy())
+            parts["items"].append(batch.item_ids.cpu().numpy())
+        return _gather({k: np.concatenate(v) for k, v in parts.items()})
+
+    def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+        pred = self.predict(root, domain, period)
+        oracle = None
+        opath = oracle_path(root, domain, period)
+        if opath.exists():  # ranks read contiguous shares in file order: rows line up
+            oracle = pq.read_table(opath, columns=[ORACLE_COLUMN])[ORACLE_COLUMN].to_numpy()
+        return evaluate_predictions(pred["labels"], pred["p"], pred["users"], pred["items"],
+                                    self.seen, oracle)
+
+
+def _write_metrics(run: Path) -> None:
+    """metrics.jsonl, rebuilt from the checkpoints' manifests (crash-safe: a line exists
+    exactly when its checkpoint is complete)."""
+    lines = []
+    for folder in sorted((run / "checkpoints").glob("period=*"),
+                         key=lambda p: int(p.name.split("=")[1])):
+        if (folder / "manifest.json").exists():
+            m = Manifest.read(folder)
+            lines.append(json.dumps({"period": m.period, **m.metrics}, sort_keys=True))
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
+                    init: Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """The `ctnet train` job. Returns the metrics of the periods trained by this call."""
+    gc.freeze()  # torch's many objects need no rescans by the collector
+    env = init_distributed(cfg.train.device)
+    periods = list(periods)
+    validate_periods(data, domain, periods, cfg.features)  # refuse bad data before training
+    trainer = PeriodTrainer(cfg, env)
+    start = None
+    if resume and (latest := latest_checkpoint(run)) is not None:
+        start = trainer.restore(latest).period
+        periods = [t for t in periods if t > start]
+        log.info("resuming after period %d", start)
+    elif init is not None:
+        trainer.restore(init)
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    available = list_periods(data, domain)
+    results = []
+    for t in periods:
+        metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
+        if t + 1 in available:
+            validate_periods(data, domain, [t + 1], cfg.features)
+            metrics["eval_period"] = t + 1
+            metrics["eval"] = trainer.evaluate(data, domain, t + 1)
+        trainer.save(period_dir(run, t), t, metrics,
+                     {"init": str(init) if init else None, "resumed_after": start})
+        if env.is_main:
+            _write_metrics(run)
+            ev = metrics.get("eval", {})
+            log.info("period %d: loss %.4f, next-period AUC %s GAUC %s", t,
+                     metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
+        results.append(metrics)
+    return results
