@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="dataset root")
     t.add_argument("--domain", required=True)
     t.add_argument("--periods", required=True, help="N, A:B (B exclusive) or N,M,...")
-    t.add_argument("--run", required=True, help="run folder (checkpoints, metrics.jsonl)")
+    t.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (checkpoints, metrics.jsonl); under torchrun/torchx spell "
+                   "it --run-dir (torchrun's own parser takes --run for its --run-path)")
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")

@@ -46,7 +46,7 @@ def test_world_is_valid_and_has_the_documented_shape(tiny_world, demo_config):
         assert 0.05 < s.positive_rate < 0.4
         assert 0.6 < s.oracle_auc < 1.0 and 0.5 < s.oracle_gauc < 1.0
     assert [len(v) for v in by.values()] == [4, 4, 4]
-    assert by["A"][0].rows == 3000 and by["B"][0].rows == 600 and by["C"][0].rows == 400
+    assert by["A"][0].rows == 8000 and by["B"][0].rows == 600 and by["C"][0].rows == 400
     # after the first period, C sees far more new items than B (the paper's ~40% vs "almost
     # all old items"), and every target period brings some new users
     new_items = {d: np.mean([s.new_item_share for s in v[1:]]) for d, v in by.items()}

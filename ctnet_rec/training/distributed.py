@@ -31,11 +31,12 @@ def _free_port() -> int:
 def init_distributed(device: str) -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # launched by torchrun / torchx
+            dist.init_process_group(backend=backend)
+        else:  # one local process; the environment is left untouched for child processes
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     rank = dist.get_rank()
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
