@@ -26,7 +26,13 @@ def embedding_collections(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float) -> DistributedModelParallel:
     """Fused row-wise AdaGrad on every table (TorchRec keeps its state sharded with the
-    table), tables placed table-wise by the planner, dense layers data-parallel."""
+    table), tables placed table-wise by the planner. Dense layers stay plain modules,
+    replicated: the trainer averages their gradients itself (`average_dense_gradients`).
+
+    Why not DMP's DDP wrapper: on CPU/gloo with this stack its gradients were measured NOT to
+    be averaged across ranks (ranks' dense weights drifted apart from the first step), while
+    an explicit all-reduce of one flat buffer is simple, checked by a test, and cheap for the
+    dense layers of a CTR tower."""
     tables = []
     for ec in embedding_collections(model):
         apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
@@ -41,10 +47,32 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float) -> Distributed
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, device=env.device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=sharders,
+                                   init_data_parallel=False)
+    if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
+        for t in [*dense_parameters(dmp), *dmp.buffers()]:
+            if not t.is_meta:
+                dist.broadcast(t.data, src=0)
+    return dmp
 
 
 def dense_parameters(dmp: DistributedModelParallel) -> list[torch.Tensor]:
     """Parameters not updated by a fused optimiser (the dense layers)."""
     return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())
             if p.requires_grad]
+
+
+def average_dense_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Data parallelism for the dense layers: one all-reduce of all gradients, flattened.
+    (TorchRec already divides the tables' sparse gradients by the world size.)"""
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)

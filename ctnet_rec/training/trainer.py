@@ -32,7 +32,7 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
-from sharding.tower import dense_parameters, shard_model
+from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,15 @@ class PeriodTrainer:
         torch.manual_seed(cfg.train.seed)
         model = Tower(cfg.features, cfg.model, device=torch.device("meta"))
         self.dmp = shard_model(model, env, cfg.train.sparse_lr)
-        self.dense_names = [n for n, _ in self._named_dense()]
-        self.dense_opt = torch.optim.Adagrad(dense_parameters(self.dmp), lr=cfg.train.dense_lr)
+        self.dense = dense_parameters(self.dmp)
+        self.dense_opt = torch.optim.Adagrad(self.dense, lr=cfg.train.dense_lr)
         self.seen: dict[str, np.ndarray] = {"users": np.zeros(0, np.int64),
                                             "items": np.zeros(0, np.int64)}
         self.config_hash = cfg.section_hash("features", "model")
 
     def _named_dense(self) -> list[tuple[str, torch.Tensor]]:
-        fused = {id(p) for p in dense_parameters(self.dmp)}
-        return [(n, p) for n, p in self.dmp.named_parameters() if id(p) in fused]
+        dense = {id(p) for p in self.dense}
+        return [(n, p) for n, p in self.dmp.named_parameters() if id(p) in dense]
 
     # -- state ----------------------------------------------------------------------------
 
@@ -130,6 +130,7 @@ class PeriodTrainer:
             loss = F.binary_cross_entropy_with_logits(out.logits, batch.labels)
             self.dense_opt.zero_grad()
             loss.backward()
+            average_dense_gradients(self.dense, self.env.world_size)
             self.dense_opt.step()
             total_loss += loss.item() * len(batch)
             rows += len(batch)
@@ -137,6 +138,7 @@ class PeriodTrainer:
             items.append(batch.item_ids.cpu().numpy())
             bar.set_postfix(loss=f"{total_loss / rows:.4f}",
                             samples_s=f"{rows / (time.perf_counter() - start):.0f}")
+        self._average_batchnorm_statistics()
         seen = _gather({"users": np.unique(np.concatenate(users)),
                         "items": np.unique(np.concatenate(items))})
         self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
@@ -145,6 +147,20 @@ class PeriodTrainer:
         dist.all_reduce(stats)
         return {"train_loss": float(stats[0] / stats[1]), "train_rows": int(stats[1]),
                 "train_seconds": round(elapsed, 3)}
+
+    @torch.no_grad()
+    def _average_batchnorm_statistics(self) -> None:
+        """DMP's data-parallel wrapper does not broadcast buffers, so each rank's batch-norm
+        running statistics follow its own batches. Averaging them after a period makes every
+        rank score with the same model, and the checkpoint hold that model."""
+        if self.env.world_size == 1:
+            return
+        for module in self.dmp.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
+                    module.track_running_stats:
+                for buf in (module.running_mean, module.running_var):
+                    dist.all_reduce(buf)
+                    buf /= self.env.world_size
 
     @torch.no_grad()
     def predict(self, root: Path, domain: str, period: int) -> dict[str, np.ndarray]:
