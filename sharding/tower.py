@@ -12,7 +12,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -44,7 +45,10 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float) -> Distributed
         for t in tables
     }
     sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=env.world_size),
+        kernel_config=KernelConfig(compute_device=env.device.type),
+    )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=sharders,

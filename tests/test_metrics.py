@@ -46,3 +46,16 @@ def test_gauc_is_impression_weighted_and_skips_one_class_users():
 def test_degenerate_inputs_are_nan():
     assert np.isnan(auc(np.ones(5), np.arange(5)))
     assert np.isnan(gauc(np.ones(5), np.arange(5), np.arange(5)))
+
+
+def test_gauc_hand_worked_example():
+    # user 1: the click outranks both non-clicks          -> AUC 1.0, 3 impressions
+    # user 2: clicks 0.2, 0.6 vs non-clicks 0.4, 0.1: 3 of 4 pairs ordered -> 0.75, 4
+    # user 3: no click at all                             -> left out
+    # user 4: click and non-click tie at 0.5              -> 0.5, 2 impressions
+    # GAUC = (3 * 1.0 + 4 * 0.75 + 2 * 0.5) / (3 + 4 + 2) = 7 / 9
+    # (an unweighted mean over users, as torchrec's GAUC computes, would give 0.75)
+    users = np.array([1, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4])
+    labels = np.array([1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0])
+    scores = np.array([0.9, 0.3, 0.5, 0.2, 0.6, 0.4, 0.1, 0.7, 0.8, 0.5, 0.5])
+    assert gauc(labels, scores, users) == pytest.approx(7 / 9, abs=1e-12)

@@ -179,3 +179,21 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
     assert again["gauc"] == pytest.approx(got[-1]["eval"]["gauc"], abs=1e-9)
     assert got[-1]["eval"]["oracle"]["auc"] == pytest.approx(want[-1]["eval"]["oracle"]["auc"],
                                                              abs=1e-12)
+
+
+def test_eval_command_reproduces_training_metrics(trained_run, tiny_world, small_config_path,
+                                                   tmp_path, capsys):
+    from ctnet_rec.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", str(small_config_path), "--ckpt",
+                 str(trained_run / "checkpoints" / "period=2"), "--data", str(tiny_world),
+                 "--domain", "A", "--period", "3", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    want = _metrics(trained_run)[-1]["eval"]
+    assert got["auc"] == pytest.approx(want["auc"], abs=1e-9)
+    assert got["gauc"] == pytest.approx(want["gauc"], abs=1e-9)
+    assert got["trained_through_period"] == 2
+    assert got["oracle"]["auc"] > got["auc"]
+    printed = capsys.readouterr().out
+    assert "oracle (true p)" in printed and "old_users" in printed

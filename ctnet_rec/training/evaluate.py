@@ -40,3 +40,16 @@ def evaluate_predictions(
     if oracle is not None:
         out["oracle"] = score(labels, oracle, users)
     return out
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    """A small table: overall, each slice, and the oracle where known."""
+    rows = [("all", metrics)] + list(metrics.get("slices", {}).items())
+    if "oracle" in metrics:
+        rows.append(("oracle (true p)", metrics["oracle"]))
+    head = f"{'':<16}{'rows':>8}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'pCTR':>8}{'CTR':>8}"
+    lines = [head, "-" * len(head)]
+    for name, m in rows:
+        lines.append(f"{name:<16}{m['rows']:>8}{m['auc']:>8.4f}{m['gauc']:>8.4f}"
+                     f"{m['logloss']:>9.4f}{m['ctr_pred']:>8.4f}{m['ctr_true']:>8.4f}")
+    return "\n".join(lines)

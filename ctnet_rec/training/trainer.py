@@ -236,3 +236,16 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
                      metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
         results.append(metrics)
     return results
+
+
+def evaluate_checkpoint(cfg: Config, ckpt: Path, data: Path, domain: str,
+                        period: int) -> dict[str, Any]:
+    """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
+    relative to the ids the checkpoint had seen in training."""
+    env = init_distributed(cfg.train.device)
+    validate_periods(data, domain, [period], cfg.features)
+    trainer = PeriodTrainer(cfg, env)
+    manifest = trainer.restore(ckpt)
+    metrics = trainer.evaluate(data, domain, period)
+    return {"checkpoint": str(ckpt), "trained_through_period": manifest.period,
+            "domain": domain, "period": period, **metrics}
