@@ -43,10 +43,11 @@ class Tower(nn.Module):
     Any of the three is left out when the config switches it off or lacks the sequence."""
 
     def __init__(self, features: FeatureConfig, model: TowerConfig,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None,
+                 embeddings: TowerEmbeddings | None = None) -> None:
         super().__init__()
         self.features, self.model_cfg = features, model
-        self.embeddings = TowerEmbeddings(features, device)
+        self.embeddings = embeddings or TowerEmbeddings(features, device)
         shared = features.sequence_tables()
         self.target_keys = [f.name for f in features.id_features if f.table in shared]
         short = next((s for s in features.sequences if s.kind == "short"), None)

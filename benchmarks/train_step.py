@@ -1,0 +1,174 @@
+"""Training-step throughput of the demo tower: TorchRec vs the plain-PyTorch peer.
+
+TorchRec path: the production one (`sharding.tower.shard_model`): tables in fused TBE kernels
+under DistributedModelParallel with row-wise AdaGrad applied in the backward pass, dense
+layers with torch.optim.Adagrad. Peer: the same tower with nn.EmbeddingBag / nn.Embedding
+(sparse=True) and torch.optim.Adagrad (which takes sparse gradients) for everything: what a
+user would write without TorchRec. Same batches (read once, from the demo world's domain A,
+kept in memory: this measures the step, not the reader), same seed, one process.
+
+Each (path, batch size) runs in its own process so that `peak_rss_mb` is its own.
+
+    python benchmarks/train_step.py [--steps 12] [--batch-sizes 512 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchrec
+from torch import nn
+from torchrec import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from ctnet_rec.config import FeatureConfig, load_config
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.embeddings import TowerEmbeddings
+from ctnet_rec.modules.tower import Tower
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "train_step.json"
+DATA = ROOT / "runs" / "demo" / "data"
+
+
+class PlainEmbeddings(TowerEmbeddings):
+    """TowerEmbeddings' interface on nn.EmbeddingBag / nn.Embedding with sparse gradients."""
+
+    def __init__(self, features: FeatureConfig) -> None:
+        super().__init__(features, device=torch.device("meta"))  # only for the layout
+        self.pooled_tables = self._plain(self.pooled.embedding_bag_configs(), bag=True)
+        self.sequence_tables = self._plain(self.sequence.embedding_configs(), bag=False)
+        del self.pooled, self.sequence
+
+    @staticmethod
+    def _plain(configs, bag: bool) -> nn.ModuleDict:
+        out = nn.ModuleDict()
+        for c in configs:
+            cls = nn.EmbeddingBag if bag else nn.Embedding
+            kwargs = {"mode": "sum", "include_last_offset": True} if bag else {}
+            m = cls(c.num_embeddings, c.embedding_dim, sparse=True, **kwargs)
+            nn.init.uniform_(m.weight, -(c.num_embeddings ** -0.5), c.num_embeddings ** -0.5)
+            m.feature_names = c.feature_names
+            out[c.name] = m
+        return out
+
+    def forward(self, kjt: KeyedJaggedTensor):
+        d = kjt.to_dict()
+        keys, values, lengths = [], [], []
+        for bag in self.pooled_tables.values():
+            for f in bag.feature_names:
+                keys.append(f)
+                values.append(bag(d[f].values(), d[f].offsets()))
+                lengths.append(bag.embedding_dim)
+        pooled = KeyedTensor(keys=keys, length_per_key=lengths, values=torch.cat(values, 1))
+        seq = {}
+        for emb in self.sequence_tables.values():
+            for f in emb.feature_names:
+                seq[f] = JaggedTensor(values=emb(d[f].values()), lengths=d[f].lengths())
+        return pooled, seq
+
+
+def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
+    import torch.nn.functional as F
+
+    from ctnet_rec.training.distributed import init_distributed
+    from sharding.tower import average_dense_gradients, dense_parameters, shard_model
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    reader = ParquetBatchReader(DATA, "A", [8, 9], cfg.features, cfg.data,
+                                batch_size=batch_size, seed=0)
+    batches = []
+    for b in reader:
+        if len(b) == batch_size:
+            batches.append(b)
+        if len(batches) == steps + 2:
+            break
+    if path == "torchrec":
+        env = init_distributed("cpu")
+        model = shard_model(Tower(cfg.features, cfg.model, device=torch.device("meta")), env,
+                            cfg.train.sparse_lr)
+        dense = dense_parameters(model)
+        opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
+    else:
+        model = Tower(cfg.features, cfg.model, embeddings=PlainEmbeddings(cfg.features))
+        dense = []
+        opt = torch.optim.Adagrad(model.parameters(), lr=cfg.train.dense_lr)
+    model.train()
+
+    def step(b) -> None:
+        out = model(b.sparse, b.dense)
+        loss = F.binary_cross_entropy_with_logits(out.logits, b.labels)
+        opt.zero_grad()
+        loss.backward()
+        average_dense_gradients(dense, 1)
+        opt.step()
+
+    for b in batches[:2]:  # warm-up: allocations, first-call kernels
+        step(b)
+    start = time.perf_counter()
+    for b in batches[2:]:
+        step(b)
+    elapsed = time.perf_counter() - start
+    return {
+        "path": path,
+        "batch_size": batch_size,
+        "steps": len(batches) - 2,
+        "samples_per_s": round(batch_size * (len(batches) - 2) / elapsed, 1),
+        "step_ms": round(1000 * elapsed / (len(batches) - 2), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
+    p.add_argument("--worker", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args.worker[0], int(args.worker[1]), args.steps,
+                                    args.config)))
+        return
+    if not (DATA / "world.json").exists():
+        sys.exit(f"{DATA}: run `make demo` (or `ctnet demo`) first to create the demo world")
+    rows = []
+    for bs in args.batch_sizes:
+        for path in ("torchrec", "peer"):
+            cmd = [sys.executable, __file__, "--worker", path, str(bs), "--steps",
+                   str(args.steps), "--config", args.config]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    by = {(r["path"], r["batch_size"]): r for r in rows}
+    ratios = {str(bs): round(by["torchrec", bs]["samples_per_s"] / by["peer", bs]["samples_per_s"],
+                             3) for bs in args.batch_sizes}
+    print(f"{'path':<10}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'peak RSS MB':>13}")
+    for r in rows:
+        print(f"{r['path']:<10}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
+              f"{r['step_ms']:>10}{r['peak_rss_mb']:>13}")
+    print("torchrec_vs_peer_ratio:", ratios)
+    result = {
+        "benchmark": "train_step",
+        "runs": rows,
+        "torchrec_vs_peer_ratio": ratios,
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "config": os.path.relpath(args.config, ROOT),
+        "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "torchrec": torchrec.__version__},
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
