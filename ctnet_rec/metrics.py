@@ -1,4 +1,4 @@
-"""AUC and the paper's GAUC (Eq. 6), vectorised with numpy.
+"""AUC (torchmetrics) and the paper's GAUC (Eq. 6, vectorised with numpy).
 
 TorchRec's GAUC averages sessions without weights and its grouped AUC counts one-class groups
 as 0.5; the paper's GAUC weights each user's AUC by the user's impressions and leaves out users
@@ -8,6 +8,8 @@ whose impressions are all of one class, so it is implemented here.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
 
 
 def _grouped_auc(
@@ -35,9 +37,12 @@ def _grouped_auc(
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present."""
-    a, _ = _grouped_auc(labels, scores, np.zeros(len(labels), np.int64))
-    return float(a[0]) if len(a) else float("nan")
+    """Area under the ROC curve (exact, ties count one half); NaN with one class only."""
+    labels = np.asarray(labels)
+    if len(labels) == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(binary_auroc(torch.as_tensor(np.asarray(scores, np.float64)),
+                              torch.as_tensor(labels.astype(np.int64))))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:

@@ -21,9 +21,11 @@ def test_auc_matches_pairwise_and_torchmetrics_with_ties():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     s = np.round(rng.random(300) + 0.3 * y, 1)  # coarse scores: many ties
-    assert auc(y, s) == pytest.approx(_pairwise_auc(y, s), abs=1e-12)
+    assert auc(y, s) == pytest.approx(_pairwise_auc(y, s), abs=1e-6)  # torchmetrics: float32
     ref = binary_auroc(torch.tensor(s), torch.tensor(y)).item()
     assert auc(y, s) == pytest.approx(ref, abs=1e-6)
+    # GAUC's grouped AUC (float64) agrees when everyone is one group
+    assert gauc(y, s, np.zeros(len(y))) == pytest.approx(_pairwise_auc(y, s), abs=1e-12)
 
 
 def test_gauc_is_impression_weighted_and_skips_one_class_users():

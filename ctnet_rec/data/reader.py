@@ -39,7 +39,7 @@ from ctnet_rec.data.contract import (
 )
 from ctnet_rec.data.ids import map_ids_
 
-DECODE_ROWS = 4096  # rows per decoded Arrow batch (and per RowBlock)
+DECODE_ROWS = 8192  # rows per decoded Arrow batch (and per RowBlock); measured best of 1k-16k
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
