@@ -83,6 +83,13 @@ def _demo(args: argparse.Namespace) -> None:
     print(format_report(last["eval"]))
 
 
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training/evaluation job names: its config, dataset and domain."""
+    p.add_argument("--config", required=True, help="TOML config")
+    p.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/")
+    p.add_argument("--domain", required=True, help="domain folder name, e.g. A or B")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctnet",
@@ -124,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pass on the period, save a sharded checkpoint under RUN/checkpoints/period=<t>, "
         "evaluate on the next period and rewrite RUN/metrics.jsonl.",
     )
-    t.add_argument("--config", required=True)
-    t.add_argument("--data", required=True, help="dataset root")
-    t.add_argument("--domain", required=True)
+    _job_arguments(t)
     t.add_argument("--periods", required=True, help="N, A:B (B exclusive) or N,M,...")
     t.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run folder (checkpoints, metrics.jsonl); under torchrun/torchx spell "
@@ -143,10 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "actual CTR, split into new/old users and items (new = not in the checkpoint's "
         "training data), with the oracle beside them on synthetic worlds.",
     )
-    e.add_argument("--config", required=True)
+    _job_arguments(e)
     e.add_argument("--ckpt", required=True, help="checkpoint folder (RUN/checkpoints/period=t)")
-    e.add_argument("--data", required=True)
-    e.add_argument("--domain", required=True)
     e.add_argument("--period", type=int, required=True)
     e.add_argument("--out", help="JSON output (default eval-<domain>-period<p>.json)")
     e.set_defaults(func=_eval)
