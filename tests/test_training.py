@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_the_same_metrics(trained_run, tiny_world, small_c
     proc.wait()
     done = [m["period"] for m in _metrics(run)]
     assert done and done[-1] < 2
-    subprocess.run(_ctnet(*args, "--resume"), check=True, capture_output=True)
+    subprocess.run(_ctnet(*args, "--resume"), check=True, capture_output=True, timeout=300)
     got, want = _metrics(run), _metrics(trained_run)
     assert [m["period"] for m in got] == [0, 1, 2]
     for g, w in zip(got, want, strict=True):
@@ -165,7 +165,15 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
            "--config", str(cfg_path), "--data", str(tiny_world), "--domain", "A",
            "--periods", "0:3", "--run-dir", str(run)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:  # never leave ranks behind, even on a hang
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
     got, want = _metrics(run), _metrics(trained_run)
     manifest = json.loads((run / "checkpoints" / "period=2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
