@@ -313,6 +313,18 @@ class SynthConfig:
 
 
 @dataclass
+class CTNetConfig:
+    """CTNet's adapters (DESIGN.md section 1); "linear" is the paper's CTNet w/o GLU."""
+
+    adapter: Literal["glu", "linear"] = "glu"
+    adapter_tap: Literal["same_layer", "previous_layer"] = "same_layer"
+    adapter_init_scale: float = 1e-5
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and placement. The paper: AdaGrad, lr 0.01 (tables: TorchRec's fused
     row-wise AdaGrad; dense layers: torch.optim.Adagrad). `device` "cpu" runs on gloo, "cuda"
@@ -335,6 +347,7 @@ class Config:
 
     features: FeatureConfig
     model: TowerConfig = field(default_factory=TowerConfig)
+    ctnet: CTNetConfig = field(default_factory=CTNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

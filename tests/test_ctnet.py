@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ctnet_rec.config import CTNetConfig
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
+from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.tower import Tower
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_world, demo_config):
+    reader = ParquetBatchReader(tiny_world, "B", [2, 3], demo_config.features, demo_config.data,
+                                batch_size=256, seed=1)
+    return list(reader)[:3]
+
+
+def _towers(demo_config, source_hidden=None):
+    torch.manual_seed(0)
+    source_model = copy.deepcopy(demo_config.model)
+    if source_hidden:
+        source_model.mlp_hidden = source_hidden
+    return Tower(demo_config.features, source_model), Tower(demo_config.features, demo_config.model)
+
+
+def test_fresh_ctnet_predicts_as_the_target(demo_config, batches):
+    source, target = _towers(demo_config)
+    target.eval()
+    b = batches[0]
+    want = torch.sigmoid(target(b.sparse, b.dense).logits)
+    net = CTNet(source, target, CTNetConfig()).eval()
+    got = torch.sigmoid(net(b.sparse, b.dense).logits)
+    assert (got - want).abs().max() < 1e-4
+    assert not torch.equal(got, want)  # the adapters are there, just small
+
+
+@pytest.mark.parametrize(("tap", "first_in"), [("same_layer", 256), ("previous_layer", None)])
+def test_adapter_taps(demo_config, tap, first_in):
+    source, target = _towers(demo_config)
+    net = CTNet(source, target, CTNetConfig(adapter_tap=tap))
+    e_dim = source.mlp.linears[0].in_features
+    assert net.adapters[0].value.in_features == (first_in or e_dim)
+    assert [a.value.out_features for a in net.adapters] == demo_config.model.mlp_hidden
+    assert all(isinstance(a, GLUAdapter) for a in net.adapters)
+
+
+def test_linear_variant_and_deeper_target_refused(demo_config):
+    source, target = _towers(demo_config)
+    net = CTNet(source, target, CTNetConfig(adapter="linear"))
+    assert all(isinstance(a, LinearAdapter) for a in net.adapters)
+    shallow, _ = _towers(demo_config, source_hidden=[32])
+    with pytest.raises(ValueError, match="source MLP has 1 hidden layers, the target 3"):
+        CTNet(shallow, target, CTNetConfig())
+    two, _ = _towers(demo_config, source_hidden=[64, 32])
+    with pytest.raises(ValueError, match=r"need source states \[1, 2, 3\]"):
+        CTNet(two, target, CTNetConfig())
+    net = CTNet(two, target, CTNetConfig(adapter_tap="previous_layer"))  # E^S, z^S_1, z^S_2
+    assert [a.value.in_features for a in net.adapters][1:] == [64, 32]
+
+
+def test_source_stays_frozen_while_ctnet_trains(demo_config, batches):
+    source, target = _towers(demo_config, source_hidden=[128, 64, 32])
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    net = CTNet(source, target, CTNetConfig()).train()
+    assert not source.training and all(not p.requires_grad for p in source.parameters())
+    opt = torch.optim.Adagrad([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    for b in batches:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            net(b.sparse, b.dense).logits, b.labels)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in source.parameters())
+        assert net.adapters[0].value.weight.grad.abs().sum() > 0
+        opt.step()
+    after = source.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert not torch.equal(net.adapters[0].value.weight, net.adapters[0].value.weight * 0)
