@@ -25,7 +25,8 @@ def embedding_collections(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)]
 
 
-def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float) -> DistributedModelParallel:
+def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
+                frozen: nn.Module | None = None) -> DistributedModelParallel:
     """Fused row-wise AdaGrad on every table (TorchRec keeps its state sharded with the
     table), tables placed table-wise by the planner. Dense layers stay plain modules,
     replicated: the trainer averages their gradients itself (`average_dense_gradients`).
@@ -33,11 +34,24 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float) -> Distributed
     Why not DMP's DDP wrapper: on CPU/gloo with this stack its gradients were measured NOT to
     be averaged across ranks (ranks' dense weights drifted apart from the first step), while
     an explicit all-reduce of one flat buffer is simple, checked by a test, and cheap for the
-    dense layers of a CTR tower."""
+    dense layers of a CTR tower.
+
+    Tables inside `frozen` (CTNet's source tower) are read-only: fused kernels with SGD at
+    lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
+    gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
+    read_only = {id(m) for m in embedding_collections(frozen)} if frozen is not None else set()
     tables = []
     for ec in embedding_collections(model):
-        apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
-                                    {"lr": sparse_lr})
+        if id(ec) in read_only:  # the hook needs trainable-looking parameters to attach to
+            params = list(ec.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            apply_optimizer_in_backward(torchrec.optim.SGD, params, {"lr": 0.0})
+            for p in params:
+                p.requires_grad_(False)
+        else:
+            apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
+                                        {"lr": sparse_lr})
         tables += [c.name for c in ec.embedding_bag_configs()] if isinstance(
             ec, EmbeddingBagCollection) else [c.name for c in ec.embedding_configs()]
     constraints = {

@@ -79,3 +79,46 @@ def test_source_stays_frozen_while_ctnet_trains(demo_config, batches):
     after = source.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     assert not torch.equal(net.adapters[0].value.weight, net.adapters[0].value.weight * 0)
+
+
+def _local(t):
+    return t.local_shards()[0].tensor if hasattr(t, "local_shards") and t.local_shards() \
+        else t
+
+
+def test_sharded_source_tables_are_read_only(demo_config, batches):
+    """Under DistributedModelParallel: the source tables hold no optimiser state and stay
+    bit-identical while CTNet trains; the target tables do move."""
+    from ctnet_rec.training.distributed import init_distributed
+    from sharding.tower import average_dense_gradients, dense_parameters, shard_model
+
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    meta = torch.device("meta")
+    source = Tower(demo_config.features, demo_config.model, device=meta)
+    target = Tower(demo_config.features, demo_config.model, device=meta)
+    net = CTNet(source, target, CTNetConfig())
+    dmp = shard_model(net, env, sparse_lr=0.05, frozen=net.source)
+    state = dmp.fused_optimizer.state_dict()["state"]
+    assert all(state[k] == {} for k in state if k.startswith("source."))  # no optimiser state
+    assert any(state[k] for k in state if k.startswith("target."))  # row-wise AdaGrad sums
+    snap = {k: _local(v).clone() for k, v in dmp.state_dict().items()}
+    dense = dense_parameters(dmp)
+    assert all(not n.startswith("source.") for n, p in dmp.named_parameters()
+               if any(p is d for d in dense))
+    opt = torch.optim.Adagrad(dense, lr=0.05)
+    dmp.train()
+    for b in batches:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            dmp(b.sparse, b.dense).logits, b.labels)
+        opt.zero_grad()
+        loss.backward()
+        average_dense_gradients(dense, env.world_size)
+        opt.step()
+    after = dmp.state_dict()
+    source_keys = [k for k in snap if k.startswith("source.")]
+    assert any("embedding" in k for k in source_keys)
+    assert all(torch.equal(snap[k], _local(after[k])) for k in source_keys)
+    moved = [k for k in snap if k.startswith("target.") and "embedding" in k
+             and not torch.equal(snap[k], _local(after[k]))]
+    assert moved
