@@ -122,3 +122,57 @@ def test_sharded_source_tables_are_read_only(demo_config, batches):
     moved = [k for k in snap if k.startswith("target.") and "embedding" in k
              and not torch.equal(snap[k], _local(after[k]))]
     assert moved
+
+
+@pytest.fixture(scope="module")
+def tower_checkpoints(tiny_world, demo_config, tmp_path_factory):
+    from ctnet_rec.training.trainer import train_continual
+
+    cfg = copy.deepcopy(demo_config)
+    cfg.model.mlp_hidden = [32, 16]
+    cfg.data.batch_size = 256
+    root = tmp_path_factory.mktemp("towers")
+    train_continual(cfg, tiny_world, "A", [0, 1], root / "A")
+    train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
+    return cfg, root / "A" / "checkpoints" / "period=1", root / "B" / "checkpoints" / "period=1"
+
+
+def test_ctnet_deployed_from_checkpoints_predicts_as_the_target(tower_checkpoints, tiny_world):
+    from ctnet_rec.training.distributed import init_distributed
+    from ctnet_rec.training.trainer import PeriodTrainer
+    from ctnet_rec.training.transfer import build_ctnet
+
+    cfg, source_ckpt, target_ckpt = tower_checkpoints
+    env = init_distributed("cpu")
+    dmp = build_ctnet(cfg, cfg, env, source_ckpt, target_ckpt).eval()
+    base, source = PeriodTrainer(cfg, env), PeriodTrainer(cfg, env)
+    base.restore(target_ckpt)
+    source.restore(source_ckpt)
+    base.dmp.eval()
+    source.dmp.eval()
+    reader = ParquetBatchReader(tiny_world, "B", [2], cfg.features, cfg.data, batch_size=600,
+                                shuffle=False)
+    with torch.no_grad():
+        for b in reader:
+            got = torch.sigmoid(dmp(b.sparse, b.dense).logits)
+            want = torch.sigmoid(base.dmp(b.sparse, b.dense).logits)
+            assert (got - want).abs().max() < 1e-4
+            # the source tower inside CTNet is exactly the A model
+            inner = dmp.module.source(b.sparse, b.dense).logits
+            torch.testing.assert_close(inner, source.dmp(b.sparse, b.dense).logits,
+                                       rtol=0, atol=0)
+
+
+def test_mismatched_checkpoints_are_refused_naming_the_role(tower_checkpoints):
+    from ctnet_rec.training.checkpoint import CheckpointError
+    from ctnet_rec.training.distributed import init_distributed
+    from ctnet_rec.training.transfer import build_ctnet
+
+    cfg, source_ckpt, target_ckpt = tower_checkpoints
+    other = copy.deepcopy(cfg)
+    other.features.tables[1].num_embeddings = 777
+    env = init_distributed("cpu")
+    with pytest.raises(CheckpointError, match=r"source checkpoint: .*schema differs.*777"):
+        build_ctnet(other, cfg, env, source_ckpt, target_ckpt)
+    with pytest.raises(CheckpointError, match=r"target checkpoint: .*schema differs.*777"):
+        build_ctnet(cfg, other, env, source_ckpt, target_ckpt)

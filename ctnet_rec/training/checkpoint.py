@@ -102,3 +102,14 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
     with np.load(folder / SEEN_IDS) as z:
         return {k: z[k] for k in z.files}
+
+
+def load_into_submodule(folder: Path, model_state: dict[str, Any], prefix: str) -> None:
+    """Load a checkpoint's model into the `prefix` submodule of a bigger model (e.g. a tower
+    checkpoint into CTNet's `source.`), in place and resharding as needed: one dcp.load whose
+    request keys are the bigger model's keys with the prefix stripped."""
+    sub = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not sub:
+        raise CheckpointError(f"{folder}: the model has no {prefix!r} submodule to load into")
+    dcp.load({"model": sub}, checkpoint_id=str(folder),
+             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
