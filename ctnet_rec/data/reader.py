@@ -1,10 +1,11 @@
 """Stream a domain's periods from Parquet into `Batch`es, fast enough that training never waits.
 
-Pipeline: decode threads read row-group slices with pyarrow (which releases the GIL) and check
-their values (`RowBlock`: Arrow's buffers plus per-row starts and truncated lengths); one
-producer thread fills a bounded shuffle window, draws batches from it in random order and
-assembles each KJT with one gather per key, mapping ids to rows in place; a bounded queue hands
-batches to the training loop (background prefetch). There is no Python loop per row.
+Pipeline: a pool of `decode_threads` workers reads row-group slices with pyarrow (which
+releases the GIL), checks their values and maps ids to table rows in place (`RowBlock`: Arrow's
+buffers plus per-row starts and truncated lengths); a producer thread fills a bounded shuffle
+window and draws each batch's rows from it in random order; the same pool assembles the KJTs
+(one gather per key), in order; a bounded queue hands batches to the training loop (background
+prefetch). There is no Python loop per row.
 
 Distributed: the rows of the chosen periods, in (period, file, row group) order, are split into
 `world_size` contiguous, disjoint ranges that together cover every row. Each rank cuts its
@@ -339,40 +340,47 @@ class ParquetBatchReader:
                 blocks.append(self.codec.decode(part))
         return blocks
 
-    def _blocks(self, rng: np.random.Generator | None) -> Iterator[RowBlock]:
-        """Decoded slices in (possibly shuffled) order, decoded ahead by the thread pool."""
+    def _blocks(self, rng: np.random.Generator | None, pool: ThreadPoolExecutor
+                ) -> Iterator[RowBlock]:
+        """Decoded slices in (possibly shuffled) order, decoded ahead by the pool."""
         order = list(self.slices)
         if rng is not None:
             order = [order[i] for i in rng.permutation(len(order))]
         ahead = self.data.decode_threads + 1
-        with ThreadPoolExecutor(self.data.decode_threads, thread_name_prefix="decode") as pool:
-            futures: list[Future[list[RowBlock]]] = []
-            for sl in order:
-                futures.append(pool.submit(self._decode, sl))
-                if len(futures) > ahead:
-                    yield from futures.pop(0).result()
-            for fut in futures:
-                yield from fut.result()
+        futures: list[Future[list[RowBlock]]] = []
+        for sl in order:
+            futures.append(pool.submit(self._decode, sl))
+            if len(futures) > ahead:
+                yield from futures.pop(0).result()
+        for fut in futures:
+            yield from fut.result()
 
     def _batches(self) -> Iterator[Batch]:
         """Fill a window of at least `shuffle_buffer` rows, draw batches from it in random order;
-        rows left over when it runs short are carried into the next window."""
+        rows left over when it runs short are carried into the next window. Decoding and batch
+        assembly share one pool of `decode_threads` workers; batches come out in order."""
         rng = np.random.default_rng([self.seed, self.rank, self.epoch]) if self.shuffle else None
         window_rows = max(self.data.shuffle_buffer, self.batch_size) if rng is not None else 0
-        blocks = self._blocks(rng)
-        window = RowWindow([], rng)
-        for size in self.sizes:
-            if window.remaining < size:
-                parts = window.draw(window.remaining)
-                rows = sum(len(p) for p in parts)
-                while rows < max(window_rows, size):
-                    block = next(blocks, None)
-                    if block is None:
-                        break
-                    parts.append(block)
-                    rows += len(block)
-                window = RowWindow(parts, rng)
-            yield self.codec.assemble(window.draw(size))
+        with ThreadPoolExecutor(self.data.decode_threads, thread_name_prefix="decode") as pool:
+            blocks = self._blocks(rng, pool)
+            window = RowWindow([], rng)
+            pending: list[Future[Batch]] = []
+            for size in self.sizes:
+                if window.remaining < size:
+                    parts = window.draw(window.remaining)
+                    rows = sum(len(p) for p in parts)
+                    while rows < max(window_rows, size):
+                        block = next(blocks, None)
+                        if block is None:
+                            break
+                        parts.append(block)
+                        rows += len(block)
+                    window = RowWindow(parts, rng)
+                pending.append(pool.submit(self.codec.assemble, window.draw(size)))
+                if len(pending) > self.data.decode_threads:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches produced by a background thread, at most `prefetch_batches` ahead."""
