@@ -48,15 +48,37 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from ctnet_rec.training.evaluate import format_report
-    from ctnet_rec.training.trainer import evaluate_checkpoint
+    from ctnet_rec.training.inference import evaluate_checkpoint
 
-    cfg = load_config(args.config)
-    metrics = evaluate_checkpoint(cfg, Path(args.ckpt), Path(args.data), args.domain,
-                                  args.period)
+    cfg = load_config(args.config) if args.config else None
+    metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
+                                  cfg)
     print(format_report(metrics))
     out = Path(args.out or f"eval-{args.domain}-period{args.period}.json")
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("metrics written to %s", out)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from ctnet_rec.training.inference import predict_checkpoint
+
+    predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
+                       Path(args.out), args.batch_size)
+
+
+def _transfer_init(args: argparse.Namespace) -> None:
+    from ctnet_rec.training.transfer import transfer_init
+
+    transfer_init(load_config(args.config), Path(args.source_ckpt), Path(args.target_ckpt),
+                  Path(args.run),
+                  load_config(args.source_config) if args.source_config else None)
+
+
+def _transfer_run(args: argparse.Namespace) -> None:
+    from ctnet_rec.training.transfer import transfer_run
+
+    transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
+                 Path(args.source_ckpts) if args.source_ckpts else None)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -83,11 +105,18 @@ def _demo(args: argparse.Namespace) -> None:
     print(format_report(last["eval"]))
 
 
-def _job_arguments(p: argparse.ArgumentParser) -> None:
-    """What every training/evaluation job names: its config, dataset and domain."""
-    p.add_argument("--config", required=True, help="TOML config")
+PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/")
     p.add_argument("--domain", required=True, help="domain folder name, e.g. A or B")
+
+
+def _run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (checkpoints, metrics.jsonl); under torchrun/torchx spell "
+                   "it --run-dir (torchrun's own parser takes --run for its --run-path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,11 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pass on the period, save a sharded checkpoint under RUN/checkpoints/period=<t>, "
         "evaluate on the next period and rewrite RUN/metrics.jsonl.",
     )
-    _job_arguments(t)
-    t.add_argument("--periods", required=True, help="N, A:B (B exclusive) or N,M,...")
-    t.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder (checkpoints, metrics.jsonl); under torchrun/torchx spell "
-                   "it --run-dir (torchrun's own parser takes --run for its --run-path)")
+    t.add_argument("--config", required=True, help="TOML config")
+    _data_arguments(t)
+    t.add_argument("--periods", required=True, help=PERIODS_HELP)
+    _run_argument(t)
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
@@ -148,11 +176,60 @@ def build_parser() -> argparse.ArgumentParser:
         "actual CTR, split into new/old users and items (new = not in the checkpoint's "
         "training data), with the oracle beside them on synthetic worlds.",
     )
-    _job_arguments(e)
+    _data_arguments(e)
+    e.add_argument("--config", help="override the config the checkpoint records (towers)")
     e.add_argument("--ckpt", required=True, help="checkpoint folder (RUN/checkpoints/period=t)")
     e.add_argument("--period", type=int, required=True)
     e.add_argument("--out", help="JSON output (default eval-<domain>-period<p>.json)")
     e.set_defaults(func=_eval)
+
+    pr = sub.add_parser(
+        "predict",
+        help="score one period with a tower or CTNet checkpoint",
+        description="Write one score per row of DATA/<domain>/period=<t> (file order) with "
+        "user_id, item_id and label to a Parquet file. The model is rebuilt from the config "
+        "recorded in the checkpoint; runs in eval mode without autograd.",
+    )
+    _data_arguments(pr)
+    pr.add_argument("--ckpt", required=True, help="checkpoint folder")
+    pr.add_argument("--period", type=int, required=True)
+    pr.add_argument("--out", required=True, help="output Parquet file")
+    pr.add_argument("--batch-size", type=int, help="rows per forward pass (default: the "
+                    "config's train.eval_batch_size); tested up to 65536")
+    pr.set_defaults(func=_predict)
+
+    tr = sub.add_parser("transfer", help="deploy CTNet and train it continually (Algorithm 1)")
+    tsub = tr.add_subparsers(dest="transfer_command", required=True, metavar="SUBCOMMAND")
+    ti = tsub.add_parser(
+        "init",
+        help="build CTNet from a source and a target tower checkpoint",
+        description="Write RUN/init: CTNet with every target parameter (and its optimiser "
+        "state) from the target checkpoint, the source tower from the source checkpoint "
+        "(read-only), and new, near-zero adapters: it predicts as the target model does.",
+    )
+    ti.add_argument("--source-ckpt", required=True, help="source-domain tower checkpoint")
+    ti.add_argument("--target-ckpt", required=True, help="target-domain tower checkpoint")
+    ti.add_argument("--config", required=True,
+                    help="TOML config of the target tower, with the [ctnet] section")
+    ti.add_argument("--source-config",
+                    help="the source tower's config (default: the one its checkpoint records)")
+    _run_argument(ti)
+    ti.set_defaults(func=_transfer_init)
+    trun = tsub.add_parser(
+        "run",
+        help="train CTNet on target periods, refreshing the source tower each period",
+        description="For each period t: load the newest source checkpoint of a period <= t "
+        "into the source tower (unless [ctnet] source_refresh = 'once'), train target tower "
+        "and adapters on the target data of t, save RUN/checkpoints/period=<t> (its "
+        "manifest names the source checkpoint used), evaluate on t + 1. Continues after the "
+        "newest checkpoint of RUN, so re-running after a crash resumes.",
+    )
+    trun.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/")
+    trun.add_argument("--domain", required=True, help="target domain folder name")
+    trun.add_argument("--periods", required=True, help=PERIODS_HELP)
+    trun.add_argument("--source-ckpts", help="source run folder (or its checkpoints folder)")
+    _run_argument(trun)
+    trun.set_defaults(func=_transfer_run)
 
     d = sub.add_parser(
         "demo",

@@ -314,11 +314,16 @@ class SynthConfig:
 
 @dataclass
 class CTNetConfig:
-    """CTNet's adapters (DESIGN.md section 1); "linear" is the paper's CTNet w/o GLU."""
+    """CTNet (DESIGN.md section 1) and the paper's variants: `adapter = "linear"` is CTNet
+    w/o GLU; `source_refresh = "once"` is transfer-once (the source tower deployed at t0 is
+    never reloaded); `share_long_sequence_attention` (section 4.7) lets the target tower reuse
+    the source tower's SIM/ETA outputs, so the long-sequence work is done once."""
 
     adapter: Literal["glu", "linear"] = "glu"
     adapter_tap: Literal["same_layer", "previous_layer"] = "same_layer"
     adapter_init_scale: float = 1e-5
+    source_refresh: Literal["every_period", "once"] = "every_period"
+    share_long_sequence_attention: bool = False
 
     def validate(self, key: str) -> None:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")

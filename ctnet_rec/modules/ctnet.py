@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from ctnet_rec.config import CTNetConfig
+from ctnet_rec.config import CTNetConfig, FeatureConfig
 from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
 from ctnet_rec.modules.tower import Tower, TowerOutput
 
@@ -40,20 +41,77 @@ class CTNet(nn.Module):
             cls(src_dims[t], out, cfg.adapter_init_scale)
             for t, out in zip(self.taps, tgt_dims, strict=True)
         )
+        self.view = SourceView(source.features, target.features)
+        if cfg.share_long_sequence_attention:
+            mine = [m is not None for m in (target.sim, target.eta)]
+            theirs = [m is not None for m in (source.sim, source.eta)]
+            if mine != theirs or target.embeddings.token_dim != source.embeddings.token_dim:
+                raise ValueError(
+                    "share_long_sequence_attention needs the same long-sequence modules in "
+                    f"both towers: SIM/ETA source {theirs} vs target {mine}, token dims "
+                    f"{source.embeddings.token_dim} vs {target.embeddings.token_dim}")
 
     def train(self, mode: bool = True) -> CTNet:
         super().train(mode)
         self.source.eval()  # frozen: its batch-norm statistics never move
         return self
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                source_sparse: KeyedJaggedTensor | None = None,
-                source_dense: torch.Tensor | None = None) -> TowerOutput:
-        """Target inputs, and the same rows under the source's feature config when its schema
-        differs (by default the source reads the target's inputs)."""
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> TowerOutput:
+        """Target rows in the target's feature layout; the source reads them through its own."""
         with torch.no_grad():
-            src = self.source(source_sparse if source_sparse is not None else sparse,
-                              source_dense if source_dense is not None else dense)
+            src = self.source(*self.view(sparse, dense))
         states = [src.inputs, *src.hidden]
         adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)]
-        return self.target(sparse, dense, adds)
+        shared = src.long_interest if self.cfg.share_long_sequence_attention else None
+        return self.target(sparse, dense, adds, long_interest=shared)
+
+
+class SourceView(nn.Module):
+    """Target inputs as the source tower reads them: keys only the source has arrive empty,
+    keys only the target has are dropped; likewise dense columns (zeros when missing).
+
+    Shared keys pass their table rows through unchanged, so both schemas must map a shared
+    key's raw ids to the same rows (same id policy and table size): refused otherwise."""
+
+    def __init__(self, source: FeatureConfig, target: FeatureConfig) -> None:
+        super().__init__()
+        src_keys, tgt_keys = source.sparse_keys(), target.sparse_keys()
+        self.keys = src_keys
+        self.identity = src_keys == tgt_keys and source.dense_names() == target.dense_names()
+        for key in set(src_keys) & set(tgt_keys):
+            rows = (source.id_policy, _rows_of(source, key)), (target.id_policy,
+                                                                _rows_of(target, key))
+            if rows[0] != rows[1]:
+                raise ValueError(
+                    f"feature {key!r}: the source maps its ids as {rows[0]} (id policy, "
+                    f"rows), the target as {rows[1]}; CTNet feeds the source tower the "
+                    "target's rows, so a shared feature needs the same policy and table size")
+        tgt_dense = target.dense_names()
+        self.dense_index = [tgt_dense.index(n) if n in tgt_dense else -1
+                            for n in source.dense_names()]
+
+    def forward(self, sparse: KeyedJaggedTensor,
+                dense: torch.Tensor) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        if self.identity:
+            return sparse, dense
+        jts = sparse.to_dict()
+        rows = sparse.stride()
+        empty = JaggedTensor(values=torch.zeros(0, dtype=sparse.values().dtype,
+                                                device=dense.device),
+                             lengths=torch.zeros(rows, dtype=sparse.lengths().dtype,
+                                                 device=dense.device))
+        kjt = KeyedJaggedTensor.from_jt_dict({k: jts.get(k, empty) for k in self.keys})
+        cols = [dense[:, i] if i >= 0 else dense.new_zeros(rows) for i in self.dense_index]
+        return kjt, torch.stack(cols, 1) if cols else dense.new_zeros(rows, 0)
+
+
+def _rows_of(features: FeatureConfig, key: str) -> int:
+    """Rows of the table a sparse key looks up (buckets for a bucketised numeric)."""
+    for f in features.id_features:
+        if f.name == key:
+            return features.table(f.table).num_embeddings
+    for s in features.sequences:
+        if key in (s.item_column, s.category_column):
+            table = s.item_table if key == s.item_column else s.category_table
+            return features.table(table).num_embeddings
+    return next(len(n.boundaries) + 1 for n in features.numeric if n.name == key)

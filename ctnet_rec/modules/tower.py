@@ -25,11 +25,13 @@ from ctnet_rec.modules.mlp import TowerMLP
 
 @dataclass
 class TowerOutput:
-    """Logits, the MLP input E and each hidden layer's output (what CTNet's adapters read)."""
+    """Logits, the MLP input E and each hidden layer's output (what CTNet's adapters read),
+    and the long-sequence interests A_SIM, A_ETA (what a CTNet target tower may reuse)."""
 
     logits: torch.Tensor
     inputs: torch.Tensor
     hidden: list[torch.Tensor]
+    long_interest: list[torch.Tensor]
 
 
 class Tower(nn.Module):
@@ -71,8 +73,11 @@ class Tower(nn.Module):
         cats, _ = pad(emb[cat_key], length)
         return torch.cat([items, cats], dim=-1), items, mask
 
-    def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """The MLP input E."""
+    def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+              long_interest: list[torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The MLP input E, and its long-sequence part. Given `long_interest` (another tower's
+        A_SIM, A_ETA), the long-sequence work is skipped and those are used instead."""
         pooled, emb = self.embeddings(sparse)
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
@@ -84,6 +89,18 @@ class Tower(nn.Module):
             s = self.short
             tokens, _, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
             parts.append(self.ta(target, self.encoder(tokens, mask), mask))
+        if long_interest is None:
+            long_interest = self.long_sequence_interest(sparse, emb, target)
+        parts += long_interest
+        if dense.shape[1]:
+            parts.append(dense)
+        return torch.cat(parts, dim=-1), long_interest
+
+    def long_sequence_interest(self, sparse: KeyedJaggedTensor, emb: dict,
+                               target: torch.Tensor) -> list[torch.Tensor]:
+        """[A_SIM, A_ETA] (those switched on): the long sequence's retrieval + attention."""
+        out: list[torch.Tensor] = []
+        cat_key = self.features.category_column
         if self.long is not None:
             s = self.long
             tokens, items, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
@@ -91,19 +108,18 @@ class Tower(nn.Module):
                 cats = pad_ids(sparse[s.category_column], s.max_len)
                 idx, valid = sim_select(cats, sparse[cat_key].values(), mask,
                                         self.model_cfg.sim_top_k)
-                parts.append(self.sim(target, gather_tokens(tokens, idx), valid))
+                out.append(self.sim(target, gather_tokens(tokens, idx), valid))
             if self.eta is not None:
                 with torch.no_grad():
                     sig = self.simhash(items)
-                    target_sig = self.simhash(emb[item_key].values())
+                    target_sig = self.simhash(emb[self.features.item_column].values())
                 idx, valid = eta_select(sig, target_sig, mask, self.model_cfg.eta_top_k)
-                parts.append(self.eta(target, gather_tokens(tokens, idx), valid))
-        if dense.shape[1]:
-            parts.append(dense)
-        return torch.cat(parts, dim=-1)
+                out.append(self.eta(target, gather_tokens(tokens, idx), valid))
+        return out
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                adds: list[torch.Tensor | None] | None = None) -> TowerOutput:
-        inputs = self.embed(sparse, dense)
+                adds: list[torch.Tensor | None] | None = None,
+                long_interest: list[torch.Tensor] | None = None) -> TowerOutput:
+        inputs, interest = self.embed(sparse, dense, long_interest)
         logits, hidden = self.mlp(inputs, adds)
-        return TowerOutput(logits, inputs, hidden)
+        return TowerOutput(logits, inputs, hidden, interest)

@@ -2,8 +2,13 @@
 temporary folder and renamed when complete, so a crash never leaves one that loads half.
 
 Layout: <run>/checkpoints/period=<t>/ holding the DCP shards, `manifest.json` (model kind,
-config hash, feature schema, period, world size, metrics, lineage) and `seen_ids.npz` (the raw
-user and item ids of all training data so far, for cold-start slices)."""
+config hash, feature schema, period, world size, metrics, lineage, and the full config, so a
+checkpoint rebuilds its own model) and `seen_ids.npz` (the raw user and item ids of all
+training data so far, for cold-start slices).
+
+A CTNet checkpoint holds the target tower, the adapters and their optimiser state, not the
+frozen source tower: its lineage names the source checkpoint, which is loaded from there (a
+billion-row source is never copied into every period's checkpoint)."""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ class Manifest:
     world_size: int
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    source_config: dict[str, Any] | None = None
 
     @staticmethod
     def read(folder: Path) -> Manifest:
@@ -64,14 +71,20 @@ def period_dir(run: Path, period: int) -> Path:
     return run / "checkpoints" / f"period={period}"
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint of a run (partial folders are ignored)."""
-    root = run / "checkpoints"
+def complete_checkpoints(run: Path) -> dict[int, Path]:
+    """A run's complete checkpoints by period (partial folders are ignored). `run` is a run
+    folder or its `checkpoints` folder."""
+    root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
     if not root.is_dir():
-        return None
-    done = [(int(m.group(1)), p) for p in root.iterdir()
-            if (m := _DIR_RE.match(p.name)) and (p / MANIFEST).exists()]
-    return max(done)[1] if done else None
+        return {}
+    return {int(m.group(1)): p for p in sorted(root.iterdir())
+            if (m := _DIR_RE.match(p.name)) and (p / MANIFEST).exists()}
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run."""
+    done = complete_checkpoints(run)
+    return done[max(done)] if done else None
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
@@ -100,16 +113,29 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
     the seen ids. Works at another world size or sharding plan."""
     dcp.load(state, checkpoint_id=str(folder),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    return read_seen_ids(folder)
+
+
+def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
     with np.load(folder / SEEN_IDS) as z:
         return {k: z[k] for k in z.files}
 
 
-def load_into_submodule(folder: Path, model_state: dict[str, Any], prefix: str) -> None:
-    """Load a checkpoint's model into the `prefix` submodule of a bigger model (e.g. a tower
-    checkpoint into CTNet's `source.`), in place and resharding as needed: one dcp.load whose
-    request keys are the bigger model's keys with the prefix stripped."""
-    sub = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if not sub:
+def load_into_submodule(folder: Path, state: dict[str, Any], prefix: str) -> None:
+    """Load a checkpoint into the `prefix` submodule of a bigger model (e.g. a tower checkpoint
+    into CTNet's `target.`), in place and resharding as needed: one dcp.load whose request keys
+    are the bigger model's keys with the prefix stripped. `state` holds "model" and optionally
+    "optim" (a fused optimiser's state dict) and "dense_optim" (keyed by parameter name)."""
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+    request: dict[str, Any] = {"model": strip(state["model"])}
+    if not request["model"]:
         raise CheckpointError(f"{folder}: the model has no {prefix!r} submodule to load into")
-    dcp.load({"model": sub}, checkpoint_id=str(folder),
+    if "optim" in state:
+        request["optim"] = {"state": strip(state["optim"]["state"])}
+    if "dense_optim" in state:
+        request["dense_optim"] = strip(state["dense_optim"])
+    dcp.load(request, checkpoint_id=str(folder),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))

@@ -8,7 +8,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from ctnet_rec.config import Config
@@ -58,18 +59,25 @@ def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class PeriodTrainer:
-    """A tower under DistributedModelParallel with its optimisers, trained period by period."""
+    """A model under DistributedModelParallel with its optimisers, trained period by period.
+    This one trains a single-domain tower; `CTNetTrainer` overrides what differs."""
+
+    kind = TOWER
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         torch.manual_seed(cfg.train.seed)
-        model = Tower(cfg.features, cfg.model, device=torch.device("meta"))
-        self.dmp = shard_model(model, env, cfg.train.sparse_lr)
+        self.dmp = self.build_model()
         self.dense = dense_parameters(self.dmp)
         self.dense_opt = torch.optim.Adagrad(self.dense, lr=cfg.train.dense_lr)
         self.seen: dict[str, np.ndarray] = {"users": np.zeros(0, np.int64),
                                             "items": np.zeros(0, np.int64)}
         self.config_hash = cfg.section_hash("features", "model")
+        self.schema = feature_schema(cfg)
+
+    def build_model(self) -> DistributedModelParallel:
+        model = Tower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
+        return shard_model(model, self.env, self.cfg.train.sparse_lr)
 
     def _named_dense(self) -> list[tuple[str, torch.Tensor]]:
         dense = {id(p) for p in self.dense}
@@ -86,33 +94,43 @@ class PeriodTrainer:
         return {"model": self.dmp.state_dict(), "optim": self.dmp.fused_optimizer.state_dict(),
                 "dense_optim": dense_state}
 
+    def manifest(self, period: int, metrics: dict[str, Any],
+                 lineage: dict[str, Any]) -> Manifest:
+        return Manifest(kind=self.kind, config_hash=self.config_hash, schema=self.schema,
+                        period=period, world_size=self.env.world_size, metrics=metrics,
+                        lineage=lineage, config=dataclasses.asdict(self.cfg))
+
     def save(self, folder: Path, period: int, metrics: dict[str, Any],
              lineage: dict[str, Any] | None = None) -> None:
-        manifest = Manifest(kind=TOWER, config_hash=self.config_hash,
-                            schema=feature_schema(self.cfg), period=period,
-                            world_size=self.env.world_size, metrics=metrics,
-                            lineage=lineage or {})
-        save_checkpoint(folder, self.state(), manifest, self.seen)
+        save_checkpoint(folder, self.state(), self.manifest(period, metrics, lineage or {}),
+                        self.seen)
 
     def restore(self, folder: Path) -> Manifest:
         manifest = Manifest.read(folder)
-        manifest.check_compatible(TOWER, self.config_hash, feature_schema(self.cfg), folder)
+        manifest.check_compatible(self.kind, self.config_hash, self.schema, folder)
         state = self.state()
         self.seen = load_checkpoint(folder, state)
-        self.dmp.load_state_dict(state["model"])
-        self.dmp.fused_optimizer.load_state_dict(state["optim"])
-        for name, p in self._named_dense():
-            self.dense_opt.state[p].update(state["dense_optim"][name])
+        self.load_state(state)
         log.info("restored %s (period %d, trained at world size %d)", folder, manifest.period,
                  manifest.world_size)
         return manifest
 
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Make `state` (this trainer's `state()`, filled in place by a load) the live state."""
+        model = self.dmp.state_dict()
+        model.update(state["model"])
+        self.dmp.load_state_dict(model)
+        self.dmp.fused_optimizer.load_state_dict(state["optim"])
+        for name, p in self._named_dense():
+            self.dense_opt.state[p].update(state["dense_optim"][name])
+
     # -- work -----------------------------------------------------------------------------
 
-    def _reader(self, root: Path, domain: str, period: int, train: bool) -> ParquetBatchReader:
+    def _reader(self, root: Path, domain: str, period: int, train: bool,
+                batch_size: int | None = None) -> ParquetBatchReader:
         return ParquetBatchReader(
             root, domain, [period], self.cfg.features, self.cfg.data,
-            batch_size=None if train else self.cfg.train.eval_batch_size,
+            batch_size=None if train else batch_size or self.cfg.train.eval_batch_size,
             rank=self.env.rank, world_size=self.env.world_size, shuffle=train,
             seed=self.cfg.train.seed * 1_000_003 + period,
         )
@@ -163,14 +181,16 @@ class PeriodTrainer:
                     buf /= self.env.world_size
 
     @torch.no_grad()
-    def predict(self, root: Path, domain: str, period: int) -> dict[str, np.ndarray]:
-        """Scores of a period's rows (each rank scores its share; gathered on every rank).
+    def predict(self, root: Path, domain: str, period: int,
+                batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Scores of a period's rows in file order (each rank scores a contiguous share;
+        gathered on every rank), in eval mode.
 
         no_grad, not inference_mode: on CPU, fbgemm's fused table lookup is registered only
         behind the autograd dispatch key, and inference_mode skips that key."""
         self.dmp.eval()
         parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
-        for batch in self._reader(root, domain, period, train=False):
+        for batch in self._reader(root, domain, period, train=False, batch_size=batch_size):
             batch = batch.to(self.env.device)
             parts["p"].append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits).cpu()
                               .double().numpy())
@@ -219,33 +239,29 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    lineage = {"init": str(init) if init else None, "resumed_after": start}
+    return run_periods(trainer, data, domain, periods, run, lambda t: lineage)
+
+
+def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int], run: Path,
+                before_period: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The continual loop: for each period, `before_period(t)` (which returns the lineage to
+    record), train one pass, evaluate on t + 1 when it exists, checkpoint, rewrite
+    metrics.jsonl. Returns the periods' metrics."""
     available = list_periods(data, domain)
     results = []
     for t in periods:
+        lineage = before_period(t)
         metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
         if t + 1 in available:
-            validate_periods(data, domain, [t + 1], cfg.features)
+            validate_periods(data, domain, [t + 1], trainer.cfg.features)
             metrics["eval_period"] = t + 1
             metrics["eval"] = trainer.evaluate(data, domain, t + 1)
-        trainer.save(period_dir(run, t), t, metrics,
-                     {"init": str(init) if init else None, "resumed_after": start})
-        if env.is_main:
+        trainer.save(period_dir(run, t), t, metrics, lineage)
+        if trainer.env.is_main:
             _write_metrics(run)
             ev = metrics.get("eval", {})
             log.info("period %d: loss %.4f, next-period AUC %s GAUC %s", t,
                      metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
         results.append(metrics)
     return results
-
-
-def evaluate_checkpoint(cfg: Config, ckpt: Path, data: Path, domain: str,
-                        period: int) -> dict[str, Any]:
-    """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
-    relative to the ids the checkpoint had seen in training."""
-    env = init_distributed(cfg.train.device)
-    validate_periods(data, domain, [period], cfg.features)
-    trainer = PeriodTrainer(cfg, env)
-    manifest = trainer.restore(ckpt)
-    metrics = trainer.evaluate(data, domain, period)
-    return {"checkpoint": str(ckpt), "trained_through_period": manifest.period,
-            "domain": domain, "period": period, **metrics}

@@ -1,45 +1,192 @@
-"""Deploying CTNet from two single-domain checkpoints (the start of Algorithm 1)."""
+"""Continual transfer (the paper's Algorithm 1): deploy CTNet from two single-domain
+checkpoints, then per period load the newest source checkpoint into the frozen source tower
+and train the target tower and adapters on that period's target data only."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from ctnet_rec.config import Config
+from ctnet_rec.config import Config, config_from_dict
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.tower import Tower
-from ctnet_rec.training.checkpoint import Manifest, load_into_submodule
-from ctnet_rec.training.distributed import DistEnv
-from ctnet_rec.training.trainer import TOWER, feature_schema
+from ctnet_rec.training.checkpoint import (
+    CheckpointError,
+    Manifest,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_into_submodule,
+    read_seen_ids,
+)
+from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.trainer import TOWER, PeriodTrainer, feature_schema, run_periods
 from sharding.tower import shard_model
+
+log = logging.getLogger(__name__)
+
+CTNET = "ctnet"
+SOURCE, TARGET = "source.", "target."
+INIT = "init"  # RUN/init: the CTNet deployed at t0, before any CTNet training
 
 
 def check_tower_checkpoint(folder: Path, cfg: Config, role: str) -> Manifest:
     """Refuse a checkpoint that does not fit the tower it is meant for, naming the role."""
-    manifest = Manifest.read(folder)
     try:
+        manifest = Manifest.read(folder)
         manifest.check_compatible(TOWER, cfg.section_hash("features", "model"),
                                   feature_schema(cfg), folder)
-    except ValueError as e:
-        raise type(e)(f"{role} checkpoint: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{role} checkpoint: {e}") from None
     return manifest
 
 
-def build_ctnet(source_cfg: Config, target_cfg: Config, env: DistEnv,
-                source_ckpt: Path, target_ckpt: Path) -> DistributedModelParallel:
-    """CTNet under DMP with the source tower loaded from `source_ckpt` (read-only tables) and
-    every target parameter from `target_ckpt`; only the adapters are new."""
-    check_tower_checkpoint(source_ckpt, source_cfg, "source")
-    check_tower_checkpoint(target_ckpt, target_cfg, "target")
-    torch.manual_seed(target_cfg.train.seed)
-    meta = torch.device("meta")
-    net = CTNet(Tower(source_cfg.features, source_cfg.model, device=meta),
-                Tower(target_cfg.features, target_cfg.model, device=meta), target_cfg.ctnet)
-    dmp = shard_model(net, env, target_cfg.train.sparse_lr, frozen=net.source)
-    state = dmp.state_dict()
-    load_into_submodule(source_ckpt, state, "source.")
-    load_into_submodule(target_ckpt, state, "target.")
-    dmp.load_state_dict(state)
-    return dmp
+def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
+    raw = manifest.source_config if source else manifest.config
+    if not raw:
+        raise CheckpointError(f"{folder}: the manifest records no config; pass one explicitly")
+    return config_from_dict(raw)
+
+
+class CTNetTrainer(PeriodTrainer):
+    """PeriodTrainer for CTNet: the source tower's tables are read-only (no optimiser state),
+    its dense layers frozen. Checkpoints hold target + adapters; the source comes from the
+    source checkpoint named in the lineage."""
+
+    kind = CTNET
+
+    def __init__(self, cfg: Config, source_cfg: Config, env: DistEnv) -> None:
+        self.source_cfg = source_cfg
+        self.source_ckpt: Path | None = None
+        self.source_period: int | None = None
+        super().__init__(cfg, env)
+        self.config_hash = cfg.section_hash("features", "model", "ctnet") + \
+            source_cfg.section_hash("features", "model")
+        self.schema = {**feature_schema(cfg), "source": feature_schema(source_cfg)}
+
+    def build_model(self) -> DistributedModelParallel:
+        meta = torch.device("meta")
+        net = CTNet(Tower(self.source_cfg.features, self.source_cfg.model, device=meta),
+                    Tower(self.cfg.features, self.cfg.model, device=meta), self.cfg.ctnet)
+        return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source)
+
+    def manifest(self, period: int, metrics: dict[str, Any],
+                 lineage: dict[str, Any]) -> Manifest:
+        m = super().manifest(period, metrics, lineage)
+        m.source_config = dataclasses.asdict(self.source_cfg)
+        m.lineage = {"source_checkpoint": str(self.source_ckpt),
+                     "source_period": self.source_period, **lineage}
+        return m
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith(SOURCE)}
+        return state
+
+    def load_source(self, folder: Path) -> None:
+        """Source tower transfer: the source tower's weights become the checkpoint's; nothing
+        else changes (the target, the adapters and every optimiser state stay)."""
+        manifest = check_tower_checkpoint(folder, self.source_cfg, "source")
+        state = {"model": self.dmp.state_dict()}
+        load_into_submodule(folder, state, SOURCE)
+        self.dmp.load_state_dict(state["model"])
+        self.source_ckpt, self.source_period = folder.resolve(), manifest.period
+        log.info("source tower <- %s (source period %d)", folder, manifest.period)
+
+    def load_target(self, folder: Path) -> Manifest:
+        """Every target parameter and its optimiser state from a single-domain checkpoint,
+        with the ids it had seen (so cold-start slices stay relative to the target's data)."""
+        manifest = check_tower_checkpoint(folder, self.cfg, "target")
+        state = self.state()
+        load_into_submodule(folder, state, TARGET)
+        self.load_state(state)
+        self.seen = read_seen_ids(folder)
+        return manifest
+
+    def restore(self, folder: Path) -> Manifest:
+        manifest = super().restore(folder)
+        self.load_source(Path(manifest.lineage["source_checkpoint"]))
+        return manifest
+
+
+def open_ctnet(folder: Path, env: DistEnv) -> tuple[CTNetTrainer, Manifest]:
+    """A CTNetTrainer restored from a CTNet checkpoint, with the configs it records."""
+    manifest = Manifest.read(folder)
+    if manifest.kind != CTNET:
+        raise CheckpointError(f"{folder}: holds a {manifest.kind!r} model, expected 'ctnet'")
+    trainer = CTNetTrainer(config_of(manifest, folder), config_of(manifest, folder, True), env)
+    trainer.restore(folder)
+    return trainer, manifest
+
+
+def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
+                  source_cfg: Config | None = None) -> Path:
+    """`ctnet transfer init`: CTNet at t0, saved as RUN/init. The source tower's config is
+    the one its checkpoint records unless given."""
+    env = init_distributed(cfg.train.device)
+    if source_cfg is None:
+        source_cfg = config_of(Manifest.read(source_ckpt), source_ckpt)
+    trainer = CTNetTrainer(cfg, source_cfg, env)
+    trainer.load_source(source_ckpt)
+    target = trainer.load_target(target_ckpt)
+    folder = run / INIT
+    trainer.save(folder, target.period, {}, {"target_checkpoint": str(target_ckpt.resolve())})
+    log.info("CTNet deployed in %s: target %s (period %d) + source %s", folder, target_ckpt,
+             target.period, source_ckpt)
+    return folder
+
+
+def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config) -> dict[int, Path]:
+    """For each period t, the newest complete source checkpoint of a period <= t; refused
+    before any training when one is missing or does not fit the source tower."""
+    available = complete_checkpoints(source_ckpts)
+    schedule = {}
+    for t in periods:
+        older = [p for p in available if p <= t]
+        if not older:
+            raise CheckpointError(
+                f"{source_ckpts}: no source checkpoint of a period <= {t} (have "
+                f"{sorted(available) or 'none'})")
+        schedule[t] = available[max(older)]
+    for folder in sorted(set(schedule.values())):
+        check_tower_checkpoint(folder, cfg, "source")
+    return schedule
+
+
+def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
+                 source_ckpts: Path | None) -> list[dict[str, Any]]:
+    """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at
+    first), so a re-run after a crash resumes; periods already trained are skipped."""
+    from ctnet_rec.data.contract import validate_periods
+
+    gc.freeze()
+    start = latest_checkpoint(run) or run / INIT
+    manifest = Manifest.read(start)
+    cfg, source_cfg = config_of(manifest, start), config_of(manifest, start, source=True)
+    env = init_distributed(cfg.train.device)
+    periods = [t for t in periods if t > manifest.period]
+    if len(periods) == 0:
+        log.info("%s: already trained through period %d", run, manifest.period)
+        return []
+    validate_periods(data, domain, periods, cfg.features)
+    refresh = cfg.ctnet.source_refresh == "every_period"
+    if refresh and source_ckpts is None:
+        raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
+    schedule = source_schedule(source_ckpts, periods, source_cfg) if refresh else {}
+    trainer = CTNetTrainer(cfg, source_cfg, env)
+    trainer.restore(start)
+    log.info("CTNet from %s (period %d); source refresh: %s", start, manifest.period,
+             cfg.ctnet.source_refresh)
+
+    def before_period(t: int) -> dict[str, Any]:
+        if refresh and schedule[t].resolve() != trainer.source_ckpt:
+            trainer.load_source(schedule[t])
+        return {"resumed_from": str(start)}
+
+    return run_periods(trainer, data, domain, periods, run, before_period)

@@ -1,0 +1,67 @@
+"""Scoring and evaluating any checkpoint (single-domain tower or CTNet): the model is rebuilt
+from the config its manifest records, so serving needs nothing but the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ctnet_rec.config import Config
+from ctnet_rec.data.contract import validate_periods, write_parquet
+from ctnet_rec.training.checkpoint import Manifest
+from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.trainer import PeriodTrainer
+from ctnet_rec.training.transfer import CTNET, CTNetTrainer, config_of
+
+log = logging.getLogger(__name__)
+
+
+def open_checkpoint(folder: Path, cfg: Config | None = None) -> tuple[PeriodTrainer, Manifest]:
+    """The checkpoint's model, restored, on the device its config names (`cfg` overrides the
+    recorded config of a tower checkpoint)."""
+    manifest = Manifest.read(folder)
+    cfg = cfg or config_of(manifest, folder)
+    env = init_distributed(cfg.train.device)
+    if manifest.kind == CTNET:
+        trainer: PeriodTrainer = CTNetTrainer(cfg, config_of(manifest, folder, source=True), env)
+    else:
+        trainer = PeriodTrainer(cfg, env)
+    trainer.restore(folder)
+    return trainer, manifest
+
+
+def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Path,
+                       batch_size: int | None = None) -> int:
+    """The `ctnet predict` job: one score per row of the period, in file order, with its ids
+    and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
+    trainer, _ = open_checkpoint(ckpt)
+    validate_periods(data, domain, [period], trainer.cfg.features)
+    start = time.perf_counter()
+    pred = trainer.predict(data, domain, period, batch_size)
+    elapsed = time.perf_counter() - start
+    if trainer.env.is_main:
+        write_parquet(pa.table({
+            "user_id": pa.array(pred["users"]),
+            "item_id": pa.array(pred["items"]),
+            "label": pa.array(pred["labels"].astype("int8")),
+            "score": pa.array(pred["p"].astype("float32")),
+        }), out)
+        log.info("%d scores written to %s (%.0f rows/s)", len(pred["p"]), out,
+                 len(pred["p"]) / elapsed)
+    return len(pred["p"])
+
+
+def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
+                        cfg: Config | None = None) -> dict[str, Any]:
+    """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
+    relative to the ids the checkpoint had seen in training."""
+    trainer, manifest = open_checkpoint(ckpt, cfg)
+    validate_periods(data, domain, [period], trainer.cfg.features)
+    metrics = trainer.evaluate(data, domain, period)
+    return {"checkpoint": str(ckpt), "model": manifest.kind,
+            "trained_through_period": manifest.period, "domain": domain, "period": period,
+            **metrics}
