@@ -84,3 +84,35 @@ def write_period(root: Path, domain: str, period: int, tables: list[pa.Table],
         pq.write_table(t, path, row_group_size=row_group_size)
         paths.append(path)
     return paths
+
+
+@dataclasses.dataclass
+class Towers:
+    """Single-domain tower runs on the tiny world: source A (periods 0-3), target B (0-1)."""
+
+    cfg: Config
+    config_path: Path  # the same config as TOML, for the command line
+    source_run: Path
+    target_run: Path
+
+    def source(self, period: int) -> Path:
+        return self.source_run / "checkpoints" / f"period={period}"
+
+    def target(self, period: int) -> Path:
+        return self.target_run / "checkpoints" / f"period={period}"
+
+
+@pytest.fixture(scope="session")
+def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers:
+    from ctnet_rec.training.trainer import train_continual
+
+    root = tmp_path_factory.mktemp("towers")
+    path = root / "small.toml"
+    path.write_text(DEMO_CONFIG.read_text()
+                    .replace("mlp_hidden = [256, 128, 64]", "mlp_hidden = [32, 16]")
+                    .replace("batch_size = 512", "batch_size = 256"))
+    cfg = load_config(path)
+    assert cfg.model.mlp_hidden == [32, 16] and cfg.data.batch_size == 256
+    train_continual(cfg, tiny_world, "A", [0, 1, 2, 3], root / "A")
+    train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
+    return Towers(cfg, path, root / "A", root / "B")

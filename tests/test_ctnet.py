@@ -124,55 +124,67 @@ def test_sharded_source_tables_are_read_only(demo_config, batches):
     assert moved
 
 
-@pytest.fixture(scope="module")
-def tower_checkpoints(tiny_world, demo_config, tmp_path_factory):
-    from ctnet_rec.training.trainer import train_continual
-
-    cfg = copy.deepcopy(demo_config)
-    cfg.model.mlp_hidden = [32, 16]
-    cfg.data.batch_size = 256
-    root = tmp_path_factory.mktemp("towers")
-    train_continual(cfg, tiny_world, "A", [0, 1], root / "A")
-    train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
-    return cfg, root / "A" / "checkpoints" / "period=1", root / "B" / "checkpoints" / "period=1"
-
-
-def test_ctnet_deployed_from_checkpoints_predicts_as_the_target(tower_checkpoints, tiny_world):
-    from ctnet_rec.training.distributed import init_distributed
-    from ctnet_rec.training.trainer import PeriodTrainer
-    from ctnet_rec.training.transfer import build_ctnet
-
-    cfg, source_ckpt, target_ckpt = tower_checkpoints
-    env = init_distributed("cpu")
-    dmp = build_ctnet(cfg, cfg, env, source_ckpt, target_ckpt).eval()
-    base, source = PeriodTrainer(cfg, env), PeriodTrainer(cfg, env)
-    base.restore(target_ckpt)
-    source.restore(source_ckpt)
-    base.dmp.eval()
-    source.dmp.eval()
-    reader = ParquetBatchReader(tiny_world, "B", [2], cfg.features, cfg.data, batch_size=600,
-                                shuffle=False)
+def test_shared_long_sequence_attention_equals_computing_it_twice(demo_config, batches):
+    """With identical long-sequence modules in both towers, reusing the source's A_SIM/A_ETA
+    gives the outputs of computing them again, and the target's own modules never run."""
+    source, target = _towers(demo_config)
+    target.load_state_dict(source.state_dict())  # same tables and attention weights
+    torch.manual_seed(3)
+    twice = CTNet(source, target, CTNetConfig()).eval()
+    once = CTNet(copy.deepcopy(source), copy.deepcopy(target),
+                 CTNetConfig(share_long_sequence_attention=True)).eval()
+    once.adapters.load_state_dict(twice.adapters.state_dict())
+    calls = []
+    for m in (once.target.sim, once.target.eta):
+        m.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        for b in reader:
-            got = torch.sigmoid(dmp(b.sparse, b.dense).logits)
-            want = torch.sigmoid(base.dmp(b.sparse, b.dense).logits)
-            assert (got - want).abs().max() < 1e-4
-            # the source tower inside CTNet is exactly the A model
-            inner = dmp.module.source(b.sparse, b.dense).logits
-            torch.testing.assert_close(inner, source.dmp(b.sparse, b.dense).logits,
-                                       rtol=0, atol=0)
+        for b in batches:
+            torch.testing.assert_close(once(b.sparse, b.dense).logits,
+                                       twice(b.sparse, b.dense).logits, rtol=0, atol=1e-6)
+    assert calls == []
+    assert once.source.sim is not None and once.target.sim is not None
 
 
-def test_mismatched_checkpoints_are_refused_naming_the_role(tower_checkpoints):
-    from ctnet_rec.training.checkpoint import CheckpointError
-    from ctnet_rec.training.distributed import init_distributed
-    from ctnet_rec.training.transfer import build_ctnet
+def test_shared_attention_refused_when_towers_differ(demo_config):
+    source, target = _towers(demo_config)
+    no_eta = copy.deepcopy(demo_config.model)
+    no_eta.use_eta = False
+    source = Tower(demo_config.features, no_eta)
+    with pytest.raises(ValueError, match="same long-sequence modules"):
+        CTNet(source, target, CTNetConfig(share_long_sequence_attention=True))
 
-    cfg, source_ckpt, target_ckpt = tower_checkpoints
-    other = copy.deepcopy(cfg)
-    other.features.tables[1].num_embeddings = 777
-    env = init_distributed("cpu")
-    with pytest.raises(CheckpointError, match=r"source checkpoint: .*schema differs.*777"):
-        build_ctnet(other, cfg, env, source_ckpt, target_ckpt)
-    with pytest.raises(CheckpointError, match=r"target checkpoint: .*schema differs.*777"):
-        build_ctnet(cfg, other, env, source_ckpt, target_ckpt)
+
+def _source_schema(demo_config):
+    """The demo features plus a `shop_id` only the source has, without `seller_id`."""
+    from ctnet_rec.config import IdFeatureConfig, TableConfig
+
+    f = copy.deepcopy(demo_config.features)
+    f.tables.append(TableConfig("shop", 50, 8))
+    f.id_features = [x for x in f.id_features if x.name != "seller_id"]
+    f.id_features.append(IdFeatureConfig("shop_id", "shop"))
+    return f
+
+
+def test_source_only_features_are_empty_and_target_only_ignored(demo_config, batches):
+    features = _source_schema(demo_config)
+    source = Tower(features, demo_config.model)
+    target = Tower(demo_config.features, demo_config.model)
+    net = CTNet(source, target, CTNetConfig()).eval()
+    b = batches[0]
+    kjt, dense = net.view(b.sparse, b.dense)
+    assert kjt.keys() == features.sparse_keys()
+    assert "seller_id" not in kjt.keys()
+    assert kjt["shop_id"].lengths().sum() == 0 and len(kjt["shop_id"].lengths()) == len(b)
+    torch.testing.assert_close(kjt["item_id"].values(), b.sparse["item_id"].values())
+    assert dense.shape == b.dense.shape
+    with torch.no_grad():
+        assert torch.isfinite(net(b.sparse, b.dense).logits).all()
+
+
+def test_shared_feature_mapped_differently_is_refused(demo_config):
+    features = copy.deepcopy(demo_config.features)
+    features.table("item").num_embeddings = 1_200_000
+    with pytest.raises(ValueError, match=r"feature '\w*item\w*'.*1200000.*100000"):
+        CTNet(Tower(features, demo_config.model, device=torch.device("meta")),
+              Tower(demo_config.features, demo_config.model, device=torch.device("meta")),
+              CTNetConfig())

@@ -78,7 +78,7 @@ class SourceView(nn.Module):
         src_keys, tgt_keys = source.sparse_keys(), target.sparse_keys()
         self.keys = src_keys
         self.identity = src_keys == tgt_keys and source.dense_names() == target.dense_names()
-        for key in set(src_keys) & set(tgt_keys):
+        for key in [k for k in src_keys if k in tgt_keys]:
             rows = (source.id_policy, _rows_of(source, key)), (target.id_policy,
                                                                 _rows_of(target, key))
             if rows[0] != rows[1]:

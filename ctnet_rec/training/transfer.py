@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from ctnet_rec.config import Config, config_from_dict
+from ctnet_rec.config import Config, ConfigError, config_from_dict
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
@@ -72,8 +72,11 @@ class CTNetTrainer(PeriodTrainer):
 
     def build_model(self) -> DistributedModelParallel:
         meta = torch.device("meta")
-        net = CTNet(Tower(self.source_cfg.features, self.source_cfg.model, device=meta),
-                    Tower(self.cfg.features, self.cfg.model, device=meta), self.cfg.ctnet)
+        try:
+            net = CTNet(Tower(self.source_cfg.features, self.source_cfg.model, device=meta),
+                        Tower(self.cfg.features, self.cfg.model, device=meta), self.cfg.ctnet)
+        except ValueError as e:  # the two towers' configs do not fit together
+            raise ConfigError(f"source vs target config: {e}") from None
         return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source)
 
     def manifest(self, period: int, metrics: dict[str, Any],
@@ -132,6 +135,8 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     env = init_distributed(cfg.train.device)
     if source_cfg is None:
         source_cfg = config_of(Manifest.read(source_ckpt), source_ckpt)
+    check_tower_checkpoint(source_ckpt, source_cfg, "source")  # before building anything
+    check_tower_checkpoint(target_ckpt, cfg, "target")
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)

@@ -1,0 +1,218 @@
+"""Continual transfer (Algorithm 1) end to end on the tiny world: deployment, per-period source
+refresh, variants, resume, refusals, and scoring any checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctnet_rec.cli import main
+from ctnet_rec.modules.adapters import LinearAdapter
+from ctnet_rec.training.checkpoint import CheckpointError, Manifest, complete_checkpoints
+from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
+from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    shards = t.local_shards() if hasattr(t, "local_shards") else None
+    return shards[0].tensor if shards else t
+
+
+def _tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Model tensors by key (sharded tables as their local shard), cloned."""
+    return {k[len(prefix):]: _local(v).detach().clone() for k, v in state.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _optim_tensors(trainer) -> dict[str, torch.Tensor]:
+    state = trainer.state()
+    out = {}
+    for param, entries in state["optim"]["state"].items():
+        out |= {f"optim/{param}/{k}": _local(v).clone() for k, v in entries.items()}
+    for param, entries in state["dense_optim"].items():
+        out |= {f"dense/{param}/{k}": v.clone() for k, v in entries.items()
+                if isinstance(v, torch.Tensor)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployed(towers, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ctnet") / "run"
+    rc = main(["transfer", "init", "--source-ckpt", str(towers.source(1)), "--target-ckpt",
+               str(towers.target(1)), "--config", str(towers.config_path), "--run", str(run)])
+    assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def transferred(towers, deployed, tiny_world, tmp_path_factory):
+    """CTNet trained on B periods 2 and 3 with the source refreshed from A's run."""
+    run = tmp_path_factory.mktemp("ctnet") / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    rc = main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain", "B",
+               "--periods", "2:4", "--source-ckpts", str(towers.source_run)])
+    assert rc == 0
+    return run
+
+
+def test_deployed_ctnet_predicts_as_the_target(towers, deployed, tiny_world):
+    ctnet, manifest = open_checkpoint(deployed / INIT)
+    base, _ = open_checkpoint(towers.target(1))
+    got = ctnet.predict(tiny_world, "B", 2)
+    want = base.predict(tiny_world, "B", 2)
+    assert np.abs(got["p"] - want["p"]).max() < 1e-4
+    assert not np.array_equal(got["p"], want["p"])  # the adapters are there, just small
+    assert manifest.kind == "ctnet" and manifest.period == 1
+    assert manifest.lineage["source_period"] == 1
+    assert manifest.lineage["target_checkpoint"] == str(towers.target(1).resolve())
+    # all target parameters and optimiser state reused: only the adapters are new
+    want_model = _tensors(base.dmp.state_dict())
+    assert _equal(_tensors(ctnet.dmp.state_dict(), "target."), want_model)
+    b_optim = {k.replace("optim/", "optim/target.").replace("dense/", "dense/target."): v
+               for k, v in _optim_tensors(base).items()}
+    mine = {k: v for k, v in _optim_tensors(ctnet).items() if "adapters." not in k}
+    assert b_optim.keys() == mine.keys() and all(torch.equal(b_optim[k], mine[k]) for k in mine)
+    source, _ = open_checkpoint(towers.source(1))
+    assert _equal(_tensors(ctnet.dmp.state_dict(), "source."),
+                  _tensors(source.dmp.state_dict()))
+    assert ctnet.seen["users"].size == base.seen["users"].size > 0
+
+
+def test_source_refresh_swaps_in_the_source_and_nothing_else(towers, deployed):
+    trainer, _ = open_checkpoint(deployed / INIT)
+    others = _tensors({k: v for k, v in trainer.dmp.state_dict().items()
+                       if not k.startswith("source.")})
+    optim = _optim_tensors(trainer)
+    seen = {k: v.copy() for k, v in trainer.seen.items()}
+    old_source = _tensors(trainer.dmp.state_dict(), "source.")
+    trainer.load_source(towers.source(3))
+    new_source = _tensors(trainer.dmp.state_dict(), "source.")
+    a3, _ = open_checkpoint(towers.source(3))
+    assert _equal(new_source, _tensors(a3.dmp.state_dict()))
+    assert not _equal(new_source, old_source)
+    assert _equal(_tensors({k: v for k, v in trainer.dmp.state_dict().items()
+                            if not k.startswith("source.")}), others)
+    assert _equal(_optim_tensors(trainer), optim)
+    assert all(np.array_equal(seen[k], trainer.seen[k]) for k in seen)
+    assert trainer.source_period == 3
+
+
+def test_transfer_run_refreshes_the_source_and_trains_target_and_adapters(
+        towers, deployed, transferred):
+    done = complete_checkpoints(transferred)
+    assert sorted(done) == [2, 3]
+    for t in (2, 3):
+        m = Manifest.read(done[t])
+        assert m.kind == "ctnet" and m.lineage["source_period"] == t
+        assert m.lineage["source_checkpoint"] == str(towers.source(t).resolve())
+        assert "source." not in json.dumps(sorted(m.schema))  # the schema, not weights
+    metrics = [json.loads(line) for line in (transferred / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["period"] for m in metrics] == [2, 3] and metrics[0]["eval_period"] == 3
+    assert 0.5 < metrics[0]["eval"]["auc"] < 1
+    init, _ = open_checkpoint(deployed / INIT)
+    last, _ = open_checkpoint(done[3])
+    before, after = init.dmp.state_dict(), last.dmp.state_dict()
+    for part in ("adapters.0.value.weight", "adapters.1.gate.weight",
+                 "target.mlp.linears.0.weight"):
+        assert not torch.equal(before[part], after[part]), part
+    tables = [k for k in after if k.startswith("target.") and "embedding" in k]
+    assert any(not torch.equal(_local(before[k]), _local(after[k])) for k in tables)
+    # the frozen source inside the newest CTNet is bit-identical to A's period-3 tower
+    a3, _ = open_checkpoint(towers.source(3))
+    assert _equal(_tensors(after, "source."), _tensors(a3.dmp.state_dict()))
+
+
+def test_resume_equals_the_uninterrupted_run(towers, deployed, transferred, tiny_world,
+                                             tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    transfer_run(run, tiny_world, "B", [2], towers.source_run)  # "crash" after period 2
+    assert transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)[0]["train_rows"]
+    want = [json.loads(x) for x in (transferred / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["period"] for m in got] == [2, 3]
+    for w, g in zip(want, got, strict=True):
+        assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
+        assert g.get("eval", {}).get("auc") == pytest.approx(w.get("eval", {}).get("auc"),
+                                                              abs=1e-6)
+    assert "eval" in got[0]
+    assert transfer_run(run, tiny_world, "B", [2, 3], towers.source_run) == []
+
+
+@pytest.mark.parametrize(("refresh", "adapter"), [("once", "glu"), ("every_period", "linear")])
+def test_variants_train(towers, tiny_world, tmp_path, refresh, adapter):
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.ctnet.source_refresh, cfg.ctnet.adapter = refresh, adapter
+    run = tmp_path / "run"
+    transfer_init(cfg, towers.source(1), towers.target(1), run)
+    transfer_run(run, tiny_world, "B", [2, 3],
+                 None if refresh == "once" else towers.source_run)
+    sources = [Manifest.read(p).lineage["source_period"]
+               for p in complete_checkpoints(run).values()]
+    assert sources == ([1, 1] if refresh == "once" else [2, 3])
+    init, _ = open_checkpoint(run / INIT)
+    last, _ = open_checkpoint(run / "checkpoints" / "period=3")
+    net = last.dmp.module
+    assert all(isinstance(a, LinearAdapter) for a in net.adapters) == (adapter == "linear")
+    assert not torch.equal(init.dmp.state_dict()["adapters.0.value.weight"],
+                           last.dmp.state_dict()["adapters.0.value.weight"])
+    a1, _ = open_checkpoint(towers.source(sources[-1]))
+    assert _equal(_tensors(last.dmp.state_dict(), "source."), _tensors(a1.dmp.state_dict()))
+
+
+def test_refusals_name_the_problem(towers, deployed, tiny_world, tmp_path):
+    other = copy.deepcopy(towers.cfg)
+    other.features.tables[1].num_embeddings = 777
+    with pytest.raises(CheckpointError, match=r"target checkpoint: .*schema differs.*777"):
+        transfer_init(other, towers.source(1), towers.target(1), tmp_path / "x")
+    deeper = copy.deepcopy(towers.cfg)
+    deeper.model.mlp_hidden = [64, 32]
+    with pytest.raises(CheckpointError, match=r"source checkpoint: .*model config differs"):
+        transfer_init(towers.cfg, towers.source(1), towers.target(1), tmp_path / "x", deeper)
+    assert not (tmp_path / "x").exists()
+
+    run = tmp_path / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    late = tmp_path / "late"  # source checkpoints from period 3 only
+    shutil.copytree(towers.source(3), late / "checkpoints" / "period=3")
+    with pytest.raises(CheckpointError, match=r"no source checkpoint of a period <= 2"):
+        transfer_run(run, tiny_world, "B", [2, 3], late)
+    bad = tmp_path / "bad" / "period=2"  # a source checkpoint of another schema
+    shutil.copytree(towers.source(2), bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["schema"]["tables"]["item"][0] = 5
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"source checkpoint: .*period=2.*schema differs"):
+        transfer_run(run, tiny_world, "B", [2, 3], bad.parent)
+    with pytest.raises(CheckpointError, match="needs --source-ckpts"):
+        transfer_run(run, tiny_world, "B", [2, 3], None)
+    assert complete_checkpoints(run) == {}  # refused before any training
+
+
+@pytest.mark.parametrize("which", ["tower", "ctnet"])
+def test_predict_writes_one_score_per_row(towers, transferred, tiny_world, tmp_path, which):
+    ckpt = towers.target(1) if which == "tower" else transferred / "checkpoints" / "period=3"
+    out = tmp_path / "scores.parquet"
+    assert main(["predict", "--ckpt", str(ckpt), "--data", str(tiny_world), "--domain", "B",
+                 "--period", "3", "--out", str(out), "--batch-size", "65536"]) == 0
+    scores = pq.read_table(out)
+    period = pq.read_table(tiny_world / "B" / "period=3", columns=["user_id", "item_id"])
+    assert scores.column_names == ["user_id", "item_id", "label", "score"]
+    assert scores["user_id"].to_pylist() == period["user_id"].to_pylist()
+    assert scores["item_id"].to_pylist() == period["item_id"].to_pylist()
+    s = scores["score"].to_numpy()
+    assert ((s > 0) & (s < 1)).all() and s.std() > 0
+    small = tmp_path / "small.parquet"  # eval mode: a row's score does not depend on its batch
+    predict_checkpoint(ckpt, tiny_world, "B", 3, small, batch_size=7)
+    np.testing.assert_allclose(pq.read_table(small)["score"].to_numpy(), s, atol=1e-5)
