@@ -16,28 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
-import torchrec
+from common import ROOT, demo_batches, require_demo_world, run_workers, time_steps, write_result
 from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig, load_config
-from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.embeddings import TowerEmbeddings
 from ctnet_rec.modules.tower import Tower
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "train_step.json"
-DATA = ROOT / "runs" / "demo" / "data"
 
 
 class PlainEmbeddings(TowerEmbeddings):
@@ -85,14 +75,7 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
 
     cfg = load_config(config)
     torch.manual_seed(0)
-    reader = ParquetBatchReader(DATA, "A", [8, 9], cfg.features, cfg.data,
-                                batch_size=batch_size, seed=0)
-    batches = []
-    for b in reader:
-        if len(b) == batch_size:
-            batches.append(b)
-        if len(batches) == steps + 2:
-            break
+    batches = demo_batches(cfg, batch_size, steps)
     if path == "torchrec":
         env = init_distributed("cpu")
         model = shard_model(Tower(cfg.features, cfg.model, device=torch.device("meta")), env,
@@ -113,20 +96,7 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
         average_dense_gradients(dense, 1)
         opt.step()
 
-    for b in batches[:2]:  # warm-up: allocations, first-call kernels
-        step(b)
-    start = time.perf_counter()
-    for b in batches[2:]:
-        step(b)
-    elapsed = time.perf_counter() - start
-    return {
-        "path": path,
-        "batch_size": batch_size,
-        "steps": len(batches) - 2,
-        "samples_per_s": round(batch_size * (len(batches) - 2) / elapsed, 1),
-        "step_ms": round(1000 * elapsed / (len(batches) - 2), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return {"path": path, **time_steps(step, batches)}
 
 
 def main() -> None:
@@ -140,15 +110,9 @@ def main() -> None:
         print(json.dumps(run_worker(args.worker[0], int(args.worker[1]), args.steps,
                                     args.config)))
         return
-    if not (DATA / "world.json").exists():
-        sys.exit(f"{DATA}: run `make demo` (or `ctnet demo`) first to create the demo world")
-    rows = []
-    for bs in args.batch_sizes:
-        for path in ("torchrec", "peer"):
-            cmd = [sys.executable, __file__, "--worker", path, str(bs), "--steps",
-                   str(args.steps), "--config", args.config]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+    require_demo_world()
+    jobs = [[path, str(bs)] for bs in args.batch_sizes for path in ("torchrec", "peer")]
+    rows = run_workers(__file__, jobs, ["--steps", str(args.steps), "--config", args.config])
     by = {(r["path"], r["batch_size"]): r for r in rows}
     ratios = {str(bs): round(by["torchrec", bs]["samples_per_s"] / by["peer", bs]["samples_per_s"],
                              3) for bs in args.batch_sizes}
@@ -157,17 +121,8 @@ def main() -> None:
         print(f"{r['path']:<10}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
               f"{r['step_ms']:>10}{r['peak_rss_mb']:>13}")
     print("torchrec_vs_peer_ratio:", ratios)
-    result = {
-        "benchmark": "train_step",
-        "runs": rows,
-        "torchrec_vs_peer_ratio": ratios,
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-        "config": os.path.relpath(args.config, ROOT),
-        "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "torchrec": torchrec.__version__},
-    }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULT, "train_step", __file__, args.config, runs=rows,
+                 torchrec_vs_peer_ratio=ratios)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,8 @@ class TowerConfig:
                f"{key}.mlp_hidden", "needs at least one layer, every size > 0")
         for name in ("attention_heads", "sim_top_k", "eta_top_k", "eta_hash_bits"):
             _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(self.eta_hash_bits <= 62, f"{key}.eta_hash_bits",
+               "must be <= 62 (signatures are packed into one int64)")
         _check(self.leaky_relu_slope >= 0, f"{key}.leaky_relu_slope", "must be >= 0")
 
 

@@ -12,9 +12,12 @@ from ctnet_rec.modules.attention import (
     SimHash,
     TargetAttention,
     eta_select,
+    gather_jagged,
     pad,
     pad_ids,
+    popcount,
     sim_select,
+    simhash_distance,
 )
 from ctnet_rec.modules.tower import Tower
 
@@ -61,25 +64,47 @@ def test_sim_picks_the_k_most_recent_of_the_target_category():
 
 def test_eta_picks_the_k_nearest_by_hamming():
     g = torch.Generator().manual_seed(2)
-    sig = torch.rand(40, 15, 16, generator=g) > 0.5
-    target = torch.rand(40, 16, generator=g) > 0.5
+    h = SimHash(8, 16)
     lengths = torch.randint(0, 16, (40,), generator=g)
+    items = JaggedTensor(values=torch.randn(int(lengths.sum()), 8, generator=g), lengths=lengths)
+    target = torch.randn(40, 8, generator=g)
     mask = torch.arange(15).unsqueeze(0) < lengths.unsqueeze(1)
-    idx, valid = eta_select(sig, target, mask, k=5)
+    distance = simhash_distance(h(items.values()), items, h(target), 15)
+    idx, valid = eta_select(distance, mask, k=5)
+    per_row, planes = items.to_dense(), h.planes
     for b in range(40):
         n = int(lengths[b])
-        dist = [int((sig[b, p] != target[b]).sum()) for p in range(n)]
+        side = (target[b] @ planes) > 0
+        dist = [int(((per_row[b][p] @ planes > 0) != side).sum()) for p in range(n)]
+        assert distance[b, :n].tolist() == dist
         want = sorted(range(n), key=lambda p: (dist[p], p))[:5]  # nearest, then most recent
         assert idx[b][valid[b]].tolist() == want
 
 
+def test_popcount_counts_bits():
+    x = torch.tensor([0, 1, 2**62 - 1, 0b1011, 2**40 + 2**33 + 7])
+    assert popcount(x).tolist() == [bin(v).count("1") for v in x.tolist()]
+
+
+def test_gather_jagged_picks_positions_and_zeroes_the_rest():
+    jt = JaggedTensor(values=torch.arange(12.0).reshape(6, 2), lengths=torch.tensor([2, 0, 4]))
+    idx = torch.tensor([[1, 0], [0, 1], [3, 2]])
+    valid = torch.tensor([[True, True], [False, False], [True, False]])
+    got = gather_jagged(jt, idx, valid)
+    want = torch.tensor([[[2.0, 3], [0, 1]], [[0, 0], [0, 0]], [[10, 11], [0, 0]]])
+    torch.testing.assert_close(got, want)
+
+
 def test_simhash_is_deterministic_and_locality_sensitive():
-    h = SimHash(16, 64)
-    assert torch.equal(h.planes, SimHash(16, 64).planes)
+    h = SimHash(16, 62)
+    assert torch.equal(h.planes, SimHash(16, 62).planes)
     x = torch.randn(100, 16)
-    near = (h(x) != h(x + 0.05 * torch.randn(100, 16))).sum(-1).float().mean()
-    far = (h(x) != h(torch.randn(100, 16))).sum(-1).float().mean()
+    assert h(x).dtype == torch.int64 and (h(x) >= 0).all()
+    near = popcount(h(x) ^ h(x + 0.05 * torch.randn(100, 16))).float().mean()
+    far = popcount(h(x) ^ h(torch.randn(100, 16))).float().mean()
     assert near < far / 4
+    with pytest.raises(ValueError, match="bits must be in"):
+        SimHash(16, 63)
 
 
 @pytest.fixture(scope="module")

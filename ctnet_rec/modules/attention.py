@@ -67,9 +67,14 @@ class SequenceEncoder(nn.Module):
         return self.layer(tokens, src_key_padding_mask=~safe) * mask.unsqueeze(-1).to(tokens.dtype)
 
 
-def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) tokens at (B, k) positions -> (B, k, D)."""
-    return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+def gather_jagged(jt: JaggedTensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, k, D) embeddings of a jagged sequence at (B, k) positions, zero where not `valid`:
+    picks the k straight from the jagged values, never padding the whole sequence."""
+    values = jt.values()
+    if values.numel() == 0:
+        return values.new_zeros(*idx.shape, values.shape[-1])
+    flat = torch.where(valid, jt.offsets()[:-1].unsqueeze(1) + idx, 0)
+    return values[flat] * valid.unsqueeze(-1).to(values.dtype)
 
 
 def sim_select(
@@ -88,28 +93,58 @@ def sim_select(
 
 
 class SimHash(nn.Module):
-    """Random-hyperplane signatures (LSH for cosine similarity) of embeddings; fixed, not
+    """Random-hyperplane signatures (LSH for cosine similarity) of embeddings, packed into one
+    int64 per embedding (bit j: which side of hyperplane j), so the Hamming distance of two is
+    `popcount(a ^ b)`: a few operations per behaviour instead of one per bit. Fixed, not
     trained, saved with the model so a checkpoint hashes the same way."""
+
+    MAX_BITS = 62
 
     def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
         super().__init__()
+        if not 0 < bits <= self.MAX_BITS:
+            raise ValueError(f"SimHash bits must be in [1, {self.MAX_BITS}], got {bits}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, bits, generator=g))
+        self.register_buffer("bit_values", 2.0 ** torch.arange(bits, dtype=torch.float64),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.planes) > 0
+        return (((x @ self.planes) > 0).to(torch.float64) @ self.bit_values).long()
+
+
+def _popcount32(x: torch.Tensor) -> torch.Tensor:
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24) & 0xFF
+
+
+def popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of non-negative int64 values below 2^62 (SWAR, on each 32-bit half)."""
+    return _popcount32(x & 0xFFFFFFFF) + _popcount32(x >> 32)
+
+
+def simhash_distance(codes: torch.Tensor, jt: JaggedTensor, target_codes: torch.Tensor,
+                     length: int) -> torch.Tensor:
+    """(B, length) Hamming distances between each behaviour's SimHash code (`codes`, one per
+    value of `jt`) and its row's target code; -1 at padding."""
+    rows = torch.repeat_interleave(torch.arange(len(target_codes), device=codes.device),
+                                   jt.lengths().long(), output_size=len(codes))
+    dist = popcount(codes ^ target_codes[rows])
+    return pad_ids(JaggedTensor(values=dist, lengths=jt.lengths(), offsets=jt.offsets()),
+                   length)
 
 
 def eta_select(
-    signatures: torch.Tensor, target_signature: torch.Tensor, mask: torch.Tensor, k: int
+    distance: torch.Tensor, mask: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ETA: positions of the k behaviours nearest to the target in Hamming distance between
-    SimHash signatures (ties go to the more recent). Returns (B, k') indices and validity."""
-    length, bits = signatures.shape[1], signatures.shape[2]
+    """ETA: positions of the k behaviours nearest to the target in SimHash Hamming distance
+    (ties go to the more recent). Returns (B, k') indices (k' = min(k, L)) and validity."""
+    length = distance.shape[1]
     k = min(k, length)
-    hamming = (signatures != target_signature.unsqueeze(1)).sum(dim=-1)
-    recency = torch.arange(length, 0, -1, device=signatures.device)
-    score = (bits - hamming) * (length + 1) + recency
-    score = torch.where(mask, score, torch.full_like(score, -1))
+    recency = torch.arange(length, 0, -1, device=distance.device)
+    score = recency - distance * (length + 1)
+    score = torch.where(mask, score, torch.full_like(score, torch.iinfo(torch.long).min))
     idx = score.topk(k, dim=1).indices
     return idx, mask.gather(1, idx)

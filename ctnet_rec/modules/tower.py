@@ -14,10 +14,11 @@ from ctnet_rec.modules.attention import (
     SimHash,
     TargetAttention,
     eta_select,
-    gather_tokens,
+    gather_jagged,
     pad,
     pad_ids,
     sim_select,
+    simhash_distance,
 )
 from ctnet_rec.modules.embeddings import TowerEmbeddings
 from ctnet_rec.modules.mlp import TowerMLP
@@ -68,10 +69,12 @@ class Tower(nn.Module):
                   + len(features.dense_names()))
         self.mlp = TowerMLP(in_dim, model.mlp_hidden, model.leaky_relu_slope)
 
-    def _tokens(self, emb: dict, item_key: str, cat_key: str, length: int):
+    @staticmethod
+    def _tokens(emb: dict, item_key: str, cat_key: str,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
         items, mask = pad(emb[item_key], length)
         cats, _ = pad(emb[cat_key], length)
-        return torch.cat([items, cats], dim=-1), items, mask
+        return torch.cat([items, cats], dim=-1), mask
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,
@@ -87,7 +90,7 @@ class Tower(nn.Module):
         parts = [*(by_key[k] for k in self.embeddings.pooled_keys), target]
         if self.short is not None:
             s = self.short
-            tokens, _, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
+            tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
             parts.append(self.ta(target, self.encoder(tokens, mask), mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
@@ -103,18 +106,28 @@ class Tower(nn.Module):
         cat_key = self.features.category_column
         if self.long is not None:
             s = self.long
-            tokens, items, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
+            items, cats = emb[s.item_column], emb[s.category_column]
+            positions = torch.arange(s.max_len, device=target.device)
+            mask = positions.unsqueeze(0) < items.lengths().unsqueeze(1)
+
+            def attend(module: TargetAttention, idx: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+                keys = torch.cat([gather_jagged(items, idx, valid),
+                                  gather_jagged(cats, idx, valid)], dim=-1)
+                return module(target, keys, valid)
+
             if self.sim is not None:
-                cats = pad_ids(sparse[s.category_column], s.max_len)
-                idx, valid = sim_select(cats, sparse[cat_key].values(), mask,
+                ids = pad_ids(sparse[s.category_column], s.max_len)
+                idx, valid = sim_select(ids, sparse[cat_key].values(), mask,
                                         self.model_cfg.sim_top_k)
-                out.append(self.sim(target, gather_tokens(tokens, idx), valid))
+                out.append(attend(self.sim, idx, valid))
             if self.eta is not None:
                 with torch.no_grad():
-                    sig = self.simhash(items)
-                    target_sig = self.simhash(emb[self.features.item_column].values())
-                idx, valid = eta_select(sig, target_sig, mask, self.model_cfg.eta_top_k)
-                out.append(self.eta(target, gather_tokens(tokens, idx), valid))
+                    distance = simhash_distance(
+                        self.simhash(items.values()), items,
+                        self.simhash(emb[self.features.item_column].values()), s.max_len)
+                idx, valid = eta_select(distance, mask, self.model_cfg.eta_top_k)
+                out.append(attend(self.eta, idx, valid))
         return out
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
