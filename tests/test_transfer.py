@@ -198,6 +198,8 @@ def test_refusals_name_the_problem(towers, deployed, tiny_world, tmp_path):
     with pytest.raises(CheckpointError, match="needs --source-ckpts"):
         transfer_run(run, tiny_world, "B", [2, 3], None)
     assert complete_checkpoints(run) == {}  # refused before any training
+    with pytest.raises(CheckpointError, match="ctnet transfer init"):
+        transfer_run(tmp_path / "empty", tiny_world, "B", [2], late)
 
 
 @pytest.mark.parametrize("which", ["tower", "ctnet"])

@@ -20,7 +20,10 @@ class CTNet(nn.Module):
 
     - "same_layer" (default, Eq. 4): z^S_l, the source's hidden state of the same depth;
     - "previous_layer": z^S_{l-1}, so the first adapter reads the source input E^S (the paper
-      also names z^S_0 = E^S), giving the target the source's embeddings directly."""
+      also names z^S_0 = E^S), giving the target the source's embeddings directly.
+
+    The default is the paper's equation, and it measured at least as well: on the demo world
+    (B, 3 periods after deployment) next-period AUC 0.631/0.640/0.639 vs 0.626/0.626/0.639."""
 
     def __init__(self, source: Tower, target: Tower, cfg: CTNetConfig) -> None:
         super().__init__()

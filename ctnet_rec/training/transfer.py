@@ -18,6 +18,7 @@ from ctnet_rec.config import Config, ConfigError, config_from_dict
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
+    MANIFEST,
     CheckpointError,
     Manifest,
     complete_checkpoints,
@@ -172,6 +173,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
 
     gc.freeze()
     start = latest_checkpoint(run) or run / INIT
+    if not (start / MANIFEST).exists():
+        raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
     manifest = Manifest.read(start)
     cfg, source_cfg = config_of(manifest, start), config_of(manifest, start, source=True)
     env = init_distributed(cfg.train.device)
