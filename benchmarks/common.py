@@ -46,43 +46,43 @@ def demo_batches(cfg: Config, batch_size: int, steps: int) -> list[Batch]:
     return batches
 
 
-def time_steps(step: Callable[[Batch], None], batches: list[Batch]) -> dict[str, Any]:
-    """The median step (robust to the odd slow step of a shared machine)."""
+def time_steps(steps: dict[str, Callable[[Batch], None]],
+               batches: list[Batch]) -> dict[str, dict[str, Any]]:
+    """Each named step on every batch, the steps interleaved batch by batch (so a slow spell
+    of a shared machine hits all of them alike); per step its median time (robust to the odd
+    slow step) and the process's peak RSS so far."""
     for b in batches[:WARMUP]:
-        step(b)
-    times = []
+        for step in steps.values():
+            step(b)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for b in batches[WARMUP:]:
-        start = time.perf_counter()
-        step(b)
-        times.append(time.perf_counter() - start)
-    median, size = statistics.median(times), len(batches[0])
-    return {
-        "batch_size": size,
-        "steps": len(times),
-        "samples_per_s": round(size / median, 1),
-        "step_ms": round(1000 * median, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(b)
+            times[name].append(time.perf_counter() - start)
+    size = len(batches[0])
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return {name: {"batch_size": size, "steps": len(t),
+                   "samples_per_s": round(size / statistics.median(t), 1),
+                   "step_ms": round(1000 * statistics.median(t), 1), "peak_rss_mb": rss}
+            for name, t in times.items()}
 
 
 def run_workers(script: str, jobs: list[list[str]], common: list[str],
-                repeats: int = 1) -> list[dict[str, Any]]:
-    """Run `script --worker JOB... COMMON...` per job in a fresh process, each prints its
-    result as its last line of JSON. With repeats, the jobs run round-robin (so a slow spell
-    of the machine hits all of them alike) and each job keeps its median run by step time."""
-    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(jobs))}
-    for _ in range(repeats):
-        for i, job in enumerate(jobs):
-            cmd = [sys.executable, script, "--worker", *job, *common]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            runs[i].append(json.loads(out.strip().splitlines()[-1]))
-            print("  ", " ".join(job), "->", runs[i][-1]["samples_per_s"], "samples/s",
-                  flush=True)
+                env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run `script --worker JOB... COMMON...` per job, each in a fresh process (so each peak
+    RSS is its own) with `env` added to the environment; each prints a JSON list of result
+    rows as its last line."""
     rows = []
-    for i in range(len(jobs)):
-        ordered = sorted(runs[i], key=lambda r: r["step_ms"])
-        rows.append({**ordered[len(ordered) // 2],
-                     "step_ms_runs": [r["step_ms"] for r in runs[i]]})
+    for job in jobs:
+        cmd = [sys.executable, script, "--worker", *job, *common]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env={**os.environ, **(env or {})}).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        rows += got
+        print("  ", " ".join(job), "->", ", ".join(f"{r.get('path') or r.get('job')} "
+                                                  f"{r['samples_per_s']:,.0f} samples/s"
+                                                  for r in got), flush=True)
     return rows
 
 

@@ -1,94 +1,147 @@
-"""CTNet's cost over Base (the target tower alone) on the demo config, one process each.
+"""CTNet's cost over Base (the target tower alone) on the demo config.
 
 - train: a training step (forward, loss, backward, fused table updates, dense AdaGrad) of
-  Base and of CTNet (source tower frozen: read-only tables, forward only) at each batch size;
+  Base and of CTNet (source tower frozen: read-only tables, forward only), built in one
+  process and timed batch by batch in turn, so that both see the same machine;
   `step_time_ratio` = CTNet step time / Base step time (target: <= 1.5).
-- memory: CTNet's peak RSS above Base's, next to what the frozen source may cost at most:
-  its tables' and dense weights' own size (no optimiser state, no gradient buffers). Adapters
-  (new trainable weights) are reported apart.
 - infer: CTNet scoring (eval mode, no autograd) with and without
-  `share_long_sequence_attention` (the target reuses the source's SIM/ETA outputs).
+  `share_long_sequence_attention` (the target reuses the source's SIM/ETA outputs), likewise
+  in turn; `shared_attention_inference_speedup`.
+- memory: Base and CTNet each train alone in a fresh process. `held_mb` counts every tensor
+  the model keeps between steps (weights, buffers, optimiser state, gradients; shared
+  storage once): CTNet's excess over Base must be the source's weights plus the adapters and
+  their optimiser state and gradients, i.e. the source holds no optimiser state and no
+  gradient buffers.
+  Peak RSS, measured with glibc returning every large block to the system at once
+  (MALLOC_MMAP_THRESHOLD_, so it follows live memory instead of the allocator's caching),
+  also counts activations: CTNet keeps the source's outputs and its adapters' activations for
+  the backward pass, which grow with the batch while the source's weights do not.
 
 Batches come from the demo world's domain A, read once and kept in memory; weights are the
-untrained initial ones (a step costs the same). Each run times at least 40,960 samples and
-reports its median step; each job runs `--repeats` times, round-robin, and keeps its median
-run.
+untrained initial ones (a step costs the same). Times are medians over at least 40,960
+samples per model.
 
-Peak RSS also counts activations: CTNet keeps the source's outputs and its adapters'
-activations for the backward pass, which grow with the batch (tens of MB at 4096 on the demo
-config) while the source's weights are fixed; `memory` reports both.
-
-    python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096] [--repeats 3]
+    python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from common import ROOT, demo_batches, require_demo_world, run_workers, time_steps, write_result
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from ctnet_rec.config import load_config
+from ctnet_rec.config import Config, load_config
+from ctnet_rec.data.batch import Batch
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.tower import Tower
-from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.distributed import DistEnv, init_distributed
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
 RESULT = ROOT / "benchmarks" / "results" / "ctnet_step.json"
 MB = 2**20
-MIN_SAMPLES = 40_960  # per measurement: small batches run more steps, so timings settle
+MIN_SAMPLES = 40_960  # per model: small batches run more steps, so timings settle
+MEMORY_STEPS = 6
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def _mb(params) -> float:
     return round(sum(p.numel() * p.element_size() for p in params) / MB, 1)
 
 
-def run_worker(job: str, batch_size: int, steps: int, config: str) -> dict:
-    cfg = load_config(config)
-    cfg.ctnet.share_long_sequence_attention = job == "infer-shared"
-    torch.manual_seed(0)
-    batches = demo_batches(cfg, batch_size, max(steps, MIN_SAMPLES // batch_size))
-    env = init_distributed("cpu")
+def build(model: str, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, dict]:
+    """"base", "ctnet" or "ctnet-shared" (shared long-sequence attention), sharded as in
+    training, with the sizes the memory target is judged by."""
     meta = torch.device("meta")
-    extra = {}
-    if job == "base":
-        model = shard_model(Tower(cfg.features, cfg.model, device=meta), env,
-                            cfg.train.sparse_lr)
-    else:
-        net = CTNet(Tower(cfg.features, cfg.model, device=meta),
-                    Tower(cfg.features, cfg.model, device=meta), cfg.ctnet)
-        extra = {"source_weights_mb": _mb(net.source.parameters()),
-                 "adapter_weights_mb": _mb(net.adapters.parameters())}
-        model = shard_model(net, env, cfg.train.sparse_lr, frozen=net.source)
-    if job.startswith("infer"):
-        model.eval()
+    torch.manual_seed(0)
+    if model == "base":
+        return shard_model(Tower(cfg.features, cfg.model, device=meta), env,
+                           cfg.train.sparse_lr), {}
+    ctnet_cfg = copy.deepcopy(cfg.ctnet)
+    ctnet_cfg.share_long_sequence_attention = model == "ctnet-shared"
+    net = CTNet(Tower(cfg.features, cfg.model, device=meta),
+                Tower(cfg.features, cfg.model, device=meta), ctnet_cfg)
+    sizes = {"source_weights_mb": _mb([*net.source.parameters(), *net.source.buffers()]),
+             "adapter_weights_mb": _mb(net.adapters.parameters())}
+    return shard_model(net, env, cfg.train.sparse_lr, frozen=net.source), sizes
 
-        @torch.no_grad()
-        def step(b) -> None:
-            torch.sigmoid(model(b.sparse, b.dense).logits)
-    else:
-        model.train()
-        dense = dense_parameters(model)
-        opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
 
-        def step(b) -> None:
-            loss = F.binary_cross_entropy_with_logits(model(b.sparse, b.dense).logits,
-                                                      b.labels)
-            opt.zero_grad()
-            loss.backward()
-            average_dense_gradients(dense, 1)
-            opt.step()
+def _local(t: torch.Tensor) -> list[torch.Tensor]:
+    return [s.tensor for s in t.local_shards()] if hasattr(t, "local_shards") else [t]
 
-    return {"job": job, **time_steps(step, batches), **extra}
+
+def held_mb(dmp: DistributedModelParallel, opt: torch.optim.Optimizer) -> float:
+    """Bytes of every tensor kept between steps, each storage counted once."""
+    tensors = [*dmp.state_dict().values(),
+               *(t for d in dmp.fused_optimizer.state_dict()["state"].values()
+                 for t in d.values()),
+               *(t for d in opt.state.values() for t in d.values()),
+               *(p.grad for p in dmp.parameters() if p.grad is not None)]
+    storages = {}
+    for t in tensors:
+        for x in _local(t) if isinstance(t, torch.Tensor) else []:
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return round(sum(storages.values()) / MB, 1)
+
+
+def train_step(dmp: DistributedModelParallel,
+               cfg: Config) -> tuple[Callable[[Batch], None], torch.optim.Optimizer]:
+    dmp.train()
+    dense = dense_parameters(dmp)
+    opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
+
+    def step(b: Batch) -> None:
+        loss = F.binary_cross_entropy_with_logits(dmp(b.sparse, b.dense).logits, b.labels)
+        opt.zero_grad()
+        loss.backward()
+        average_dense_gradients(dense, 1)
+        opt.step()
+
+    return step, opt
+
+
+def infer_step(dmp: DistributedModelParallel) -> Callable[[Batch], None]:
+    dmp.eval()
+
+    @torch.no_grad()
+    def step(b: Batch) -> None:
+        torch.sigmoid(dmp(b.sparse, b.dense).logits)
+
+    return step
+
+
+def run_worker(job: str, batch_size: int, steps: int, config: str) -> list[dict]:
+    """"train" (Base and CTNet in turn), "infer" (CTNet unshared and shared in turn), or
+    "memory-base" / "memory-ctnet" (one model alone, for its peak RSS)."""
+    cfg = load_config(config)
+    env = init_distributed("cpu")
+    if job.startswith("memory-"):
+        model = job.removeprefix("memory-")
+        dmp, sizes = build(model, cfg, env)
+        batches = demo_batches(cfg, batch_size, MEMORY_STEPS)
+        step, opt = train_step(dmp, cfg)
+        row = time_steps({model: step}, batches)[model]
+        return [{"job": job, **row, "held_mb": held_mb(dmp, opt), **sizes}]
+    batches = demo_batches(cfg, batch_size, max(steps, MIN_SAMPLES // batch_size))
+    models = ["base", "ctnet"] if job == "train" else ["ctnet", "ctnet-shared"]
+    timed = {}
+    for m in models:
+        dmp, _ = build(m, cfg, env)
+        timed[m] = train_step(dmp, cfg)[0] if job == "train" else infer_step(dmp)
+    rows = time_steps(timed, batches)
+    return [{"job": f"{job}-{m}", **{k: v for k, v in rows[m].items() if k != "peak_rss_mb"}}
+            for m in models]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps (at least)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (at least)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
-    p.add_argument("--repeats", type=int, default=3, help="runs per job, round-robin")
     p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
     p.add_argument("--worker", nargs=2, metavar=("JOB", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -97,29 +150,36 @@ def main() -> None:
                                     args.config)))
         return
     require_demo_world()
-    jobs = [[job, str(bs)] for bs in args.batch_sizes
-            for job in ("base", "ctnet", "infer", "infer-shared")]
-    rows = run_workers(__file__, jobs, ["--steps", str(args.steps), "--config", args.config],
-                       args.repeats)
+    common = ["--steps", str(args.steps), "--config", args.config]
+    rows = run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
+                                  for job in ("train", "infer")], common)
+    rows += run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
+                                   for job in ("memory-base", "memory-ctnet")], common,
+                        MEMORY_ENV)
     by = {(r["job"], r["batch_size"]): r for r in rows}
     ratio, shared_speedup, memory = {}, {}, {}
     for bs in args.batch_sizes:
-        base, ctnet = by["base", bs], by["ctnet", bs]
-        ratio[str(bs)] = round(ctnet["step_ms"] / base["step_ms"], 3)
-        shared_speedup[str(bs)] = round(by["infer", bs]["step_ms"]
-                                        / by["infer-shared", bs]["step_ms"], 3)
-        above = round(ctnet["peak_rss_mb"] - base["peak_rss_mb"], 1)
+        ratio[str(bs)] = round(by["train-ctnet", bs]["step_ms"]
+                               / by["train-base", bs]["step_ms"], 3)
+        shared_speedup[str(bs)] = round(by["infer-ctnet", bs]["step_ms"]
+                                        / by["infer-ctnet-shared", bs]["step_ms"], 3)
+        base, ctnet = by["memory-base", bs], by["memory-ctnet", bs]
+        # the source's weights; the adapters' weights, AdaGrad sums and gradients
+        allowed = ctnet["source_weights_mb"] + 3 * ctnet["adapter_weights_mb"]
         memory[str(bs)] = {
-            "base_peak_rss_mb": base["peak_rss_mb"], "ctnet_peak_rss_mb": ctnet["peak_rss_mb"],
-            "ctnet_above_base_mb": above, "source_weights_mb": ctnet["source_weights_mb"],
+            "base_held_mb": base["held_mb"], "ctnet_held_mb": ctnet["held_mb"],
+            "ctnet_held_above_base_mb": round(ctnet["held_mb"] - base["held_mb"], 1),
+            "source_weights_mb": ctnet["source_weights_mb"],
             "adapter_weights_mb": ctnet["adapter_weights_mb"],
-            "within_source_size": above <= ctnet["source_weights_mb"]
-            + ctnet["adapter_weights_mb"],
+            "held_within_source_and_adapters": ctnet["held_mb"] - base["held_mb"]
+            <= allowed + 0.1,
+            "base_peak_rss_mb": base["peak_rss_mb"], "ctnet_peak_rss_mb": ctnet["peak_rss_mb"],
+            "ctnet_peak_above_base_mb": round(ctnet["peak_rss_mb"] - base["peak_rss_mb"], 1),
         }
-    print(f"{'job':<14}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'peak RSS MB':>13}")
+    print(f"{'job':<20}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'peak RSS MB':>13}")
     for r in rows:
-        print(f"{r['job']:<14}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
-              f"{r['step_ms']:>10}{r['peak_rss_mb']:>13}")
+        print(f"{r['job']:<20}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
+              f"{r['step_ms']:>10}{r.get('peak_rss_mb', ''):>13}")
     print("step_time_ratio (CTNet / Base, target <= 1.5):", ratio)
     print("inference speed-up from shared long-sequence attention:", shared_speedup)
     print("memory:", json.dumps(memory, indent=1))

@@ -96,7 +96,7 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
         average_dense_gradients(dense, 1)
         opt.step()
 
-    return {"path": path, **time_steps(step, batches)}
+    return {"path": path, **time_steps({path: step}, batches)[path]}
 
 
 def main() -> None:
@@ -107,8 +107,8 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker[0], int(args.worker[1]), args.steps,
-                                    args.config)))
+        print(json.dumps([run_worker(args.worker[0], int(args.worker[1]), args.steps,
+                                     args.config)]))
         return
     require_demo_world()
     jobs = [[path, str(bs)] for bs in args.batch_sizes for path in ("torchrec", "peer")]
