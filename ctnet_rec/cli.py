@@ -224,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest names the source checkpoint used), evaluate on t + 1. Continues after the "
         "newest checkpoint of RUN, so re-running after a crash resumes.",
     )
-    trun.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/")
-    trun.add_argument("--domain", required=True, help="target domain folder name")
+    _data_arguments(trun)
     trun.add_argument("--periods", required=True, help=PERIODS_HELP)
     trun.add_argument("--source-ckpts", help="source run folder (or its checkpoints folder)")
     _run_argument(trun)
