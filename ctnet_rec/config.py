@@ -349,6 +349,30 @@ class TrainConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """`ctnet experiment`: the paper's comparison on one dataset. The source domain's tower
+    trains continually on every period; each target domain's tower warms up on the periods
+    before `deploy_period` (t0, standing for production models trained for years); then every
+    compared model trains on periods t0 .. t0 + periods - 1, each evaluated on the next."""
+
+    source_domain: str = "A"
+    target_domains: list[str] = field(default_factory=lambda: ["B", "C"])
+    deploy_period: int = 6
+    periods: int = 4
+
+    def validate(self, key: str) -> None:
+        _check(self.deploy_period >= 1, f"{key}.deploy_period",
+               "must be >= 1 (the warm-up needs a period)")
+        _check(self.periods >= 1, f"{key}.periods", "must be >= 1")
+        _check(len(self.target_domains) > 0 and self.source_domain not in self.target_domains,
+               f"{key}.target_domains", "needs at least one domain, not the source domain")
+
+    def last_period(self) -> int:
+        """The last period trained; it is evaluated on the period after it."""
+        return self.deploy_period + self.periods - 1
+
+
+@dataclass
 class Config:
     """A whole configuration file."""
 
@@ -358,6 +382,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):

@@ -4,7 +4,6 @@ checkpoint, train one pass on that period, save, evaluate on the next period."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import time
@@ -222,9 +221,9 @@ def _write_metrics(run: Path) -> None:
 
 
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
-                    init: Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+                    init: Path | None = None, resume: bool = False,
+                    evaluate: bool = True) -> list[dict[str, Any]]:
     """The `ctnet train` job. Returns the metrics of the periods trained by this call."""
-    gc.freeze()  # torch's many objects need no rescans by the collector
     env = init_distributed(cfg.train.device)
     periods = list(periods)
     validate_periods(data, domain, periods, cfg.features)  # refuse bad data before training
@@ -240,20 +239,21 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     lineage = {"init": str(init) if init else None, "resumed_after": start}
-    return run_periods(trainer, data, domain, periods, run, lambda t: lineage)
+    return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
 
 
 def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int], run: Path,
-                before_period: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+                before_period: Callable[[int], dict[str, Any]],
+                evaluate: bool = True) -> list[dict[str, Any]]:
     """The continual loop: for each period, `before_period(t)` (which returns the lineage to
-    record), train one pass, evaluate on t + 1 when it exists, checkpoint, rewrite
-    metrics.jsonl. Returns the periods' metrics."""
+    record), train one pass, evaluate on t + 1 when it exists (and `evaluate`), checkpoint,
+    rewrite metrics.jsonl. Returns the periods' metrics."""
     available = list_periods(data, domain)
     results = []
     for t in periods:
         lineage = before_period(t)
         metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
-        if t + 1 in available:
+        if evaluate and t + 1 in available:
             validate_periods(data, domain, [t + 1], trainer.cfg.features)
             metrics["eval_period"] = t + 1
             metrics["eval"] = trainer.evaluate(data, domain, t + 1)

@@ -5,7 +5,6 @@ and train the target tower and adapters on that period's target data only."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -171,7 +170,6 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     first), so a re-run after a crash resumes; periods already trained are skipped."""
     from ctnet_rec.data.contract import validate_periods
 
-    gc.freeze()
     start = latest_checkpoint(run) or run / INIT
     if not (start / MANIFEST).exists():
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")

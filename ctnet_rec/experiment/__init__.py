@@ -1,0 +1,1 @@
+"""The paper's experiments: run every compared model, then report."""

@@ -1,0 +1,178 @@
+"""`ctnet experiment`: the paper's comparison, run end to end on one dataset.
+
+Every model is trained with the library's own jobs (`train_continual`, `transfer_init`,
+`transfer_run`, `evaluate_checkpoint`) into its own run folder under OUT, so an interrupted
+experiment resumes where it stopped and each model's checkpoints stay inspectable.
+
+    OUT/<source>/                  source tower, continual on periods 0 .. last
+    OUT/<target>/base/             target tower: warm-up 0 .. t0-1, then Base t0 .. last
+    OUT/<target>/<ctnet variant>/  deployed from both towers' period t0-1 checkpoints
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ctnet_rec.config import Config
+from ctnet_rec.data.contract import DataError, list_periods
+from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
+from ctnet_rec.training.inference import evaluate_checkpoint
+from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
+
+log = logging.getLogger(__name__)
+
+BASE, SOURCE, ORACLE = "Base", "Source domain model", "Oracle (true p)"
+CTNET_VARIANTS: dict[str, dict[str, Any]] = {
+    "CTNet transfer-once": {"source_refresh": "once"},
+    "CTNet w/o GLU": {"adapter": "linear"},
+    "CTNet": {},
+}
+
+
+@dataclass
+class Results:
+    """Per model, per target domain, per trained period t: the metrics on period t + 1."""
+
+    settings: dict[str, Any]
+    models: dict[str, dict[str, dict[int, dict[str, Any]]]]
+    seconds: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "seconds": self.seconds,
+                "models": {m: {d: {str(t): v for t, v in per.items()}
+                               for d, per in doms.items()}
+                           for m, doms in self.models.items()}}
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> Results:
+        return Results(raw["settings"], {m: {d: {int(t): v for t, v in per.items()}
+                                             for d, per in doms.items()}
+                                         for m, doms in raw["models"].items()},
+                       raw["seconds"])
+
+
+QUICK_ROWS = {"A": 8000, "B": 1000, "C": 600}  # impressions per period in --quick
+
+
+def quick(cfg: Config) -> Config:
+    """The same experiment on a small world (600 users, 5 periods) with 2 periods after
+    deployment: a first look in minutes, and what the test suite runs. Only sizes change;
+    the world's dynamics (drift, shares, rates) stay those of `cfg`."""
+    q = copy.deepcopy(cfg)
+    q.synth = dataclasses.replace(
+        q.synth, periods=5, num_users=600, num_items_initial=800, new_items_per_period=100,
+        num_categories=20, num_sellers=100, burn_in_periods=2, short_history_max=20,
+        long_history_max=40,
+        domains={name: dataclasses.replace(d, impressions_per_period=QUICK_ROWS.get(
+            name, d.impressions_per_period)) for name, d in q.synth.domains.items()})
+    q.experiment = dataclasses.replace(q.experiment, deploy_period=2, periods=2)
+    q.data = dataclasses.replace(q.data, batch_size=256)
+    return q
+
+
+def _metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {m["period"]: m["eval"] for m in map(json.loads, lines) if "eval" in m}
+
+
+def check_periods(cfg: Config, data: Path) -> None:
+    """Refuse an experiment whose periods the dataset does not have, before any training."""
+    e = cfg.experiment
+    need = list(range(e.last_period() + 2))
+    for domain in [e.source_domain, *e.target_domains]:
+        have = set(list_periods(data, domain))
+        missing = [t for t in need if t not in have]
+        if missing:
+            raise DataError(
+                f"{data / domain}: the experiment (deploy_period {e.deploy_period}, periods "
+                f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
+
+
+def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
+    """Train and evaluate every compared model; returns their metrics (also written to
+    OUT/metrics.json)."""
+    e = cfg.experiment
+    check_periods(cfg, data)
+    t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
+    source_run = out / e.source_domain
+    steps: list[tuple[str, str, Callable[[], None]]] = [
+        ("source tower", e.source_domain,
+         lambda: train_continual(cfg, data, e.source_domain, range(e.last_period() + 1),
+                                 source_run, resume=True, evaluate=False)),
+    ]
+    for d in e.target_domains:
+        base = out / d / "base"
+        steps.append((BASE, d, lambda d=d, base=base: train_continual(
+            cfg, data, d, range(e.last_period() + 1), base, resume=True)))
+        steps.append((SOURCE, d, lambda d=d: _source_direct(cfg, data, d, source_run, out)))
+        for name, overrides in CTNET_VARIANTS.items():
+            steps.append((name, d, lambda d=d, name=name, overrides=overrides: _ctnet(
+                cfg, overrides, data, d, source_run, out / d / "base", out / d / _slug(name))))
+    # wall time per job, summed over the runs of an interrupted and resumed experiment
+    timing = out / "seconds.json"
+    seconds: dict[str, dict[str, float]] = \
+        json.loads(timing.read_text()) if timing.exists() else {}
+    bar = tqdm(steps, desc="experiment", unit="model")
+    for name, domain, job in bar:
+        bar.set_postfix_str(f"{name} on {domain}")
+        start = time.perf_counter()
+        job()
+        took = seconds.setdefault(name, {}).get(domain, 0.0) + time.perf_counter() - start
+        seconds[name][domain] = round(took, 1)
+        timing.write_text(json.dumps(seconds, indent=1) + "\n")
+    models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
+        name: {} for name in (SOURCE, BASE, *CTNET_VARIANTS, ORACLE)}  # the report's order
+    for d in e.target_domains:
+        base = _metrics_by_period(out / d / "base")
+        models[BASE][d] = {t: base[t] for t in trained}
+        models[SOURCE][d] = {
+            int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
+        for name in CTNET_VARIANTS:
+            models[name][d] = _metrics_by_period(out / d / _slug(name))
+        if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
+            models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
+    if not models[ORACLE]:
+        del models[ORACLE]
+    results = Results({"deploy_period": t0, "trained_periods": trained,
+                       "config": dataclasses.asdict(cfg), "data": str(data)}, models, seconds)
+    (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
+    return results
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "-").replace("/", "")
+
+
+def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: Path) -> None:
+    """The source domain's model of each period scoring the target's next period."""
+    path = out / domain / "source-direct.json"
+    if path.exists():
+        return
+    source = complete_checkpoints(source_run)
+    results = {t: evaluate_checkpoint(source[t], data, domain, t + 1)
+               for t in range(cfg.experiment.deploy_period, cfg.experiment.last_period() + 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
+
+
+def _ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str, source_run: Path,
+           base_run: Path, run: Path) -> None:
+    """Deploy CTNet from the warm-up checkpoints of period t0 - 1 and run it to the end."""
+    e = cfg.experiment
+    variant = copy.deepcopy(cfg)
+    variant.ctnet = dataclasses.replace(variant.ctnet, **overrides)
+    if not (run / INIT).exists():
+        transfer_init(variant, period_dir(source_run, e.deploy_period - 1),
+                      period_dir(base_run, e.deploy_period - 1), run)
+    transfer_run(run, data, domain, range(e.deploy_period, e.last_period() + 1), source_run)

@@ -1,0 +1,106 @@
+"""`ctnet experiment --quick` end to end: every table written, the report's numbers are the
+metrics file's, each compared model is built as it claims, and a re-run resumes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ctnet_rec.cli import main
+from ctnet_rec.config import load_config
+from ctnet_rec.data.contract import DataError
+from ctnet_rec.experiment.runner import (
+    BASE,
+    CTNET_VARIANTS,
+    ORACLE,
+    SOURCE,
+    quick,
+    run_experiment,
+)
+from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints
+from ctnet_rec.training.inference import evaluate_checkpoint
+
+from .conftest import DEMO_CONFIG
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment") / "quick"
+    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def _rows(report: str, header: str) -> dict[str, list[str]]:
+    """The rows of the markdown table that follows `header`, by first cell."""
+    block = report.split(header, 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
+    report = (experiment / "report.md").read_text()
+    metrics = json.loads((experiment / "metrics.json").read_text())
+    last = str(metrics["settings"]["trained_periods"][-1])
+    models = metrics["models"]
+    assert list(models) == [SOURCE, BASE, *CTNET_VARIANTS, ORACLE]
+    table2 = _rows(report, "## Table 2")
+    assert list(table2) == list(models)
+    for name, cells in table2.items():
+        for i, d in enumerate(["B", "C"]):
+            m, b = models[name][d][last], models[BASE][d][last]
+            assert cells[3 * i: 3 * i + 3] == [f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
+                                              f"{m['auc'] - b['auc']:+.4f}"]
+    for d in ("B", "C"):
+        table3 = _rows(report, f"## Table 3: continual vs transfer-once, target {d}")
+        assert list(table3) == ["2", "3"]
+        for t, cells in table3.items():
+            assert cells[1] == f"{models[BASE][d][t]['auc']:.4f}"
+            assert cells[4] == f"{models['CTNet'][d][t]['auc']:.4f}"
+    table5 = _rows(report, "## Table 5")
+    gains = [models["CTNet"]["C"][t]["slices"]["new_items"]["auc"]
+             - models[BASE]["C"][t]["slices"]["new_items"]["auc"] for t in ("2", "3")]
+    assert table5["C"][2] == f"{sum(gains) / 2:+.4f}"
+    assert re.search(r"\| source tower \| [\d.]+ \|", report)
+    png = experiment / "gain_over_time.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert "](gain_over_time.png)" in report
+    assert all(0.5 < models[ORACLE][d][last]["auc"] < 1 for d in ("B", "C"))
+
+
+def test_each_model_is_built_as_it_claims(experiment):
+    def manifests(run):
+        return [Manifest.read(p) for p in complete_checkpoints(run).values()]
+
+    b = experiment / "B"
+    ctnet, once, linear = manifests(b / "ctnet"), manifests(b / "ctnet-transfer-once"), \
+        manifests(b / "ctnet-wo-glu")
+    assert [m.lineage["source_period"] for m in ctnet] == [2, 3]  # refreshed every period
+    assert [m.lineage["source_period"] for m in once] == [1, 1]  # deployed once, at t0 - 1
+    assert all(m.config["ctnet"]["adapter"] == "linear" for m in linear)
+    assert all(m.config["ctnet"]["adapter"] == "glu" for m in ctnet + once)
+    init = Manifest.read(b / "ctnet" / "init")
+    assert init.lineage["target_checkpoint"].endswith("B/base/checkpoints/period=1")
+    # the Source row is A's own tower of the same period scoring B's next period
+    metrics = json.loads((experiment / "metrics.json").read_text())
+    direct = evaluate_checkpoint(complete_checkpoints(experiment / "A")[3],
+                                 experiment / "data", "B", 4)
+    assert metrics["models"][SOURCE]["B"]["3"]["auc"] == pytest.approx(direct["auc"], abs=1e-9)
+
+
+def test_rerun_resumes_without_training_again(experiment):
+    ckpt = complete_checkpoints(experiment / "B" / "ctnet")[3] / "manifest.json"
+    stamp = ckpt.stat().st_mtime_ns
+    before = json.loads((experiment / "metrics.json").read_text())["models"]
+    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(experiment)]) == 0
+    assert ckpt.stat().st_mtime_ns == stamp
+    assert json.loads((experiment / "metrics.json").read_text())["models"] == before
+
+
+def test_missing_periods_are_refused_before_training(experiment, tmp_path):
+    cfg = quick(load_config(DEMO_CONFIG))
+    cfg.experiment.periods = 5
+    with pytest.raises(DataError, match=r"needs periods 0\.\.7, missing \[5, 6, 7\]"):
+        run_experiment(cfg, experiment / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
