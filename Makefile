@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ctnet demo --config examples/demo.toml
+	$(VENV)/bin/ctnet experiment examples/demo.toml
 
 # pytest exits 5 when it collected nothing: a failure of ours, never a pass
 test: setup

@@ -16,8 +16,6 @@ from ctnet_rec.training.checkpoint import CheckpointError
 
 log = logging.getLogger("ctnet")
 
-DEMO_DATA = Path("runs/demo/data")
-
 
 def _data_validate(args: argparse.Namespace) -> None:
     from ctnet_rec.data.summary import format_summary, summary_records, validate_dataset
@@ -100,30 +98,6 @@ def _experiment(args: argparse.Namespace) -> None:
     report = write_report(run_experiment(cfg, data, out), out)
     print(report.read_text())
     log.info("report: %s (numbers in %s)", report, out / "metrics.json")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from ctnet_rec.data.summary import format_summary, validate_dataset
-    from ctnet_rec.data.synth import synthesize
-    from ctnet_rec.training.evaluate import format_report
-    from ctnet_rec.training.trainer import train_continual
-
-    cfg = load_config(args.config)
-    data = Path(args.out)
-    if not (data / "world.json").exists():
-        log.info("generating the synthetic world in %s", data)
-        synthesize(cfg.synth, data, seed=args.seed)
-    else:
-        log.info("using the synthetic world already in %s", data)
-    print(format_summary(validate_dataset(data, cfg.features)))
-    run = data.parent / f"{args.domain}-base"
-    log.info("training the single-domain tower on %s, periods %s, in %s", args.domain,
-             args.periods, run)
-    train_continual(cfg, data, args.domain, parse_periods(args.periods), run, resume=True)
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"\n{args.domain}: tower trained through period {last['period']}, "
-          f"evaluated on period {last['eval_period']}")
-    print(format_report(last["eval"]))
 
 
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
@@ -269,19 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0, help="world and training seed")
     x.set_defaults(func=_experiment)
 
-    d = sub.add_parser(
-        "demo",
-        help="run the main job on the embedded synthetic default",
-        description="Generate the synthetic world (once), validate and summarise it, then "
-        "train the single-domain tower on a target domain period by period and report its "
-        "metrics beside the oracle's. A second run reuses the world and the checkpoints.",
-    )
-    d.add_argument("--config", default="examples/demo.toml")
-    d.add_argument("--out", default=str(DEMO_DATA), help="where the world is kept")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--domain", default="B", help="target domain to train on")
-    d.add_argument("--periods", default="0:4", help="periods to train (then evaluate on next)")
-    d.set_defaults(func=_demo)
     return p
 
 

@@ -16,10 +16,10 @@ CTNET = str(Path(sys.executable).parent / "ctnet")
 
 def test_help_lists_subcommands():
     out = subprocess.run([CTNET, "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("data", "demo"):
+    for cmd in ("data", "train", "eval", "predict", "transfer", "experiment"):
         assert cmd in out
     for args in (["data", "--help"], ["data", "validate", "--help"], ["data", "synth", "--help"],
-                 ["demo", "--help"]):
+                 ["experiment", "--help"], ["transfer", "run", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 0
