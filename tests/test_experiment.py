@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from ctnet_rec.cli import main
 from ctnet_rec.config import load_config
@@ -15,6 +16,7 @@ from ctnet_rec.experiment.runner import (
     BASE,
     CTNET_VARIANTS,
     ORACLE,
+    PRETRAIN_FINETUNE,
     SOURCE,
     quick,
     run_experiment,
@@ -44,7 +46,7 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     metrics = json.loads((experiment / "metrics.json").read_text())
     last = str(metrics["settings"]["trained_periods"][-1])
     models = metrics["models"]
-    assert list(models) == [SOURCE, BASE, *CTNET_VARIANTS, ORACLE]
+    assert list(models) == [SOURCE, BASE, *PRETRAIN_FINETUNE, *CTNET_VARIANTS, ORACLE]
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
     for name, cells in table2.items():
@@ -75,7 +77,7 @@ def test_each_model_is_built_as_it_claims(experiment):
 
     b = experiment / "B"
     ctnet, once, linear = manifests(b / "ctnet"), manifests(b / "ctnet-transfer-once"), \
-        manifests(b / "ctnet-wo-glu")
+        manifests(b / "ctnet-w-o-glu")
     assert [m.lineage["source_period"] for m in ctnet] == [2, 3]  # refreshed every period
     assert [m.lineage["source_period"] for m in once] == [1, 1]  # deployed once, at t0 - 1
     assert all(m.config["ctnet"]["adapter"] == "linear" for m in linear)
@@ -87,6 +89,35 @@ def test_each_model_is_built_as_it_claims(experiment):
     direct = evaluate_checkpoint(complete_checkpoints(experiment / "A")[3],
                                  experiment / "data", "B", 4)
     assert metrics["models"][SOURCE]["B"]["3"]["auc"] == pytest.approx(direct["auc"], abs=1e-9)
+
+
+def _weights(ckpt):
+    from ctnet_rec.training.inference import open_checkpoint
+
+    trainer, _ = open_checkpoint(ckpt)
+    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).clone()
+            for k, v in trainer.dmp.state_dict().items()}
+
+
+@pytest.mark.parametrize(("slug", "from_source"), [
+    ("pre-train-fine-tune-id-embeddings", {"user", "item"}),
+    ("pre-train-fine-tune-all-embeddings", "every table"),
+    ("pre-train-fine-tune-all-parameters", "everything"),
+])
+def test_pretrain_finetune_starts_from_the_source_parameters(experiment, slug, from_source):
+    init = _weights(experiment / "B" / slug / "init")
+    source = _weights(complete_checkpoints(experiment / "A")[1])
+    target = _weights(complete_checkpoints(experiment / "B" / "base")[1])
+    tables = {k: k.split(".")[-2] for k in init if k.startswith("embeddings.")}
+    for key, value in init.items():
+        replaced = (from_source == "everything" or key in tables and (
+            from_source == "every table" or tables[key] in from_source))
+        want = source[key] if replaced else target[key]
+        assert torch.equal(value, want), key
+        if key.endswith("item.weight") or key == "mlp.linears.0.weight":
+            assert not torch.equal(source[key], target[key])  # the check can tell them apart
+    manifests = [Manifest.read(p) for p in complete_checkpoints(experiment / "B" / slug).values()]
+    assert [m.period for m in manifests] == [2, 3]
 
 
 def test_rerun_resumes_without_training_again(experiment):

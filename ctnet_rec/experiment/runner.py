@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
+from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.trainer import train_continual
@@ -33,6 +34,11 @@ from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 log = logging.getLogger(__name__)
 
 BASE, SOURCE, ORACLE = "Base", "Source domain model", "Oracle (true p)"
+PRETRAIN_FINETUNE: dict[str, Depth] = {
+    "Pre-train & Fine-tune (ID embeddings)": "id",
+    "Pre-train & Fine-tune (all embeddings)": "embeddings",
+    "Pre-train & Fine-tune (all parameters)": "all",
+}
 CTNET_VARIANTS: dict[str, dict[str, Any]] = {
     "CTNet transfer-once": {"source_refresh": "once"},
     "CTNet w/o GLU": {"adapter": "linear"},
@@ -116,6 +122,9 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         steps.append((BASE, d, lambda d=d, base=base: train_continual(
             cfg, data, d, range(e.last_period() + 1), base, resume=True)))
         steps.append((SOURCE, d, lambda d=d: _source_direct(cfg, data, d, source_run, out)))
+        for name, depth in PRETRAIN_FINETUNE.items():
+            steps.append((name, d, lambda d=d, name=name, depth=depth: _finetune(
+                cfg, depth, data, d, source_run, out / d / "base", out / d / _slug(name))))
         for name, overrides in CTNET_VARIANTS.items():
             steps.append((name, d, lambda d=d, name=name, overrides=overrides: _ctnet(
                 cfg, overrides, data, d, source_run, out / d / "base", out / d / _slug(name))))
@@ -132,13 +141,14 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         seconds[name][domain] = round(took, 1)
         timing.write_text(json.dumps(seconds, indent=1) + "\n")
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
-        name: {} for name in (SOURCE, BASE, *CTNET_VARIANTS, ORACLE)}  # the report's order
+        name: {} for name in (SOURCE, BASE, *PRETRAIN_FINETUNE, *CTNET_VARIANTS, ORACLE)
+    }  # the report's order
     for d in e.target_domains:
         base = _metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         models[SOURCE][d] = {
             int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
-        for name in CTNET_VARIANTS:
+        for name in (*PRETRAIN_FINETUNE, *CTNET_VARIANTS):
             models[name][d] = _metrics_by_period(out / d / _slug(name))
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
@@ -151,7 +161,20 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
 
 
 def _slug(name: str) -> str:
-    return name.lower().replace(" ", "-").replace("/", "")
+    """A folder name: "Pre-train & Fine-tune (ID embeddings)" -> pre-train-fine-tune-id-..."""
+    words = "".join(c if c.isalnum() or c == "-" else " " for c in name.lower()).split()
+    return "-".join(words)
+
+
+def _finetune(cfg: Config, depth: Depth, data: Path, domain: str, source_run: Path,
+              base_run: Path, run: Path) -> None:
+    """Pre-train & Fine-tune from the period t0 - 1 checkpoints, then on to the end."""
+    e = cfg.experiment
+    if not (run / INIT).exists():
+        pretrain_finetune_init(cfg, depth, period_dir(source_run, e.deploy_period - 1),
+                               period_dir(base_run, e.deploy_period - 1), run)
+    train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
+                    init=run / INIT, resume=True)
 
 
 def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,14 +122,17 @@ def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def load_into_submodule(folder: Path, state: dict[str, Any], prefix: str) -> None:
+def load_into_submodule(folder: Path, state: dict[str, Any], prefix: str,
+                        only: Callable[[str], bool] | None = None) -> None:
     """Load a checkpoint into the `prefix` submodule of a bigger model (e.g. a tower checkpoint
     into CTNet's `target.`), in place and resharding as needed: one dcp.load whose request keys
-    are the bigger model's keys with the prefix stripped. `state` holds "model" and optionally
-    "optim" (a fused optimiser's state dict) and "dense_optim" (keyed by parameter name)."""
+    are the bigger model's keys with the prefix stripped (and, given `only`, those it accepts).
+    `state` holds "model" and optionally "optim" (a fused optimiser's state dict) and
+    "dense_optim" (keyed by parameter name)."""
 
     def strip(d: dict[str, Any]) -> dict[str, Any]:
-        return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in d.items()
+                if k.startswith(prefix) and (only is None or only(k[len(prefix):]))}
 
     request: dict[str, Any] = {"model": strip(state["model"])}
     if not request["model"]:
