@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from ctnet_rec.data.contract import DataError
 from ctnet_rec.experiment.runner import (
     BASE,
     CTNET_VARIANTS,
+    DUAL,
     ORACLE,
     PRETRAIN_FINETUNE,
     SOURCE,
@@ -46,7 +48,8 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     metrics = json.loads((experiment / "metrics.json").read_text())
     last = str(metrics["settings"]["trained_periods"][-1])
     models = metrics["models"]
-    assert list(models) == [SOURCE, BASE, *PRETRAIN_FINETUNE, *CTNET_VARIANTS, ORACLE]
+    assert list(models) == [SOURCE, BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS,
+                            ORACLE]
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
     for name, cells in table2.items():
@@ -118,6 +121,29 @@ def test_pretrain_finetune_starts_from_the_source_parameters(experiment, slug, f
             assert not torch.equal(source[key], target[key])  # the check can tell them apart
     manifests = [Manifest.read(p) for p in complete_checkpoints(experiment / "B" / slug).values()]
     assert [m.period for m in manifests] == [2, 3]
+
+
+def test_dual_embedding_has_two_user_and_item_tables(experiment):
+    from ctnet_rec.training.inference import open_checkpoint
+
+    init = _weights(experiment / "B" / "dual-embedding" / "init")
+    source = _weights(complete_checkpoints(experiment / "A")[1])
+    target_ckpt = complete_checkpoints(experiment / "B" / "base")[1]
+    target = _weights(target_ckpt)
+    for table, key in (("user", "embeddings.pooled.embedding_bags.user.weight"),
+                       ("item", "embeddings.sequence.embeddings.item.weight")):
+        assert torch.equal(init[f"dual.embedding_bags.dual_{table}.weight"], source[key])
+        assert torch.equal(init[key], target[key])  # the target's own table stays
+    first, old = init["mlp.linears.0.weight"], target["mlp.linears.0.weight"]
+    assert first.shape[1] == old.shape[1] + 2 * 16
+    assert torch.equal(first[:, : old.shape[1]], old) and not first[:, old.shape[1]:].any()
+    dual, _ = open_checkpoint(experiment / "B" / "dual-embedding" / "init")
+    base, _ = open_checkpoint(target_ckpt)
+    data = experiment / "data"
+    np.testing.assert_allclose(dual.predict(data, "B", 2)["p"], base.predict(data, "B", 2)["p"],
+                               atol=1e-6)  # zero new columns: it starts as the target model
+    last = Manifest.read(complete_checkpoints(experiment / "B" / "dual-embedding")[3])
+    assert last.kind == "dual_embedding"
 
 
 def test_rerun_resumes_without_training_again(experiment):

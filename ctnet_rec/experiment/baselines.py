@@ -1,5 +1,10 @@
 """Transfer baselines the paper compares CTNet with, built from the same checkpoints.
 
+Dual Embedding: the target model plus the source model's user and item ID embeddings as
+extra, trainable features (`DualEmbeddingTower`); the new input columns of the first MLP
+layer start at zero, so the model first predicts as the target model does. The dual tables'
+row-wise AdaGrad sums start fresh (they are new parameters of this model).
+
 Pre-train & Fine-tune: the source model's parameters replace the target model's, then the
 target tower trains on target data. Three depths, as in the paper's Table 2:
 - "id": the user and item ID embedding tables (the item table is shared with the behaviour
@@ -16,10 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+
 from ctnet_rec.config import Config, ConfigError
-from ctnet_rec.training.checkpoint import load_into_submodule
+from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
+from ctnet_rec.training.checkpoint import Manifest, load_into_submodule, read_seen_ids
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import PeriodTrainer
+from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
 from ctnet_rec.training.transfer import INIT, check_tower_checkpoint
 
 Depth = Literal["id", "embeddings", "all"]
@@ -64,4 +74,48 @@ def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_
     trainer.save(folder, target.period, {}, {
         "target_checkpoint": str(target_ckpt.resolve()),
         "source_checkpoint": str(source_ckpt.resolve()), "replaced": depth})
+    return folder
+
+
+FIRST_LAYER = "mlp.linears.0.weight"
+
+
+def _table_key(cfg: Config, table: str) -> str:
+    """A tower checkpoint's key of a table's weights."""
+    if table in cfg.features.sequence_tables():
+        return f"embeddings.sequence.embeddings.{table}.weight"
+    return f"embeddings.pooled.embedding_bags.{table}.weight"
+
+
+def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path) -> Path:
+    """RUN/init of the Dual Embedding baseline: every target parameter (and optimiser state)
+    from the target checkpoint, the `dual_` tables from the source's user and item tables,
+    zeros in the first MLP layer's new columns."""
+    check_tower_checkpoint(target_ckpt, cfg, "target")
+    check_tower_checkpoint(source_ckpt, cfg, "source")
+    trainer = DualEmbeddingTrainer(cfg, init_distributed(cfg.train.device))
+    state = trainer.state()
+    load_into_submodule(target_ckpt, state, "",
+                        lambda k: not k.startswith("dual.") and k != FIRST_LAYER)
+    model = state["model"]
+    first, first_sum = model[FIRST_LAYER], state["dense_optim"][FIRST_LAYER]["sum"]
+    old_shape = (first.shape[0], trainer.dmp.module.base_in_dim)
+    old = {"model": {FIRST_LAYER: torch.empty(old_shape)},
+           "dense_optim": {FIRST_LAYER: {"sum": torch.empty(old_shape)}}}
+    dcp.load(old, checkpoint_id=str(target_ckpt))
+    with torch.no_grad():  # the target's weights and AdaGrad sums, zeros in the new columns
+        for new, loaded in ((first, old["model"][FIRST_LAYER]),
+                            (first_sum, old["dense_optim"][FIRST_LAYER]["sum"])):
+            new.zero_()
+            new[:, : old_shape[1]] = loaded
+    request = {_table_key(cfg, table): model[f"dual.embedding_bags.{DUAL_PREFIX}{table}.weight"]
+               for _, table in dual_features(cfg.features)}
+    dcp.load({"model": request}, checkpoint_id=str(source_ckpt),
+             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    trainer.load_state(state)
+    trainer.seen = read_seen_ids(target_ckpt)
+    folder = run / INIT
+    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
+        "target_checkpoint": str(target_ckpt.resolve()),
+        "source_checkpoint": str(source_ckpt.resolve())})
     return folder

@@ -25,15 +25,16 @@ from tqdm import tqdm
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
-from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
+from ctnet_rec.experiment.baselines import Depth, dual_embedding_init, pretrain_finetune_init
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.trainer import DualEmbeddingTrainer, train_continual
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
 log = logging.getLogger(__name__)
 
 BASE, SOURCE, ORACLE = "Base", "Source domain model", "Oracle (true p)"
+DUAL = "Dual Embedding"
 PRETRAIN_FINETUNE: dict[str, Depth] = {
     "Pre-train & Fine-tune (ID embeddings)": "id",
     "Pre-train & Fine-tune (all embeddings)": "embeddings",
@@ -122,6 +123,8 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         steps.append((BASE, d, lambda d=d, base=base: train_continual(
             cfg, data, d, range(e.last_period() + 1), base, resume=True)))
         steps.append((SOURCE, d, lambda d=d: _source_direct(cfg, data, d, source_run, out)))
+        steps.append((DUAL, d, lambda d=d: _dual_embedding(
+            cfg, data, d, source_run, out / d / "base", out / d / _slug(DUAL))))
         for name, depth in PRETRAIN_FINETUNE.items():
             steps.append((name, d, lambda d=d, name=name, depth=depth: _finetune(
                 cfg, depth, data, d, source_run, out / d / "base", out / d / _slug(name))))
@@ -141,14 +144,14 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         seconds[name][domain] = round(took, 1)
         timing.write_text(json.dumps(seconds, indent=1) + "\n")
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
-        name: {} for name in (SOURCE, BASE, *PRETRAIN_FINETUNE, *CTNET_VARIANTS, ORACLE)
+        name: {} for name in (SOURCE, BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS, ORACLE)
     }  # the report's order
     for d in e.target_domains:
         base = _metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         models[SOURCE][d] = {
             int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
-        for name in (*PRETRAIN_FINETUNE, *CTNET_VARIANTS):
+        for name in (*PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
             models[name][d] = _metrics_by_period(out / d / _slug(name))
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
@@ -187,6 +190,16 @@ def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: 
                for t in range(cfg.experiment.deploy_period, cfg.experiment.last_period() + 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
+
+
+def _dual_embedding(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
+                    run: Path) -> None:
+    e = cfg.experiment
+    if not (run / INIT).exists():
+        dual_embedding_init(cfg, period_dir(source_run, e.deploy_period - 1),
+                            period_dir(base_run, e.deploy_period - 1), run)
+    train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
+                    init=run / INIT, resume=True, trainer_cls=DualEmbeddingTrainer)
 
 
 def _ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str, source_run: Path,

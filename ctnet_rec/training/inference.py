@@ -14,7 +14,7 @@ from ctnet_rec.config import Config
 from ctnet_rec.data.contract import validate_periods, write_parquet
 from ctnet_rec.training.checkpoint import Manifest
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import PeriodTrainer
+from ctnet_rec.training.trainer import DUAL_EMBEDDING, DualEmbeddingTrainer, PeriodTrainer
 from ctnet_rec.training.transfer import CTNET, CTNetTrainer, config_of
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ def open_checkpoint(folder: Path, cfg: Config | None = None) -> tuple[PeriodTrai
     env = init_distributed(cfg.train.device)
     if manifest.kind == CTNET:
         trainer: PeriodTrainer = CTNetTrainer(cfg, config_of(manifest, folder, source=True), env)
+    elif manifest.kind == DUAL_EMBEDDING:
+        trainer = DualEmbeddingTrainer(cfg, env)
     else:
         trainer = PeriodTrainer(cfg, env)
     trainer.restore(folder)

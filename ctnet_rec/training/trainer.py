@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
     Manifest,
@@ -37,6 +38,7 @@ from sharding.tower import average_dense_gradients, dense_parameters, shard_mode
 log = logging.getLogger(__name__)
 
 TOWER = "tower"
+DUAL_EMBEDDING = "dual_embedding"
 
 
 def feature_schema(cfg: Config) -> dict[str, Any]:
@@ -208,6 +210,16 @@ class PeriodTrainer:
                                     self.seen, oracle)
 
 
+class DualEmbeddingTrainer(PeriodTrainer):
+    """PeriodTrainer for the Dual Embedding baseline (`DualEmbeddingTower`)."""
+
+    kind = DUAL_EMBEDDING
+
+    def build_model(self) -> DistributedModelParallel:
+        model = DualEmbeddingTower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
+        return shard_model(model, self.env, self.cfg.train.sparse_lr)
+
+
 def _write_metrics(run: Path) -> None:
     """metrics.jsonl, rebuilt from the checkpoints' manifests (crash-safe: a line exists
     exactly when its checkpoint is complete)."""
@@ -221,13 +233,14 @@ def _write_metrics(run: Path) -> None:
 
 
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
-                    init: Path | None = None, resume: bool = False,
-                    evaluate: bool = True) -> list[dict[str, Any]]:
-    """The `ctnet train` job. Returns the metrics of the periods trained by this call."""
+                    init: Path | None = None, resume: bool = False, evaluate: bool = True,
+                    trainer_cls: type[PeriodTrainer] = PeriodTrainer) -> list[dict[str, Any]]:
+    """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
+    metrics of the periods trained by this call."""
     env = init_distributed(cfg.train.device)
     periods = list(periods)
     validate_periods(data, domain, periods, cfg.features)  # refuse bad data before training
-    trainer = PeriodTrainer(cfg, env)
+    trainer = trainer_cls(cfg, env)
     start = None
     if resume and (latest := latest_checkpoint(run)) is not None:
         start = trainer.restore(latest).period
