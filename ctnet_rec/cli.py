@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # the planner's per-plan statistics tables, at every sharding
-        logging.getLogger("torchrec.distributed.planner.stats").setLevel(logging.WARNING)
+    if not args.verbose:  # TorchRec logs its plans and kernel choices at every sharding
+        logging.getLogger("torchrec").setLevel(logging.WARNING)
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 

@@ -61,13 +61,6 @@ class Results:
                                for d, per in doms.items()}
                            for m, doms in self.models.items()}}
 
-    @staticmethod
-    def from_json(raw: dict[str, Any]) -> Results:
-        return Results(raw["settings"], {m: {d: {int(t): v for t, v in per.items()}
-                                             for d, per in doms.items()}
-                                         for m, doms in raw["models"].items()},
-                       raw["seconds"])
-
 
 QUICK_ROWS = {"A": 8000, "B": 1000, "C": 600}  # impressions per period in --quick
 
@@ -111,6 +104,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     OUT/metrics.json)."""
     e = cfg.experiment
     check_periods(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
     source_run = out / e.source_domain
     steps: list[tuple[str, str, Callable[[], None]]] = [
