@@ -38,7 +38,7 @@ def experiment(tmp_path_factory):
 
 def _rows(report: str, header: str) -> dict[str, list[str]]:
     """The rows of the markdown table that follows `header`, by first cell."""
-    block = report.split(header, 1)[1].split("\n\n")[1]
+    block = next(b for b in report.split(header, 1)[1].split("\n\n") if b.startswith("|"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
     return {r[0]: r[1:] for r in rows}
 
@@ -121,6 +121,25 @@ def test_pretrain_finetune_starts_from_the_source_parameters(experiment, slug, f
             assert not torch.equal(source[key], target[key])  # the check can tell them apart
     manifests = [Manifest.read(p) for p in complete_checkpoints(experiment / "B" / slug).values()]
     assert [m.period for m in manifests] == [2, 3]
+
+
+def test_finetune_sweep_table(experiment):
+    report = (experiment / "report.md").read_text()
+    metrics = json.loads((experiment / "metrics.json").read_text())
+    sweep = metrics["finetune_sweep"]
+    assert {d: list(per) for d, per in sweep.items()} == {"B": ["1", "2", "4"],
+                                                         "C": ["1", "2", "4"]}
+    table4 = _rows(report, "## Table 4")
+    ctnet_b = metrics["models"]["CTNet"]["B"]["3"]["auc"]
+    row = table4["Pre-train & Fine-tune, last 2 periods"]
+    assert row[0] == f"{sweep['B']['2']['auc']:.4f}"
+    assert row[2] == f"{sweep['B']['2']['auc'] - ctnet_b:+.4f}"
+    assert table4["CTNet"][0] == f"{ctnet_b:.4f}"
+    for k, periods in (("1", [3]), ("2", [2, 3]), ("4", [0, 1, 2, 3])):
+        run = experiment / "B" / "finetune-sweep" / f"last-{k}"
+        assert sorted(complete_checkpoints(run)) == periods  # only the last k periods
+        first = Manifest.read(complete_checkpoints(run)[periods[0]])
+        assert first.lineage["init"].endswith("A/checkpoints/period=3")  # newest source
 
 
 def test_dual_embedding_has_two_user_and_item_tables(experiment):

@@ -51,6 +51,22 @@ def table3(res: Results, domain: str) -> str:
     return _table(head, rows)
 
 
+def table4(res: Results) -> str:
+    """Pre-train & Fine-tune (all parameters) with more and more fine-tuning data vs CTNet, on
+    the last test period."""
+    last = res.settings["trained_periods"][-1]
+    domains = list(res.finetune_sweep)
+    head = ["model", *(f"{d} AUC" for d in domains), *(f"{d} gain vs CTNet" for d in domains)]
+    ctnet = {d: res.models["CTNet"][d][last]["auc"] for d in domains}
+    sizes = sorted({k for per in res.finetune_sweep.values() for k in per})
+    rows = [[f"Pre-train & Fine-tune, last {k} period{'s' if k > 1 else ''}",
+             *(f"{res.finetune_sweep[d][k]['auc']:.4f}" for d in domains),
+             *(_gain(res.finetune_sweep[d][k]["auc"], ctnet[d]) for d in domains)]
+            for k in sizes]
+    rows.append(["CTNet", *(f"{ctnet[d]:.4f}" for d in domains), *("" for _ in domains)])
+    return _table(head, rows)
+
+
 def table5(res: Results) -> str:
     """CTNet's AUC gain over Base on new/old users and items, mean over the test periods."""
     head = ["domain", *SLICES]
@@ -105,6 +121,9 @@ def write_report(res: Results, out: Path) -> Path:
         *(f"## Table 3: continual vs transfer-once, target {d}\n\n{table3(res, d)}"
           for d in res.models[BASE]),
         f"![AUC gain over time]({plot.name})",
+        "## Table 4: Pre-train & Fine-tune (all parameters) by amount of fine-tuning data\n\n"
+        f"The newest source model fine-tuned on the target's last k periods, tested on period "
+        f"{s['trained_periods'][-1] + 1}.\n\n{table4(res)}",
         "## Table 5: cold start (CTNet AUC gain over Base, mean over test periods)",
         table5(res),
         "## Wall time (seconds; the source tower is trained once for all targets)",

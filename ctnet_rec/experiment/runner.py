@@ -34,12 +34,14 @@ from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 log = logging.getLogger(__name__)
 
 BASE, SOURCE, ORACLE = "Base", "Source domain model", "Oracle (true p)"
+FINETUNE_SWEEP = "Pre-train & Fine-tune sweep"
 DUAL = "Dual Embedding"
 PRETRAIN_FINETUNE: dict[str, Depth] = {
     "Pre-train & Fine-tune (ID embeddings)": "id",
     "Pre-train & Fine-tune (all embeddings)": "embeddings",
     "Pre-train & Fine-tune (all parameters)": "all",
 }
+FINETUNE_PERIODS = (1, 2, 4)  # Table 4: periods of fine-tuning data, plus "all of them"
 CTNET_VARIANTS: dict[str, dict[str, Any]] = {
     "CTNet transfer-once": {"source_refresh": "once"},
     "CTNet w/o GLU": {"adapter": "linear"},
@@ -54,12 +56,16 @@ class Results:
     settings: dict[str, Any]
     models: dict[str, dict[str, dict[int, dict[str, Any]]]]
     seconds: dict[str, dict[str, float]]
+    # Table 4: per target domain, per number of fine-tuning periods, the metrics on last + 1
+    finetune_sweep: dict[str, dict[int, dict[str, Any]]]
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "seconds": self.seconds,
                 "models": {m: {d: {str(t): v for t, v in per.items()}
                                for d, per in doms.items()}
-                           for m, doms in self.models.items()}}
+                           for m, doms in self.models.items()},
+                "finetune_sweep": {d: {str(k): v for k, v in per.items()}
+                                   for d, per in self.finetune_sweep.items()}}
 
 
 QUICK_ROWS = {"A": 8000, "B": 1000, "C": 600}  # impressions per period in --quick
@@ -125,6 +131,9 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         for name, overrides in CTNET_VARIANTS.items():
             steps.append((name, d, lambda d=d, name=name, overrides=overrides: _ctnet(
                 cfg, overrides, data, d, source_run, out / d / "base", out / d / _slug(name))))
+        for k in finetune_sizes(cfg):
+            steps.append((f"{FINETUNE_SWEEP} ({k} periods)", d, lambda d=d, k=k: _finetune_last(
+                cfg, k, data, d, source_run, out / d / "finetune-sweep" / f"last-{k}")))
     # wall time per job, summed over the runs of an interrupted and resumed experiment
     timing = out / "seconds.json"
     seconds: dict[str, dict[str, float]] = \
@@ -151,8 +160,11 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
     if not models[ORACLE]:
         del models[ORACLE]
+    sweep = {d: {k: _metrics_by_period(out / d / "finetune-sweep" / f"last-{k}")[
+        e.last_period()] for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
-                       "config": dataclasses.asdict(cfg), "data": str(data)}, models, seconds)
+                       "config": dataclasses.asdict(cfg), "data": str(data)}, models, seconds,
+                      sweep)
     (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
     return results
 
@@ -184,6 +196,22 @@ def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: 
                for t in range(cfg.experiment.deploy_period, cfg.experiment.last_period() + 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
+
+
+def finetune_sizes(cfg: Config) -> list[int]:
+    """Table 4's amounts of fine-tuning data, in periods: 1, 2, 4 and all there are."""
+    every = cfg.experiment.last_period() + 1
+    return sorted({k for k in FINETUNE_PERIODS if k < every} | {every})
+
+
+def _finetune_last(cfg: Config, periods: int, data: Path, domain: str, source_run: Path,
+                   run: Path) -> None:
+    """Table 4: the newest source model (all parameters, period `last`) fine-tuned on the
+    target's last `periods` periods, so every size ends at the same time and is tested on the
+    same period; only the amount of fine-tuning data differs."""
+    last = cfg.experiment.last_period()
+    train_continual(cfg, data, domain, range(last - periods + 1, last + 1), run,
+                    init=period_dir(source_run, last), resume=True)
 
 
 def _dual_embedding(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
