@@ -118,16 +118,6 @@ class CTNetTrainer(PeriodTrainer):
         return manifest
 
 
-def open_ctnet(folder: Path, env: DistEnv) -> tuple[CTNetTrainer, Manifest]:
-    """A CTNetTrainer restored from a CTNet checkpoint, with the configs it records."""
-    manifest = Manifest.read(folder)
-    if manifest.kind != CTNET:
-        raise CheckpointError(f"{folder}: holds a {manifest.kind!r} model, expected 'ctnet'")
-    trainer = CTNetTrainer(config_of(manifest, folder), config_of(manifest, folder, True), env)
-    trainer.restore(folder)
-    return trainer, manifest
-
-
 def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
                   source_cfg: Config | None = None) -> Path:
     """`ctnet transfer init`: CTNet at t0, saved as RUN/init. The source tower's config is
