@@ -85,19 +85,29 @@ def _experiment(args: argparse.Namespace) -> None:
     from ctnet_rec.experiment.report import write_report
     from ctnet_rec.experiment.runner import quick, run_experiment
 
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: repeat at least once")
     cfg = load_config(args.config)
-    cfg.train.seed = args.seed
     if args.quick:
         cfg = quick(cfg)
     name = Path(args.config).stem + ("-quick" if args.quick else "")
     out = Path(args.out or Path("runs") / name)
-    data = Path(args.data) if args.data else out / "data"
-    if args.data is None and not (data / "world.json").exists():
-        log.info("generating the synthetic world in %s (seed %d)", data, args.seed)
-        synthesize(cfg.synth, data, seed=args.seed)
-    report = write_report(run_experiment(cfg, data, out), out)
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        cfg.train.seed = seed
+        # one seed: OUT itself; several: OUT/seed=<s>/ each, and the pooled report in OUT
+        run_out = out if args.seeds == 1 else out / f"seed={seed}"
+        data = Path(args.data) if args.data else run_out / "data"
+        if args.data is None and not (data / "world.json").exists():
+            log.info("generating the synthetic world in %s (seed %d)", data, seed)
+            synthesize(cfg.synth, data, seed=seed)
+        runs.append(run_experiment(cfg, data, run_out))
+        if args.seeds > 1:
+            write_report(runs[-1:], run_out)
+    report = write_report(runs, out)
     print(report.read_text())
-    log.info("report: %s (numbers in %s)", report, out / "metrics.json")
+    log.info("report: %s (numbers in %s)", report,
+             out / "metrics.json" if args.seeds == 1 else out / "seed=*" / "metrics.json")
 
 
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
@@ -240,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output folder (default runs/<config name>[-quick])")
     x.add_argument("--quick", action="store_true",
                    help="a small world and 2 periods after deployment (minutes)")
-    x.add_argument("--seed", type=int, default=0, help="world and training seed")
+    x.add_argument("--seed", type=int, default=0, help="world and training seed (the first)")
+    x.add_argument("--seeds", type=int, default=1,
+                   help="repeat with seeds SEED, SEED+1, ...: mean and std of every number")
     x.set_defaults(func=_experiment)
 
     return p
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:  # TorchRec logs its plans and kernel choices at every sharding
         logging.getLogger("torchrec").setLevel(logging.WARNING)
+        # torch's advice to TorchRec's maintainers, printed once per process
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 

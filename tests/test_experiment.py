@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -30,10 +31,17 @@ from .conftest import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def seeds(tmp_path_factory):
+    """The quick experiment with two seeds: OUT/seed=0, OUT/seed=1 and the pooled report."""
     out = tmp_path_factory.mktemp("experiment") / "quick"
-    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(out)]) == 0
+    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(out),
+                 "--seeds", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def experiment(seeds):
+    return seeds / "seed=0"
 
 
 def _rows(report: str, header: str) -> dict[str, list[str]]:
@@ -67,7 +75,6 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     gains = [models["CTNet"]["C"][t]["slices"]["new_items"]["auc"]
              - models[BASE]["C"][t]["slices"]["new_items"]["auc"] for t in ("2", "3")]
     assert table5["C"][2] == f"{sum(gains) / 2:+.4f}"
-    assert re.search(r"\| source tower \| [\d.]+ \|", report)
     png = experiment / "gain_over_time.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert "](gain_over_time.png)" in report
@@ -169,6 +176,7 @@ def test_rerun_resumes_without_training_again(experiment):
     ckpt = complete_checkpoints(experiment / "B" / "ctnet")[3] / "manifest.json"
     stamp = ckpt.stat().st_mtime_ns
     before = json.loads((experiment / "metrics.json").read_text())["models"]
+    # seed 0 of the two-seed run again, now as a one-seed experiment in the same folder
     assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(experiment)]) == 0
     assert ckpt.stat().st_mtime_ns == stamp
     assert json.loads((experiment / "metrics.json").read_text())["models"] == before
@@ -180,3 +188,85 @@ def test_missing_periods_are_refused_before_training(experiment, tmp_path):
     with pytest.raises(DataError, match=r"needs periods 0\.\.7, missing \[5, 6, 7\]"):
         run_experiment(cfg, experiment / "data", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _parquet_rows(data, domain, periods):
+    return sum(pq.ParquetFile(f).metadata.num_rows
+               for t in periods for f in (data / domain / f"period={t}").glob("*.parquet"))
+
+
+def test_cost_table_counts_the_samples_each_model_read(experiment):
+    report = (experiment / "report.md").read_text()
+    costs = json.loads((experiment / "metrics.json").read_text())["costs"]
+    data = experiment / "data"
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in report.split("## Cost", 1)[1].splitlines() if line.startswith("| ")][1:]
+    # the source tower, then per target domain its warm-up and 12 compared jobs
+    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * 13
+    for name, domain, target, source, seconds, peak, above in rows:
+        c = costs[name][domain]
+        assert [int(target), int(source), int(peak)] == [
+            c["target_samples"], c["source_samples"], round(c["peak_rss_mb"])]
+        assert int(seconds) == round(c["seconds"]) and 0 <= int(above) < int(peak)
+    assert costs["source tower"]["A"]["source_samples"] == _parquet_rows(data, "A", range(4))
+    assert costs["source tower"]["A"]["target_samples"] == 0
+    for name, per in costs.items():  # every transfer model reads target data only
+        if name != "source tower":
+            assert all(c["source_samples"] == 0 for c in per.values()), name
+    for d in ("B", "C"):
+        window = _parquet_rows(data, d, [2, 3])
+        assert costs["warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
+        for name in (BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
+            assert costs[name][d]["target_samples"] == window, (name, d)
+        assert costs[SOURCE][d]["target_samples"] == 0  # it only scores
+        assert costs["Pre-train & Fine-tune sweep (4 periods)"][d]["target_samples"] == \
+            _parquet_rows(data, d, range(4))
+
+
+def test_seeds_report_mean_and_std_of_each_number(seeds):
+    runs = [json.loads((seeds / f"seed={s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert [r["settings"]["config"]["train"]["seed"] for r in runs] == [0, 1]
+    worlds = [(seeds / f"seed={s}" / "data" / "B" / "period=2").glob("*.parquet") for s in (0, 1)]
+    assert len({next(iter(w)).read_bytes() for w in worlds}) == 2  # a world per seed
+    table2 = _rows((seeds / "report.md").read_text(), "## Table 2")
+    for name in ("CTNet", DUAL):
+        gains = [r["models"][name]["C"]["3"]["auc"] - r["models"][BASE]["C"]["3"]["auc"]
+                 for r in runs]
+        assert table2[name][5] == f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f}"
+    assert "Seeds 0, 1" in (seeds / "report.md").read_text()
+    for s in (0, 1):  # and each seed's own report
+        assert "## Table 2" in (seeds / f"seed={s}" / "report.md").read_text()
+
+
+def test_jobs_refusals_come_back_from_their_process(tmp_path):
+    from functools import partial
+
+    from ctnet_rec.data.contract import list_periods
+    from ctnet_rec.experiment.jobs import IsolatedRunner
+
+    runner = IsolatedRunner(preload=["ctnet_rec.data.contract"])
+    try:
+        with pytest.raises(DataError, match="domain folder not found"):
+            runner(partial(list_periods, tmp_path, "X"))
+        assert runner(partial(list_periods, tmp_path.parent, tmp_path.name))["peak_rss_mb"] > 0
+    finally:
+        runner.close()
+
+
+def test_progress_names_the_job_and_estimates_the_rest(experiment, caplog):
+    from ctnet_rec.experiment.jobs import Progress
+    from ctnet_rec.experiment.runner import plan
+
+    cfg = quick(load_config(DEMO_CONFIG))
+    jobs = plan(cfg, experiment / "data", experiment)
+    progress = Progress(jobs, experiment / "data")
+    assert progress.sizes[0] == _parquet_rows(experiment / "data", "A", range(4))
+    with caplog.at_level("INFO", logger="ctnet_rec.experiment.jobs"):
+        progress.starting(0)
+        progress.finished(0)
+        progress.starting(len(jobs) - 1)
+    first, last = caplog.messages
+    assert first.startswith(f"[1/{len(jobs)}] source tower on A (periods 0-3)")
+    assert first.endswith("ETA unknown")
+    assert re.fullmatch(rf"\[{len(jobs)}/{len(jobs)}\] Pre-train & Fine-tune sweep \(4 periods\) "
+                        r"on C \(periods 0-3\) \| elapsed \d+:\d\d, ETA \d+:\d\d", last)

@@ -15,17 +15,15 @@ import copy
 import dataclasses
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, dual_embedding_init, pretrain_finetune_init
+from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, train_continual
@@ -49,18 +47,22 @@ CTNET_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+WARM_UP, SOURCE_TOWER = "warm-up", "source tower"
+
+
 @dataclass
 class Results:
     """Per model, per target domain, per trained period t: the metrics on period t + 1."""
 
     settings: dict[str, Any]
     models: dict[str, dict[str, dict[int, dict[str, Any]]]]
-    seconds: dict[str, dict[str, float]]
+    # per job (model, domain): seconds, peak_rss_mb, target_samples, source_samples
+    costs: dict[str, dict[str, dict[str, float]]]
     # Table 4: per target domain, per number of fine-tuning periods, the metrics on last + 1
     finetune_sweep: dict[str, dict[int, dict[str, Any]]]
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "seconds": self.seconds,
+        return {"settings": self.settings, "costs": self.costs,
                 "models": {m: {d: {str(t): v for t, v in per.items()}
                                for d, per in doms.items()}
                            for m, doms in self.models.items()},
@@ -105,6 +107,86 @@ def check_periods(cfg: Config, data: Path) -> None:
                 f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
 
 
+def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
+    """Every job of the experiment, in the order they run: the source tower, then per target
+    domain its warm-up and each compared model (a model's jobs need only earlier jobs)."""
+    e = cfg.experiment
+    t0, last = e.deploy_period, e.last_period()
+    window, everything = range(t0, last + 1), range(last + 1)
+    scored = [t + 1 for t in window]
+    source_run = out / e.source_domain
+    jobs = [Job(SOURCE_TOWER, e.source_domain, partial(
+        train_continual, cfg, data, e.source_domain, everything, source_run, resume=True,
+        evaluate=False), trains=everything, run=source_run)]
+    for d in e.target_domains:
+        base = out / d / "base"
+        jobs.append(Job(WARM_UP, d, partial(train_continual, cfg, data, d, range(t0), base,
+                                            resume=True),
+                        trains=range(t0), scores=range(1, t0 + 1), run=base))
+        jobs.append(Job(BASE, d, partial(train_continual, cfg, data, d, window, base,
+                                         resume=True),
+                        trains=window, scores=scored, run=base))
+        jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
+                        scores=scored))
+        run = out / d / _slug(DUAL)
+        jobs.append(Job(DUAL, d, partial(_dual_embedding, cfg, data, d, source_run, base, run),
+                        trains=window, scores=scored, run=run))
+        for name, depth in PRETRAIN_FINETUNE.items():
+            run = out / d / _slug(name)
+            jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
+                                             run),
+                            trains=window, scores=scored, run=run))
+        for name, overrides in CTNET_VARIANTS.items():
+            run = out / d / _slug(name)
+            jobs.append(Job(name, d, partial(_ctnet, cfg, overrides, data, d, source_run, base,
+                                             run),
+                            trains=window, scores=scored, run=run))
+        for k in finetune_sizes(cfg):
+            run = out / d / "finetune-sweep" / f"last-{k}"
+            jobs.append(Job(sweep_name(k), d, partial(_finetune_last, cfg, k, data, d,
+                                                      source_run, run),
+                            trains=range(last - k + 1, last + 1), scores=[last + 1], run=run))
+    return jobs
+
+
+def sweep_name(periods: int) -> str:
+    return f"{FINETUNE_SWEEP} ({periods} period{'s' if periods > 1 else ''})"
+
+
+def samples_read(job: Job) -> dict[str, int]:
+    """Training rows the job read, per domain, from its run's per-period records."""
+    counts: dict[str, int] = {}
+    if job.run is None:
+        return counts
+    for record in map(json.loads, (job.run / "metrics.jsonl").read_text().splitlines()):
+        if record["period"] in job.trains:
+            counts[record["domain"]] = counts.get(record["domain"], 0) + record["train_rows"]
+    return counts
+
+
+def _run_jobs(jobs: list[Job], data: Path, out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Run every job in its own process; returns each one's wall time (summed over the runs
+    of an interrupted and resumed experiment) and peak memory (the highest of them)."""
+    path = out / "usage.json"
+    usage: dict[str, dict[str, dict[str, float]]] = \
+        json.loads(path.read_text()) if path.exists() else {}
+    runner = IsolatedRunner(preload=[__name__])
+    progress = Progress(jobs, data)
+    try:
+        for i, job in enumerate(jobs):
+            progress.starting(i)
+            took = runner(job.fn)
+            before = usage.setdefault(job.name, {}).get(job.domain, {})
+            usage[job.name][job.domain] = {
+                k: round(before.get(k, 0.0) + v if k == "seconds" else max(before.get(k, 0.0), v),
+                         1) for k, v in took.items()}
+            path.write_text(json.dumps(usage, indent=1) + "\n")
+            progress.finished(i)
+    finally:
+        runner.close()
+    return usage
+
+
 def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     """Train and evaluate every compared model; returns their metrics (also written to
     OUT/metrics.json)."""
@@ -112,40 +194,14 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     check_periods(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
-    source_run = out / e.source_domain
-    steps: list[tuple[str, str, Callable[[], None]]] = [
-        ("source tower", e.source_domain,
-         lambda: train_continual(cfg, data, e.source_domain, range(e.last_period() + 1),
-                                 source_run, resume=True, evaluate=False)),
-    ]
-    for d in e.target_domains:
-        base = out / d / "base"
-        steps.append((BASE, d, lambda d=d, base=base: train_continual(
-            cfg, data, d, range(e.last_period() + 1), base, resume=True)))
-        steps.append((SOURCE, d, lambda d=d: _source_direct(cfg, data, d, source_run, out)))
-        steps.append((DUAL, d, lambda d=d: _dual_embedding(
-            cfg, data, d, source_run, out / d / "base", out / d / _slug(DUAL))))
-        for name, depth in PRETRAIN_FINETUNE.items():
-            steps.append((name, d, lambda d=d, name=name, depth=depth: _finetune(
-                cfg, depth, data, d, source_run, out / d / "base", out / d / _slug(name))))
-        for name, overrides in CTNET_VARIANTS.items():
-            steps.append((name, d, lambda d=d, name=name, overrides=overrides: _ctnet(
-                cfg, overrides, data, d, source_run, out / d / "base", out / d / _slug(name))))
-        for k in finetune_sizes(cfg):
-            steps.append((f"{FINETUNE_SWEEP} ({k} periods)", d, lambda d=d, k=k: _finetune_last(
-                cfg, k, data, d, source_run, out / d / "finetune-sweep" / f"last-{k}")))
-    # wall time per job, summed over the runs of an interrupted and resumed experiment
-    timing = out / "seconds.json"
-    seconds: dict[str, dict[str, float]] = \
-        json.loads(timing.read_text()) if timing.exists() else {}
-    bar = tqdm(steps, desc="experiment", unit="model")
-    for name, domain, job in bar:
-        bar.set_postfix_str(f"{name} on {domain}")
-        start = time.perf_counter()
-        job()
-        took = seconds.setdefault(name, {}).get(domain, 0.0) + time.perf_counter() - start
-        seconds[name][domain] = round(took, 1)
-        timing.write_text(json.dumps(seconds, indent=1) + "\n")
+    jobs = plan(cfg, data, out)
+    usage = _run_jobs(jobs, data, out)
+    costs: dict[str, dict[str, dict[str, float]]] = {}
+    for job in jobs:
+        read = samples_read(job)
+        costs.setdefault(job.name, {})[job.domain] = {
+            "target_samples": sum(read.get(d, 0) for d in e.target_domains),
+            "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
         name: {} for name in (SOURCE, BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS, ORACLE)
     }  # the report's order
@@ -163,8 +219,8 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     sweep = {d: {k: _metrics_by_period(out / d / "finetune-sweep" / f"last-{k}")[
         e.last_period()] for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
-                       "config": dataclasses.asdict(cfg), "data": str(data)}, models, seconds,
-                      sweep)
+                       "source_domain": e.source_domain, "config": dataclasses.asdict(cfg),
+                       "data": str(data)}, models, costs, sweep)
     (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
     return results
 
