@@ -7,10 +7,11 @@ import gc
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from ctnet_rec.config import ConfigError, load_config
+from ctnet_rec.config import ConfigError, ShardingConfig, ShardingType, load_config
 from ctnet_rec.data.contract import DataError, parse_periods
 from ctnet_rec.training.checkpoint import CheckpointError
 
@@ -40,6 +41,8 @@ def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.trainer import train_continual
 
     cfg = load_config(args.config)
+    if args.sharding:
+        cfg.sharding = _sharding(args)
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
                     Path(args.run), init=Path(args.init) if args.init else None,
                     resume=args.resume)
@@ -51,7 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config) if args.config else None
     metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
-                                  cfg)
+                                  cfg, _sharding(args))
     print(format_report(metrics))
     out = Path(args.out or f"eval-{args.domain}-period{args.period}.json")
     out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -62,7 +65,7 @@ def _predict(args: argparse.Namespace) -> None:
     from ctnet_rec.training.inference import predict_checkpoint
 
     predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
-                       Path(args.out), args.batch_size)
+                       Path(args.out), args.batch_size, _sharding(args))
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
@@ -77,7 +80,7 @@ def _transfer_run(args: argparse.Namespace) -> None:
     from ctnet_rec.training.transfer import transfer_run
 
     transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
-                 Path(args.source_ckpts) if args.source_ckpts else None)
+                 Path(args.source_ckpts) if args.source_ckpts else None, _sharding(args))
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -111,6 +114,16 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
+
+
+def _sharding_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sharding", choices=typing.get_args(ShardingType),
+                   help="place every table this way (default: the config's [sharding]; a "
+                   "checkpoint loads under any plan)")
+
+
+def _sharding(args: argparse.Namespace) -> ShardingConfig | None:
+    return ShardingConfig(args.sharding) if args.sharding else None
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
+    _sharding_argument(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -186,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True, help="checkpoint folder (RUN/checkpoints/period=t)")
     e.add_argument("--period", type=int, required=True)
     e.add_argument("--out", help="JSON output (default eval-<domain>-period<p>.json)")
+    _sharding_argument(e)
     e.set_defaults(func=_eval)
 
     pr = sub.add_parser(
@@ -201,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output Parquet file")
     pr.add_argument("--batch-size", type=int, help="rows per forward pass (default: the "
                     "config's train.eval_batch_size); tested up to 65536")
+    _sharding_argument(pr)
     pr.set_defaults(func=_predict)
 
     tr = sub.add_parser("transfer", help="deploy CTNet and train it continually (Algorithm 1)")
@@ -232,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(trun)
     trun.add_argument("--periods", required=True, help=PERIODS_HELP)
     trun.add_argument("--source-ckpts", help="source run folder (or its checkpoints folder)")
+    _sharding_argument(trun)
     _run_argument(trun)
     trun.set_defaults(func=_transfer_run)
 
@@ -258,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_fbgemm_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -268,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torchrec").setLevel(logging.WARNING)
         # torch's advice to TorchRec's maintainers, printed once per process
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+        for handler in logging.getLogger().handlers:  # fbgemm names each library it loads
+            handler.addFilter(_not_fbgemm_info)
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 

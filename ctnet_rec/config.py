@@ -331,6 +331,26 @@ class CTNetConfig:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
 
 
+ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise"]
+
+
+@dataclass
+class ShardingConfig:
+    """How `sharding/` places the tables over the ranks: one sharding type for every table,
+    or per table in `tables`. Not part of the model: a checkpoint saved under one plan loads
+    under another (torch.distributed.checkpoint reshards), except that a trainable table's
+    row-wise AdaGrad state cannot move between column-wise and the other types."""
+
+    sharding_type: ShardingType = "table_wise"
+    tables: dict[str, ShardingType] = field(default_factory=dict)
+
+    def type_of(self, table: str) -> str:
+        return self.tables.get(table, self.sharding_type)
+
+    def validate(self, key: str) -> None:
+        pass  # table names are checked against the features by Config.validate
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and placement. The paper: AdaGrad, lr 0.01 (tables: TorchRec's fused
@@ -380,6 +400,7 @@ class Config:
     model: TowerConfig = field(default_factory=TowerConfig)
     ctnet: CTNetConfig = field(default_factory=CTNetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
@@ -387,6 +408,10 @@ class Config:
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        tables = {t.name for t in self.features.tables}
+        for name in self.sharding.tables:
+            _check(name in tables, f"sharding.tables.{name}",
+                   f"no such table (tables: {sorted(tables)})")
         dims = {self.features.table(t).embedding_dim for t in self.features.sequence_tables()}
         _check(len(dims) <= 1, "features.tables",
                f"tables used by sequences must share one embedding_dim, got {sorted(dims)}")

@@ -14,9 +14,11 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from ctnet_rec.config import ConfigError, ShardingConfig
 from ctnet_rec.training.distributed import DistEnv
 
 
@@ -25,10 +27,45 @@ def embedding_collections(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)]
 
 
+class RowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder offers no row_wise on CPU, though it runs there correctly (STACK.md;
+    the EmbeddingCollection sharder does offer it)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        return types if ShardingType.ROW_WISE.value in types else \
+            [*types, ShardingType.ROW_WISE.value]
+
+
+def _sharders() -> list[ModuleSharder[nn.Module]]:
+    return [RowWiseEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def _check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str) -> None:
+    """Refuse a sharding type the sharder of a table's collection does not offer on this
+    device, naming the table, before the planner fails deep inside."""
+    for ec in embedding_collections(model):
+        sharder = _sharders()[0 if isinstance(ec, EmbeddingBagCollection) else 1]
+        offered = sharder.sharding_types(device)
+        for table in _table_names(ec):
+            if sharding.type_of(table) not in offered:
+                raise ConfigError(
+                    f"sharding: table {table!r} cannot be {sharding.type_of(table)} on "
+                    f"{device} ({type(ec).__name__} offers {offered})")
+
+
+def _table_names(ec: nn.Module) -> list[str]:
+    configs = ec.embedding_bag_configs() if isinstance(ec, EmbeddingBagCollection) \
+        else ec.embedding_configs()
+    return [c.name for c in configs]
+
+
 def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
-                frozen: nn.Module | None = None) -> DistributedModelParallel:
+                frozen: nn.Module | None = None,
+                sharding: ShardingConfig | None = None) -> DistributedModelParallel:
     """Fused row-wise AdaGrad on every table (TorchRec keeps its state sharded with the
-    table), tables placed table-wise by the planner. Dense layers stay plain modules,
+    table), tables placed by the planner with the sharding types of `sharding` (default:
+    table-wise). Dense layers stay plain modules,
     replicated: the trainer averages their gradients itself (`average_dense_gradients`).
 
     Why not DMP's DDP wrapper: on CPU/gloo with this stack its gradients were measured NOT to
@@ -39,6 +76,8 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     Tables inside `frozen` (CTNet's source tower) are read-only: fused kernels with SGD at
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
     gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
+    sharding = sharding or ShardingConfig()
+    _check_sharding_types(model, sharding, env.device.type)
     read_only = {id(m) for m in embedding_collections(frozen)} if frozen is not None else set()
     tables = []
     for ec in embedding_collections(model):
@@ -52,13 +91,12 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
         else:
             apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
                                         {"lr": sparse_lr})
-        tables += [c.name for c in ec.embedding_bag_configs()] if isinstance(
-            ec, EmbeddingBagCollection) else [c.name for c in ec.embedding_configs()]
+        tables += _table_names(ec)
     constraints = {
-        t: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])
+        t: ParameterConstraints(sharding_types=[sharding.type_of(t)], compute_kernels=["fused"])
         for t in tables
     }
-    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    sharders = _sharders()
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size),
         kernel_config=KernelConfig(compute_device=env.device.type),

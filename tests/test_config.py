@@ -50,6 +50,9 @@ def test_demo_config_loads(demo_config):
         ("[synth.domains.C]\n", "[synth.domains.C]\nuser_share = 1.5\n",
          "synth.domains.C.user_share"),
         ("periods = 16", "periods = true", "synth.periods"),
+        ('sharding_type = "table_wise"', 'sharding_type = "diagonal"', "sharding.sharding_type"),
+        ('# tables = { item = "row_wise" }', 'tables = { items = "row_wise" }',
+         "sharding.tables.items"),
     ],
 )
 def test_bad_values_are_refused_with_key_named(tmp_path, old, new, key):

@@ -4,11 +4,13 @@ otherwise a single local process. Rendezvous defaults to loopback."""
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+LOOPBACK = "lo"
 
 
 @dataclass(frozen=True)
@@ -22,21 +24,25 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str) -> DistEnv:
-    """Join (or create) the default process group: nccl on CUDA, gloo on CPU."""
+    """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
+
+    Nothing listens on a network interface other than loopback unless configured: a single
+    process uses a file store (no port at all), and when every rank runs on this machine
+    gloo's sockets are bound to loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment
+    names an interface. torchrun's own rendezvous store listens on all interfaces (torch's
+    TCPStore has no bind address)."""
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:  # launched by torchrun / torchx
+            if os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
             dist.init_process_group(backend=backend)
         else:  # one local process; the environment is left untouched for child processes
+            fd, store = tempfile.mkstemp(prefix="ctnet-store-")
+            os.close(fd)
             dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"file://{store}")
     rank = dist.get_rank()
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -3,6 +3,7 @@ from the config its manifest records, so serving needs nothing but the checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ctnet_rec.config import Config
+from ctnet_rec.config import Config, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
 from ctnet_rec.training.checkpoint import Manifest
 from ctnet_rec.training.distributed import init_distributed
@@ -20,11 +21,14 @@ from ctnet_rec.training.transfer import CTNET, CTNetTrainer, config_of
 log = logging.getLogger(__name__)
 
 
-def open_checkpoint(folder: Path, cfg: Config | None = None) -> tuple[PeriodTrainer, Manifest]:
+def open_checkpoint(folder: Path, cfg: Config | None = None,
+                    sharding: ShardingConfig | None = None) -> tuple[PeriodTrainer, Manifest]:
     """The checkpoint's model, restored, on the device its config names (`cfg` overrides the
-    recorded config of a tower checkpoint)."""
+    recorded config of a tower checkpoint; `sharding` the plan it was trained under)."""
     manifest = Manifest.read(folder)
     cfg = cfg or config_of(manifest, folder)
+    if sharding is not None:
+        cfg = dataclasses.replace(cfg, sharding=sharding)
     env = init_distributed(cfg.train.device)
     if manifest.kind == CTNET:
         trainer: PeriodTrainer = CTNetTrainer(cfg, config_of(manifest, folder, source=True), env)
@@ -37,10 +41,11 @@ def open_checkpoint(folder: Path, cfg: Config | None = None) -> tuple[PeriodTrai
 
 
 def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Path,
-                       batch_size: int | None = None) -> int:
+                       batch_size: int | None = None,
+                       sharding: ShardingConfig | None = None) -> int:
     """The `ctnet predict` job: one score per row of the period, in file order, with its ids
     and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
-    trainer, _ = open_checkpoint(ckpt)
+    trainer, _ = open_checkpoint(ckpt, sharding=sharding)
     validate_periods(data, domain, [period], trainer.cfg.features)
     start = time.perf_counter()
     pred = trainer.predict(data, domain, period, batch_size)
@@ -58,10 +63,11 @@ def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Pa
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
-                        cfg: Config | None = None) -> dict[str, Any]:
+                        cfg: Config | None = None,
+                        sharding: ShardingConfig | None = None) -> dict[str, Any]:
     """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
     relative to the ids the checkpoint had seen in training."""
-    trainer, manifest = open_checkpoint(ckpt, cfg)
+    trainer, manifest = open_checkpoint(ckpt, cfg, sharding)
     validate_periods(data, domain, [period], trainer.cfg.features)
     metrics = trainer.evaluate(data, domain, period)
     return {"checkpoint": str(ckpt), "model": manifest.kind,

@@ -78,7 +78,8 @@ class PeriodTrainer:
 
     def build_model(self) -> DistributedModelParallel:
         model = Tower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.sparse_lr)
+        return shard_model(model, self.env, self.cfg.train.sparse_lr,
+                           sharding=self.cfg.sharding)
 
     def _named_dense(self) -> list[tuple[str, torch.Tensor]]:
         dense = {id(p) for p in self.dense}
@@ -217,7 +218,8 @@ class DualEmbeddingTrainer(PeriodTrainer):
 
     def build_model(self) -> DistributedModelParallel:
         model = DualEmbeddingTower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.sparse_lr)
+        return shard_model(model, self.env, self.cfg.train.sparse_lr,
+                           sharding=self.cfg.sharding)
 
 
 def _write_metrics(run: Path) -> None:

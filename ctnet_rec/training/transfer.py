@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from ctnet_rec.config import Config, ConfigError, config_from_dict
+from ctnet_rec.config import Config, ConfigError, ShardingConfig, config_from_dict
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
@@ -77,7 +77,8 @@ class CTNetTrainer(PeriodTrainer):
                         Tower(self.cfg.features, self.cfg.model, device=meta), self.cfg.ctnet)
         except ValueError as e:  # the two towers' configs do not fit together
             raise ConfigError(f"source vs target config: {e}") from None
-        return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source)
+        return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source,
+                           sharding=self.cfg.sharding)
 
     def manifest(self, period: int, metrics: dict[str, Any],
                  lineage: dict[str, Any]) -> Manifest:
@@ -155,9 +156,11 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config) -> dict
 
 
 def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
-                 source_ckpts: Path | None) -> list[dict[str, Any]]:
+                 source_ckpts: Path | None,
+                 sharding: ShardingConfig | None = None) -> list[dict[str, Any]]:
     """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at
-    first), so a re-run after a crash resumes; periods already trained are skipped."""
+    first), so a re-run after a crash resumes; periods already trained are skipped. The
+    tables are placed as RUN/init's config says, or by `sharding`."""
     from ctnet_rec.data.contract import validate_periods
 
     start = latest_checkpoint(run) or run / INIT
@@ -165,6 +168,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
     manifest = Manifest.read(start)
     cfg, source_cfg = config_of(manifest, start), config_of(manifest, start, source=True)
+    if sharding is not None:
+        cfg = dataclasses.replace(cfg, sharding=sharding)
     env = init_distributed(cfg.train.device)
     periods = [t for t in periods if t > manifest.period]
     if len(periods) == 0:
