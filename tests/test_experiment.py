@@ -270,3 +270,18 @@ def test_progress_names_the_job_and_estimates_the_rest(experiment, caplog):
     assert first.endswith("ETA unknown")
     assert re.fullmatch(rf"\[{len(jobs)}/{len(jobs)}\] Pre-train & Fine-tune sweep \(4 periods\) "
                         r"on C \(periods 0-3\) \| elapsed \d+:\d\d, ETA \d+:\d\d", last)
+
+
+def test_the_report_names_every_row_above_ctnet(experiment):
+    report = (experiment / "report.md").read_text()
+    models = json.loads((experiment / "metrics.json").read_text())["models"]
+    section = report.split("## Where CTNet stands", 1)[1].split("##", 1)[0]
+    for d in ("B", "C"):
+        line = next(x for x in section.splitlines() if x.startswith(f"- Target {d}:"))
+        mean = {n: np.mean([per[d][t]["auc"] for t in ("2", "3")]) for n, per in models.items()}
+        above = [n for n in models if n not in ("CTNet", ORACLE) and mean[n] > mean["CTNet"]]
+        assert f"is {mean['CTNet']:.4f}" in line
+        for n in models:
+            if n != "CTNet":
+                assert (f"{n} (+" in line) == (n in above), (n, line)
+        assert ("no compared row is above it" in line) == (not above)

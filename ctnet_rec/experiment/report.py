@@ -147,6 +147,27 @@ def cost_table(res: Results) -> Table:
     return Table(head, rows)
 
 
+def standing(runs: Sequence[Results]) -> str:
+    """In words, per target domain: the rows whose AUC, averaged over the test periods (and
+    the seeds), is above CTNet's, so a reader cannot miss where CTNet loses."""
+    periods = runs[0].settings["trained_periods"]
+
+    def mean_auc(name: str, d: str) -> float:
+        return statistics.fmean(r.models[name][d][t]["auc"] for r in runs for t in periods)
+
+    lines = []
+    for d in runs[0].models[BASE]:
+        ctnet = mean_auc(CTNET, d)
+        above = sorted(((mean_auc(n, d) - ctnet, n) for n in runs[0].models
+                        if n not in (CTNET, ORACLE)), reverse=True)
+        better = [f"{n} ({gain:+.4f})" for gain, n in above if gain > 0]
+        lines.append(f"- Target {d}: CTNet's mean AUC over the test periods is {ctnet:.4f}, "
+                     f"{ctnet - mean_auc(BASE, d):+.4f} over Base; "
+                     + (f"rows above it: {', '.join(better)}." if better
+                        else "no compared row is above it."))
+    return "\n".join(lines)
+
+
 def plot_gains(runs: Sequence[Results], path: Path) -> None:
     """AUC gain over Base per test period, continual CTNet vs transfer-once, one panel per
     target domain; over several seeds, the mean with the standard deviation as error bars."""
@@ -191,6 +212,8 @@ def write_report(runs: Sequence[Results], out: Path) -> Path:
         "period. " + (f"Seed {seeds[0]}." if len(runs) == 1 else
                       f"Seeds {', '.join(map(str, seeds))} (a world and a training run each): "
                       "every number is mean ± standard deviation over the seeds."),
+        "## Where CTNet stands",
+        standing(runs),
         "## Table 2: last test period",
         table(table2),
         *(f"## Table 3: continual vs transfer-once, target {d}\n\n{table(table3, d)}"
