@@ -83,6 +83,19 @@ def _transfer_run(args: argparse.Namespace) -> None:
                  Path(args.source_ckpts) if args.source_ckpts else None, _sharding(args))
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from sharding.plan import format_plan, plan_tables
+
+    cfg = load_config(args.config)
+    if args.sharding:
+        cfg.sharding = _sharding(args)
+    source = (load_config(args.source_config) if args.source_config else cfg) \
+        if args.ctnet else None
+    plan = plan_tables(cfg, args.world_size, args.device, args.hbm_gb, args.ddr_gb,
+                       args.local_world_size, source)
+    print(format_plan(plan))
+
+
 def _experiment(args: argparse.Namespace) -> None:
     from ctnet_rec.data.synth import synthesize
     from ctnet_rec.experiment.report import write_report
@@ -251,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     _sharding_argument(trun)
     _run_argument(trun)
     trun.set_defaults(func=_transfer_run)
+
+    pl = sub.add_parser(
+        "plan",
+        help="plan the tables' sharding for a cluster, without one",
+        description="TorchRec's sharding plan for the config's tables on WORLD_SIZE ranks, "
+        "computed on the meta device (nothing allocated, no process group): each table's "
+        "sharding and ranks, and per rank the planner's memory estimate split into weights, "
+        "optimiser state and the rest. A plan that cannot fit names the tables and by how much.",
+    )
+    pl.add_argument("--config", required=True, help="TOML config (features, model, sharding)")
+    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--local-world-size", type=int, help="ranks per host (default min(8, N))")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    pl.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank, GiB")
+    pl.add_argument("--ddr-gb", type=float, default=512.0, help="host memory per rank, GiB")
+    pl.add_argument("--ctnet", action="store_true",
+                    help="plan CTNet: the config's tower plus a read-only source tower")
+    pl.add_argument("--source-config", help="the source tower's config (default: CONFIG)")
+    _sharding_argument(pl)
+    pl.set_defaults(func=_plan)
 
     x = sub.add_parser(
         "experiment",

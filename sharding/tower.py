@@ -4,6 +4,8 @@ Model code stays unsharded; this is the one place where parallelism is applied."
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torchrec
@@ -13,7 +15,13 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ModuleSharder, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -37,15 +45,15 @@ class RowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             [*types, ShardingType.ROW_WISE.value]
 
 
-def _sharders() -> list[ModuleSharder[nn.Module]]:
+def sharders() -> list[ModuleSharder[nn.Module]]:
     return [RowWiseEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
-def _check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str) -> None:
+def check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str) -> None:
     """Refuse a sharding type the sharder of a table's collection does not offer on this
     device, naming the table, before the planner fails deep inside."""
     for ec in embedding_collections(model):
-        sharder = _sharders()[0 if isinstance(ec, EmbeddingBagCollection) else 1]
+        sharder = sharders()[0 if isinstance(ec, EmbeddingBagCollection) else 1]
         offered = sharder.sharding_types(device)
         for table in _table_names(ec):
             if sharding.type_of(table) not in offered:
@@ -58,6 +66,43 @@ def _table_names(ec: nn.Module) -> list[str]:
     configs = ec.embedding_bag_configs() if isinstance(ec, EmbeddingBagCollection) \
         else ec.embedding_configs()
     return [c.name for c in configs]
+
+
+def attach_table_optimizers(model: nn.Module, sparse_lr: float,
+                            frozen: nn.Module | None = None) -> None:
+    """Fused row-wise AdaGrad on every table, SGD at lr 0 (no state) on those in `frozen`.
+    The planner reads these to size each table's optimiser state."""
+    read_only = {id(m) for m in embedding_collections(frozen)} if frozen is not None else set()
+    for ec in embedding_collections(model):
+        if id(ec) in read_only:  # the hook needs trainable-looking parameters to attach to
+            params = list(ec.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            apply_optimizer_in_backward(torchrec.optim.SGD, params, {"lr": 0.0})
+            for p in params:
+                p.requires_grad_(False)
+        else:
+            apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
+                                        {"lr": sparse_lr})
+
+
+def table_constraints(model: nn.Module, sharding: ShardingConfig,
+                      ) -> dict[str, ParameterConstraints]:
+    return {t: ParameterConstraints(sharding_types=[sharding.type_of(t)],
+                                    compute_kernels=["fused"])
+            for ec in embedding_collections(model) for t in _table_names(ec)}
+
+
+# the share of each device's memory the planner leaves for everything but the tables (dense
+# layers, activations, buffers); TorchRec's default heuristic warns it misjudges meta models
+RESERVED_SHARE = 0.15
+
+
+def planner_for(topology: Topology, constraints: dict[str, ParameterConstraints],
+                **kwargs: Any) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE), **kwargs)
 
 
 def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
@@ -77,33 +122,16 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
     gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
     sharding = sharding or ShardingConfig()
-    _check_sharding_types(model, sharding, env.device.type)
-    read_only = {id(m) for m in embedding_collections(frozen)} if frozen is not None else set()
-    tables = []
-    for ec in embedding_collections(model):
-        if id(ec) in read_only:  # the hook needs trainable-looking parameters to attach to
-            params = list(ec.parameters())
-            for p in params:
-                p.requires_grad_(True)
-            apply_optimizer_in_backward(torchrec.optim.SGD, params, {"lr": 0.0})
-            for p in params:
-                p.requires_grad_(False)
-        else:
-            apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, ec.parameters(),
-                                        {"lr": sparse_lr})
-        tables += _table_names(ec)
-    constraints = {
-        t: ParameterConstraints(sharding_types=[sharding.type_of(t)], compute_kernels=["fused"])
-        for t in tables
-    }
-    sharders = _sharders()
+    check_sharding_types(model, sharding, env.device.type)
+    attach_table_optimizers(model, sparse_lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size),
         kernel_config=KernelConfig(compute_device=env.device.type),
     )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=sharders,
+    planner = planner_for(topology, table_constraints(model, sharding))
+    module_sharders = sharders()
+    plan = planner.collective_plan(model, module_sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=module_sharders,
                                    init_data_parallel=False)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
         for t in [*dense_parameters(dmp), *dmp.buffers()]:

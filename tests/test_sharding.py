@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from ctnet_rec.config import ConfigError, ShardingConfig
+from ctnet_rec.cli import main
+from ctnet_rec.config import ConfigError, ShardingConfig, load_config
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.distributed import init_distributed
+from sharding.plan import GiB, PlanDoesNotFit, format_plan, plan_tables
 from sharding.tower import shard_model
 
 
@@ -30,3 +34,50 @@ def test_a_sharding_type_the_device_cannot_serve_is_refused_naming_the_table(tow
     model = Tower(towers.cfg.features, towers.cfg.model, device=torch.device("meta"))
     with pytest.raises(ConfigError, match=r"table '\w+' cannot be table_row_wise on cpu"):
         shard_model(model, env, 0.01, sharding=ShardingConfig("table_row_wise"))
+
+
+BILLION = Path(__file__).resolve().parents[1] / "examples" / "billion.toml"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_plan_places_every_table_and_the_frozen_ones_hold_no_optimizer_state(demo_config,
+                                                                             world_size):
+    plan = plan_tables(demo_config, world_size, "cpu", hbm_gb=0, ddr_gb=8,
+                       source_cfg=demo_config)
+    tables = {t.name: t for t in demo_config.features.tables}
+    assert len(plan.tables) == 2 * (len(tables) + 1)  # + price's bucket table, in both towers
+    assert {t.frozen for t in plan.tables if t.module.startswith("source.")} == {True}
+    assert {t.frozen for t in plan.tables if t.module.startswith("target.")} == {False}
+    assert all(len(t.ranks) == 1 and 0 <= t.ranks[0] < world_size for t in plan.tables)
+    trainable_rows = sum(t.rows for t in plan.tables if not t.frozen)
+    assert sum(m.optimizer for m in plan.ranks) == 4 * trainable_rows  # one fp32 per row
+    assert sum(m.weights for m in plan.ranks) == sum(4 * t.rows * t.dim for t in plan.tables)
+    assert len(plan.ranks) == world_size
+
+
+def test_plan_billion_row_tables_on_64_simulated_gpus():
+    cfg = load_config(BILLION)
+    plan = plan_tables(cfg, 64, "cuda", hbm_gb=80, ddr_gb=512, source_cfg=cfg)
+    big = [t for t in plan.tables if t.rows == 10**9]
+    assert len(big) == 4 and all(t.sharding_type == "row_wise" and t.ranks == list(range(64))
+                                 for t in big)
+    weights = sum(m.weights for m in plan.ranks)
+    assert weights == sum(4 * t.rows * t.dim for t in plan.tables)
+    assert max(m.total for m in plan.ranks) < 80 * GiB
+    # only the target's tables keep optimiser state: one fp32 per row
+    assert sum(m.optimizer for m in plan.ranks) == 4 * sum(t.rows for t in plan.tables
+                                                           if not t.frozen)
+    text = format_plan(plan)
+    assert "source.embeddings.pooled.user (frozen)" in text and "(the 8 fullest of 64" in text
+
+
+def test_a_plan_that_cannot_fit_names_the_tables_and_by_how_much(capsys, caplog):
+    cfg = load_config(BILLION)
+    with pytest.raises(PlanDoesNotFit, match=r"embeddings\.sequence\.item \(row_wise\): its "
+                       r"largest shard needs 240\.3 GiB, a rank has 80\.0 GiB of HBM "
+                       r"\(160\.3 GiB over\)"):
+        plan_tables(cfg, 2, "cuda", hbm_gb=80, ddr_gb=512)
+    assert main(["plan", "--config", str(BILLION), "--world-size", "2", "--hbm-gb", "80"]) == 2
+    assert "embeddings.pooled.user (row_wise)" in caplog.text
+    assert main(["plan", "--config", str(BILLION), "--world-size", "64", "--ctnet"]) == 0
+    assert "target.embeddings.sequence.item" in capsys.readouterr().out

@@ -1,0 +1,218 @@
+"""`ctnet plan`: TorchRec's sharding plan for a config on a cluster that is not here.
+
+The model is built on the meta device (nothing is allocated), the topology is described, not
+joined (no process group), and TorchRec's planner places the tables with the same
+constraints and optimisers the training jobs use. Per rank it reports the planner's memory
+estimate split into table weights, optimiser state and the rest (the lookups' input and
+output buffers). A plan that cannot fit names the tables that cannot, and by how much."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchrec
+from torch import nn
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    PlannerError,
+    ShardingOption,
+    Stats,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
+
+from ctnet_rec.config import Config, ConfigError
+from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.tower import Tower
+from sharding.tower import (
+    attach_table_optimizers,
+    check_sharding_types,
+    planner_for,
+    sharders,
+    table_constraints,
+)
+
+GiB = 1024**3
+
+
+@dataclass
+class Placement:
+    """One table of the plan."""
+
+    module: str
+    table: str
+    rows: int
+    dim: int
+    sharding_type: str
+    compute_kernel: str
+    ranks: list[int]
+    frozen: bool
+
+
+@dataclass
+class RankMemory:
+    """The planner's estimate for one rank, in bytes, split by what holds it."""
+
+    weights: int = 0
+    optimizer: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.other
+
+
+@dataclass
+class Plan:
+    world_size: int
+    device: str
+    capacity: int  # bytes per rank the planner may use (HBM on cuda, DDR on cpu)
+    tables: list[Placement] = field(default_factory=list)
+    ranks: list[RankMemory] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class PlanDoesNotFit(ConfigError):
+    """The tables cannot be placed on the described cluster (the message says which)."""
+
+
+class _BestPlan(Stats):
+    """Keeps the planner's chosen sharding options (the public way to see its estimates)."""
+
+    def __init__(self) -> None:
+        self.options: list[ShardingOption] = []
+
+    def log(self, sharding_plan: Any, topology: Topology, batch_size: int,
+            storage_reservation: Any, num_proposals: int, num_plans: int, run_time: float,
+            best_plan: list[ShardingOption], *args: Any, **kwargs: Any) -> None:
+        self.options = list(best_plan)
+
+
+def _model(cfg: Config, source_cfg: Config | None) -> tuple[nn.Module, nn.Module | None]:
+    meta = torch.device("meta")
+    target = Tower(cfg.features, cfg.model, device=meta)
+    if source_cfg is None:
+        return target, None
+    net = CTNet(Tower(source_cfg.features, source_cfg.model, device=meta), target, cfg.ctnet)
+    return net, net.source
+
+
+def _storage(shard: Any, device: str) -> int:
+    return shard.storage.hbm if device == "cuda" else shard.storage.ddr
+
+
+def _optimizer_bytes(option: ShardingOption, rows: int) -> int:
+    """Fused row-wise AdaGrad keeps one fp32 per row; the frozen tables' SGD keeps none."""
+    classes = getattr(option.tensor, "_optimizer_classes", [None])
+    return 4 * rows if classes[0] is torchrec.optim.RowWiseAdagrad else 0
+
+
+def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb: float,
+                local_world_size: int | None = None,
+                source_cfg: Config | None = None) -> Plan:
+    """Plan the tables of `cfg`'s tower (or, with `source_cfg`, of CTNet with that source
+    tower, whose tables are read-only) for `world_size` ranks of `hbm_gb` / `ddr_gb` each."""
+    start = time.perf_counter()
+    model, frozen = _model(cfg, source_cfg)
+    check_sharding_types(model, cfg.sharding, device)
+    attach_table_optimizers(model, cfg.train.sparse_lr, frozen)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size,
+                                      local_world_size=local_world_size or min(world_size, 8),
+                                      hbm_cap_bytes=int(hbm_gb * GiB),
+                                      ddr_cap_bytes=int(ddr_gb * GiB)),
+        kernel_config=KernelConfig(compute_device=device))
+    constraints = table_constraints(model, cfg.sharding)
+    best = _BestPlan()
+    planner = planner_for(topology, constraints, stats=best, batch_size=cfg.data.batch_size)
+    capacity = int((hbm_gb if device == "cuda" else ddr_gb) * GiB)
+    try:
+        planner.plan(model, sharders())
+    except PlannerError:
+        raise PlanDoesNotFit(_why_not(model, topology, constraints, device, capacity,
+                                      cfg.data.batch_size)) from None
+    frozen_tables = {id(p) for p in frozen.parameters()} if frozen is not None else set()
+    plan = Plan(world_size, device, capacity, ranks=[RankMemory() for _ in range(world_size)])
+    for option in best.options:
+        plan.tables.append(Placement(
+            option.path, option.name, *option.tensor.shape, option.sharding_type,
+            option.compute_kernel, sorted({s.rank for s in option.shards if s.rank is not None}),
+            id(option.tensor) in frozen_tables))
+        for shard in option.shards:
+            rows, cols = shard.size
+            weights = rows * cols * option.tensor.element_size()
+            opt = _optimizer_bytes(option, rows)
+            mem = plan.ranks[shard.rank]
+            mem.weights += weights
+            mem.optimizer += opt
+            mem.other += max(0, _storage(shard, device) - weights - opt)
+    plan.seconds = time.perf_counter() - start
+    return plan
+
+
+def _why_not(model: nn.Module, topology: Topology, constraints: dict[str, Any], device: str,
+             capacity: int, batch_size: int) -> str:
+    """Which tables cannot fit even in their smallest shards, or the total that cannot."""
+    options = EmbeddingEnumerator(topology, batch_size=batch_size,
+                                  constraints=constraints).enumerate(model, sharders())
+    smallest: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for option in options:
+        largest_shard = max(_storage(s, device) for s in option.shards)
+        name = f"{option.path}.{option.name}"
+        if largest_shard < smallest.get(name, 1 << 62):
+            smallest[name] = largest_shard
+            total[name] = sum(_storage(s, device) for s in option.shards)
+    where = "HBM" if device == "cuda" else "DDR"
+    over = [f"{name} ({_types(constraints, name)}): its largest shard needs "
+            f"{need / GiB:.1f} GiB, a rank has {capacity / GiB:.1f} GiB of {where} "
+            f"({(need - capacity) / GiB:.1f} GiB over)"
+            for name, need in smallest.items() if need > capacity]
+    if over:
+        return "the plan cannot fit: " + "; ".join(over)
+    need = sum(total.values())
+    have = capacity * topology.world_size
+    return (f"the plan cannot fit: the tables need {need / GiB:.1f} GiB of {where} in all, "
+            f"{topology.world_size} ranks have {have / GiB:.1f} GiB ({(need - have) / GiB:.1f} GiB "
+            "over, before the planner's reservation for other memory)")
+
+
+def _types(constraints: dict[str, Any], name: str) -> str:
+    table = name.rsplit(".", 1)[1]
+    return ", ".join(constraints[table].sharding_types)
+
+
+def format_plan(plan: Plan, top: int = 8) -> str:
+    """The plan as text: one line per table, then the ranks (all of them up to `top`, else
+    the `top` fullest)."""
+    lines = [f"{'table':<44} {'rows x dim':>18} {'sharding':<15} {'kernel':<7} ranks"]
+    for t in plan.tables:
+        ranks = _span(t.ranks)
+        name = f"{t.module}.{t.table}" + (" (frozen)" if t.frozen else "")
+        lines.append(f"{name:<44} {f'{t.rows:,} x {t.dim}':>18} {t.sharding_type:<15} "
+                     f"{t.compute_kernel:<7} {ranks}")
+    where = "HBM" if plan.device == "cuda" else "DDR"
+    lines += ["", f"per rank, GiB of {where} ({plan.capacity / GiB:.1f} each; planner's estimate)",
+              f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'total':>8}"]
+    order = sorted(range(plan.world_size), key=lambda r: -plan.ranks[r].total)
+    for r in sorted(order[:top]) if plan.world_size > top else range(plan.world_size):
+        m = plan.ranks[r]
+        lines.append(f"{r:>5} {m.weights / GiB:>9.2f} {m.optimizer / GiB:>10.2f} "
+                     f"{m.other / GiB:>8.2f} {m.total / GiB:>8.2f}")
+    if plan.world_size > top:
+        lines.append(f"(the {top} fullest of {plan.world_size} ranks)")
+    total = sum(m.total for m in plan.ranks)
+    lines.append(f"all ranks: {total / GiB:.1f} GiB; planned in {plan.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _span(ranks: Sequence[int]) -> str:
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
