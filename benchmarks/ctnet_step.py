@@ -38,7 +38,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import Config, load_config
 from ctnet_rec.data.batch import Batch
-from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
@@ -64,8 +64,7 @@ def build(model: str, cfg: Config, env: DistEnv) -> tuple[DistributedModelParall
                            cfg.train.sparse_lr), {}
     ctnet_cfg = copy.deepcopy(cfg.ctnet)
     ctnet_cfg.share_long_sequence_attention = model == "ctnet-shared"
-    net = CTNet(Tower(cfg.features, cfg.model, device=meta),
-                Tower(cfg.features, cfg.model, device=meta), ctnet_cfg)
+    net = build_ctnet((cfg.features, cfg.model), (cfg.features, cfg.model), ctnet_cfg, meta)
     sizes = {"source_weights_mb": _mb([*net.source.parameters(), *net.source.buffers()]),
              "adapter_weights_mb": _mb(net.adapters.parameters())}
     return shard_model(net, env, cfg.train.sparse_lr, frozen=net.source), sizes

@@ -41,8 +41,7 @@ def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.trainer import train_continual
 
     cfg = load_config(args.config)
-    if args.sharding:
-        cfg.sharding = _sharding(args)
+    cfg.sharding = _sharding(args) or cfg.sharding
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
                     Path(args.run), init=Path(args.init) if args.init else None,
                     resume=args.resume)
@@ -87,8 +86,7 @@ def _plan(args: argparse.Namespace) -> None:
     from sharding.plan import format_plan, plan_tables
 
     cfg = load_config(args.config)
-    if args.sharding:
-        cfg.sharding = _sharding(args)
+    cfg.sharding = _sharding(args) or cfg.sharding
     source = (load_config(args.source_config) if args.source_config else cfg) \
         if args.ctnet else None
     plan = plan_tables(cfg, args.world_size, args.device, args.hbm_gb, args.ddr_gb,
@@ -133,10 +131,16 @@ def _sharding_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sharding", choices=typing.get_args(ShardingType),
                    help="place every table this way (default: the config's [sharding]; a "
                    "checkpoint loads under any plan)")
+    p.add_argument("--source-table-dtype", choices=["fp32", "fp16"],
+                   help="CTNet's frozen source tables stored in this type")
 
 
 def _sharding(args: argparse.Namespace) -> ShardingConfig | None:
-    return ShardingConfig(args.sharding) if args.sharding else None
+    """The command line's placement, replacing the config's [sharding] when given."""
+    if not (args.sharding or args.source_table_dtype):
+        return None
+    return ShardingConfig(args.sharding or "table_wise", {},
+                          args.source_table_dtype or "fp32")
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:

@@ -343,6 +343,8 @@ class ShardingConfig:
 
     sharding_type: ShardingType = "table_wise"
     tables: dict[str, ShardingType] = field(default_factory=dict)
+    # CTNet's frozen source tables: fp16 storage halves them (lookups still return fp32)
+    source_table_dtype: Literal["fp32", "fp16"] = "fp32"
 
     def type_of(self, table: str) -> str:
         return self.tables.get(table, self.sharding_type)

@@ -28,7 +28,7 @@ from torchrec.distributed.planner.types import (
 )
 
 from ctnet_rec.config import Config, ConfigError
-from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
 from sharding.tower import (
     attach_table_optimizers,
@@ -96,10 +96,10 @@ class _BestPlan(Stats):
 
 def _model(cfg: Config, source_cfg: Config | None) -> tuple[nn.Module, nn.Module | None]:
     meta = torch.device("meta")
-    target = Tower(cfg.features, cfg.model, device=meta)
     if source_cfg is None:
-        return target, None
-    net = CTNet(Tower(source_cfg.features, source_cfg.model, device=meta), target, cfg.ctnet)
+        return Tower(cfg.features, cfg.model, device=meta), None
+    net = build_ctnet((source_cfg.features, source_cfg.model), (cfg.features, cfg.model),
+                      cfg.ctnet, meta, cfg.sharding.source_table_dtype)
     return net, net.source
 
 

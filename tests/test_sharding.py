@@ -81,3 +81,12 @@ def test_a_plan_that_cannot_fit_names_the_tables_and_by_how_much(capsys, caplog)
     assert "embeddings.pooled.user (row_wise)" in caplog.text
     assert main(["plan", "--config", str(BILLION), "--world-size", "64", "--ctnet"]) == 0
     assert "target.embeddings.sequence.item" in capsys.readouterr().out
+
+
+def test_fp16_source_tables_halve_the_planned_source_weights(demo_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(demo_config, sharding=ShardingConfig(source_table_dtype="fp16"))
+    plan = plan_tables(cfg, 1, "cpu", hbm_gb=0, ddr_gb=8, source_cfg=demo_config)
+    want = sum((2 if t.frozen else 4) * t.rows * t.dim for t in plan.tables)
+    assert plan.ranks[0].weights == want

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from ctnet_rec.config import CTNetConfig, FeatureConfig
+from ctnet_rec.config import CTNetConfig, FeatureConfig, TowerConfig
 from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
 from ctnet_rec.modules.tower import Tower, TowerOutput
 
@@ -118,3 +119,18 @@ def _rows_of(features: FeatureConfig, key: str) -> int:
             table = s.item_table if key == s.item_column else s.category_table
             return features.table(table).num_embeddings
     return next(len(n.boundaries) + 1 for n in features.numeric if n.name == key)
+
+
+SOURCE_TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+TowerConfigs = tuple[FeatureConfig, TowerConfig]
+
+
+def build_ctnet(source: TowerConfigs, target: TowerConfigs, cfg: CTNetConfig,
+                device: torch.device | None = None, source_table_dtype: str = "fp32") -> CTNet:
+    """CTNet from the two towers' configs, the source tables stored in `source_table_dtype`
+    ("fp32" or "fp16")."""
+    return CTNet(Tower(*source, device=device,
+                       table_dtype=SOURCE_TABLE_DTYPES[source_table_dtype]),
+                 Tower(*target, device=device), cfg)

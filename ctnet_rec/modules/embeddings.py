@@ -12,6 +12,7 @@ from torchrec import (
     KeyedJaggedTensor,
     KeyedTensor,
 )
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig
@@ -24,7 +25,8 @@ class TowerEmbeddings(nn.Module):
 
     Input: the reader's KJT (pooled keys first, then sequence keys)."""
 
-    def __init__(self, features: FeatureConfig, device: torch.device | None = None) -> None:
+    def __init__(self, features: FeatureConfig, device: torch.device | None = None,
+                 data_type: DataType = DataType.FP32) -> None:
         super().__init__()
         device = device or torch.device("cpu")
         self.pooled_keys = features.pooled_keys()
@@ -38,17 +40,20 @@ class TowerEmbeddings(nn.Module):
         shared = features.sequence_tables()
         bag_tables = [
             EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
-                               embedding_dim=t.embedding_dim, feature_names=by_table[t.name])
+                               embedding_dim=t.embedding_dim, feature_names=by_table[t.name],
+                               data_type=data_type)
             for t in features.tables if t.name in by_table and t.name not in shared
         ]
         bag_tables += [
             EmbeddingBagConfig(name=f"bucket_{n.name}", num_embeddings=len(n.boundaries) + 1,
-                               embedding_dim=n.embedding_dim, feature_names=[n.name])
+                               embedding_dim=n.embedding_dim, feature_names=[n.name],
+                               data_type=data_type)
             for n in features.numeric if n.bucketized
         ]
         seq_tables = [
             EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings,
-                            embedding_dim=t.embedding_dim, feature_names=by_table[t.name])
+                            embedding_dim=t.embedding_dim, feature_names=by_table[t.name],
+                            data_type=data_type)
             for t in features.tables if t.name in shared
         ]
         self.pooled = EmbeddingBagCollection(tables=bag_tables, device=device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
+from torchrec.modules.embedding_configs import DataType
 
 from ctnet_rec.config import FeatureConfig, TowerConfig
 from ctnet_rec.modules.attention import (
@@ -47,10 +48,11 @@ class Tower(nn.Module):
 
     def __init__(self, features: FeatureConfig, model: TowerConfig,
                  device: torch.device | None = None,
-                 embeddings: TowerEmbeddings | None = None) -> None:
+                 embeddings: TowerEmbeddings | None = None,
+                 table_dtype: DataType = DataType.FP32) -> None:
         super().__init__()
         self.features, self.model_cfg = features, model
-        self.embeddings = embeddings or TowerEmbeddings(features, device)
+        self.embeddings = embeddings or TowerEmbeddings(features, device, table_dtype)
         shared = features.sequence_tables()
         self.target_keys = [f.name for f in features.id_features if f.table in shared]
         short = next((s for s in features.sequences if s.kind == "short"), None)

@@ -14,8 +14,7 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import Config, ConfigError, ShardingConfig, config_from_dict
-from ctnet_rec.modules.ctnet import CTNet
-from ctnet_rec.modules.tower import Tower
+from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.training.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -73,8 +72,9 @@ class CTNetTrainer(PeriodTrainer):
     def build_model(self) -> DistributedModelParallel:
         meta = torch.device("meta")
         try:
-            net = CTNet(Tower(self.source_cfg.features, self.source_cfg.model, device=meta),
-                        Tower(self.cfg.features, self.cfg.model, device=meta), self.cfg.ctnet)
+            net = build_ctnet((self.source_cfg.features, self.source_cfg.model),
+                              (self.cfg.features, self.cfg.model), self.cfg.ctnet, meta,
+                              self.cfg.sharding.source_table_dtype)
         except ValueError as e:  # the two towers' configs do not fit together
             raise ConfigError(f"source vs target config: {e}") from None
         return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source,
