@@ -240,3 +240,29 @@ def test_fp16_source_tables_halve_the_source_and_score_within_tolerance(towers, 
     assert all(v.dtype == torch.float32 for v in target)  # the trained tables stay fp32
     diff = np.abs(fp32.predict(tiny_world, "B", 3)["p"] - fp16.predict(tiny_world, "B", 3)["p"])
     assert diff.mean() < 1e-4 and np.quantile(diff, 0.99) < 1e-3 and diff.max() < 1e-2
+
+
+def test_items_only_the_source_has_seen_get_the_source_towers_learned_rows(towers, deployed):
+    """Cold start, the point of the transfer: an item B never had (so B's row for it is
+    still the initial one) reaches CTNet through the source tower's row, which A learned."""
+    from ctnet_rec.data.ids import map_ids
+    from ctnet_rec.training.checkpoint import read_seen_ids
+
+    key = "embeddings.sequence.embeddings.item.weight"
+    table = towers.cfg.features.table("item")
+    policy = towers.cfg.features.id_policy
+    seen_a = read_seen_ids(towers.source(1))["items"]
+    seen_b = read_seen_ids(towers.target(1))["items"]
+    rows_b = set(map_ids(seen_b, table.num_embeddings, policy).tolist())
+    cold = [r for r in np.unique(map_ids(np.setdiff1d(seen_a, seen_b), table.num_embeddings,
+                                         policy)) if r not in rows_b]
+    assert len(cold) >= 20
+    a, _ = open_checkpoint(towers.source(1))
+    b, _ = open_checkpoint(towers.target(1))
+    ctnet, _ = open_checkpoint(deployed / INIT)
+    a_rows = _tensors(a.dmp.state_dict())[key][cold]
+    b_rows = _tensors(b.dmp.state_dict())[key][cold]
+    state = _tensors(ctnet.dmp.state_dict())
+    assert torch.equal(state[f"source.{key}"][cold], a_rows)  # the source's learned rows
+    assert torch.equal(state[f"target.{key}"][cold], b_rows)  # the target's, untouched
+    assert (a_rows - b_rows).abs().amax(1).min() > 0  # A trained every one of them
