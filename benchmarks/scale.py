@@ -10,6 +10,9 @@ before the model was built (imports and batches excluded); the planner's figure 
 estimate for the single rank (tables, their optimiser state, lookup buffers).
 
     python benchmarks/scale.py [--steps 300] [--batch-size 512] [--source-table-dtype fp32]
+
+(The demo world's A periods 8-9 hold 234 batches of 512: the timed steps stop there.)
+Results: benchmarks/results/scale.json (fp32 source tables), scale-fp16.json.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def main() -> None:
     }
     for k, v in result.items():
         print(f"{k:>32}: {v}")
-    write_result(RESULT, "scale", __file__, args.config, **result)
+    path = RESULT if args.source_table_dtype == "fp32" else RESULT.with_name("scale-fp16.json")
+    write_result(path, "scale", __file__, args.config, **result)
 
 
 if __name__ == "__main__":
