@@ -332,6 +332,9 @@ class CTNetConfig:
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise"]
+# where a table's rows live: "fused" all in device memory; "fused_uvm" in host memory reached
+# from the GPU; "fused_uvm_caching" in host memory with a cache of the hot rows on the GPU
+ComputeKernel = Literal["fused", "fused_uvm", "fused_uvm_caching"]
 
 
 @dataclass
@@ -343,14 +346,20 @@ class ShardingConfig:
 
     sharding_type: ShardingType = "table_wise"
     tables: dict[str, ShardingType] = field(default_factory=dict)
+    compute_kernel: ComputeKernel = "fused"  # the uvm kernels are CUDA's
+    kernels: dict[str, ComputeKernel] = field(default_factory=dict)
+    cache_load_factor: float = 0.2  # fused_uvm_caching: the share of rows cached on the GPU
     # CTNet's frozen source tables: fp16 storage halves them (lookups still return fp32)
     source_table_dtype: Literal["fp32", "fp16"] = "fp32"
 
     def type_of(self, table: str) -> str:
         return self.tables.get(table, self.sharding_type)
 
-    def validate(self, key: str) -> None:
-        pass  # table names are checked against the features by Config.validate
+    def kernel_of(self, table: str) -> str:
+        return self.kernels.get(table, self.compute_kernel)
+
+    def validate(self, key: str) -> None:  # table names: checked against the features above
+        _check(0 < self.cache_load_factor <= 1, f"{key}.cache_load_factor", "must be in (0, 1]")
 
 
 @dataclass
@@ -411,9 +420,10 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         tables = {t.name for t in self.features.tables}
-        for name in self.sharding.tables:
-            _check(name in tables, f"sharding.tables.{name}",
-                   f"no such table (tables: {sorted(tables)})")
+        for section in ("tables", "kernels"):
+            for name in getattr(self.sharding, section):
+                _check(name in tables, f"sharding.{section}.{name}",
+                       f"no such table (tables: {sorted(tables)})")
         dims = {self.features.table(t).embedding_dim for t in self.features.sequence_tables()}
         _check(len(dims) <= 1, "features.tables",
                f"tables used by sequences must share one embedding_dim, got {sorted(dims)}")

@@ -57,15 +57,22 @@ class Placement:
 
 @dataclass
 class RankMemory:
-    """The planner's estimate for one rank, in bytes, split by what holds it."""
+    """One rank, in bytes: what its table shards hold (weights, optimiser state) and the
+    planner's estimate of where they sit (device memory, host memory). `other` is the rest of
+    the estimate: lookup buffers and, with uvm caching, the device's cache of host rows."""
 
     weights: int = 0
     optimizer: int = 0
-    other: int = 0
+    hbm: int = 0
+    ddr: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.other
+        return self.hbm + self.ddr
+
+    @property
+    def other(self) -> int:
+        return max(0, self.total - self.weights - self.optimizer)
 
 
 @dataclass
@@ -151,7 +158,8 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
             mem = plan.ranks[shard.rank]
             mem.weights += weights
             mem.optimizer += opt
-            mem.other += max(0, _storage(shard, device) - weights - opt)
+            mem.hbm += shard.storage.hbm
+            mem.ddr += shard.storage.ddr
     plan.seconds = time.perf_counter() - start
     return plan
 
@@ -191,20 +199,21 @@ def _types(constraints: dict[str, Any], name: str) -> str:
 def format_plan(plan: Plan, top: int = 8) -> str:
     """The plan as text: one line per table, then the ranks (all of them up to `top`, else
     the `top` fullest)."""
-    lines = [f"{'table':<44} {'rows x dim':>18} {'sharding':<15} {'kernel':<7} ranks"]
+    lines = [f"{'table':<44} {'rows x dim':>18} {'sharding':<15} {'kernel':<17} ranks"]
     for t in plan.tables:
         ranks = _span(t.ranks)
         name = f"{t.module}.{t.table}" + (" (frozen)" if t.frozen else "")
         lines.append(f"{name:<44} {f'{t.rows:,} x {t.dim}':>18} {t.sharding_type:<15} "
-                     f"{t.compute_kernel:<7} {ranks}")
+                     f"{t.compute_kernel:<17} {ranks}")
     where = "HBM" if plan.device == "cuda" else "DDR"
-    lines += ["", f"per rank, GiB of {where} ({plan.capacity / GiB:.1f} each; planner's estimate)",
-              f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'total':>8}"]
+    lines += ["", f"per rank, GiB ({plan.capacity / GiB:.1f} of {where} each; planner's estimate "
+              "of where the tables sit)",
+              f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'HBM':>8} {'DDR':>8}"]
     order = sorted(range(plan.world_size), key=lambda r: -plan.ranks[r].total)
     for r in sorted(order[:top]) if plan.world_size > top else range(plan.world_size):
         m = plan.ranks[r]
         lines.append(f"{r:>5} {m.weights / GiB:>9.2f} {m.optimizer / GiB:>10.2f} "
-                     f"{m.other / GiB:>8.2f} {m.total / GiB:>8.2f}")
+                     f"{m.other / GiB:>8.2f} {m.hbm / GiB:>8.2f} {m.ddr / GiB:>8.2f}")
     if plan.world_size > top:
         lines.append(f"(the {top} fullest of {plan.world_size} ranks)")
     total = sum(m.total for m in plan.ranks)

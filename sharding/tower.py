@@ -22,7 +22,7 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -50,16 +50,21 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 
 def check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str) -> None:
-    """Refuse a sharding type the sharder of a table's collection does not offer on this
-    device, naming the table, before the planner fails deep inside."""
+    """Refuse a sharding type or compute kernel the sharder of a table's collection does not
+    offer on this device, naming the table, before the planner fails deep inside."""
     for ec in embedding_collections(model):
         sharder = sharders()[0 if isinstance(ec, EmbeddingBagCollection) else 1]
         offered = sharder.sharding_types(device)
         for table in _table_names(ec):
-            if sharding.type_of(table) not in offered:
-                raise ConfigError(
-                    f"sharding: table {table!r} cannot be {sharding.type_of(table)} on "
-                    f"{device} ({type(ec).__name__} offers {offered})")
+            kind = sharding.type_of(table)
+            if kind not in offered:
+                raise ConfigError(f"sharding: table {table!r} cannot be {kind} on {device} "
+                                  f"({type(ec).__name__} offers {offered})")
+            kernels = sharder.compute_kernels(kind, device)
+            if sharding.kernel_of(table) not in kernels:
+                raise ConfigError(f"sharding: table {table!r} cannot use the "
+                                  f"{sharding.kernel_of(table)} kernel on {device} "
+                                  f"(offered: {kernels})")
 
 
 def _table_names(ec: nn.Module) -> list[str]:
@@ -88,8 +93,14 @@ def attach_table_optimizers(model: nn.Module, sparse_lr: float,
 
 def table_constraints(model: nn.Module, sharding: ShardingConfig,
                       ) -> dict[str, ParameterConstraints]:
+    def cache(table: str) -> CacheParams | None:
+        if sharding.kernel_of(table) != "fused_uvm_caching":
+            return None
+        return CacheParams(load_factor=sharding.cache_load_factor)
+
     return {t: ParameterConstraints(sharding_types=[sharding.type_of(t)],
-                                    compute_kernels=["fused"])
+                                    compute_kernels=[sharding.kernel_of(t)],
+                                    cache_params=cache(t))
             for ec in embedding_collections(model) for t in _table_names(ec)}
 
 

@@ -90,3 +90,25 @@ def test_fp16_source_tables_halve_the_planned_source_weights(demo_config):
     plan = plan_tables(cfg, 1, "cpu", hbm_gb=0, ddr_gb=8, source_cfg=demo_config)
     want = sum((2 if t.frozen else 4) * t.rows * t.dim for t in plan.tables)
     assert plan.ranks[0].weights == want
+
+
+def test_uvm_caching_puts_the_big_tables_in_host_memory_with_a_device_cache(tmp_path):
+    import dataclasses
+
+    cfg = load_config(BILLION)
+    big = {"user": "fused_uvm_caching", "item": "fused_uvm_caching"}
+    cfg = dataclasses.replace(cfg, sharding=dataclasses.replace(cfg.sharding, kernels=big,
+                                                                cache_load_factor=0.2))
+    with pytest.raises(PlanDoesNotFit):  # all in HBM, 8 ranks cannot hold them
+        plan_tables(dataclasses.replace(cfg, sharding=load_config(BILLION).sharding), 8,
+                    "cuda", hbm_gb=80, ddr_gb=1024, source_cfg=cfg)
+    plan = plan_tables(cfg, 8, "cuda", hbm_gb=80, ddr_gb=1024, source_cfg=cfg)
+    cached = [t for t in plan.tables if t.compute_kernel == "fused_uvm_caching"]
+    assert {t.table for t in cached} == {"user", "item"} and len(cached) == 4
+    host = sum(4 * t.rows * t.dim for t in cached) / 8  # per rank, row-wise over 8
+    for m in plan.ranks:
+        assert m.hbm < 80 * GiB and m.ddr >= host
+        assert m.other > 0.2 * host * 0.9  # the device's cache of a fifth of the host rows
+    with pytest.raises(ConfigError, match="table 'user' cannot use the fused_uvm_caching "
+                                          "kernel on cpu"):
+        plan_tables(cfg, 8, "cpu", hbm_gb=0, ddr_gb=1024)
