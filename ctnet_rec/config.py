@@ -202,6 +202,9 @@ class TowerConfig:
     mlp_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])
     attention_heads: int = 2
     use_target_attention: bool = True
+    # the short sequence: "transformer" (a Transformer layer, then multi-head target attention:
+    # the paper's tower) or "din" (DIN's activation unit over the raw behaviours: the DIN row)
+    short_sequence: Literal["transformer", "din"] = "transformer"
     use_sim: bool = True
     use_eta: bool = True
     sim_top_k: int = 64

@@ -17,6 +17,7 @@ from ctnet_rec.data.contract import DataError
 from ctnet_rec.experiment.runner import (
     BASE,
     CTNET_VARIANTS,
+    DIN,
     DUAL,
     ORACLE,
     PRETRAIN_FINETUNE,
@@ -56,7 +57,7 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     metrics = json.loads((experiment / "metrics.json").read_text())
     last = str(metrics["settings"]["trained_periods"][-1])
     models = metrics["models"]
-    assert list(models) == [SOURCE, BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS,
+    assert list(models) == [SOURCE, BASE, DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS,
                             ORACLE]
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
@@ -201,8 +202,8 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     data = experiment / "data"
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in report.split("## Cost", 1)[1].splitlines() if line.startswith("| ")][1:]
-    # the source tower, then per target domain its warm-up and 12 compared jobs
-    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * 13
+    # the source tower, then per target domain two warm-ups and 13 compared jobs
+    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * 15
     for name, domain, target, source, seconds, peak, above in rows:
         c = costs[name][domain]
         assert [int(target), int(source), int(peak)] == [
@@ -216,8 +217,9 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     for d in ("B", "C"):
         window = _parquet_rows(data, d, [2, 3])
         assert costs["warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
-        for name in (BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
+        for name in (BASE, DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
             assert costs[name][d]["target_samples"] == window, (name, d)
+        assert costs["DIN warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
         assert costs[SOURCE][d]["target_samples"] == 0  # it only scores
         assert costs["Pre-train & Fine-tune sweep (4 periods)"][d]["target_samples"] == \
             _parquet_rows(data, d, range(4))
@@ -285,3 +287,23 @@ def test_the_report_names_every_row_above_ctnet(experiment):
             if n != "CTNet":
                 assert (f"{n} (+" in line) == (n in above), (n, line)
         assert ("no compared row is above it" in line) == (not above)
+
+
+def test_din_is_the_tower_with_the_din_unit_and_learns(experiment):
+    metrics = json.loads((experiment / "metrics.json").read_text())["models"]
+    for d in ("B", "C"):
+        ckpts = complete_checkpoints(experiment / d / "din")
+        assert sorted(ckpts) == [0, 1, 2, 3]  # its own warm-up, then the test periods
+        manifest = Manifest.read(ckpts[3])
+        model = manifest.config["model"]
+        assert (model["short_sequence"], model["use_sim"], model["use_eta"]) == ("din", False,
+                                                                                 False)
+    # learns on B (1,000 rows a period); the quick world's C (600 rows) is too small for any
+    # model: Base itself scores about 0.5 there
+    assert all(metrics[DIN]["B"][t]["auc"] > 0.55 for t in ("2", "3")), metrics[DIN]["B"]
+    from ctnet_rec.training.inference import open_checkpoint
+
+    trainer, _ = open_checkpoint(complete_checkpoints(experiment / "B" / "din")[3])
+    names = [n for n, _ in trainer.dmp.named_parameters()]
+    assert any(".ta.unit." in n for n in names)  # DIN's activation unit
+    assert not any(".encoder." in n or ".sim." in n or ".eta." in n for n in names)

@@ -150,3 +150,18 @@ def test_mlp_adds_hook(demo_config, batch):
     bumped = tower(batch.sparse, batch.dense, [None, None, torch.ones_like(out.hidden[2])])
     assert not torch.allclose(bumped.logits, out.logits)
     torch.testing.assert_close(bumped.hidden[0], out.hidden[0])
+
+
+def test_din_unit_sums_weighted_behaviours_without_normalising():
+    from ctnet_rec.modules.attention import DINAttention
+
+    torch.manual_seed(0)
+    din = DINAttention(8)
+    target, e = torch.randn(3, 8), torch.randn(3, 1, 8)
+    one = din(target, e, torch.ones(3, 1, dtype=torch.bool))
+    twice = din(target, torch.cat([e, e], 1), torch.ones(3, 2, dtype=torch.bool))
+    torch.testing.assert_close(twice, 2 * one)  # no softmax: two clicks weigh twice one
+    padded = din(target, torch.cat([e, torch.randn(3, 1, 8)], 1),
+                 torch.tensor([[True, False]] * 3))
+    torch.testing.assert_close(padded, one)  # masked positions count for nothing
+    assert not din(target, e, torch.zeros(3, 1, dtype=torch.bool)).any()

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ctnet_rec.experiment.runner import (  # noqa: E402
     BASE,
+    DIN_WARM_UP,
     ORACLE,
     SOURCE_TOWER,
     WARM_UP,
@@ -136,7 +137,7 @@ def cost_table(res: Results) -> Table:
     source = res.settings["source_domain"]
     head = ["model", "domain", "target samples", f"source ({source}) samples", "wall s",
             "peak RSS MB", "above start MB"]
-    order = [SOURCE_TOWER, WARM_UP, *res.models, *(sweep_name(k) for k in sorted(
+    order = [SOURCE_TOWER, WARM_UP, DIN_WARM_UP, *res.models, *(sweep_name(k) for k in sorted(
         {k for per in res.finetune_sweep.values() for k in per}))]
     rows: list[list[Cell]] = []
     for name in order:

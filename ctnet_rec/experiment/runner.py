@@ -48,6 +48,17 @@ CTNET_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 WARM_UP, SOURCE_TOWER = "warm-up", "source tower"
+DIN, DIN_WARM_UP = "DIN", "DIN warm-up"
+
+
+def din_config(cfg: Config) -> Config:
+    """The DIN row: the target tower's features, tables and MLP, with DIN's activation unit on
+    the short behaviour sequence in place of the Transformer + target attention, and without
+    the long-sequence modules (DIN has none)."""
+    din = copy.deepcopy(cfg)
+    din.model = dataclasses.replace(din.model, short_sequence="din", use_sim=False,
+                                    use_eta=False)
+    return din
 
 
 @dataclass
@@ -126,6 +137,13 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
         jobs.append(Job(BASE, d, partial(train_continual, cfg, data, d, window, base,
                                          resume=True),
                         trains=window, scores=scored, run=base))
+        din_run = out / d / _slug(DIN)
+        jobs.append(Job(DIN_WARM_UP, d, partial(train_continual, din_config(cfg), data, d,
+                                                range(t0), din_run, resume=True),
+                        trains=range(t0), scores=range(1, t0 + 1), run=din_run))
+        jobs.append(Job(DIN, d, partial(train_continual, din_config(cfg), data, d, window,
+                                        din_run, resume=True),
+                        trains=window, scores=scored, run=din_run))
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored))
         run = out / d / _slug(DUAL)
@@ -203,15 +221,17 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             "target_samples": sum(read.get(d, 0) for d in e.target_domains),
             "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
-        name: {} for name in (SOURCE, BASE, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS, ORACLE)
+        name: {} for name in (SOURCE, BASE, DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS,
+                              ORACLE)
     }  # the report's order
     for d in e.target_domains:
         base = _metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         models[SOURCE][d] = {
             int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
-        for name in (*PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
-            models[name][d] = _metrics_by_period(out / d / _slug(name))
+        for name in (DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
+            models[name][d] = {t: m for t, m in _metrics_by_period(out / d / _slug(name)).items()
+                               if t in trained}
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
     if not models[ORACLE]:

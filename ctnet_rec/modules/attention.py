@@ -54,6 +54,30 @@ class TargetAttention(nn.Module):
         return out.squeeze(1) * has_any.unsqueeze(1).to(out.dtype)
 
 
+class DINAttention(nn.Module):
+    """DIN's local activation unit (Zhou et al., KDD 2018): each behaviour's weight is an MLP
+    of [behaviour, target, behaviour - target, behaviour * target], and the interest is the
+    weighted sum of the behaviours, not normalised by a softmax (so how much a user did
+    counts, not only what). The unit's hidden sizes are the DIN paper's [80, 40]; PReLU as
+    there (its Dice activation is left out: a PReLU unit is the common re-implementation)."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (80, 40)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 4 * dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.PReLU(h)]
+            width = h
+        self.unit = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        query = target.unsqueeze(1).expand_as(keys)
+        pairs = torch.cat([keys, query, keys - query, keys * query], dim=-1)
+        weights = self.unit(pairs.flatten(0, 1)).view(*keys.shape[:2], 1)  # PReLU: (N, C)
+        weights = weights * mask.unsqueeze(-1).to(keys.dtype)
+        return (weights * keys).sum(dim=1)
+
+
 class SequenceEncoder(nn.Module):
     """One Transformer encoder layer over the short behaviour sequence."""
 

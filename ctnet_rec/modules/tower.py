@@ -11,6 +11,7 @@ from torchrec.modules.embedding_configs import DataType
 
 from ctnet_rec.config import FeatureConfig, TowerConfig
 from ctnet_rec.modules.attention import (
+    DINAttention,
     SequenceEncoder,
     SimHash,
     TargetAttention,
@@ -61,8 +62,11 @@ class Tower(nn.Module):
         self.long = long if (model.use_sim or model.use_eta) else None
         token = 2 * self.embeddings.token_dim
         heads = model.attention_heads
-        self.encoder = SequenceEncoder(token, heads) if self.short else None
-        self.ta = TargetAttention(token, heads) if self.short else None
+        din = model.short_sequence == "din"
+        self.encoder = SequenceEncoder(token, heads) if self.short and not din else None
+        self.ta: nn.Module | None = None
+        if self.short:
+            self.ta = DINAttention(token) if din else TargetAttention(token, heads)
         self.sim = TargetAttention(token, heads) if long and model.use_sim else None
         self.eta = TargetAttention(token, heads) if long and model.use_eta else None
         self.simhash = SimHash(self.embeddings.token_dim, model.eta_hash_bits) if self.eta else None
@@ -93,7 +97,9 @@ class Tower(nn.Module):
         if self.short is not None:
             s = self.short
             tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
-            parts.append(self.ta(target, self.encoder(tokens, mask), mask))
+            if self.encoder is not None:
+                tokens = self.encoder(tokens, mask)
+            parts.append(self.ta(target, tokens, mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
         parts += long_interest
