@@ -139,8 +139,8 @@ def _sharding(args: argparse.Namespace) -> ShardingConfig | None:
     """The command line's placement, replacing the config's [sharding] when given."""
     if not (args.sharding or args.source_table_dtype):
         return None
-    return ShardingConfig(args.sharding or "table_wise", {},
-                          args.source_table_dtype or "fp32")
+    return ShardingConfig(sharding_type=args.sharding or "table_wise",
+                          source_table_dtype=args.source_table_dtype or "fp32")
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
