@@ -17,22 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from common import DATA, ROOT, require_demo_world, write_result
 
-from ctnet_rec.config import FeatureConfig, load_config
+from ctnet_rec.config import load_config
 from ctnet_rec.data.contract import list_domains, list_periods
 from ctnet_rec.data.ids import map_ids
 
 RESULT = ROOT / "benchmarks" / "results" / "collisions.json"
 POLICIES = ("modulo", "hash")
-
-
-def columns_by_table(features: FeatureConfig) -> dict[str, list[str]]:
-    cols: dict[str, list[str]] = {}
-    for f in features.id_features:
-        cols.setdefault(f.table, []).append(f.name)
-    for s in features.sequences:
-        cols.setdefault(s.item_table, []).append(s.item_column)
-        cols.setdefault(s.category_table, []).append(s.category_column)
-    return cols
 
 
 def distinct_ids(columns: list[str]) -> np.ndarray:
@@ -63,7 +53,7 @@ def main() -> None:
     cfg = load_config(args.config)
     tables = {}
     print(f"{'table':<10}{'rows':>10}{'distinct ids':>14}" + "".join(f"{p:>10}" for p in POLICIES))
-    for name, columns in columns_by_table(cfg.features).items():
+    for name, columns in cfg.features.columns_by_table().items():
         rows = cfg.features.table(name).num_embeddings
         ids = distinct_ids(columns)
         rates = {policy: round(collision_rate(ids, rows, policy), 4) for policy in POLICIES}

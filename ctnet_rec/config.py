@@ -154,6 +154,16 @@ class FeatureConfig:
     def sequence_tables(self) -> set[str]:
         return {t for s in self.sequences for t in (s.item_table, s.category_table)}
 
+    def columns_by_table(self) -> dict[str, list[str]]:
+        """The id columns each table embeds: scalar ids and behaviour sequences."""
+        cols: dict[str, list[str]] = {}
+        for f in self.id_features:
+            cols.setdefault(f.table, []).append(f.name)
+        for s in self.sequences:
+            cols.setdefault(s.item_table, []).append(s.item_column)
+            cols.setdefault(s.category_table, []).append(s.category_column)
+        return cols
+
     def pooled_keys(self) -> list[str]:
         """Features embedded once per row (an EmbeddingBagCollection): scalar ids whose table no
         sequence uses, and bucketised numerics."""

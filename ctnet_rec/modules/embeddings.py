@@ -31,12 +31,7 @@ class TowerEmbeddings(nn.Module):
         device = device or torch.device("cpu")
         self.pooled_keys = features.pooled_keys()
         self.sequence_keys = features.sequence_keys()
-        by_table: dict[str, list[str]] = {}
-        for f in features.id_features:
-            by_table.setdefault(f.table, []).append(f.name)
-        for s in features.sequences:
-            by_table.setdefault(s.item_table, []).append(s.item_column)
-            by_table.setdefault(s.category_table, []).append(s.category_column)
+        by_table = features.columns_by_table()
         shared = features.sequence_tables()
         bag_tables = [
             EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
