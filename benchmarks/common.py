@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torchrec
 from ctnet_rec.config import Config
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.experiment.jobs import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "runs" / "demo" / "data"
@@ -61,7 +61,7 @@ def time_steps(steps: dict[str, Callable[[Batch], None]],
             step(b)
             times[name].append(time.perf_counter() - start)
     size = len(batches[0])
-    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    rss = round(peak_rss_mb(), 1)
     return {name: {"batch_size": size, "steps": len(t),
                    "samples_per_s": round(size / statistics.median(t), 1),
                    "step_ms": round(1000 * statistics.median(t), 1), "peak_rss_mb": rss}

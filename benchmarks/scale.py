@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import time
 
 import torch
@@ -27,6 +26,7 @@ from common import ROOT, demo_batches, require_demo_world, time_steps, write_res
 from ctnet_step import train_step
 
 from ctnet_rec.config import ShardingConfig, load_config
+from ctnet_rec.experiment.jobs import peak_rss_mb, rss_mb
 from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.training.distributed import init_distributed
 from sharding.plan import plan_tables
@@ -35,15 +35,6 @@ from sharding.tower import shard_model
 RESULT = ROOT / "benchmarks" / "results" / "scale.json"
 ROWS = {"user": 20_000_000, "item": 25_000_000, "category": 1_000_000, "seller": 5_000_000}
 MB = 2**20
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / MB
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -66,16 +57,16 @@ def main() -> None:
     planned = plan.ranks[0]
     rows = sum(t.rows for t in plan.tables)
 
-    before = _rss_mb()
+    before = rss_mb()
     start = time.perf_counter()
     net = build_ctnet((cfg.features, cfg.model), (cfg.features, cfg.model), cfg.ctnet,
                       torch.device("meta"), cfg.sharding.source_table_dtype)
     dmp = shard_model(net, env, cfg.train.sparse_lr, frozen=net.source, sharding=cfg.sharding)
     built_s = time.perf_counter() - start
-    after_build = _rss_mb()
+    after_build = rss_mb()
     step, _ = train_step(dmp, cfg)
     timed = time_steps({"ctnet": step}, batches)["ctnet"]
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     measured = peak - before
     predicted = planned.total / MB
     result = {

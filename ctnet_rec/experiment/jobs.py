@@ -55,18 +55,24 @@ def _child_init(levels: dict[str, int]) -> None:
     gc.freeze()  # the library's import-time objects need no rescans by the collector
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _measured(fn: Callable[[], None]) -> dict[str, float]:
     """Wall time and memory of `fn` in this (fresh) process: the RSS it starts with (the
-    imported libraries) and its peak (ru_maxrss, in KiB on Linux)."""
-    start_rss, start = _rss_mb(), time.perf_counter()
+    imported libraries) and its peak."""
+    start_rss, start = rss_mb(), time.perf_counter()
     fn()
     usage = {"seconds": time.perf_counter() - start, "start_rss_mb": start_rss,
-             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+             "peak_rss_mb": peak_rss_mb()}
     import torch
 
     if torch.cuda.is_initialized():

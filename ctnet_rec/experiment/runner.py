@@ -137,12 +137,12 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
         jobs.append(Job(BASE, d, partial(train_continual, cfg, data, d, window, base,
                                          resume=True),
                         trains=window, scores=scored, run=base))
-        din_run = out / d / _slug(DIN)
-        jobs.append(Job(DIN_WARM_UP, d, partial(train_continual, din_config(cfg), data, d,
-                                                range(t0), din_run, resume=True),
+        din_run, din = out / d / _slug(DIN), din_config(cfg)
+        jobs.append(Job(DIN_WARM_UP, d, partial(train_continual, din, data, d, range(t0),
+                                                din_run, resume=True),
                         trains=range(t0), scores=range(1, t0 + 1), run=din_run))
-        jobs.append(Job(DIN, d, partial(train_continual, din_config(cfg), data, d, window,
-                                        din_run, resume=True),
+        jobs.append(Job(DIN, d, partial(train_continual, din, data, d, window, din_run,
+                                        resume=True),
                         trains=window, scores=scored, run=din_run))
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored))
