@@ -20,7 +20,7 @@ import json
 import torch
 from common import ROOT, demo_batches, require_demo_world, run_workers, time_steps, write_result
 from torch import nn
-from torchrec import KeyedJaggedTensor, KeyedTensor
+from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig, load_config
@@ -53,13 +53,8 @@ class PlainEmbeddings(TowerEmbeddings):
 
     def forward(self, kjt: KeyedJaggedTensor):
         d = kjt.to_dict()
-        keys, values, lengths = [], [], []
-        for bag in self.pooled_tables.values():
-            for f in bag.feature_names:
-                keys.append(f)
-                values.append(bag(d[f].values(), d[f].offsets()))
-                lengths.append(bag.embedding_dim)
-        pooled = KeyedTensor(keys=keys, length_per_key=lengths, values=torch.cat(values, 1))
+        pooled = {f: bag(d[f].values(), d[f].offsets())
+                  for bag in self.pooled_tables.values() for f in bag.feature_names}
         seq = {}
         for emb in self.sequence_tables.values():
             for f in emb.feature_names:

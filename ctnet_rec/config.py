@@ -32,6 +32,9 @@ def _check(cond: bool, key: str, reason: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+IdPolicy = Literal["modulo", "hash", "managed"]
+
+
 @dataclass
 class TableConfig:
     """One embedding table; several features may share it (item ids and behaviour items)."""
@@ -39,6 +42,7 @@ class TableConfig:
     name: str
     num_embeddings: int
     embedding_dim: int
+    id_policy: IdPolicy | None = None  # None: the features' id_policy
 
     def validate(self, key: str) -> None:
         _check(self.name.isidentifier(), f"{key}.name", f"{self.name!r} is not an identifier")
@@ -110,14 +114,21 @@ class FeatureConfig:
 
     `id_policy`: "modulo" (default) maps a raw int64 id x to row x mod num_embeddings (always
     in [0, num_embeddings), negative ids included); "hash" first mixes the 64 bits (splitmix64)
-    so ids with structure in their low bits (e.g. multiples of the table size) spread evenly.
+    so ids with structure in their low bits (e.g. multiples of the table size) spread evenly;
+    "managed" gives every id a row of its own (TorchRec's managed-collision modules, see
+    `ctnet_rec/modules/id_mapping.py`) while the table has a free row or a row whose id was not
+    seen for `evict_after_periods` periods. A table may override the policy (`id_policy` in
+    `[[features.tables]]`): managed suits the large id tables, a small one (hours, age groups)
+    is better served by modulo. A managed table keeps its last row for the ids it has no row
+    for, and under several ranks it must be sharded row-wise.
     """
 
     tables: list[TableConfig]
     id_features: list[IdFeatureConfig]
     sequences: list[SequenceConfig] = field(default_factory=list)
     numeric: list[NumericFeatureConfig] = field(default_factory=list)
-    id_policy: Literal["modulo", "hash"] = "modulo"
+    id_policy: IdPolicy = "modulo"
+    evict_after_periods: int = 2
     label_column: str = "label"
     user_column: str = "user_id"
     item_column: str = "item_id"
@@ -142,6 +153,7 @@ class FeatureConfig:
                 )
         for i, n in enumerate(self.numeric):
             n.validate(f"{key}.numeric[{i}]")
+        _check(self.evict_after_periods >= 1, f"{key}.evict_after_periods", "must be >= 1")
         keys = self.sparse_keys() + [n.name for n in self.numeric if not n.bucketized]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         _check(not dup, key, f"feature names must be unique, repeated: {dup}")
@@ -150,6 +162,20 @@ class FeatureConfig:
 
     def table(self, name: str) -> TableConfig:
         return next(t for t in self.tables if t.name == name)
+
+    def policy_of(self, table: str) -> IdPolicy:
+        return self.table(table).id_policy or self.id_policy
+
+    def managed_tables(self) -> set[str]:
+        """Tables whose ids the model maps itself (the reader passes raw ids, mixed)."""
+        return {t.name for t in self.tables if self.policy_of(t.name) == "managed"}
+
+    def table_of(self, key: str) -> str | None:
+        """The table a sparse key looks up (None for a bucketised numeric)."""
+        for t, cols in self.columns_by_table().items():
+            if key in cols:
+                return t
+        return None
 
     def sequence_tables(self) -> set[str]:
         return {t for s in self.sequences for t in (s.item_table, s.category_table)}
@@ -365,8 +391,9 @@ class ShardingConfig:
     # CTNet's frozen source tables: fp16 storage halves them (lookups still return fp32)
     source_table_dtype: Literal["fp32", "fp16"] = "fp32"
 
-    def type_of(self, table: str) -> str:
-        return self.tables.get(table, self.sharding_type)
+    def type_of(self, table: str, managed: bool = False) -> str:
+        """A managed-id table defaults to row_wise, the only type TorchRec shards it with."""
+        return self.tables.get(table, "row_wise" if managed else self.sharding_type)
 
     def kernel_of(self, table: str) -> str:
         return self.kernels.get(table, self.compute_kernel)

@@ -23,11 +23,14 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingType
+from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
+from torchrec.modules.mc_modules import ManagedCollisionModule
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from ctnet_rec.config import ConfigError, ShardingConfig
 from ctnet_rec.training.distributed import DistEnv
+from sharding.managed_ids import ManagedBagSharder, ManagedSequenceSharder
 
 
 def embedding_collections(model: nn.Module) -> list[nn.Module]:
@@ -46,20 +49,37 @@ class RowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
-    return [RowWiseEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    """Plain and managed-collision collections of both kinds (the managed ones row-wise)."""
+    return [RowWiseEmbeddingBagCollectionSharder(), EmbeddingCollectionSharder(),
+            ManagedBagSharder(ebc_sharder=RowWiseEmbeddingBagCollectionSharder()),
+            ManagedSequenceSharder()]
+
+
+def _lookups(model: nn.Module) -> list[tuple[nn.Module, ModuleSharder[nn.Module], bool]]:
+    """(collection, the sharder that shards it, whether its ids are managed) per collection."""
+    managed = {id(m._embedding_module) for m in model.modules()
+               if isinstance(m, BaseManagedCollisionEmbeddingCollection)}
+    plain_bag, plain_seq, managed_bag, managed_seq = sharders()
+    out = []
+    for ec in embedding_collections(model):
+        bag, is_managed = isinstance(ec, EmbeddingBagCollection), id(ec) in managed
+        sharder = (managed_bag if bag else managed_seq) if is_managed else \
+            (plain_bag if bag else plain_seq)
+        out.append((ec, sharder, is_managed))
+    return out
 
 
 def check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str) -> None:
     """Refuse a sharding type or compute kernel the sharder of a table's collection does not
     offer on this device, naming the table, before the planner fails deep inside."""
-    for ec in embedding_collections(model):
-        sharder = sharders()[0 if isinstance(ec, EmbeddingBagCollection) else 1]
+    for ec, sharder, managed in _lookups(model):
         offered = sharder.sharding_types(device)
         for table in _table_names(ec):
-            kind = sharding.type_of(table)
+            kind = sharding.type_of(table, managed)
             if kind not in offered:
+                what = "a managed-id table" if managed else type(ec).__name__
                 raise ConfigError(f"sharding: table {table!r} cannot be {kind} on {device} "
-                                  f"({type(ec).__name__} offers {offered})")
+                                  f"({what} offers {offered})")
             kernels = sharder.compute_kernels(kind, device)
             if sharding.kernel_of(table) not in kernels:
                 raise ConfigError(f"sharding: table {table!r} cannot use the "
@@ -98,10 +118,10 @@ def table_constraints(model: nn.Module, sharding: ShardingConfig,
             return None
         return CacheParams(load_factor=sharding.cache_load_factor)
 
-    return {t: ParameterConstraints(sharding_types=[sharding.type_of(t)],
+    return {t: ParameterConstraints(sharding_types=[sharding.type_of(t, managed)],
                                     compute_kernels=[sharding.kernel_of(t)],
                                     cache_params=cache(t))
-            for ec in embedding_collections(model) for t in _table_names(ec)}
+            for ec, _, managed in _lookups(model) for t in _table_names(ec)}
 
 
 # the share of each device's memory the planner leaves for everything but the tables (dense
@@ -145,8 +165,10 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=module_sharders,
                                    init_data_parallel=False)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
+        id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
+                   for b in m.buffers()}  # each rank's id map is its own shard's
         for t in [*dense_parameters(dmp), *dmp.buffers()]:
-            if not t.is_meta:
+            if not t.is_meta and id(t) not in id_maps:
                 dist.broadcast(t.data, src=0)
     return dmp
 

@@ -21,8 +21,15 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z
 
 
+# "managed" ids go to the model as splitmix64(x) mod (2^63 - 1): non-negative, never the
+# int64 maximum TorchRec's managed-collision modules use as their empty-slot marker, and
+# spread evenly over the id range, which row-wise sharding splits between the ranks
+MANAGED_ID_RANGE = 2**63 - 1
+
+
 def map_ids_(values: np.ndarray, num_embeddings: int, policy: str) -> np.ndarray:
-    """In place: raw int64 ids -> rows in [0, num_embeddings), negative and extreme ids included.
+    """In place: raw int64 ids -> rows in [0, num_embeddings), negative and extreme ids included,
+    or, for "managed", -> ids in [0, MANAGED_ID_RANGE) that the model maps to rows itself.
 
     "modulo" is floor modulo (x mod n >= 0, as Python's %), done by torch's in-place remainder:
     one pass, no temporaries (numpy's np.mod is three times slower on large batches)."""
@@ -32,7 +39,10 @@ def map_ids_(values: np.ndarray, num_embeddings: int, policy: str) -> np.ndarray
     if policy == "hash":
         values[:] = (splitmix64(values) % np.uint64(num_embeddings)).astype(np.int64)
         return values
-    raise ValueError(f"unknown id_policy {policy!r} (expected 'modulo' or 'hash')")
+    if policy == "managed":
+        values[:] = (splitmix64(values) % np.uint64(MANAGED_ID_RANGE)).astype(np.int64)
+        return values
+    raise ValueError(f"unknown id_policy {policy!r} (expected 'modulo', 'hash' or 'managed')")
 
 
 def map_ids(raw: np.ndarray, num_embeddings: int, policy: str) -> np.ndarray:

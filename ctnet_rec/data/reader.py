@@ -147,16 +147,16 @@ class RowCodec:
         item_ids = np.array(table.column(f.item_column).to_numpy(), dtype=np.int64)
         claimed: set[str] = set()
 
-        def mapped(col: str, arr: pa.Array, rows: int) -> np.ndarray:
+        def mapped(col: str, arr: pa.Array, table: str) -> np.ndarray:
             values = _writable_int64(arr, copy=col in claimed)
             claimed.add(col)
-            return map_ids_(values, rows, f.id_policy)
+            return map_ids_(values, f.table(table).num_embeddings, f.policy_of(table))
 
         row_index, ones = np.arange(n, dtype=np.int64), np.ones(n, np.int32)
         groups: dict[str, IdGroup] = {}  # by first key
         for f_id in f.id_features:
             arr = _single_chunk(table.column(f_id.column))
-            rows = mapped(f_id.column, arr, f.table(f_id.table).num_embeddings)
+            rows = mapped(f_id.column, arr, f_id.table)
             groups[f_id.name] = IdGroup(row_index, ones, {f_id.name: rows})
         dense_cols = []
         for num in f.numeric:
@@ -173,7 +173,7 @@ class RowCodec:
                 arr = _single_chunk(table.column(col))
                 off = arr.offsets.to_numpy()
                 flat = arr.values.slice(off[0], off[-1] - off[0])
-                values[col] = mapped(col, flat, f.table(tname).num_embeddings)
+                values[col] = mapped(col, flat, tname)
             lengths = np.minimum(np.diff(off), s.max_len).astype(np.int32)
             groups[s.item_column] = IdGroup(off[:-1] - off[0], lengths, values)
         dense = np.stack(dense_cols, 1) if dense_cols else np.zeros((n, 0), np.float32)

@@ -74,8 +74,9 @@ class SourceView(nn.Module):
     """Target inputs as the source tower reads them: keys only the source has arrive empty,
     keys only the target has are dropped; likewise dense columns (zeros when missing).
 
-    Shared keys pass their table rows through unchanged, so both schemas must map a shared
-    key's raw ids to the same rows (same id policy and table size): refused otherwise."""
+    Shared keys pass their ids through unchanged, so both schemas must treat a shared key's
+    raw ids alike: the same id policy and, unless the policy is managed (each tower then maps
+    the ids to its own rows), the same table size. Refused otherwise."""
 
     def __init__(self, source: FeatureConfig, target: FeatureConfig) -> None:
         super().__init__()
@@ -83,13 +84,13 @@ class SourceView(nn.Module):
         self.keys = src_keys
         self.identity = src_keys == tgt_keys and source.dense_names() == target.dense_names()
         for key in [k for k in src_keys if k in tgt_keys]:
-            rows = (source.id_policy, _rows_of(source, key)), (target.id_policy,
-                                                                _rows_of(target, key))
-            if rows[0] != rows[1]:
+            mapping = _mapping_of(source, key), _mapping_of(target, key)
+            if mapping[0] != mapping[1]:
                 raise ValueError(
-                    f"feature {key!r}: the source maps its ids as {rows[0]} (id policy, "
-                    f"rows), the target as {rows[1]}; CTNet feeds the source tower the "
-                    "target's rows, so a shared feature needs the same policy and table size")
+                    f"feature {key!r}: the source maps its ids as {mapping[0]} (id policy, "
+                    f"rows), the target as {mapping[1]}; CTNet feeds the source tower the "
+                    "target's ids, so a shared feature needs the same policy and, unless "
+                    "managed, the same table size")
         tgt_dense = target.dense_names()
         self.dense_index = [tgt_dense.index(n) if n in tgt_dense else -1
                             for n in source.dense_names()]
@@ -109,16 +110,14 @@ class SourceView(nn.Module):
         return kjt, torch.stack(cols, 1) if cols else dense.new_zeros(rows, 0)
 
 
-def _rows_of(features: FeatureConfig, key: str) -> int:
-    """Rows of the table a sparse key looks up (buckets for a bucketised numeric)."""
-    for f in features.id_features:
-        if f.name == key:
-            return features.table(f.table).num_embeddings
-    for s in features.sequences:
-        if key in (s.item_column, s.category_column):
-            table = s.item_table if key == s.item_column else s.category_table
-            return features.table(table).num_embeddings
-    return next(len(n.boundaries) + 1 for n in features.numeric if n.name == key)
+def _mapping_of(features: FeatureConfig, key: str) -> tuple[str, int | None]:
+    """(id policy, rows) of the table a sparse key looks up; rows None when managed (the
+    tower maps ids itself); a bucketised numeric's buckets are its rows."""
+    table = features.table_of(key)
+    if table is None:
+        return "bucket", next(len(n.boundaries) + 1 for n in features.numeric if n.name == key)
+    policy = features.policy_of(table)
+    return policy, None if policy == "managed" else features.table(table).num_embeddings
 
 
 SOURCE_TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}

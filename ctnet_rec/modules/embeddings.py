@@ -10,12 +10,16 @@ from torchrec import (
     EmbeddingCollection,
     EmbeddingConfig,
     KeyedJaggedTensor,
-    KeyedTensor,
 )
 from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.mc_embedding_modules import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+)
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig
+from ctnet_rec.modules.id_mapping import managed_collisions
 
 
 class TowerEmbeddings(nn.Module):
@@ -23,7 +27,12 @@ class TowerEmbeddings(nn.Module):
     behaviour sequences through one EmbeddingCollection, so that the target item and the
     behaviour items share the item table (one row per id, sharded once), likewise categories.
 
-    Input: the reader's KJT (pooled keys first, then sequence keys)."""
+    Tables with the managed id policy live in their own collections (`managed_pooled`,
+    `managed_sequence`), wrapped in TorchRec's managed-collision modules, which map the raw ids
+    to rows themselves; the others (`pooled`, `sequence`) get rows from the reader.
+
+    Input: the reader's KJT (pooled keys first, then sequence keys). Output: pooled embeddings
+    and sequence embeddings, each by key."""
 
     def __init__(self, features: FeatureConfig, device: torch.device | None = None,
                  data_type: DataType = DataType.FP32) -> None:
@@ -33,6 +42,7 @@ class TowerEmbeddings(nn.Module):
         self.sequence_keys = features.sequence_keys()
         by_table = features.columns_by_table()
         shared = features.sequence_tables()
+        managed = features.managed_tables()
         bag_tables = [
             EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings,
                                embedding_dim=t.embedding_dim, feature_names=by_table[t.name],
@@ -51,11 +61,52 @@ class TowerEmbeddings(nn.Module):
                             data_type=data_type)
             for t in features.tables if t.name in shared
         ]
-        self.pooled = EmbeddingBagCollection(tables=bag_tables, device=device)
-        self.sequence = EmbeddingCollection(tables=seq_tables, device=device)
         self.pooled_dim = sum(t.embedding_dim * len(t.feature_names) for t in bag_tables)
         self.token_dim = seq_tables[0].embedding_dim if seq_tables else 0
 
-    def forward(self, kjt: KeyedJaggedTensor) -> tuple[KeyedTensor, dict[str, JaggedTensor]]:
-        pooled_kjt, seq_kjt = kjt.split([len(self.pooled_keys), len(self.sequence_keys)])
-        return self.pooled(pooled_kjt), self.sequence(seq_kjt)
+        def mine(tables: list, is_managed: bool) -> list:
+            return [t for t in tables if (t.name in managed) == is_managed]
+
+        def lookup(tables: list, bag: bool, is_managed: bool) -> nn.Module | None:
+            tables = mine(tables, is_managed)
+            if not tables:
+                return None
+            ec = EmbeddingBagCollection(tables=tables, device=device) if bag \
+                else EmbeddingCollection(tables=tables, device=device)
+            if not is_managed:
+                return ec
+            mc = ManagedCollisionEmbeddingBagCollection if bag \
+                else ManagedCollisionEmbeddingCollection
+            return mc(ec, managed_collisions(tables, features.evict_after_periods, device))
+
+        self.pooled = lookup(bag_tables, True, False)
+        self.managed_pooled = lookup(bag_tables, True, True)
+        self.sequence = lookup(seq_tables, False, False)
+        self.managed_sequence = lookup(seq_tables, False, True)
+        # the KJT's keys regrouped by lookup (a permutation only when some tables are managed)
+        groups = [[f for t in mine(tables, m) for f in t.feature_names]
+                  for tables, m in ((bag_tables, False), (bag_tables, True),
+                                    (seq_tables, False), (seq_tables, True))]
+        order = [k for g in groups for k in g]
+        keys = self.pooled_keys + self.sequence_keys
+        self.order = None if order == keys else [keys.index(k) for k in order]
+        self.splits = [len(g) for g in groups]
+
+    def forward(self, kjt: KeyedJaggedTensor,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:
+        if self.order is not None:
+            kjt = kjt.permute(self.order)
+        pooled: dict[str, torch.Tensor] = {}
+        sequence: dict[str, JaggedTensor] = {}
+        lookups = (self.pooled, self.managed_pooled, self.sequence, self.managed_sequence)
+        for i, (module, part) in enumerate(zip(lookups, kjt.split(self.splits), strict=True)):
+            if module is None:
+                continue
+            out = module(part)
+            if isinstance(out, tuple):  # a managed collection: (embeddings, remapped ids)
+                out = out[0]
+            if i < 2:
+                pooled.update(out.to_dict())
+            else:
+                sequence.update(out)
+        return pooled, sequence

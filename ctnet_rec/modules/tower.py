@@ -90,10 +90,9 @@ class Tower(nn.Module):
         pooled, emb = self.embeddings(sparse)
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
-        # by key, never pooled.values(): a sharded collection orders its output by placement,
-        # so the layout of E would change with the world size and sharding plan
-        by_key = pooled.to_dict()
-        parts = [*(by_key[k] for k in self.embeddings.pooled_keys), target]
+        # by key: a sharded collection orders its output by placement, so the layout of E
+        # would otherwise change with the world size and sharding plan
+        parts = [*(pooled[k] for k in self.embeddings.pooled_keys), target]
         if self.short is not None:
             s = self.short
             tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)

@@ -23,6 +23,7 @@ from ctnet_rec.config import Config
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
+from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
     Manifest,
@@ -48,7 +49,7 @@ def feature_schema(cfg: Config) -> dict[str, Any]:
         "sparse_keys": f.sparse_keys(),
         "dense": f.dense_names(),
         "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in f.tables},
-        "id_policy": f.id_policy,
+        "id_policy": {t.name: f.policy_of(t.name) for t in f.tables},
         "max_len": {s.name: s.max_len for s in f.sequences},
     }
 
@@ -140,6 +141,7 @@ class PeriodTrainer:
     def train_period(self, root: Path, domain: str, period: int) -> dict[str, float]:
         reader = self._reader(root, domain, period, train=True)
         self.dmp.train()
+        set_period(self.dmp, period)
         users, items = [], []
         total_loss, rows, start = 0.0, 0, time.perf_counter()
         bar = tqdm(reader, desc=f"{domain} period {period}", unit="batch",
