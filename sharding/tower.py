@@ -24,7 +24,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingType
 from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
-from torchrec.modules.mc_modules import ManagedCollisionModule
+from torchrec.modules.mc_modules import ManagedCollisionModule, MCHManagedCollisionModule
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
@@ -85,6 +85,14 @@ def check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str
                 raise ConfigError(f"sharding: table {table!r} cannot use the "
                                   f"{sharding.kernel_of(table)} kernel on {device} "
                                   f"(offered: {kernels})")
+
+
+def bucket_managed_ids(model: nn.Module, world_size: int) -> None:
+    """A managed table's id range splits into one bucket per rank (TorchRec's planner wants a
+    multiple of the world size); it only decides placement, so the model leaves it to us."""
+    for m in model.modules():
+        if isinstance(m, MCHManagedCollisionModule):
+            m._buckets = world_size
 
 
 def _table_names(ec: nn.Module) -> list[str]:
@@ -154,6 +162,7 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
     sharding = sharding or ShardingConfig()
     check_sharding_types(model, sharding, env.device.type)
+    bucket_managed_ids(model, env.world_size)
     attach_table_optimizers(model, sparse_lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size),
