@@ -48,11 +48,24 @@ def replaced_tables(cfg: Config, depth: Depth) -> set[str] | None:
 
 
 def _selector(tables: set[str] | None) -> Callable[[str], bool]:
-    """State keys of those tables' weights: `embeddings.<collection>.<kind>.<table>.weight`."""
+    """State keys of those tables: their weights (`embeddings.<collection>.<kind>.<table>.
+    weight`) and, for a managed table, its id map (`..._managed_collision_modules.<table>.*`),
+    without which the rows would belong to other ids."""
     if tables is None:
         return lambda key: True
-    return lambda key: key.startswith("embeddings.") and key.endswith(".weight") and \
-        key.split(".")[-2] in tables
+
+    def table_of(key: str) -> str | None:
+        parts = key.split(".")
+        if parts[0] != "embeddings":
+            return None
+        if MANAGED_IDS in parts:
+            return parts[parts.index(MANAGED_IDS) + 1]
+        return parts[-2] if parts[-1] == "weight" else None
+
+    return lambda key: table_of(key) in tables
+
+
+MANAGED_IDS = "_managed_collision_modules"
 
 
 def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_ckpt: Path,

@@ -24,6 +24,7 @@ from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, dual_embedding_init, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress
+from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, train_continual
@@ -118,6 +119,14 @@ def check_periods(cfg: Config, data: Path) -> None:
                 f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
 
 
+def transfer_baselines(cfg: Config) -> list[str]:
+    """The transfer baselines this config allows: Dual Embedding copies the source's user and
+    item rows into plain tables, so it is left out when those tables have managed ids."""
+    if {t for _, t in dual_features(cfg.features)} & cfg.features.managed_tables():
+        return [*PRETRAIN_FINETUNE]
+    return [*PRETRAIN_FINETUNE, DUAL]
+
+
 def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
     """Every job of the experiment, in the order they run: the source tower, then per target
     domain its warm-up and each compared model (a model's jobs need only earlier jobs)."""
@@ -146,9 +155,10 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                         trains=window, scores=scored, run=din_run))
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored))
-        run = out / d / _slug(DUAL)
-        jobs.append(Job(DUAL, d, partial(_dual_embedding, cfg, data, d, source_run, base, run),
-                        trains=window, scores=scored, run=run))
+        if DUAL in transfer_baselines(cfg):
+            run = out / d / _slug(DUAL)
+            jobs.append(Job(DUAL, d, partial(_dual_embedding, cfg, data, d, source_run, base,
+                                             run), trains=window, scores=scored, run=run))
         for name, depth in PRETRAIN_FINETUNE.items():
             run = out / d / _slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
@@ -220,16 +230,15 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         costs.setdefault(job.name, {})[job.domain] = {
             "target_samples": sum(read.get(d, 0) for d in e.target_domains),
             "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
+    compared = [DIN, *transfer_baselines(cfg), *CTNET_VARIANTS]
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
-        name: {} for name in (SOURCE, BASE, DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS,
-                              ORACLE)
-    }  # the report's order
+        name: {} for name in (SOURCE, BASE, *compared, ORACLE)}  # the report's order
     for d in e.target_domains:
         base = _metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         models[SOURCE][d] = {
             int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
-        for name in (DIN, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
+        for name in compared:
             models[name][d] = {t: m for t, m in _metrics_by_period(out / d / _slug(name)).items()
                                if t in trained}
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row

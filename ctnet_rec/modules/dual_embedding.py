@@ -31,6 +31,10 @@ class DualEmbeddingTower(Tower):
                  device: torch.device | None = None) -> None:
         super().__init__(features, model, device)
         pairs = dual_features(features)
+        managed = sorted({t for _, t in pairs} & features.managed_tables())
+        if managed:
+            raise ValueError(f"Dual Embedding copies the source's rows of {managed} into plain "
+                             "tables, which need the modulo or hash id policy, not managed")
         self.dual_keys = [name for name, _ in pairs]
         self.dual = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=DUAL_PREFIX + table,
