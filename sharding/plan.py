@@ -26,14 +26,14 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
+from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
 
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
 from sharding.tower import (
-    attach_table_optimizers,
-    check_sharding_types,
     planner_for,
+    prepare_for_planning,
     sharders,
     table_constraints,
 )
@@ -59,20 +59,23 @@ class Placement:
 class RankMemory:
     """One rank, in bytes: what its table shards hold (weights, optimiser state) and the
     planner's estimate of where they sit (device memory, host memory). `other` is the rest of
-    the estimate: lookup buffers and, with uvm caching, the device's cache of host rows."""
+    the estimate: lookup buffers and, with uvm caching, the device's cache of host rows.
+    `id_maps`: the managed tables' id-to-row maps (int64 buffers per row, on the device), which
+    the planner does not count; `total` adds them."""
 
     weights: int = 0
     optimizer: int = 0
     hbm: int = 0
     ddr: int = 0
+    id_maps: int = 0
 
     @property
     def total(self) -> int:
-        return self.hbm + self.ddr
+        return self.hbm + self.ddr + self.id_maps
 
     @property
     def other(self) -> int:
-        return max(0, self.total - self.weights - self.optimizer)
+        return max(0, self.hbm + self.ddr - self.weights - self.optimizer)
 
 
 @dataclass
@@ -83,6 +86,10 @@ class Plan:
     tables: list[Placement] = field(default_factory=list)
     ranks: list[RankMemory] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def managed(self) -> bool:
+        return any(r.id_maps for r in self.ranks)
 
 
 class PlanDoesNotFit(ConfigError):
@@ -120,6 +127,18 @@ def _optimizer_bytes(option: ShardingOption, rows: int) -> int:
     return 4 * rows if classes[0] is torchrec.optim.RowWiseAdagrad else 0
 
 
+def _id_map_bytes_per_row(model: nn.Module) -> dict[tuple[str, str], int]:
+    """(collection path, table) -> bytes per row of its managed-collision module's buffers."""
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, BaseManagedCollisionEmbeddingCollection):
+            for table, mc in m._managed_collision_collection._managed_collision_modules.items():
+                rows = mc.output_size()
+                out[(path, table)] = sum(b.element_size() for _, b in mc.named_buffers()
+                                         if b.dim() == 1 and b.numel() == rows)
+    return out
+
+
 def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb: float,
                 local_world_size: int | None = None,
                 source_cfg: Config | None = None) -> Plan:
@@ -127,8 +146,7 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
     tower, whose tables are read-only) for `world_size` ranks of `hbm_gb` / `ddr_gb` each."""
     start = time.perf_counter()
     model, frozen = _model(cfg, source_cfg)
-    check_sharding_types(model, cfg.sharding, device)
-    attach_table_optimizers(model, cfg.train.sparse_lr, frozen)
+    prepare_for_planning(model, cfg.sharding, device, world_size, cfg.train.sparse_lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size,
                                       local_world_size=local_world_size or min(world_size, 8),
@@ -145,6 +163,7 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
         raise PlanDoesNotFit(_why_not(model, topology, constraints, device, capacity,
                                       cfg.data.batch_size)) from None
     frozen_tables = {id(p) for p in frozen.parameters()} if frozen is not None else set()
+    id_map_bytes = _id_map_bytes_per_row(model)
     plan = Plan(world_size, device, capacity, ranks=[RankMemory() for _ in range(world_size)])
     for option in best.options:
         plan.tables.append(Placement(
@@ -160,6 +179,7 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
             mem.optimizer += opt
             mem.hbm += shard.storage.hbm
             mem.ddr += shard.storage.ddr
+            mem.id_maps += rows * id_map_bytes.get((option.path, option.name), 0)
     plan.seconds = time.perf_counter() - start
     return plan
 
@@ -208,14 +228,19 @@ def format_plan(plan: Plan, top: int = 8) -> str:
     where = "HBM" if plan.device == "cuda" else "DDR"
     lines += ["", f"per rank, GiB ({plan.capacity / GiB:.1f} of {where} each; planner's estimate "
               "of where the tables sit)",
-              f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'HBM':>8} {'DDR':>8}"]
+              f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'HBM':>8} {'DDR':>8}"
+              + (f" {'id maps':>8}" if plan.managed else "")]
     order = sorted(range(plan.world_size), key=lambda r: -plan.ranks[r].total)
     for r in sorted(order[:top]) if plan.world_size > top else range(plan.world_size):
         m = plan.ranks[r]
         lines.append(f"{r:>5} {m.weights / GiB:>9.2f} {m.optimizer / GiB:>10.2f} "
-                     f"{m.other / GiB:>8.2f} {m.hbm / GiB:>8.2f} {m.ddr / GiB:>8.2f}")
+                     f"{m.other / GiB:>8.2f} {m.hbm / GiB:>8.2f} {m.ddr / GiB:>8.2f}"
+                     + (f" {m.id_maps / GiB:>8.2f}" if plan.managed else ""))
     if plan.world_size > top:
         lines.append(f"(the {top} fullest of {plan.world_size} ranks)")
+    if plan.managed:
+        lines.append("id maps: the managed tables' id-to-row maps, on the device, which the "
+                     "planner does not count")
     total = sum(m.total for m in plan.ranks)
     lines.append(f"all ranks: {total / GiB:.1f} GiB; planned in {plan.seconds:.1f} s")
     return "\n".join(lines)

@@ -87,6 +87,14 @@ def check_sharding_types(model: nn.Module, sharding: ShardingConfig, device: str
                                   f"(offered: {kernels})")
 
 
+def prepare_for_planning(model: nn.Module, sharding: ShardingConfig, device: str,
+                         world_size: int, sparse_lr: float, frozen: nn.Module | None) -> None:
+    """What the planner reads off the model before placing its tables (sharding it or not)."""
+    check_sharding_types(model, sharding, device)
+    bucket_managed_ids(model, world_size)
+    attach_table_optimizers(model, sparse_lr, frozen)
+
+
 def bucket_managed_ids(model: nn.Module, world_size: int) -> None:
     """A managed table's id range splits into one bucket per rank (TorchRec's planner wants a
     multiple of the world size); it only decides placement, so the model leaves it to us."""
@@ -161,9 +169,7 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
     gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
     sharding = sharding or ShardingConfig()
-    check_sharding_types(model, sharding, env.device.type)
-    bucket_managed_ids(model, env.world_size)
-    attach_table_optimizers(model, sparse_lr, frozen)
+    prepare_for_planning(model, sharding, env.device.type, env.world_size, sparse_lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size),
         kernel_config=KernelConfig(compute_device=env.device.type),

@@ -112,3 +112,18 @@ def test_uvm_caching_puts_the_big_tables_in_host_memory_with_a_device_cache(tmp_
     with pytest.raises(ConfigError, match="table 'user' cannot use the fused_uvm_caching "
                                           "kernel on cpu"):
         plan_tables(cfg, 8, "cpu", hbm_gb=0, ddr_gb=1024)
+
+
+def test_managed_billion_row_tables_plan_row_wise_with_their_id_maps():
+    """Managed user and item tables (1e9 rows each, in both CTNet towers) on 64 GPUs: row-wise
+    over every rank, and the plan adds their id maps (3 int64 per row: raw id, row, last
+    period), which TorchRec's planner does not count."""
+    cfg = load_config(BILLION)
+    for name in ("user", "item"):
+        cfg.features.table(name).id_policy = "managed"
+    plan = plan_tables(cfg, 64, "cuda", hbm_gb=80, ddr_gb=512, source_cfg=cfg)
+    managed = [t for t in plan.tables if t.table in ("user", "item")]
+    assert len(managed) == 4 and all(t.sharding_type == "row_wise" and "managed" in t.module
+                                     and t.ranks == list(range(64)) for t in managed)
+    assert sum(m.id_maps for m in plan.ranks) == 3 * 8 * sum(t.rows for t in managed)
+    assert "id maps" in format_plan(plan)
