@@ -19,6 +19,7 @@ import torch
 from torchrec.modules.mc_modules import MCHManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from ctnet_rec.cli import main
 from ctnet_rec.config import ConfigError, CTNetConfig, ShardingConfig, load_config
 from ctnet_rec.data.ids import MANAGED_ID_RANGE, map_ids, splitmix64
 from ctnet_rec.data.reader import ParquetBatchReader
@@ -27,6 +28,7 @@ from ctnet_rec.modules.id_mapping import PeriodEvictionPolicy, set_period
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import latest_checkpoint
 from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
 from sharding.tower import check_sharding_types
 
@@ -223,3 +225,28 @@ def test_two_process_row_wise_run_keeps_one_row_per_id_when_reloaded_at_one(
     assert _occupied(state, "user") == _distinct(tiny_world, "B", range(3), "user_id")
     assert trainer.evaluate(tiny_world, "B", 3)["auc"] == pytest.approx(
         metrics[-1]["eval"]["auc"], abs=1e-3)
+
+
+def test_ctnet_transfer_with_managed_ids_refreshes_the_source_id_map(
+        tiny_world, managed_path, managed, managed_run, tmp_path):
+    """Deploy CTNet from managed towers (A's source, B's target), train it on B period 3 with
+    the source refreshed from A: the CTNet checkpoint's source id map is the refreshed source
+    checkpoint's, and its target map holds B's ids of periods 0-3."""
+    source_run = tmp_path / "A"
+    train_continual(managed, tiny_world, "A", range(3), source_run, evaluate=False)
+    run = tmp_path / "ctnet"
+    assert main(["transfer", "init", "--source-ckpt", str(source_run / "checkpoints" / "period=1"),
+                 "--target-ckpt", str(managed_run / "checkpoints" / "period=2"),
+                 "--config", str(managed_path), "--run", str(run)]) == 0
+    assert main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain",
+                 "B", "--periods", "3:4", "--source-ckpts", str(source_run)]) == 0
+    manifest = json.loads((run / "checkpoints" / "period=3" / "manifest.json").read_text())
+    used = Path(manifest["lineage"]["source_checkpoint"])
+    source = PeriodTrainer(managed, init_distributed("cpu"))
+    source.restore(used)
+    ctnet, _ = open_checkpoint(run / "checkpoints" / "period=3")
+    state = ctnet.dmp.state_dict()  # the source part comes from the source checkpoint
+    source_state = {k: v for k, v in state.items() if k.startswith("source.")}
+    target_state = {k: v for k, v in state.items() if k.startswith("target.")}
+    assert _occupied(source_state, "user") == _occupied(source.state()["model"], "user") > 0
+    assert _occupied(target_state, "user") == _distinct(tiny_world, "B", range(4), "user_id")
