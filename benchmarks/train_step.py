@@ -78,7 +78,8 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
         dense = dense_parameters(model)
         opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
     else:
-        model = Tower(cfg.features, cfg.model, embeddings=PlainEmbeddings(cfg.features))
+        model = Tower(cfg.features, cfg.model, lookups=False)
+        model.embeddings = PlainEmbeddings(cfg.features)
         dense = []
         opt = torch.optim.Adagrad(model.parameters(), lr=cfg.train.dense_lr)
     model.train()

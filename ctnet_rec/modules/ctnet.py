@@ -49,11 +49,11 @@ class CTNet(nn.Module):
         if cfg.share_long_sequence_attention:
             mine = [m is not None for m in (target.sim, target.eta)]
             theirs = [m is not None for m in (source.sim, source.eta)]
-            if mine != theirs or target.embeddings.token_dim != source.embeddings.token_dim:
+            if mine != theirs or target.layout.token_dim != source.layout.token_dim:
                 raise ValueError(
                     "share_long_sequence_attention needs the same long-sequence modules in "
                     f"both towers: SIM/ETA source {theirs} vs target {mine}, token dims "
-                    f"{source.embeddings.token_dim} vs {target.embeddings.token_dim}")
+                    f"{source.layout.token_dim} vs {target.layout.token_dim}")
 
     def train(self, mode: bool = True) -> CTNet:
         super().train(mode)

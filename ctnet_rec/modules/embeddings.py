@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torchrec import (
@@ -20,6 +22,29 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig
 from ctnet_rec.modules.id_mapping import managed_collisions
+
+# pooled embeddings and sequence embeddings, each by key (what TowerEmbeddings returns)
+LookedUp = tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]
+
+
+@dataclass
+class EmbeddingLayout:
+    """What a tower needs to know of its embeddings to size itself: the pooled keys (in the
+    order of E), the width they add up to, and the width of a sequence id's embedding."""
+
+    pooled_keys: list[str]
+    pooled_dim: int
+    token_dim: int
+
+    @classmethod
+    def of(cls, features: FeatureConfig) -> EmbeddingLayout:
+        dims = {t.name: t.embedding_dim for t in features.tables}
+        dims |= {n.name: n.embedding_dim for n in features.numeric if n.bucketized}
+        pooled = features.pooled_keys()
+        tables = [features.table_of(k) for k in pooled]
+        seq = sorted(features.sequence_tables())
+        return cls(pooled, sum(dims[t or k] for k, t in zip(pooled, tables, strict=True)),
+                   dims[seq[0]] if seq else 0)
 
 
 class TowerEmbeddings(nn.Module):
@@ -61,8 +86,7 @@ class TowerEmbeddings(nn.Module):
                             data_type=data_type)
             for t in features.tables if t.name in shared
         ]
-        self.pooled_dim = sum(t.embedding_dim * len(t.feature_names) for t in bag_tables)
-        self.token_dim = seq_tables[0].embedding_dim if seq_tables else 0
+        self.layout = EmbeddingLayout.of(features)
 
         def mine(tables: list, is_managed: bool) -> list:
             return [t for t in tables if (t.name in managed) == is_managed]
@@ -92,8 +116,7 @@ class TowerEmbeddings(nn.Module):
         self.order = None if order == keys else [keys.index(k) for k in order]
         self.splits = [len(g) for g in groups]
 
-    def forward(self, kjt: KeyedJaggedTensor,
-                ) -> tuple[dict[str, torch.Tensor], dict[str, JaggedTensor]]:
+    def forward(self, kjt: KeyedJaggedTensor) -> LookedUp:
         if self.order is not None:
             kjt = kjt.permute(self.order)
         pooled: dict[str, torch.Tensor] = {}

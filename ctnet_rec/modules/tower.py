@@ -22,7 +22,7 @@ from ctnet_rec.modules.attention import (
     sim_select,
     simhash_distance,
 )
-from ctnet_rec.modules.embeddings import TowerEmbeddings
+from ctnet_rec.modules.embeddings import EmbeddingLayout, LookedUp, TowerEmbeddings
 from ctnet_rec.modules.mlp import TowerMLP
 
 
@@ -49,18 +49,20 @@ class Tower(nn.Module):
 
     def __init__(self, features: FeatureConfig, model: TowerConfig,
                  device: torch.device | None = None,
-                 embeddings: TowerEmbeddings | None = None,
-                 table_dtype: DataType = DataType.FP32) -> None:
+                 table_dtype: DataType = DataType.FP32, lookups: bool = True) -> None:
+        """`lookups=False`: a tower without tables of its own, for models that look the ids up
+        elsewhere (the joint-learning baselines) and pass the embeddings to `forward`."""
         super().__init__()
         self.features, self.model_cfg = features, model
-        self.embeddings = embeddings or TowerEmbeddings(features, device, table_dtype)
+        self.embeddings = TowerEmbeddings(features, device, table_dtype) if lookups else None
+        self.layout = EmbeddingLayout.of(features)
         shared = features.sequence_tables()
         self.target_keys = [f.name for f in features.id_features if f.table in shared]
         short = next((s for s in features.sequences if s.kind == "short"), None)
         long = next((s for s in features.sequences if s.kind == "long"), None)
         self.short = short if model.use_target_attention else None
         self.long = long if (model.use_sim or model.use_eta) else None
-        token = 2 * self.embeddings.token_dim
+        token = 2 * self.layout.token_dim
         heads = model.attention_heads
         din = model.short_sequence == "din"
         self.encoder = SequenceEncoder(token, heads) if self.short and not din else None
@@ -69,9 +71,9 @@ class Tower(nn.Module):
             self.ta = DINAttention(token) if din else TargetAttention(token, heads)
         self.sim = TargetAttention(token, heads) if long and model.use_sim else None
         self.eta = TargetAttention(token, heads) if long and model.use_eta else None
-        self.simhash = SimHash(self.embeddings.token_dim, model.eta_hash_bits) if self.eta else None
+        self.simhash = SimHash(self.layout.token_dim, model.eta_hash_bits) if self.eta else None
         n_attn = sum(m is not None for m in (self.ta, self.sim, self.eta))
-        in_dim = (self.embeddings.pooled_dim + token * (1 + n_attn)
+        in_dim = (self.layout.pooled_dim + token * (1 + n_attn)
                   + len(features.dense_names()))
         self.mlp = TowerMLP(in_dim, model.mlp_hidden, model.leaky_relu_slope)
 
@@ -84,15 +86,16 @@ class Tower(nn.Module):
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+              looked_up: LookedUp | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The MLP input E, and its long-sequence part. Given `long_interest` (another tower's
-        A_SIM, A_ETA), the long-sequence work is skipped and those are used instead."""
-        pooled, emb = self.embeddings(sparse)
+        A_SIM, A_ETA), the long-sequence work is skipped and those are used instead; given
+        `looked_up`, the embeddings are those instead of this tower's tables'."""
+        pooled, emb = looked_up if looked_up is not None else self.embeddings(sparse)
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
         # by key: a sharded collection orders its output by placement, so the layout of E
         # would otherwise change with the world size and sharding plan
-        parts = [*(pooled[k] for k in self.embeddings.pooled_keys), target]
+        parts = [*(pooled[k] for k in self.layout.pooled_keys), target]
         if self.short is not None:
             s = self.short
             tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
@@ -139,7 +142,8 @@ class Tower(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                 adds: list[torch.Tensor | None] | None = None,
-                long_interest: list[torch.Tensor] | None = None) -> TowerOutput:
-        inputs, interest = self.embed(sparse, dense, long_interest)
+                long_interest: list[torch.Tensor] | None = None,
+                looked_up: LookedUp | None = None) -> TowerOutput:
+        inputs, interest = self.embed(sparse, dense, long_interest, looked_up)
         logits, hidden = self.mlp(inputs, adds)
         return TowerOutput(logits, inputs, hidden, interest)

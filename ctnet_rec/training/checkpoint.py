@@ -125,21 +125,39 @@ def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
 def load_into_submodule(folder: Path, state: dict[str, Any], prefix: str,
                         only: Callable[[str], bool] | None = None) -> None:
     """Load a checkpoint into the `prefix` submodule of a bigger model (e.g. a tower checkpoint
-    into CTNet's `target.`), in place and resharding as needed: one dcp.load whose request keys
-    are the bigger model's keys with the prefix stripped (and, given `only`, those it accepts).
-    `state` holds "model" and optionally "optim" (a fused optimiser's state dict) and
-    "dense_optim" (keyed by parameter name)."""
+    into CTNet's `target.`), in place and resharding as needed: the bigger model's keys with
+    the prefix stripped (and, given `only`, those it accepts) are the checkpoint's keys."""
 
-    def strip(d: dict[str, Any]) -> dict[str, Any]:
-        return {k[len(prefix):]: v for k, v in d.items()
-                if k.startswith(prefix) and (only is None or only(k[len(prefix):]))}
+    def key_of(key: str) -> str | None:
+        if not key.startswith(prefix):
+            return None
+        inner = key[len(prefix):]
+        return inner if only is None or only(inner) else None
 
-    request: dict[str, Any] = {"model": strip(state["model"])}
-    if not request["model"]:
+    if not load_mapped(folder, state, key_of):
         raise CheckpointError(f"{folder}: the model has no {prefix!r} submodule to load into")
+
+
+def load_mapped(folder: Path, state: dict[str, Any], key_of: Callable[[str], str | None],
+                table_key_of: Callable[[str], str] | None = None) -> int:
+    """Load the checkpoint's entries into `state` in place (resharding as needed), the state's
+    key k taking the checkpoint's key `key_of(k)` (None: left as is), in one dcp.load. `state`
+    holds "model" and optionally "optim" (a fused optimiser's state dict, whose entries are
+    keyed by table, e.g. `user.momentum1`: `table_key_of` renames those) and "dense_optim"
+    (keyed by parameter name). Returns how many model entries were loaded."""
+
+    def mapped(d: dict[str, Any]) -> dict[str, Any]:
+        return {key_of(k): v for k, v in d.items() if key_of(k) is not None}
+
+    request: dict[str, Any] = {"model": mapped(state["model"])}
+    if not request["model"]:
+        return 0
     if "optim" in state:
-        request["optim"] = {"state": strip(state["optim"]["state"])}
+        rename = table_key_of or (lambda k: k)
+        request["optim"] = {"state": {k: {rename(i): t for i, t in v.items()}
+                                      for k, v in mapped(state["optim"]["state"]).items()}}
     if "dense_optim" in state:
-        request["dense_optim"] = strip(state["dense_optim"])
+        request["dense_optim"] = mapped(state["dense_optim"])
     dcp.load(request, checkpoint_id=str(folder),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    return len(request["model"])

@@ -20,6 +20,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
 from ctnet_rec.config import Config
+from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
@@ -138,37 +139,64 @@ class PeriodTrainer:
             seed=self.cfg.train.seed * 1_000_003 + period,
         )
 
-    def train_period(self, root: Path, domain: str, period: int) -> dict[str, float]:
+    def domains_read(self, domain: str) -> list[str]:
+        """The domains whose data training on `domain` reads."""
+        return [domain]
+
+    def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
         reader = self._reader(root, domain, period, train=True)
+        return self.train_steps(((domain, b) for b in reader), len(reader), domain, period)
+
+    def logits(self, batch: Batch, domain: str) -> torch.Tensor:
+        """The model's logits for a batch of `domain` (a single-domain model ignores it)."""
+        return self.dmp(batch.sparse, batch.dense).logits
+
+    def train_steps(self, steps: Iterable[tuple[str, Batch]], total: int, domain: str,
+                    period: int) -> dict[str, Any]:
+        """One pass over `steps` (a batch of one domain each) of `domain`'s `period`: the
+        metrics are `domain`'s, whose ids are recorded as seen; with batches of other domains
+        (joint learning), each domain's rows and loss too."""
         self.dmp.train()
         set_period(self.dmp, period)
         users, items = [], []
-        total_loss, rows, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(reader, desc=f"{domain} period {period}", unit="batch",
+        sums: dict[str, list[float]] = {}
+        start = time.perf_counter()
+        bar = tqdm(steps, total=total, desc=f"{domain} period {period}", unit="batch",
                    disable=not self.env.is_main, leave=False)
-        for batch in bar:
+        for step_domain, batch in bar:
             batch = batch.to(self.env.device)
-            out = self.dmp(batch.sparse, batch.dense)
-            loss = F.binary_cross_entropy_with_logits(out.logits, batch.labels)
+            loss = F.binary_cross_entropy_with_logits(self.logits(batch, step_domain),
+                                                      batch.labels)
             self.dense_opt.zero_grad()
             loss.backward()
             average_dense_gradients(self.dense, self.env.world_size)
             self.dense_opt.step()
-            total_loss += loss.item() * len(batch)
-            rows += len(batch)
-            users.append(batch.user_ids.cpu().numpy())
-            items.append(batch.item_ids.cpu().numpy())
-            bar.set_postfix(loss=f"{total_loss / rows:.4f}",
+            acc = sums.setdefault(step_domain, [0.0, 0.0])
+            acc[0] += loss.item() * len(batch)
+            acc[1] += len(batch)
+            if step_domain == domain:
+                users.append(batch.user_ids.cpu().numpy())
+                items.append(batch.item_ids.cpu().numpy())
+            rows = sum(r for _, r in sums.values())
+            bar.set_postfix(loss=f"{acc[0] / acc[1]:.4f}",
                             samples_s=f"{rows / (time.perf_counter() - start):.0f}")
         self._average_batchnorm_statistics()
         seen = _gather({"users": np.unique(np.concatenate(users)),
                         "items": np.unique(np.concatenate(items))})
         self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
         elapsed = time.perf_counter() - start
-        stats = torch.tensor([total_loss, float(rows)])
+        domains = sorted(sums)  # the same on every rank: every rank reads every domain
+        stats = torch.tensor([sums[d] for d in domains], dtype=torch.float64)
         dist.all_reduce(stats)
-        return {"train_loss": float(stats[0] / stats[1]), "train_rows": int(stats[1]),
-                "train_seconds": round(elapsed, 3)}
+        by_domain = {d: (float(loss / n), int(n))
+                     for d, (loss, n) in zip(domains, stats, strict=True)}
+        metrics: dict[str, Any] = {"train_loss": by_domain[domain][0],
+                                   "train_rows": by_domain[domain][1],
+                                   "train_seconds": round(elapsed, 3)}
+        if len(domains) > 1:
+            metrics["train_rows_by_domain"] = {d: n for d, (_, n) in by_domain.items()}
+            metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
+        return metrics
 
     @torch.no_grad()
     def _average_batchnorm_statistics(self) -> None:
@@ -238,13 +266,15 @@ def _write_metrics(run: Path) -> None:
 
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
-                    trainer_cls: type[PeriodTrainer] = PeriodTrainer) -> list[dict[str, Any]]:
+                    trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
+                    ) -> list[dict[str, Any]]:
     """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
     metrics of the periods trained by this call."""
     env = init_distributed(cfg.train.device)
     periods = list(periods)
-    validate_periods(data, domain, periods, cfg.features)  # refuse bad data before training
     trainer = trainer_cls(cfg, env)
+    for read in trainer.domains_read(domain):  # refuse bad data before training
+        validate_periods(data, read, periods, cfg.features)
     start = None
     if resume and (latest := latest_checkpoint(run)) is not None:
         start = trainer.restore(latest).period
