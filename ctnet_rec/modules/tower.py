@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.embedding_configs import DataType
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig, TowerConfig
 from ctnet_rec.modules.attention import (
@@ -93,21 +94,26 @@ class Tower(nn.Module):
         pooled, emb = looked_up if looked_up is not None else self.embeddings(sparse)
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
-        # by key: a sharded collection orders its output by placement, so the layout of E
-        # would otherwise change with the world size and sharding plan
-        parts = [*(pooled[k] for k in self.layout.pooled_keys), target]
+        interests = []
         if self.short is not None:
             s = self.short
             tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
             if self.encoder is not None:
                 tokens = self.encoder(tokens, mask)
-            parts.append(self.ta(target, tokens, mask))
+            interests.append(self.ta(target, tokens, mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
-        parts += long_interest
+        parts = self.combine(pooled, emb, target, interests + long_interest)
         if dense.shape[1]:
             parts.append(dense)
         return torch.cat(parts, dim=-1), long_interest
+
+    def combine(self, pooled: dict[str, torch.Tensor], emb: dict[str, JaggedTensor],
+                target: torch.Tensor, interests: list[torch.Tensor]) -> list[torch.Tensor]:
+        """E's parts before the dense features: the pooled embeddings by key (a sharded
+        collection orders its output by placement, so the layout of E would otherwise change
+        with the world size and plan), the target, the attention units' interests."""
+        return [*(pooled[k] for k in self.layout.pooled_keys), target, *interests]
 
     def long_sequence_interest(self, sparse: KeyedJaggedTensor, emb: dict,
                                target: torch.Tensor) -> list[torch.Tensor]:

@@ -9,7 +9,8 @@ TowerEmbeddings, so `sharding/` shards them like any tower's."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -91,16 +92,19 @@ class JointModel(nn.Module):
         raise NotImplementedError
 
 
+HEAD = partial(Tower, lookups=False)  # a tower fed by the joint lookup
+
+
 class TaskTowers(JointModel):
     """A tower per task (attention units and MLP, the towers' sizes), with the tables in
     `shared` serving both tasks and the others one task each."""
 
     def __init__(self, features: FeatureConfig, model: TowerConfig, shared: set[str],
-                 device: torch.device | None = None, cross: Iterable[str] = ()) -> None:
+                 device: torch.device | None = None, cross: Iterable[str] = (),
+                 tower: Callable[..., Tower] = HEAD) -> None:
         super().__init__()
         self.embeddings = JointEmbeddings(features, shared, device, cross)
-        self.towers = nn.ModuleList(Tower(features, model, device, lookups=False)
-                                    for _ in SUFFIXES)
+        self.towers = nn.ModuleList(tower(features, model, device) for _ in SUFFIXES)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                 task: int = TARGET) -> TowerOutput:
