@@ -419,6 +419,9 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
 
 
+JointBaseline = Literal["MLP++", "Share Bottom", "PLE", "MiNet", "DDTCDR", "DASL"]
+
+
 @dataclass
 class ExperimentConfig:
     """`ctnet experiment`: the paper's comparison on one dataset. The source domain's tower
@@ -430,6 +433,9 @@ class ExperimentConfig:
     target_domains: list[str] = field(default_factory=lambda: ["B", "C"])
     deploy_period: int = 6
     periods: int = 4
+    # the joint-learning baselines to run (each reads the source domain's window too)
+    joint_baselines: list[JointBaseline] = field(
+        default_factory=lambda: list(typing.get_args(JointBaseline)))
 
     def validate(self, key: str) -> None:
         _check(self.deploy_period >= 1, f"{key}.deploy_period",

@@ -37,6 +37,7 @@ class Job:
     trains: Sequence[int] = ()  # periods it trains on (in `domain`'s data)
     scores: Sequence[int] = ()  # periods it scores
     run: Path | None = None  # where its metrics.jsonl is, for the samples it read
+    also_reads: str | None = None  # a domain whose data of the same periods it trains on too
 
 
 def _logging_levels() -> dict[str, int]:
@@ -105,7 +106,8 @@ def period_rows(data: Path, domain: str, period: int) -> int:
 
 def work(job: Job, data: Path) -> float:
     """A job's size for the ETA: rows trained plus rows scored at EVAL_WEIGHT."""
-    return (sum(period_rows(data, job.domain, t) for t in job.trains)
+    read = [job.domain, job.also_reads] if job.also_reads else [job.domain]
+    return (sum(period_rows(data, d, t) for d in read for t in job.trains)
             + EVAL_WEIGHT * sum(period_rows(data, job.domain, t) for t in job.scores))
 
 

@@ -27,6 +27,7 @@ from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
+from ctnet_rec.training.joint import JointTrainer, joint_init
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, train_continual
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
@@ -164,6 +165,11 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
                                              run),
                             trains=window, scores=scored, run=run))
+        for name in e.joint_baselines:
+            run = out / d / _slug(name)
+            jobs.append(Job(name, d, partial(_joint, cfg, name, data, d, source_run, base, run),
+                            trains=window, scores=scored, run=run,
+                            also_reads=e.source_domain))
         for name, overrides in CTNET_VARIANTS.items():
             run = out / d / _slug(name)
             jobs.append(Job(name, d, partial(_ctnet, cfg, overrides, data, d, source_run, base,
@@ -188,7 +194,9 @@ def samples_read(job: Job) -> dict[str, int]:
         return counts
     for record in map(json.loads, (job.run / "metrics.jsonl").read_text().splitlines()):
         if record["period"] in job.trains:
-            counts[record["domain"]] = counts.get(record["domain"], 0) + record["train_rows"]
+            rows = record.get("train_rows_by_domain", {record["domain"]: record["train_rows"]})
+            for domain, n in rows.items():
+                counts[domain] = counts.get(domain, 0) + n
     return counts
 
 
@@ -230,7 +238,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         costs.setdefault(job.name, {})[job.domain] = {
             "target_samples": sum(read.get(d, 0) for d in e.target_domains),
             "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
-    compared = [DIN, *transfer_baselines(cfg), *CTNET_VARIANTS]
+    compared = [DIN, *e.joint_baselines, *transfer_baselines(cfg), *CTNET_VARIANTS]
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
         name: {} for name in (SOURCE, BASE, *compared, ORACLE)}  # the report's order
     for d in e.target_domains:
@@ -307,6 +315,19 @@ def _dual_embedding(cfg: Config, data: Path, domain: str, source_run: Path, base
                             period_dir(base_run, e.deploy_period - 1), run)
     train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
                     init=run / INIT, resume=True, trainer_cls=DualEmbeddingTrainer)
+
+
+def _joint(cfg: Config, model: str, data: Path, domain: str, source_run: Path, base_run: Path,
+           run: Path) -> None:
+    """A joint-learning baseline from the warm-up checkpoints of period t0 - 1, trained on the
+    window's target and source data."""
+    e = cfg.experiment
+    if not (run / INIT).exists():
+        joint_init(cfg, model, e.source_domain, period_dir(source_run, e.deploy_period - 1),
+                   period_dir(base_run, e.deploy_period - 1), run)
+    train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
+                    init=run / INIT, resume=True, trainer_cls=partial(
+                        JointTrainer, model=model, source_domain=e.source_domain))
 
 
 def _ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str, source_run: Path,
