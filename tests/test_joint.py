@@ -1,0 +1,119 @@
+"""The joint-learning baselines as modules: what each task shares with the other, by the
+identity of the parameters a task's loss reaches; the warm-up initialisation; a 2-rank run."""
+
+from __future__ import annotations
+
+import functools
+import typing
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctnet_rec.config import JointBaseline
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
+from ctnet_rec.modules.joint.common import joint_features
+from ctnet_rec.training.checkpoint import complete_checkpoints
+from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.joint import JointTrainer, joint_init
+from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+
+TABLES = {"user", "item", "category", "seller", "age_group", "hour"}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_world, demo_config):
+    reader = ParquetBatchReader(tiny_world, "B", [0], demo_config.features, demo_config.data,
+                                batch_size=64, seed=0)
+    return next(iter(reader))
+
+
+def _reached(model: torch.nn.Module, batch, task: int) -> set[str]:
+    """Names of the parameters the task's loss gives a nonzero gradient."""
+    model.zero_grad()
+    out = model(batch.sparse, batch.dense, task)
+    F.binary_cross_entropy_with_logits(out.logits, batch.labels).backward()
+    return {n for n, p in model.named_parameters()
+            if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def _tables(names: set[str]) -> set[str]:
+    """The tables among parameter names (`...embeddings.<table>.weight`)."""
+    return {n.split(".")[-2] for n in names if n.startswith("embeddings.lookup.")}
+
+
+def test_the_config_names_every_joint_model():
+    assert list(JOINT_MODELS) == list(typing.get_args(JointBaseline))
+
+
+# what the two tasks' losses both reach: tables by name, other parameters by prefix
+SHARED = {
+    "MLP++": ({"user"}, set()),  # the user embeddings only
+    "Share Bottom": (TABLES, set()),  # every id table; towers apart
+    "MiNet": (TABLES, set()),
+    "PLE": (TABLES, {"bottom", "levels.0.shared_experts", "levels.0.task_experts",
+                     "levels.0.shared_gate", "levels.1.shared_experts"}),
+    # both domains' user tables (each task reads the other's through the map) and the map
+    "DDTCDR": ({"user__s", "user__t"}, {"mapping"}),
+    "DASL": ({f"{t}__{s}" for t in ("user", "item", "category") for s in "st"}, {"maps"}),
+}
+
+
+@pytest.mark.parametrize("name", list(JOINT_MODELS))
+def test_what_the_two_tasks_share_is_what_the_model_claims(name, demo_config, batch):
+    torch.manual_seed(0)
+    model = JOINT_MODELS[name](demo_config.features, demo_config.model).train()
+    source, target = _reached(model, batch, SOURCE), _reached(model, batch, TARGET)
+    both = source & target
+    tables, prefixes = SHARED[name]
+    assert _tables(both) == tables
+    others = {n for n in both if not n.startswith("embeddings.")}
+    assert {p for p in prefixes if any(n.startswith(p + ".") for n in others)} == prefixes
+    assert all(any(n.startswith(p + ".") for p in prefixes) for n in others), \
+        sorted(others)
+    assert _tables(target - source) and _tables(source - target) or tables == TABLES
+
+
+def test_share_bottom_uses_one_table_per_feature_and_mlp_plus_plus_copies_all_but_users(
+        demo_config):
+    users = joint_features(demo_config.features, {"user"})
+    names = {t.name for t in users.tables}
+    assert "user" in names and not {"user__s", "user__t"} & names
+    assert {"item__s", "item__t", "seller__s", "seller__t"} <= names
+    every = joint_features(demo_config.features, TABLES)
+    assert {t.name for t in every.tables} == TABLES
+
+
+@pytest.mark.parametrize("name", ["MLP++", "PLE"])
+def test_joint_model_starts_from_the_warm_up_towers(name, towers, tiny_world, tmp_path):
+    """A task's tower and own tables start as its domain's tower (so before any joint
+    training, the target task scores exactly as the target tower), shared tables and PLE's
+    bottom as the target's."""
+    init = joint_init(towers.cfg, name, "A", towers.source(1), towers.target(1), tmp_path)
+    env = init_distributed("cpu")
+    joint = JointTrainer(towers.cfg, env, name, "A")
+    joint.restore(init)
+    target = PeriodTrainer(towers.cfg, env)
+    target.restore(towers.target(1))
+    state, tower = joint.dmp.state_dict(), target.dmp.state_dict()
+    prefix = "towers.1." if name == "MLP++" else "bottom."
+    for key, value in tower.items():
+        if key.startswith(("mlp.", "ta.", "encoder.")) and prefix + key in state:
+            assert torch.equal(state[prefix + key], value), key
+    if name == "MLP++":
+        got = joint.predict(tiny_world, "B", 2)["p"]
+        want = target.predict(tiny_world, "B", 2)["p"]
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, tmp_path):
+    init = joint_init(towers.cfg, "Share Bottom", "A", towers.source(1), towers.target(1),
+                      tmp_path)
+    metrics = train_continual(towers.cfg, tiny_world, "B", [2], tmp_path, init=init,
+                              trainer_cls=functools.partial(JointTrainer, model="Share Bottom",
+                                                            source_domain="A"))
+    rows = metrics[-1]["train_rows_by_domain"]
+    assert rows == {"A": 8000, "B": 600} and metrics[-1]["train_rows"] == 600
+    assert set(metrics[-1]["train_loss_by_domain"]) == {"A", "B"}
+    assert sorted(complete_checkpoints(tmp_path)) == [2]
