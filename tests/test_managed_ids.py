@@ -250,3 +250,60 @@ def test_ctnet_transfer_with_managed_ids_refreshes_the_source_id_map(
     target_state = {k: v for k, v in state.items() if k.startswith("target.")}
     assert _occupied(source_state, "user") == _occupied(source.state()["model"], "user") > 0
     assert _occupied(target_state, "user") == _distinct(tiny_world, "B", range(4), "user_id")
+
+
+def test_a_row_given_to_a_new_id_is_reset_under_dmp_on_cpu():
+    """Sharded (here: one gloo rank), a managed table resets the row it gives a new id: fresh
+    weights and zero AdaGrad state (fbgemm's reset kernel is CUDA-only; sharding/managed_ids.py
+    does it on CPU). Ids 1-4 fill the 5-row table in period 0; in period 2 (1 period without
+    them is enough) id 9 takes the row of id 4, which it must not inherit."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+
+    from ctnet_rec.modules.id_mapping import managed_collisions
+    from sharding.tower import shard_model
+
+    env = init_distributed("cpu")
+    tables = [EmbeddingBagConfig(name="user", num_embeddings=5, embedding_dim=4,
+                                 feature_names=["user_id"])]
+    torch.manual_seed(0)
+    module = ManagedCollisionEmbeddingBagCollection(
+        EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
+        managed_collisions(tables, 1, torch.device("meta")))
+    dmp = shard_model(module, env, sparse_lr=0.5).train()
+
+    def step(ids: list[int], learn: bool = True) -> None:
+        kjt = KeyedJaggedTensor.from_lengths_sync(["user_id"], torch.tensor(ids),
+                                                  torch.ones(len(ids), dtype=torch.int32))
+        out, _ = dmp(kjt)
+        if learn:
+            out.values().square().sum().backward()
+
+    def state() -> tuple[torch.Tensor, torch.Tensor]:
+        weight = dmp.state_dict()["_embedding_module.embedding_bags.user.weight"]
+        sums = dmp.fused_optimizer.state_dict()["state"][
+            "_embedding_module.embedding_bags.user.weight"]["user.momentum1"]
+        return _local(weight).clone(), _local(sums).clone()
+
+    set_period(dmp, 0)
+    for _ in range(3):
+        step([1, 2, 3, 4])
+    trained, sums = state()
+    assert (sums[:4] > 0).all()
+    set_period(dmp, 2)
+    step([1, 2, 3])  # 1-3 seen again: they stay; 4 is now expired
+    before, sums_before = state()
+    step([9], learn=False)  # the row changes hands in the forward pass
+    after, sums_after = state()
+    changed = [r for r in range(5) if not torch.equal(before[r], after[r])]
+    assert len(changed) == 1 and changed[0] < 4  # one of the rows ids 1-4 held
+    row = changed[0]
+    assert sums_before[row] > 0 and sums_after[row] == 0  # AdaGrad starts over
+    assert torch.equal(sums_after[:row], sums_before[:row])
+    assert not torch.allclose(after[row], trained[row])  # fresh weights, not id 4's
+    step([1, 2, 3, 9])
+    assert not torch.equal(state()[0][row], after[row])  # and id 9 now trains it
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
