@@ -9,9 +9,16 @@ import logging
 import sys
 import typing
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from ctnet_rec.config import ConfigError, ShardingConfig, ShardingType, load_config
+from ctnet_rec.config import (
+    ConfigError,
+    JointBaseline,
+    ShardingConfig,
+    ShardingType,
+    load_config,
+)
 from ctnet_rec.data.contract import DataError, parse_periods
 from ctnet_rec.training.checkpoint import CheckpointError
 
@@ -38,13 +45,24 @@ def _data_synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ctnet_rec.training.trainer import train_continual
+    from ctnet_rec.training.joint import JointTrainer, joint_init
+    from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+    from ctnet_rec.training.transfer import INIT
 
     cfg = load_config(args.config)
     cfg.sharding = _sharding(args) or cfg.sharding
+    init, trainer_cls = Path(args.init) if args.init else None, PeriodTrainer
+    if args.joint:
+        if not args.source_domain:
+            raise ConfigError("--joint needs --source-domain, the domain it also trains on")
+        trainer_cls = partial(JointTrainer, model=args.joint, source_domain=args.source_domain)
+        if args.init_from:
+            init = Path(args.run) / INIT
+            if not init.exists():
+                joint_init(cfg, args.joint, args.source_domain, Path(args.init_from[0]),
+                           Path(args.init_from[1]), Path(args.run))
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
-                    Path(args.run), init=Path(args.init) if args.init else None,
-                    resume=args.resume)
+                    Path(args.run), init=init, resume=args.resume, trainer_cls=trainer_cls)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -202,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
+    t.add_argument("--joint", choices=typing.get_args(JointBaseline),
+                   help="train this joint-learning baseline instead of a tower: each period "
+                   "on the --domain's and the --source-domain's data")
+    t.add_argument("--source-domain", help="with --joint: the other domain it trains on")
+    t.add_argument("--init-from", nargs=2, metavar=("SOURCE_CKPT", "TARGET_CKPT"),
+                   help="with --joint: start from these single-domain tower checkpoints "
+                   "(saved as RUN/init)")
     _sharding_argument(t)
     t.set_defaults(func=_train)
 

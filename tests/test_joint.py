@@ -117,3 +117,44 @@ def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, t
     assert rows == {"A": 8000, "B": 600} and metrics[-1]["train_rows"] == 600
     assert set(metrics[-1]["train_loss_by_domain"]) == {"A", "B"}
     assert sorted(complete_checkpoints(tmp_path)) == [2]
+
+
+def test_two_rank_joint_training_from_the_command_line(towers, tiny_world, tmp_path):
+    """`ctnet train --joint` under torchrun with 2 gloo ranks: both domains' rows are read once
+    over the ranks, and the checkpoint reloads at 1 rank (`open_checkpoint`, as `ctnet eval`
+    does) to the 2-rank job's scores."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from ctnet_rec.training.inference import open_checkpoint
+
+    run = tmp_path / "joint"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
+           "train", "--joint", "Share Bottom", "--source-domain", "A", "--init-from",
+           str(towers.source(1)), str(towers.target(1)), "--config", str(towers.config_path),
+           "--data", str(tiny_world), "--domain", "B", "--periods", "2:4",
+           "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_rows_by_domain"] for r in records] == [{"A": 8000, "B": 600}] * 2
+    trainer, manifest = open_checkpoint(run / "checkpoints" / "period=2")
+    assert manifest.kind == "joint:Share Bottom" and manifest.world_size == 2
+    again = trainer.evaluate(tiny_world, "B", 3)
+    assert again["auc"] == pytest.approx(records[0]["eval"]["auc"], abs=1e-9)

@@ -15,6 +15,7 @@ from ctnet_rec.config import Config, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
 from ctnet_rec.training.checkpoint import Manifest
 from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.joint import JOINT, JointTrainer
 from ctnet_rec.training.trainer import DUAL_EMBEDDING, DualEmbeddingTrainer, PeriodTrainer
 from ctnet_rec.training.transfer import CTNET, CTNetTrainer, config_of
 
@@ -34,6 +35,9 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
         trainer: PeriodTrainer = CTNetTrainer(cfg, config_of(manifest, folder, source=True), env)
     elif manifest.kind == DUAL_EMBEDDING:
         trainer = DualEmbeddingTrainer(cfg, env)
+    elif manifest.kind.startswith(f"{JOINT}:"):
+        trainer = JointTrainer(cfg, env, manifest.kind.split(":", 1)[1],
+                               manifest.lineage["source_domain"])
     else:
         trainer = PeriodTrainer(cfg, env)
     trainer.restore(folder)

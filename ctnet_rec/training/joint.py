@@ -49,6 +49,12 @@ class JointTrainer(PeriodTrainer):
         task = SOURCE if domain == self.source_domain else TARGET
         return self.dmp(batch.sparse, batch.dense, task).logits
 
+    def manifest(self, period: int, metrics: dict[str, Any],
+                 lineage: dict[str, Any]) -> Manifest:
+        m = super().manifest(period, metrics, lineage)
+        m.lineage = {"source_domain": self.source_domain, **m.lineage}
+        return m
+
     def domains_read(self, domain: str) -> list[str]:
         return [domain, self.source_domain]
 
