@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +121,26 @@ def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers
     train_continual(cfg, tiny_world, "A", [0, 1, 2, 3], root / "A")
     train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
     return Towers(cfg, path, root / "A", root / "B")
+
+
+def two_rank_cli(*args: str, timeout: int = 300) -> str:
+    """`ctnet ARGS` under torchrun with 2 gloo ranks on this host; fails the test unless it
+    succeeds, and never leaves ranks behind, even on a hang. Returns its output."""
+    with socket.socket() as s:  # torchrun's --master-port 0 hangs: pick a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
+           *args]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    return text

@@ -4,6 +4,7 @@ identity of the parameters a task's loss reaches; the warm-up initialisation; a 
 from __future__ import annotations
 
 import functools
+import json
 import typing
 
 import pytest
@@ -16,8 +17,11 @@ from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
 from ctnet_rec.modules.joint.common import joint_features
 from ctnet_rec.training.checkpoint import complete_checkpoints
 from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.joint import JointTrainer, joint_init
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+
+from .conftest import two_rank_cli
 
 TABLES = {"user", "item", "category", "seller", "age_group", "hour"}
 
@@ -123,35 +127,11 @@ def test_two_rank_joint_training_from_the_command_line(towers, tiny_world, tmp_p
     """`ctnet train --joint` under torchrun with 2 gloo ranks: both domains' rows are read once
     over the ranks, and the checkpoint reloads at 1 rank (`open_checkpoint`, as `ctnet eval`
     does) to the 2-rank job's scores."""
-    import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from ctnet_rec.training.inference import open_checkpoint
-
     run = tmp_path / "joint"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
-           "train", "--joint", "Share Bottom", "--source-domain", "A", "--init-from",
-           str(towers.source(1)), str(towers.target(1)), "--config", str(towers.config_path),
-           "--data", str(tiny_world), "--domain", "B", "--periods", "2:4",
-           "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    two_rank_cli("train", "--joint", "Share Bottom", "--source-domain", "A", "--init-from",
+                 str(towers.source(1)), str(towers.target(1)), "--config",
+                 str(towers.config_path), "--data", str(tiny_world), "--domain", "B",
+                 "--periods", "2:4", "--run-dir", str(run))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_rows_by_domain"] for r in records] == [{"A": 8000, "B": 600}] * 2
     trainer, manifest = open_checkpoint(run / "checkpoints" / "period=2")

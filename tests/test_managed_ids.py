@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +27,7 @@ from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
 from sharding.tower import check_sharding_types
 
-from .conftest import DEMO_CONFIG
+from .conftest import DEMO_CONFIG, two_rank_cli
 from .test_training import SMALL_MODEL
 
 SMALL = [("age_group", 8), ("hour", 24)]  # small tables keep modulo: they have no collisions
@@ -201,23 +196,8 @@ def test_two_process_row_wise_run_keeps_one_row_per_id_when_reloaded_at_one(
     exactly: an id with no row takes its shard's last row, one per rank at 2 ranks, one in all
     at 1 rank, so scores of rows with unseen ids move a little."""
     run = tmp_path / "two"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
-           "train", "--config", str(managed_path), "--data", str(tiny_world), "--domain", "B",
-           "--periods", "0:3", "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    two_rank_cli("train", "--config", str(managed_path), "--data", str(tiny_world), "--domain",
+                 "B", "--periods", "0:3", "--run-dir", str(run))
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     trainer = PeriodTrainer(managed, init_distributed("cpu"))
     trainer.restore(run / "checkpoints" / "period=2")

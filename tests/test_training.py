@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from ctnet_rec.training.checkpoint import (
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
 
-from .conftest import DEMO_CONFIG
+from .conftest import DEMO_CONFIG, two_rank_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = """
@@ -160,24 +159,8 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
     cfg_path.write_text(small_config_path.read_text().replace("batch_size = 256",
                                                               "batch_size = 128"))
     assert cfg["data"]["batch_size"] == 256
-    with socket.socket() as s:  # torchrun's --master-port 0 hangs: pick a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
-           "train",
-           "--config", str(cfg_path), "--data", str(tiny_world), "--domain", "A",
-           "--periods", "0:3", "--run-dir", str(run)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:  # never leave ranks behind, even on a hang
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    two_rank_cli("train", "--config", str(cfg_path), "--data", str(tiny_world), "--domain",
+                 "A", "--periods", "0:3", "--run-dir", str(run))
     got, want = _metrics(run), _metrics(trained_run)
     manifest = json.loads((run / "checkpoints" / "period=2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
