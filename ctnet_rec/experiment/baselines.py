@@ -27,10 +27,10 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
-from ctnet_rec.training.checkpoint import Manifest, load_into_submodule, read_seen_ids
+from ctnet_rec.training.checkpoint import load_into_submodule, read_seen_ids
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
-from ctnet_rec.training.transfer import INIT, check_tower_checkpoint
+from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
 
 Depth = Literal["id", "embeddings", "all"]
 
@@ -79,15 +79,11 @@ def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_
         raise ConfigError(f"Pre-train & Fine-tune needs one tower config for both: {e}") \
             from None
     trainer = PeriodTrainer(cfg, init_distributed(cfg.train.device))
-    target = trainer.restore(target_ckpt)
+    trainer.restore(target_ckpt)
     state = trainer.state()
     load_into_submodule(source_ckpt, state, "", _selector(replaced_tables(cfg, depth)))
     trainer.load_state(state)
-    folder = run / INIT
-    trainer.save(folder, target.period, {}, {
-        "target_checkpoint": str(target_ckpt.resolve()),
-        "source_checkpoint": str(source_ckpt.resolve()), "replaced": depth})
-    return folder
+    return save_init(trainer, run, source_ckpt, target_ckpt, replaced=depth)
 
 
 FIRST_LAYER = "mlp.linears.0.weight"
@@ -127,8 +123,4 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
     trainer.load_state(state)
     trainer.seen = read_seen_ids(target_ckpt)
-    folder = run / INIT
-    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
-        "target_checkpoint": str(target_ckpt.resolve()),
-        "source_checkpoint": str(source_ckpt.resolve())})
-    return folder
+    return save_init(trainer, run, source_ckpt, target_ckpt)

@@ -24,7 +24,7 @@ from ctnet_rec.modules.joint.common import SUFFIXES
 from ctnet_rec.training.checkpoint import Manifest, load_mapped, read_seen_ids
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
-from ctnet_rec.training.transfer import INIT, check_tower_checkpoint
+from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
 from sharding.tower import shard_model
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,5 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
     log.info("%s: %d of %d state entries from the warm-up towers", model, loaded,
              len(state["model"]))
     trainer.seen = read_seen_ids(target_ckpt)
-    folder = run / INIT
-    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
-        "target_checkpoint": str(target_ckpt.resolve()),
-        "source_checkpoint": str(source_ckpt.resolve())})
-    return folder
+    return save_init(trainer, run, source_ckpt, target_ckpt)
 

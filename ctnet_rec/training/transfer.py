@@ -119,6 +119,17 @@ class CTNetTrainer(PeriodTrainer):
         return manifest
 
 
+def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,
+              **lineage: Any) -> Path:
+    """RUN/init of a model built from a source and a target tower checkpoint: saved as of the
+    target's period, with both checkpoints in its lineage."""
+    folder = run / INIT
+    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
+        "target_checkpoint": str(target_ckpt.resolve()),
+        "source_checkpoint": str(source_ckpt.resolve()), **lineage})
+    return folder
+
+
 def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
                   source_cfg: Config | None = None) -> Path:
     """`ctnet transfer init`: CTNet at t0, saved as RUN/init. The source tower's config is
