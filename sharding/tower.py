@@ -169,6 +169,7 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
     gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
     sharding = sharding or ShardingConfig()
+    place_dense(model, env.device)
     prepare_for_planning(model, sharding, env.device.type, env.world_size, sparse_lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=env.world_size),
@@ -179,6 +180,7 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     plan = planner.collective_plan(model, module_sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=module_sharders,
                                    init_data_parallel=False)
+    check_placement(dmp, env.device)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
         id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
                    for b in m.buffers()}  # each rank's id map is its own shard's
@@ -186,6 +188,37 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
             if not t.is_meta and id(t) not in id_maps:
                 dist.broadcast(t.data, src=0)
     return dmp
+
+
+def place_dense(model: nn.Module, device: torch.device) -> None:
+    """Move every materialised parameter and buffer to `device`. Models are built with their
+    tables on the meta device (DMP allocates those on `device`) and their dense layers on the
+    CPU; with DMP's data-parallel wrapper off, nothing else would move the dense layers."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.is_meta and p.device != device:
+                setattr(module, name, nn.Parameter(p.detach().to(device), p.requires_grad))
+        for name, b in module.named_buffers(recurse=False):
+            if not b.is_meta and b.device != device:
+                setattr(module, name, b.to(device))
+
+
+class PlacementError(RuntimeError):
+    """A parameter or buffer is not on the configured device after sharding."""
+
+
+def check_placement(model: nn.Module, device: torch.device) -> None:
+    """Refuse a model with a parameter or buffer off `device`, naming the first one, before
+    it trains (a dense layer left on the CPU of a GPU run is slow or fails mid-step). The
+    host-side metadata of fbgemm's kernels is on the CPU by design and is not checked."""
+    kernel_buffers = {id(b) for m in model.modules() if type(m).__module__.startswith("fbgemm")
+                      for b in m.buffers(recurse=False)}
+    named = [*(("parameter", n, p) for n, p in model.named_parameters()),
+             *(("buffer", n, b) for n, b in model.named_buffers())]
+    for kind, name, t in named:
+        if id(t) not in kernel_buffers and t.device != device:
+            raise PlacementError(f"{kind} {name!r} is on {t.device}, the run's device is "
+                                 f"{device}: move it to the configured device")
 
 
 def dense_parameters(dmp: DistributedModelParallel) -> list[torch.Tensor]:

@@ -127,3 +127,30 @@ def test_managed_billion_row_tables_plan_row_wise_with_their_id_maps():
                                      and t.ranks == list(range(64)) for t in managed)
     assert sum(m.id_maps for m in plan.ranks) == 3 * 8 * sum(t.rows for t in managed)
     assert "id maps" in format_plan(plan)
+
+
+def test_dense_layers_follow_the_configured_device(towers):
+    """Models are built with tables on meta and dense layers on the CPU: `place_dense` moves
+    every materialised tensor, so a CUDA run gets its dense layers on the GPU. (Shown with the
+    meta device as target, the one other device every machine has.)"""
+    from sharding.tower import place_dense
+
+    model = Tower(towers.cfg.features, towers.cfg.model, device=torch.device("meta"))
+    assert any(p.device.type == "cpu" for p in model.parameters())
+    place_dense(model, torch.device("meta"))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_a_misplaced_buffer_is_refused_naming_it(towers):
+    from sharding.tower import PlacementError, check_placement
+
+    env = init_distributed("cpu")
+    model = Tower(towers.cfg.features, towers.cfg.model, device=torch.device("meta"))
+    dmp = shard_model(model, env, 0.01)  # shard_model checks: everything is on the CPU
+    check_placement(dmp, env.device)
+    dmp.module.mlp.norms[1].register_buffer("stray", torch.zeros(3, device="meta"))
+    with pytest.raises(PlacementError, match=r"buffer 'mlp.norms.1.stray' is on meta, .* cpu"):
+        check_placement(dmp, env.device)
+    dmp.module.mlp.out.weight = torch.nn.Parameter(dmp.module.mlp.out.weight.to("meta"))
+    with pytest.raises(PlacementError, match=r"parameter 'mlp.out.weight' is on meta"):
+        check_placement(dmp, env.device)

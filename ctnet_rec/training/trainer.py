@@ -40,6 +40,7 @@ from sharding.tower import average_dense_gradients, dense_parameters, shard_mode
 log = logging.getLogger(__name__)
 
 TOWER = "tower"
+LOG_EVERY_STEPS = 50  # the progress bar's loss and speed: the only host sync of the loop
 DUAL_EMBEDDING = "dual_embedding"
 
 
@@ -159,34 +160,37 @@ class PeriodTrainer:
         self.dmp.train()
         set_period(self.dmp, period)
         users, items = [], []
-        sums: dict[str, list[float]] = {}
+        sums: dict[str, list[Any]] = {}  # per domain: loss sum (a device tensor), rows
         start = time.perf_counter()
         bar = tqdm(steps, total=total, desc=f"{domain} period {period}", unit="batch",
                    disable=not self.env.is_main, leave=False)
-        for step_domain, batch in bar:
-            batch = batch.to(self.env.device)
+        for step, (step_domain, host_batch) in enumerate(bar):
+            batch = host_batch.to(self.env.device)
             loss = F.binary_cross_entropy_with_logits(self.logits(batch, step_domain),
                                                       batch.labels)
             self.dense_opt.zero_grad()
             loss.backward()
             average_dense_gradients(self.dense, self.env.world_size)
             self.dense_opt.step()
-            acc = sums.setdefault(step_domain, [0.0, 0.0])
-            acc[0] += loss.item() * len(batch)
+            acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
+                                                            device=self.env.device), 0])
+            acc[0] += loss.detach().double() * len(batch)  # stays on the device: no sync per step
             acc[1] += len(batch)
-            if step_domain == domain:
-                users.append(batch.user_ids.cpu().numpy())
-                items.append(batch.item_ids.cpu().numpy())
-            rows = sum(r for _, r in sums.values())
-            bar.set_postfix(loss=f"{acc[0] / acc[1]:.4f}",
-                            samples_s=f"{rows / (time.perf_counter() - start):.0f}")
+            if step_domain == domain:  # raw ids from the host copy of the batch
+                users.append(host_batch.user_ids.numpy())
+                items.append(host_batch.item_ids.numpy())
+            if step % LOG_EVERY_STEPS == 0 and self.env.is_main:
+                rows = sum(n for _, n in sums.values())
+                bar.set_postfix(loss=f"{float(acc[0]) / acc[1]:.4f}",
+                                samples_s=f"{rows / (time.perf_counter() - start):.0f}")
         self._average_batchnorm_statistics()
         seen = _gather({"users": np.unique(np.concatenate(users)),
                         "items": np.unique(np.concatenate(items))})
         self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
         elapsed = time.perf_counter() - start
         domains = sorted(sums)  # the same on every rank: every rank reads every domain
-        stats = torch.tensor([sums[d] for d in domains], dtype=torch.float64)
+        stats = torch.stack([torch.stack([sums[d][0], sums[d][0].new_tensor(sums[d][1])])
+                             for d in domains])  # on the device: nccl reduces those only
         dist.all_reduce(stats)
         by_domain = {d: (float(loss / n), int(n))
                      for d, (loss, n) in zip(domains, stats, strict=True)}
