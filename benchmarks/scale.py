@@ -61,7 +61,7 @@ def main() -> None:
     start = time.perf_counter()
     net = build_ctnet((cfg.features, cfg.model), (cfg.features, cfg.model), cfg.ctnet,
                       torch.device("meta"), cfg.sharding.source_table_dtype)
-    dmp = shard_model(net, env, cfg.train.sparse_lr, frozen=net.source, sharding=cfg.sharding)
+    dmp = shard_model(net, env, cfg.train.tables.lr, frozen=net.source, sharding=cfg.sharding)
     built_s = time.perf_counter() - start
     after_build = rss_mb()
     step, _ = train_step(dmp, cfg)

@@ -74,14 +74,14 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
     if path == "torchrec":
         env = init_distributed("cpu")
         model = shard_model(Tower(cfg.features, cfg.model, device=torch.device("meta")), env,
-                            cfg.train.sparse_lr)
+                            cfg.train.tables.lr)
         dense = dense_parameters(model)
-        opt = torch.optim.Adagrad(dense, lr=cfg.train.dense_lr)
+        opt = torch.optim.Adagrad(dense, lr=cfg.train.dense.lr)
     else:
         model = Tower(cfg.features, cfg.model, lookups=False)
         model.embeddings = PlainEmbeddings(cfg.features)
         dense = []
-        opt = torch.optim.Adagrad(model.parameters(), lr=cfg.train.dense_lr)
+        opt = torch.optim.Adagrad(model.parameters(), lr=cfg.train.dense.lr)
     model.train()
 
     def step(b) -> None:

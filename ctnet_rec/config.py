@@ -353,6 +353,39 @@ class SynthConfig:
             d.validate(f"{key}.domains.{name}")
 
 
+OptimizerName = Literal["adagrad", "adam", "sgd"]
+
+
+@dataclass
+class OptimizerConfig:
+    """A parameter group's optimiser (torch.optim): `adagrad` (the paper's), `adam` or `sgd`.
+
+    `initial_accumulator` is AdaGrad's starting sum of squared gradients. At 0 (torch's
+    default) AdaGrad's first step moves every weight by about +-lr whatever its gradient's
+    size; TensorFlow's AdaGrad, which the paper used, starts at 0.1, so a weight moves in
+    proportion to its gradient until the gradients have added up. It applies to parameters
+    that start fresh: a group loaded from a checkpoint brings its own sums.
+    `warmup_steps`: the lr ramps linearly from lr / warmup_steps to lr over the group's first
+    steps (counted by the optimiser's own step count, so a resumed run does not restart it)."""
+
+    optimizer: OptimizerName = "adagrad"
+    lr: float = 0.01
+    initial_accumulator: float = 0.0
+    warmup_steps: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.lr < float("inf"), f"{key}.lr", "must be a finite number > 0")
+        _check(self.initial_accumulator >= 0, f"{key}.initial_accumulator", "must be >= 0")
+        _check(self.optimizer == "adagrad" or self.initial_accumulator == 0,
+               f"{key}.initial_accumulator", "is AdaGrad's; set it to 0 for "
+               f"{self.optimizer}")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+
+
+def _adapter_optimizer() -> OptimizerConfig:
+    return OptimizerConfig("adagrad", lr=0.01, initial_accumulator=0.1)
+
+
 @dataclass
 class CTNetConfig:
     """CTNet (DESIGN.md section 1) and the paper's variants: `adapter = "linear"` is CTNet
@@ -365,9 +398,13 @@ class CTNetConfig:
     adapter_init_scale: float = 1e-5
     source_refresh: Literal["every_period", "once"] = "every_period"
     share_long_sequence_attention: bool = False
+    # how the adapters train (not part of the model: a checkpoint loads under other settings)
+    adapter_optimizer: OptimizerConfig = field(default_factory=_adapter_optimizer,
+                                               metadata={"model": False})
 
     def validate(self, key: str) -> None:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
+        self.adapter_optimizer.validate(f"{key}.adapter_optimizer")
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise"]
@@ -403,20 +440,34 @@ class ShardingConfig:
 
 
 @dataclass
+class TableOptimizerConfig:
+    """The tables' optimiser: fbgemm's fused row-wise AdaGrad (TorchRec), applied inside the
+    backward pass, its state sharded with the table. One sum of squared gradients per row,
+    starting at 0: a row's first update has length lr * sqrt(embedding_dim) whatever its
+    gradient's size (tested in tests/test_optim.py)."""
+
+    lr: float = 0.01
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.lr < float("inf"), f"{key}.lr", "must be a finite number > 0")
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation and placement. The paper: AdaGrad, lr 0.01 (tables: TorchRec's fused
-    row-wise AdaGrad; dense layers: torch.optim.Adagrad). `device` "cpu" runs on gloo, "cuda"
-    on nccl: the code is the same."""
+    """Optimisation and placement. The paper: AdaGrad, lr 0.01, for tables (`[train.tables]`)
+    and dense layers (`[train.dense]`). `device` "cpu" runs on gloo, "cuda" on nccl: the code
+    is the same."""
 
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
-    sparse_lr: float = 0.01
-    dense_lr: float = 0.01
+    tables: TableOptimizerConfig = field(default_factory=TableOptimizerConfig)
+    dense: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_batch_size: int = 4096
 
     def validate(self, key: str) -> None:
-        for name in ("sparse_lr", "dense_lr", "eval_batch_size"):
-            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        self.tables.validate(f"{key}.tables")
+        self.dense.validate(f"{key}.dense")
+        _check(self.eval_batch_size > 0, f"{key}.eval_batch_size", "must be > 0")
 
 
 JointBaseline = Literal["MLP++", "Share Bottom", "PLE", "MiNet", "DDTCDR", "DASL"]
@@ -483,8 +534,19 @@ class Config:
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections, for checkpoint manifests and caches."""
-        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        payload = {}
+        for s in sections:  # without the settings that are not part of the model
+            section = getattr(self, s)
+            payload[s] = {k: v for k, v in dataclasses.asdict(section).items()
+                          if k not in _NOT_MODEL.get(type(section), ())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_NOT_MODEL = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}
+              for cls in (CTNetConfig,)}
+
+# Keys that moved, and where to: refused with the new name rather than "unknown key".
+RENAMED = {"train.sparse_lr": "train.tables.lr", "train.dense_lr": "train.dense.lr"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +600,9 @@ def _build_dataclass(cls: type, raw: dict[str, Any], key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     where = f"{key}." if key else ""
+    for name in unknown:
+        _check(f"{where}{name}" not in RENAMED, f"{where}{name}",
+               f"renamed: set {RENAMED.get(f'{where}{name}')} instead")
     _check(not unknown, f"{where}{unknown[0]}" if unknown else key,
            f"unknown key (allowed: {sorted(fields)})")
     kwargs = {}

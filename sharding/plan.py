@@ -146,7 +146,7 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
     tower, whose tables are read-only) for `world_size` ranks of `hbm_gb` / `ddr_gb` each."""
     start = time.perf_counter()
     model, frozen = _model(cfg, source_cfg)
-    prepare_for_planning(model, cfg.sharding, device, world_size, cfg.train.sparse_lr, frozen)
+    prepare_for_planning(model, cfg.sharding, device, world_size, cfg.train.tables.lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size,
                                       local_world_size=local_world_size or min(world_size, 8),

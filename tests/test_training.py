@@ -35,9 +35,13 @@ sim_top_k = 8
 eta_top_k = 8
 
 [train]
-sparse_lr = 0.05
-dense_lr = 0.05
 eval_batch_size = 1024
+
+[train.tables]
+lr = 0.05
+
+[train.dense]
+lr = 0.05
 
 [data]
 batch_size = 256

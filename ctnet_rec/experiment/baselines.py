@@ -107,14 +107,18 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     load_into_submodule(target_ckpt, state, "",
                         lambda k: not k.startswith("dual.") and k != FIRST_LAYER)
     model = state["model"]
-    first, first_sum = model[FIRST_LAYER], state["dense_optim"][FIRST_LAYER]["sum"]
+    first = model[FIRST_LAYER]
+    # the optimiser's per-weight state (AdaGrad's sums, Adam's moments)
+    first_state = {k: v for k, v in state["dense_optim"][FIRST_LAYER].items()
+                   if v.shape == first.shape}
     old_shape = (first.shape[0], trainer.dmp.module.base_in_dim)
     old = {"model": {FIRST_LAYER: torch.empty(old_shape)},
-           "dense_optim": {FIRST_LAYER: {"sum": torch.empty(old_shape)}}}
+           "dense_optim": {FIRST_LAYER: {k: torch.empty(old_shape) for k in first_state}}}
     dcp.load(old, checkpoint_id=str(target_ckpt))
-    with torch.no_grad():  # the target's weights and AdaGrad sums, zeros in the new columns
-        for new, loaded in ((first, old["model"][FIRST_LAYER]),
-                            (first_sum, old["dense_optim"][FIRST_LAYER]["sum"])):
+    pairs = [(first, old["model"][FIRST_LAYER]),
+             *((v, old["dense_optim"][FIRST_LAYER][k]) for k, v in first_state.items())]
+    with torch.no_grad():  # the target's weights and optimiser state, zeros in the new columns
+        for new, loaded in pairs:
             new.zero_()
             new[:, : old_shape[1]] = loaded
     request = {_table_key(cfg, table): model[f"dual.embedding_bags.{DUAL_PREFIX}{table}.weight"]

@@ -46,6 +46,9 @@ class CTNet(nn.Module):
             for t, out in zip(self.taps, tgt_dims, strict=True)
         )
         self.view = SourceView(source.features, target.features)
+        # off: the adapters add nothing, as if zeroed (what the source contributes is the
+        # difference); for evaluation, not a model setting
+        self.use_adapters = True
         if cfg.share_long_sequence_attention:
             mine = [m is not None for m in (target.sim, target.eta)]
             theirs = [m is not None for m in (source.sim, source.eta)]
@@ -65,7 +68,8 @@ class CTNet(nn.Module):
         with torch.no_grad():
             src = self.source(*self.view(sparse, dense))
         states = [src.inputs, *src.hidden]
-        adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)]
+        adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)] \
+            if self.use_adapters else None
         shared = src.long_interest if self.cfg.share_long_sequence_attention else None
         return self.target(sparse, dense, adds, long_interest=shared)
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from ctnet_rec.config import Config, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
-from ctnet_rec.training.checkpoint import Manifest
+from ctnet_rec.training.checkpoint import CheckpointError, Manifest
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.joint import JOINT, JointTrainer
 from ctnet_rec.training.trainer import DUAL_EMBEDDING, DualEmbeddingTrainer, PeriodTrainer
@@ -68,12 +68,20 @@ def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Pa
 
 def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
                         cfg: Config | None = None,
-                        sharding: ShardingConfig | None = None) -> dict[str, Any]:
+                        sharding: ShardingConfig | None = None,
+                        zero_adapters: bool = False) -> dict[str, Any]:
     """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
-    relative to the ids the checkpoint had seen in training."""
+    relative to the ids the checkpoint had seen in training. `zero_adapters` (CTNet only):
+    the same model with its adapters adding nothing."""
+    manifest = Manifest.read(ckpt)
+    if zero_adapters and manifest.kind != CTNET:
+        raise CheckpointError(f"{ckpt}: --zero-adapters needs a CTNet checkpoint, this one "
+                              f"holds a {manifest.kind!r} model")
     trainer, manifest = open_checkpoint(ckpt, cfg, sharding)
+    if zero_adapters:
+        trainer.dmp.module.use_adapters = False
     validate_periods(data, domain, [period], trainer.cfg.features)
     metrics = trainer.evaluate(data, domain, period)
-    return {"checkpoint": str(ckpt), "model": manifest.kind,
+    return {"checkpoint": str(ckpt), "model": manifest.kind, "zero_adapters": zero_adapters,
             "trained_through_period": manifest.period, "domain": domain, "period": period,
             **metrics}

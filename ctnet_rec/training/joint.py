@@ -43,7 +43,7 @@ class JointTrainer(PeriodTrainer):
     def build_model(self) -> DistributedModelParallel:
         net = JOINT_MODELS[self.model_name](self.cfg.features, self.cfg.model,
                                             torch.device("meta"))
-        return shard_model(net, self.env, self.cfg.train.sparse_lr, sharding=self.cfg.sharding)
+        return shard_model(net, self.env, self.cfg.train.tables.lr, sharding=self.cfg.sharding)
 
     def logits(self, batch: Any, domain: str) -> torch.Tensor:
         task = SOURCE if domain == self.source_domain else TARGET

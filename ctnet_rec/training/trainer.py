@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
-from ctnet_rec.config import Config
+from ctnet_rec.config import Config, OptimizerConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
@@ -35,6 +35,7 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
+from ctnet_rec.training.optim import GroupOptimizer, NamedParams
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class PeriodTrainer:
         torch.manual_seed(cfg.train.seed)
         self.dmp = self.build_model()
         self.dense = dense_parameters(self.dmp)
-        self.dense_opt = torch.optim.Adagrad(self.dense, lr=cfg.train.dense_lr)
+        self.dense_opt = GroupOptimizer(self.parameter_groups(self._named_dense()))
         self.seen: dict[str, np.ndarray] = {"users": np.zeros(0, np.int64),
                                             "items": np.zeros(0, np.int64)}
         self.config_hash = cfg.section_hash("features", "model")
@@ -81,23 +82,25 @@ class PeriodTrainer:
 
     def build_model(self) -> DistributedModelParallel:
         model = Tower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.sparse_lr,
+        return shard_model(model, self.env, self.cfg.train.tables.lr,
                            sharding=self.cfg.sharding)
 
-    def _named_dense(self) -> list[tuple[str, torch.Tensor]]:
+    def _named_dense(self) -> NamedParams:
         dense = {id(p) for p in self.dense}
         return [(n, p) for n, p in self.dmp.named_parameters() if id(p) in dense]
+
+    def parameter_groups(self, dense: NamedParams) -> dict[str, tuple[NamedParams,
+                                                                       OptimizerConfig]]:
+        """The dense parameters by optimiser group (a tower has one)."""
+        return {"dense": (dense, self.cfg.train.dense)}
 
     # -- state ----------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds: model, fused (table) optimiser state, dense optimiser
         state keyed by parameter name (so it reloads at any world size)."""
-        dense_state = {
-            name: dict(self.dense_opt.state[p]) for name, p in self._named_dense()
-        }
         return {"model": self.dmp.state_dict(), "optim": self.dmp.fused_optimizer.state_dict(),
-                "dense_optim": dense_state}
+                "dense_optim": self.dense_opt.state_by_name()}
 
     def manifest(self, period: int, metrics: dict[str, Any],
                  lineage: dict[str, Any]) -> Manifest:
@@ -126,8 +129,7 @@ class PeriodTrainer:
         model.update(state["model"])
         self.dmp.load_state_dict(model)
         self.dmp.fused_optimizer.load_state_dict(state["optim"])
-        for name, p in self._named_dense():
-            self.dense_opt.state[p].update(state["dense_optim"][name])
+        self.dense_opt.load_state_by_name(state["dense_optim"])
 
     # -- work -----------------------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class DualEmbeddingTrainer(PeriodTrainer):
 
     def build_model(self) -> DistributedModelParallel:
         model = DualEmbeddingTower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.sparse_lr,
+        return shard_model(model, self.env, self.cfg.train.tables.lr,
                            sharding=self.cfg.sharding)
 
 

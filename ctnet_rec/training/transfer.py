@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from ctnet_rec.config import Config, ConfigError, ShardingConfig, config_from_dict
-from ctnet_rec.modules.ctnet import build_ctnet
+from ctnet_rec.config import (
+    Config,
+    ConfigError,
+    OptimizerConfig,
+    ShardingConfig,
+    config_from_dict,
+)
+from ctnet_rec.modules.ctnet import CTNet, build_ctnet
 from ctnet_rec.training.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -25,13 +32,14 @@ from ctnet_rec.training.checkpoint import (
     read_seen_ids,
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.optim import NamedParams
 from ctnet_rec.training.trainer import TOWER, PeriodTrainer, feature_schema, run_periods
 from sharding.tower import shard_model
 
 log = logging.getLogger(__name__)
 
 CTNET = "ctnet"
-SOURCE, TARGET = "source.", "target."
+SOURCE, TARGET, ADAPTERS = "source.", "target.", "adapters."
 INIT = "init"  # RUN/init: the CTNet deployed at t0, before any CTNet training
 
 
@@ -77,8 +85,17 @@ class CTNetTrainer(PeriodTrainer):
                               self.cfg.sharding.source_table_dtype)
         except ValueError as e:  # the two towers' configs do not fit together
             raise ConfigError(f"source vs target config: {e}") from None
-        return shard_model(net, self.env, self.cfg.train.sparse_lr, frozen=net.source,
+        return shard_model(net, self.env, self.cfg.train.tables.lr, frozen=net.source,
                            sharding=self.cfg.sharding)
+
+    def parameter_groups(self, dense: NamedParams) -> dict[str, tuple[NamedParams,
+                                                                       OptimizerConfig]]:
+        """The adapters train with their own optimiser settings (`[ctnet.adapter_optimizer]`),
+        the target tower's dense layers with the towers' (`[train.dense]`)."""
+        adapters = [(n, p) for n, p in dense if n.startswith(ADAPTERS)]
+        return {"dense": ([(n, p) for n, p in dense if not n.startswith(ADAPTERS)],
+                          self.cfg.train.dense),
+                "adapters": (adapters, self.cfg.ctnet.adapter_optimizer)}
 
     def manifest(self, period: int, metrics: dict[str, Any],
                  lineage: dict[str, Any]) -> Manifest:
@@ -113,10 +130,28 @@ class CTNetTrainer(PeriodTrainer):
         self.seen = read_seen_ids(folder)
         return manifest
 
+    def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+        """The metrics, and beside them (`without_adapters`) those of the same model with
+        its adapters adding nothing: whether the source is used, and whether it helps."""
+        metrics = super().evaluate(root, domain, period)
+        with adapters_off(self.dmp.module):
+            bare = super().evaluate(root, domain, period)
+        metrics["without_adapters"] = {k: v for k, v in bare.items() if k != "oracle"}
+        return metrics
+
     def restore(self, folder: Path) -> Manifest:
         manifest = super().restore(folder)
         self.load_source(Path(manifest.lineage["source_checkpoint"]))
         return manifest
+
+
+@contextmanager
+def adapters_off(net: CTNet) -> Iterator[None]:
+    net.use_adapters = False
+    try:
+        yield
+    finally:
+        net.use_adapters = True
 
 
 def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,

@@ -1,0 +1,65 @@
+"""Intervals for the report's gains: paired over (seed, period) when there are several, from
+the test rows of one period otherwise.
+
+- Several seeds: the gain of a row over a reference is one difference per (seed, period); the
+  95% interval is Student's t over those paired differences (periods and seeds share the
+  world and the test rows, so pairing removes what they have in common).
+- One seed, one period: the AUC's standard error from its test rows (Hanley & McNeil, 1982),
+  and for a difference of two models sqrt(se1^2 + se2^2), conservative since the two models
+  score the same rows (their errors correlate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t (beyond 30 degrees of freedom, within 0.2% of it)."""
+    return _T975[df - 1] if df <= len(_T975) else Z975 + 2.4 / df
+
+
+def paired_interval(diffs: Sequence[float]) -> dict[str, float]:
+    """Mean of the paired differences with its 95% t-interval; NaN bounds with one pair or
+    none (an interval needs at least two). NaN differences (a metric that could not be
+    computed) are left out."""
+    xs = [x for x in diffs if not math.isnan(x)]
+    n = len(xs)
+    if n == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    mean = sum(xs) / n
+    if n == 1:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil's standard error of an AUC measured on `positives` + `negatives` rows."""
+    if positives == 0 or negatives == 0 or math.isnan(auc):
+        return math.nan
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc)
+           + (negatives - 1) * (q2 - auc * auc)) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
+
+def difference_interval(gain: float, se_a: float, se_b: float) -> dict[str, float]:
+    """One period, one seed: gain +- 1.96 sqrt(se_a^2 + se_b^2)."""
+    half = Z975 * math.sqrt(se_a * se_a + se_b * se_b)
+    return {"mean": gain, "low": gain - half, "high": gain + half, "n": 1}
+
+
+def mark(interval: dict[str, float]) -> str:
+    """'+' when the whole interval is above 0, '-' when below, '' otherwise (or unknown)."""
+    if math.isnan(interval["low"]) or math.isnan(interval["high"]):
+        return ""
+    return "+" if interval["low"] > 0 else "-" if interval["high"] < 0 else ""
