@@ -383,7 +383,7 @@ class OptimizerConfig:
 
 
 def _adapter_optimizer() -> OptimizerConfig:
-    return OptimizerConfig("adagrad", lr=0.01, initial_accumulator=0.1)
+    return OptimizerConfig("adagrad", lr=0.1, initial_accumulator=0.1)
 
 
 @dataclass

@@ -278,19 +278,32 @@ def test_progress_names_the_job_and_estimates_the_rest(experiment, caplog):
                         r"on C \(periods 0-3\) \| elapsed \d+:\d\d, ETA \d+:\d\d", last)
 
 
-def test_the_report_names_every_row_above_ctnet(experiment):
-    report = (experiment / "report.md").read_text()
-    models = json.loads((experiment / "metrics.json").read_text())["models"]
-    section = report.split("## Where CTNet stands", 1)[1].split("##", 1)[0]
-    for d in ("B", "C"):
-        line = next(x for x in section.splitlines() if x.startswith(f"- Target {d}:"))
-        mean = {n: np.mean([per[d][t]["auc"] for t in ("2", "3")]) for n, per in models.items()}
-        above = [n for n in models if n not in ("CTNet", ORACLE) and mean[n] > mean["CTNet"]]
-        assert f"is {mean['CTNet']:.4f}" in line
-        for n in models:
-            if n != "CTNet":
-                assert (f"{n} (+" in line) == (n in above), (n, line)
-        assert ("no compared row is above it" in line) == (not above)
+def test_the_report_names_every_row_significantly_above_ctnet(seeds):
+    """"Where CTNet stands" lists exactly the rows whose gain over CTNet has its whole 95%
+    interval above zero, and says whether CTNet's own gain over Base is significant; with one
+    seed and with several."""
+    from ctnet_rec.experiment.report import gain_interval
+    from ctnet_rec.experiment.runner import Results
+    from ctnet_rec.experiment.significance import mark
+
+    for folder, runs in ((seeds / "seed=0", [0]), (seeds, [0, 1])):
+        results = [Results.from_json(json.loads((seeds / f"seed={s}" / "metrics.json")
+                                                .read_text())) for s in runs]
+        report = (folder / "report.md").read_text()
+        section = report.split("## Where CTNet stands", 1)[1].split("##", 1)[0]
+        for d in ("B", "C"):
+            line = next(x for x in section.splitlines() if x.startswith(f"- Target {d}:"))
+            vs_base = gain_interval(results, "CTNet", BASE, d)
+            assert f"gain over Base is {vs_base['mean']:+.4f}" in line
+            above = line.split("Significantly above CTNet:", 1)[1].split(". ")[0] \
+                if "Significantly above CTNet:" in line else ""
+            for n in results[0].models:
+                if n in ("CTNet", ORACLE):
+                    continue
+                iv = gain_interval(results, n, "CTNet", d)
+                assert (f"{n} (" in above) == (mark(iv) == "+"), (n, line)
+        table = _rows(report, "## Gains with 95% intervals, target C")
+        assert table["CTNet"][2] == "" and table[BASE][1] == ""
 
 
 def test_din_is_the_tower_with_the_din_unit_and_learns(experiment):

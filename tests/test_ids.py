@@ -28,7 +28,23 @@ def test_hash_policy_in_range_and_spreads_structured_ids():
     rows = map_ids(ids, 4096, "hash")
     assert rows.min() >= 0 and rows.max() < 4096
     assert len(np.unique(rows)) > 800  # ~ 4096 * (1 - exp(-1000/4096)) = 889 expected
-    np.testing.assert_array_equal(map_ids(EXTREMES, 97, "hash"), map_ids(EXTREMES, 97, "hash"))
+    want = [_splitmix64_reference(int(x)) % 97 for x in EXTREMES.tolist()]
+    assert map_ids(EXTREMES, 97, "hash").tolist() == want
+
+
+def _splitmix64_reference(x: int) -> int:
+    """SplitMix64 (Steele, Lea & Flood 2014) in Python integers, independent of numpy."""
+    mask = 2**64 - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_matches_the_reference():
+    assert _splitmix64_reference(0) == 0xE220A8397B1DCDAF  # SplitMix64's first output, seed 0
+    assert splitmix64(EXTREMES).tolist() == [_splitmix64_reference(int(x) % 2**64)
+                                             for x in EXTREMES.tolist()]
 
 
 def test_splitmix64_is_a_bijection_sample():

@@ -1,10 +1,15 @@
 """The experiment's report: markdown tables in the layout of the paper's Tables 2-5 and a
-cost table (Table 1 as measurements), and PNG plots. Every number comes from `Results` (the
-same numbers as OUT/metrics.json). Over several seeds, each cell is the mean and standard
-deviation of that cell across the seeds."""
+cost table (Table 1 as measurements), each gain with its 95% interval, and PNG plots. Every
+number comes from `Results` (the same numbers as OUT/metrics.json). Over several seeds, each
+cell is the mean and standard deviation of that cell across the seeds.
+
+Real data has holes: a slice with no rows (no new items in a period), a period with one class
+(no AUC), a model whose job failed. Each is a "-" in its cell, explained under the table; the
+report never fails on them."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +29,11 @@ from ctnet_rec.experiment.runner import (  # noqa: E402
     Results,
     sweep_name,
 )
+from ctnet_rec.experiment.significance import (  # noqa: E402
+    auc_standard_error,
+    mark,
+    paired_interval,
+)
 
 SLICES = ["new_users", "old_users", "new_items", "old_items"]
 CTNET, ONCE = "CTNet", "CTNet transfer-once"
@@ -33,28 +43,39 @@ class Gain(float):
     """A difference between two metrics: printed with its sign."""
 
 
-Cell = str | int | float  # int: counts, seconds, MB; float: a metric; Gain: a difference
+# int: counts, seconds, MB; float: a metric; Gain: a difference; None: no value ("-")
+Cell = str | int | float | None
+MISSING = "-"
 
 
 @dataclass
 class Table:
     head: list[str]
     rows: list[list[Cell]]
+    note: str = ""  # under the table: what its "-" cells mean
 
 
 def _fmt(value: float, kind: type) -> str:
     return f"{value:+.4f}" if kind is Gain else f"{value:.0f}" if kind is int else f"{value:.4f}"
 
 
+def _text(cell: Cell) -> str:
+    if isinstance(cell, str):
+        return cell
+    if cell is None or math.isnan(cell):
+        return MISSING
+    return _fmt(cell, type(cell))
+
+
 def render(table: Table) -> str:
     lines = ["| " + " | ".join(table.head) + " |", "|" + "---|" * len(table.head)]
-    lines += ["| " + " | ".join(c if isinstance(c, str) else _fmt(c, type(c)) for c in row)
-              + " |" for row in table.rows]
-    return "\n".join(lines)
+    lines += ["| " + " | ".join(_text(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines) + (f"\n\n{table.note}" if table.note else "")
 
 
 def pooled(tables: Sequence[Table]) -> Table:
-    """The tables of several seeds as one: numbers become "mean ± std" (sample std)."""
+    """The tables of several seeds as one: numbers become "mean ± std" (sample std) over the
+    seeds that have the number; "-" where none has it."""
     first = tables[0]
     rows = []
     for i, row in enumerate(first.rows):
@@ -65,13 +86,38 @@ def pooled(tables: Sequence[Table]) -> Table:
                 if len(set(values)) > 1:
                     raise ValueError(f"seeds disagree on a label: {values}")
                 cells.append(cell)
+                continue
+            kind = next((type(v) for v in values if _number(v)), float)
+            nums = [float(v) for v in values if _number(v)]
+            if not nums:
+                cells.append(None)
+            elif len(nums) == 1:
+                cells.append(_fmt(nums[0], kind))
             else:
-                nums = [float(v) for v in values]
-                kind = type(cell)
                 cells.append(f"{_fmt(statistics.fmean(nums), kind)} ± "
                              f"{_fmt(statistics.stdev(nums), kind).lstrip('+')}")
         rows.append(cells)
-    return Table(first.head, rows)
+    notes = [t.note for t in tables if t.note]
+    return Table(first.head, rows, notes[0] if notes else "")
+
+
+def _number(v: Cell) -> bool:
+    return isinstance(v, int | float) and not math.isnan(v)
+
+
+def metric(res: Results, name: str, d: str, t: int, key: str = "auc",
+           part: str | None = None) -> float | None:
+    """A model's metric on domain d after period t (of `part`: a slice, or
+    "without_adapters"); None when missing: a failed model, an empty slice, one class."""
+    m = res.models.get(name, {}).get(d, {}).get(t)
+    if m is not None and part is not None:
+        m = m.get(part) or m.get("slices", {}).get(part)
+    value = None if m is None else m.get(key)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def gain(a: float | None, b: float | None) -> Gain | None:
+    return None if a is None or b is None else Gain(a - b)
 
 
 def table2(res: Results) -> Table:
@@ -80,24 +126,32 @@ def table2(res: Results) -> Table:
     domains = list(res.models[BASE])
     head = ["model"] + [f"{d} {m}" for d in domains for m in ("AUC", "GAUC", "AUC gain")]
     rows: list[list[Cell]] = []
-    for name, per in res.models.items():
+    for name in res.models:
         row: list[Cell] = [name]
         for d in domains:
-            m, b = per[d][last], res.models[BASE][d][last]
-            row += [m["auc"], m["gauc"], Gain(m["auc"] - b["auc"])]
+            auc = metric(res, name, d, last)
+            row += [auc, metric(res, name, d, last, "gauc"),
+                    gain(auc, metric(res, BASE, d, last))]
         rows.append(row)
-    return Table(head, rows)
+    return Table(head, rows, _missing_note(rows))
+
+
+def _missing_note(rows: list[list[Cell]]) -> str:
+    if not any(c is None for row in rows for c in row):
+        return ""
+    return (f"{MISSING}: no value: the model's job failed (see the experiment's log), or the "
+            "period's test rows hold one class only (AUC undefined).")
 
 
 def table3(res: Results, domain: str) -> Table:
     """Per period: Base vs CTNet transfer-once vs CTNet, AUC and gain."""
-    base, once, ctnet = (res.models[n][domain] for n in (BASE, ONCE, CTNET))
     head = ["trained on", "tested on", "Base AUC", "transfer-once AUC", "gain",
             "CTNet AUC", "gain"]
-    return Table(head, [[str(t), str(t + 1), base[t]["auc"], once[t]["auc"],
-                         Gain(once[t]["auc"] - base[t]["auc"]), ctnet[t]["auc"],
-                         Gain(ctnet[t]["auc"] - base[t]["auc"])]
-                        for t in res.settings["trained_periods"]])
+    rows: list[list[Cell]] = []
+    for t in res.settings["trained_periods"]:
+        base, once, ctnet = (metric(res, n, domain, t) for n in (BASE, ONCE, CTNET))
+        rows.append([str(t), str(t + 1), base, once, gain(once, base), ctnet, gain(ctnet, base)])
+    return Table(head, rows, _missing_note(rows))
 
 
 def table4(res: Results) -> Table:
@@ -106,15 +160,19 @@ def table4(res: Results) -> Table:
     last = res.settings["trained_periods"][-1]
     domains = list(res.finetune_sweep)
     head = ["model", *(f"{d} AUC" for d in domains), *(f"{d} gain vs CTNet" for d in domains)]
-    ctnet = {d: res.models[CTNET][d][last]["auc"] for d in domains}
+    ctnet = {d: metric(res, CTNET, d, last) for d in domains}
     sizes = sorted({k for per in res.finetune_sweep.values() for k in per})
+
+    def sweep(d: str, k: int) -> float | None:
+        value = res.finetune_sweep[d].get(k, {}).get("auc")
+        return None if value is None or math.isnan(value) else value
+
     rows: list[list[Cell]] = [
         [f"Pre-train & Fine-tune, last {k} period{'s' if k > 1 else ''}",
-         *(res.finetune_sweep[d][k]["auc"] for d in domains),
-         *(Gain(res.finetune_sweep[d][k]["auc"] - ctnet[d]) for d in domains)]
+         *(sweep(d, k) for d in domains), *(gain(sweep(d, k), ctnet[d]) for d in domains)]
         for k in sizes]
     rows.append([CTNET, *(ctnet[d] for d in domains), *("" for _ in domains)])
-    return Table(head, rows)
+    return Table(head, rows, _missing_note(rows))
 
 
 def table5(res: Results) -> Table:
@@ -123,12 +181,15 @@ def table5(res: Results) -> Table:
     for d in res.models[BASE]:
         row: list[Cell] = [d]
         for s in SLICES:
-            gains = [res.models[CTNET][d][t]["slices"][s]["auc"]
-                     - res.models[BASE][d][t]["slices"][s]["auc"]
-                     for t in res.settings["trained_periods"]]
-            row.append(Gain(sum(gains) / len(gains)))
+            gains = [g for t in res.settings["trained_periods"]
+                     if (g := gain(metric(res, CTNET, d, t, part=s),
+                                   metric(res, BASE, d, t, part=s))) is not None]
+            row.append(Gain(sum(gains) / len(gains)) if gains else None)
         rows.append(row)
-    return Table(["domain", *SLICES], rows)
+    note = ("" if not any(c is None for r in rows for c in r) else
+            f"{MISSING}: the slice is empty (or holds one class) in every test period, e.g. "
+            "no item the model had not seen: nothing to compare.")
+    return Table(["domain", *SLICES], rows, note)
 
 
 def cost_table(res: Results) -> Table:
@@ -142,52 +203,140 @@ def cost_table(res: Results) -> Table:
     rows: list[list[Cell]] = []
     for name in order:
         for d, c in res.costs.get(name, {}).items():
+            if "failed" in c:
+                rows.append([name, d, *(["failed"] * 5)])
+                continue
             rows.append([name, d, int(c["target_samples"]), int(c["source_samples"]),
                          int(round(c["seconds"])), int(round(c["peak_rss_mb"])),
                          int(round(c["peak_rss_mb"] - c["start_rss_mb"]))])
     return Table(head, rows)
 
 
-def standing(runs: Sequence[Results]) -> str:
-    """In words, per target domain: the rows whose AUC, averaged over the test periods (and
-    the seeds), is above CTNet's, so a reader cannot miss where CTNet loses."""
+def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
+                  periods: Sequence[int] | None = None) -> dict[str, float]:
+    """The mean AUC gain of `name` over `ref` on domain d across the test periods (or those
+    given), with its 95% interval: paired over (seed, period) with several seeds; with one,
+    from each period's test rows (the AUCs' standard errors, combined over the periods)."""
+    periods = list(periods if periods is not None else runs[0].settings["trained_periods"])
+    if len(runs) > 1:
+        return paired_interval([g for r in runs for t in periods
+                                if (g := gain(metric(r, name, d, t), metric(r, ref, d, t)))
+                                is not None])
+    res, gains, var = runs[0], [], 0.0
+    for t in periods:
+        a, b = metric(res, name, d, t), metric(res, ref, d, t)
+        if a is None or b is None:
+            continue
+        gains.append(a - b)
+        var += sum(_auc_se(res, n, d, t, v) ** 2 for n, v in ((name, a), (ref, b)))
+    if not gains:
+        return paired_interval([])
+    mean, half = statistics.fmean(gains), 1.959964 * math.sqrt(var) / len(gains)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(gains)}
+
+
+def _auc_se(res: Results, name: str, d: str, t: int, auc: float) -> float:
+    m = res.models[name][d][t]
+    positives = round(m["rows"] * m["ctr_true"])
+    return auc_standard_error(auc, positives, m["rows"] - positives)
+
+
+def _interval_text(iv: dict[str, float]) -> str:
+    if math.isnan(iv["mean"]):
+        return MISSING
+    if math.isnan(iv["low"]):
+        return f"{iv['mean']:+.4f}"
+    return f"{iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]{mark(iv)}"
+
+
+def significance_table(runs: Sequence[Results], d: str) -> Table:
+    """Per row: mean AUC over the test periods (and seeds), its gain over Base and over CTNet
+    with 95% intervals; + / - marks a gain whose interval lies above / below zero."""
     periods = runs[0].settings["trained_periods"]
+    rows: list[list[Cell]] = []
+    for name in runs[0].models:
+        aucs = [a for r in runs for t in periods if (a := metric(r, name, d, t)) is not None]
+        rows.append([name, statistics.fmean(aucs) if aucs else None,
+                     *(_interval_text(gain_interval(runs, name, ref, d)) if name != ref else ""
+                       for ref in (BASE, CTNET))])
+    how = ("paired over seeds x test periods (Student's t)" if len(runs) > 1 else
+           "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil)")
+    return Table(["model", "mean AUC", "gain over Base [95%]", "gain over CTNet [95%]"], rows,
+                 f"Intervals {how}. + / -: the whole interval is above / below zero. "
+                 + (_missing_note(rows) or ""))
 
-    def mean_auc(name: str, d: str) -> float:
-        return statistics.fmean(r.models[name][d][t]["auc"] for r in runs for t in periods)
 
+def adapters_table(res: Results, d: str) -> Table:
+    """Per CTNet variant and test period: AUC and GAUC as trained and with the adapters
+    adding nothing, beside Base's: whether the source is used, and whether it helps."""
+    rows: list[list[Cell]] = []
+    for name in res.models:
+        per = res.models[name].get(d, {})
+        if not any("without_adapters" in m for m in per.values()):
+            continue
+        for t in res.settings["trained_periods"]:
+            rows.append([name, str(t + 1), metric(res, BASE, d, t),
+                         metric(res, name, d, t), metric(res, name, d, t, part="without_adapters"),
+                         metric(res, BASE, d, t, "gauc"), metric(res, name, d, t, "gauc"),
+                         metric(res, name, d, t, "gauc", part="without_adapters")])
+    return Table(["model", "tested on", "Base AUC", "AUC", "AUC, adapters off", "Base GAUC",
+                  "GAUC", "GAUC, adapters off"], rows, _missing_note(rows))
+
+
+def standing(runs: Sequence[Results]) -> str:
+    """In words, per target domain: the rows significantly above CTNet (their gain over it has
+    a 95% interval above zero), and those within noise of it, so a reader cannot miss where
+    CTNet loses nor read noise as a win."""
     lines = []
     for d in runs[0].models[BASE]:
-        ctnet = mean_auc(CTNET, d)
-        above = sorted(((mean_auc(n, d) - ctnet, n) for n in runs[0].models
-                        if n not in (CTNET, ORACLE)), reverse=True)
-        better = [f"{n} ({gain:+.4f})" for gain, n in above if gain > 0]
-        lines.append(f"- Target {d}: CTNet's mean AUC over the test periods is {ctnet:.4f}, "
-                     f"{ctnet - mean_auc(BASE, d):+.4f} over Base; "
-                     + (f"rows above it: {', '.join(better)}." if better
-                        else "no compared row is above it."))
+        vs_base = gain_interval(runs, CTNET, BASE, d)
+        if math.isnan(vs_base["mean"]):
+            lines.append(f"- Target {d}: CTNet has no result (its job failed).")
+            continue
+        above, level = [], []
+        for name in runs[0].models:
+            if name in (CTNET, ORACLE):
+                continue
+            iv = gain_interval(runs, name, CTNET, d)
+            if math.isnan(iv["mean"]):
+                continue
+            (above if mark(iv) == "+" else level if mark(iv) == "" else []).append(
+                f"{name} ({_interval_text(iv).rstrip('+')})")
+        verdict = {"+": "significantly above Base", "-": "significantly BELOW Base",
+                   "": "not distinguishable from Base"}[mark(vs_base)]
+        lines.append(
+            f"- Target {d}: CTNet's gain over Base is {_interval_text(vs_base)}, {verdict}. "
+            + (f"Significantly above CTNet: {', '.join(above)}. " if above else
+               "No compared row is significantly above CTNet. ")
+            + (f"Within noise of it: {', '.join(level)}." if level else ""))
     return "\n".join(lines)
 
 
 def plot_gains(runs: Sequence[Results], path: Path) -> None:
     """AUC gain over Base per test period, continual CTNet vs transfer-once, one panel per
-    target domain; over several seeds, the mean with the standard deviation as error bars."""
+    target domain, with the 95% interval of each gain as error bars (over the seeds with
+    several, from the test rows with one)."""
     first = runs[0]
     domains = list(first.models[BASE])
     periods = first.settings["trained_periods"]
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
     for ax, d in zip(axes[0], domains, strict=True):
         for name, style, dodge in ((CTNET, "o-", -0.03), (ONCE, "s--", 0.03)):
-            gains = [[r.models[name][d][t]["auc"] - r.models[BASE][d][t]["auc"] for r in runs]
-                     for t in periods]
-            ax.errorbar([t + 1 + dodge for t in periods], [statistics.fmean(g) for g in gains],
-                        yerr=[statistics.stdev(g) for g in gains] if len(runs) > 1 else None,
-                        fmt=style, capsize=3, label=name)
+            ivs = [gain_interval(runs, name, BASE, d, [t]) for t in periods]
+            shown = [(t, iv) for t, iv in zip(periods, ivs, strict=True)
+                     if not math.isnan(iv["mean"])]
+            if not shown:
+                continue
+            err = [[0.0 if math.isnan(iv["low"]) else iv["mean"] - iv["low"] for _, iv in shown],
+                   [0.0 if math.isnan(iv["high"]) else iv["high"] - iv["mean"]
+                    for _, iv in shown]]
+            ax.errorbar([t + 1 + dodge for t, _ in shown], [iv["mean"] for _, iv in shown],
+                        yerr=err, fmt=style, capsize=3, label=name)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xticks([t + 1 for t in periods])
         ax.set_title(f"target domain {d}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
         ax.set_xlabel("test period")
-        ax.set_ylabel("AUC gain over Base" + (" (mean ± std)" if len(runs) > 1 else ""))
+        ax.set_ylabel("AUC gain over Base (95% interval)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,6 +364,8 @@ def write_report(runs: Sequence[Results], out: Path) -> Path:
                       "every number is mean ± standard deviation over the seeds."),
         "## Where CTNet stands",
         standing(runs),
+        *(f"## Gains with 95% intervals, target {d} (mean over the test periods)\n\n"
+          + render(significance_table(runs, d)) for d in runs[0].models[BASE]),
         "## Table 2: last test period",
         table(table2),
         *(f"## Table 3: continual vs transfer-once, target {d}\n\n{table(table3, d)}"
@@ -225,6 +376,10 @@ def write_report(runs: Sequence[Results], out: Path) -> Path:
         f"{s['trained_periods'][-1] + 1}.\n\n{table(table4)}",
         "## Table 5: cold start (CTNet AUC gain over Base, mean over test periods)",
         table(table5),
+        "## What the adapters do\n\nEach CTNet period evaluated twice: as trained, and with "
+        "its adapters adding nothing (the target tower alone, `ctnet eval --zero-adapters`). "
+        "The difference is what the source tower contributes through the adapters.",
+        *(f"### Target {d}\n\n{table(adapters_table, d)}" for d in runs[0].models[BASE]),
         "## Cost\n\nPer job, each in a process of its own: the training rows it read from "
         "each domain, its wall time (with evaluation and checkpoints), its process's peak "
         "resident memory and how far that peak rose above what the process held at start "

@@ -50,6 +50,7 @@ CTNET_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 WARM_UP, SOURCE_TOWER = "warm-up", "source tower"
+FOUNDATIONS = (SOURCE_TOWER, WARM_UP, "Base")  # jobs whose failure ends the experiment
 DIN, DIN_WARM_UP = "DIN", "DIN warm-up"
 
 
@@ -73,6 +74,15 @@ class Results:
     costs: dict[str, dict[str, dict[str, float]]]
     # Table 4: per target domain, per number of fine-tuning periods, the metrics on last + 1
     finetune_sweep: dict[str, dict[int, dict[str, Any]]]
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Results:
+        """Back from OUT/metrics.json (periods are keys there, hence strings)."""
+        return cls(raw["settings"], {m: {d: {int(t): v for t, v in per.items()}
+                                         for d, per in doms.items()}
+                                     for m, doms in raw["models"].items()},
+                   raw["costs"], {d: {int(k): v for k, v in per.items()}
+                                  for d, per in raw["finetune_sweep"].items()})
 
     def to_json(self) -> dict[str, Any]:
         return {"settings": self.settings, "costs": self.costs,
@@ -103,7 +113,11 @@ def quick(cfg: Config) -> Config:
 
 
 def _metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
+    """Per trained period, the metrics on the next one; empty for a run that never trained."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
     return {m["period"]: m["eval"] for m in map(json.loads, lines) if "eval" in m}
 
 
@@ -190,7 +204,7 @@ def sweep_name(periods: int) -> str:
 def samples_read(job: Job) -> dict[str, int]:
     """Training rows the job read, per domain, from its run's per-period records."""
     counts: dict[str, int] = {}
-    if job.run is None:
+    if job.run is None or not (job.run / "metrics.jsonl").exists():  # scores only, or failed
         return counts
     for record in map(json.loads, (job.run / "metrics.jsonl").read_text().splitlines()):
         if record["period"] in job.trains:
@@ -211,8 +225,17 @@ def _run_jobs(jobs: list[Job], data: Path, out: Path) -> dict[str, dict[str, dic
     try:
         for i, job in enumerate(jobs):
             progress.starting(i)
-            took = runner(job.fn)
+            try:
+                took = runner(job.fn)
+            except Exception as e:
+                if job.name in FOUNDATIONS:  # every compared model needs these
+                    raise
+                log.error("%s on %s failed, its row is left empty: %s: %s", job.name,
+                          job.domain, type(e).__name__, e)
+                usage.setdefault(job.name, {})[job.domain] = {"failed": 1.0}
+                continue
             before = usage.setdefault(job.name, {}).get(job.domain, {})
+            before.pop("failed", None)  # an earlier attempt's
             usage[job.name][job.domain] = {
                 k: round(before.get(k, 0.0) + v if k == "seconds" else max(before.get(k, 0.0), v),
                          1) for k, v in took.items()}
@@ -244,8 +267,9 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     for d in e.target_domains:
         base = _metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
-        models[SOURCE][d] = {
-            int(t): m for t, m in json.loads((out / d / "source-direct.json").read_text()).items()}
+        direct = out / d / "source-direct.json"
+        models[SOURCE][d] = {int(t): m for t, m in json.loads(direct.read_text()).items()} \
+            if direct.exists() else {}
         for name in compared:
             models[name][d] = {t: m for t, m in _metrics_by_period(out / d / _slug(name)).items()
                                if t in trained}
@@ -253,8 +277,8 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
     if not models[ORACLE]:
         del models[ORACLE]
-    sweep = {d: {k: _metrics_by_period(out / d / "finetune-sweep" / f"last-{k}")[
-        e.last_period()] for k in finetune_sizes(cfg)} for d in e.target_domains}
+    sweep = {d: {k: _metrics_by_period(out / d / "finetune-sweep" / f"last-{k}").get(
+        e.last_period(), {}) for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
                        "source_domain": e.source_domain, "config": dataclasses.asdict(cfg),
                        "data": str(data)}, models, costs, sweep)

@@ -1,0 +1,128 @@
+"""Optimiser settings per parameter group: what each optimiser's first step does, warm-up,
+state that checkpoints can hold, and the config's refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+from ctnet_rec.config import ConfigError, OptimizerConfig, config_from_dict
+from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.optim import GroupOptimizer
+from sharding.tower import shard_model
+
+DIM, LR = 8, 0.01
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(num_embeddings=10, embedding_dim=DIM, name="t",
+                                       feature_names=["f"])], device=torch.device("meta"))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.ebc(kjt)["f"]
+
+
+def _row_step(scale: float) -> torch.Tensor:
+    """The change of row 3 of a fresh table after one fused row-wise AdaGrad step on the
+    loss scale * <embedding, v>."""
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    dmp = shard_model(_Bag(), env, LR)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([3]), torch.tensor([1]))
+    weight = next(p for n, p in dmp.named_parameters() if n.endswith("t.weight"))
+    before = weight.detach().clone()
+    v = torch.linspace(-1, 1, DIM)
+    (scale * (dmp(kjt) * v).sum()).backward()
+    return (weight.detach() - before)[3]
+
+
+def test_fused_table_adagrad_first_step_has_length_lr_sqrt_dim_whatever_the_gradient():
+    """fbgemm's row-wise AdaGrad keeps one sum of squared gradients per row, from 0: the first
+    update of a row is lr * g / rms(g), of length lr * sqrt(dim), for a gradient of any size.
+    (What the README's "Deploying without harm" says of the tables.)"""
+    small, large = _row_step(1e-2), _row_step(1e2)
+    for step in (small, large):
+        assert step.norm().item() == pytest.approx(LR * math.sqrt(DIM), rel=1e-3)
+    torch.testing.assert_close(small, large, rtol=1e-3, atol=1e-7)
+
+
+def _linear_step(cfg: OptimizerConfig, grad: float) -> float:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 1, bias=False)
+    opt = GroupOptimizer({"g": ([("w", layer.weight)], cfg)})
+    before = layer.weight.detach().clone()
+    layer.weight.grad = torch.full_like(layer.weight, grad)
+    opt.step()
+    return (layer.weight.detach() - before).abs().max().item()
+
+
+def test_adagrad_initial_accumulator_makes_the_first_step_proportional_to_the_gradient():
+    zero = OptimizerConfig("adagrad", lr=LR, initial_accumulator=0.0)
+    tf_like = OptimizerConfig("adagrad", lr=LR, initial_accumulator=0.1)
+    # from 0: a step of lr for a gradient of 1e-4 as for one of 1
+    assert _linear_step(zero, 1e-4) == pytest.approx(LR, rel=1e-3)
+    assert _linear_step(zero, 1.0) == pytest.approx(LR, rel=1e-3)
+    # from 0.1: lr * g / sqrt(0.1 + g^2)
+    assert _linear_step(tf_like, 1e-4) == pytest.approx(LR * 1e-4 / math.sqrt(0.1), rel=1e-3)
+
+
+def test_warm_up_ramps_the_lr_and_counts_from_the_optimisers_own_steps():
+    layer = nn.Linear(4, 1)
+    cfg = OptimizerConfig("adagrad", lr=0.1, warmup_steps=4)
+    opt = GroupOptimizer({"g": (list(layer.named_parameters()), cfg)})
+    lrs = []
+    for _ in range(6):
+        for p in layer.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        lrs.append(opt.lr("g"))
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    # a new optimiser given the saved state goes on where the old one was
+    again = GroupOptimizer({"g": (list(layer.named_parameters()), cfg)})
+    again.load_state_by_name(opt.state_by_name())
+    assert again.steps_taken("g") == 6
+
+
+def test_every_optimiser_holds_its_state_before_the_first_step():
+    """Checkpoints are loaded into the state of a fresh trainer: it must have every entry."""
+    layer = nn.Linear(4, 2)
+    named = list(layer.named_parameters())
+    for name, keys in (("adagrad", {"step", "sum"}), ("adam", {"step", "exp_avg",
+                                                                "exp_avg_sq"}), ("sgd", set())):
+        state = GroupOptimizer({"g": (named, OptimizerConfig(name, lr=0.01))}).state_by_name()
+        assert set(state) == {"weight", "bias"} and set(state["weight"]) == keys, name
+
+
+def test_config_refuses_old_keys_and_impossible_settings(demo_config):
+    import dataclasses
+
+    raw = dataclasses.asdict(demo_config)
+    with pytest.raises(ConfigError, match=r"train.dense_lr: renamed: set train.dense.lr"):
+        config_from_dict({**raw, "train": {**raw["train"], "dense_lr": 0.01}})
+    for bad, match in (({"lr": float("inf")}, "lr: must be a finite number"),
+                       ({"optimizer": "adam", "initial_accumulator": 0.1},
+                        "initial_accumulator: is AdaGrad's"),
+                       ({"warmup_steps": -1}, "warmup_steps: must be >= 0")):
+        ctnet = {**raw["ctnet"], "adapter_optimizer": {**raw["ctnet"]["adapter_optimizer"],
+                                                       **bad}}
+        with pytest.raises(ConfigError, match=f"ctnet.adapter_optimizer.{match}"):
+            config_from_dict({**raw, "ctnet": ctnet})
+
+
+def test_the_adapters_optimiser_is_not_part_of_the_model(demo_config):
+    """A CTNet checkpoint reloads under other adapter settings (its config hash ignores them),
+    but not under another adapter."""
+    import copy
+
+    other = copy.deepcopy(demo_config)
+    other.ctnet.adapter_optimizer.lr = 0.5
+    assert other.section_hash("ctnet") == demo_config.section_hash("ctnet")
+    other.ctnet.adapter = "linear"
+    assert other.section_hash("ctnet") != demo_config.section_hash("ctnet")

@@ -1,0 +1,110 @@
+"""The report on made-up results: intervals computed as documented, and real data's holes
+(an empty slice, a period with one class, a failed model) shown as "-", never a crash."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+
+from ctnet_rec.experiment.report import gain_interval, significance_table, standing, write_report
+from ctnet_rec.experiment.runner import BASE, Results
+from ctnet_rec.experiment.significance import auc_standard_error, paired_interval, t975
+
+MODELS = ["Source domain model", BASE, "DIN", "CTNet transfer-once", "CTNet w/o GLU", "CTNet"]
+SLICES = ["new_users", "old_users", "new_items", "old_items"]
+
+
+def _metrics(auc: float, rows: int = 4000) -> dict:
+    m = {"auc": auc, "gauc": auc - 0.05, "logloss": 0.6, "ctr_pred": 0.3, "ctr_true": 0.3,
+         "rows": rows}
+    return {**m, "slices": {s: dict(m, rows=rows // 2) for s in SLICES}}
+
+
+def _results(seed: int, ctnet_gain: float) -> Results:
+    rng = np.random.default_rng(seed)
+    periods = [6, 7, 8]
+    models = {}
+    for i, name in enumerate(MODELS):
+        models[name] = {}
+        for d in ("B", "C"):
+            per = {}
+            for t in periods:
+                auc = 0.65 + 0.01 * i * 0 + rng.normal(0, 0.002)
+                if name.startswith("CTNet"):
+                    auc += ctnet_gain
+                per[t] = _metrics(auc)
+                if name.startswith("CTNet"):
+                    per[t]["without_adapters"] = _metrics(auc - ctnet_gain)
+            models[name][d] = per
+    costs = {n: {d: {"target_samples": 1, "source_samples": 0, "seconds": 1.0,
+                     "peak_rss_mb": 10.0, "start_rss_mb": 5.0} for d in ("B", "C")}
+             for n in MODELS}
+    sweep = {d: {k: _metrics(0.6) for k in (1, 2, 9)} for d in ("B", "C")}
+    settings = {"deploy_period": 6, "trained_periods": periods, "source_domain": "A",
+                "config": {"train": {"seed": seed}}, "data": "made-up"}
+    return Results(settings, models, costs, sweep)
+
+
+def test_paired_interval_is_students_t():
+    iv = paired_interval([0.01, 0.02, 0.03])
+    half = t975(2) * 0.01 / math.sqrt(3)
+    assert iv["mean"] == pytest.approx(0.02) and iv["low"] == pytest.approx(0.02 - half)
+    assert math.isnan(paired_interval([0.01])["low"])
+    assert paired_interval([float("nan"), 0.01, 0.03])["n"] == 2
+
+
+def test_hanley_mcneil_standard_error():
+    # the paper's example: AUC 0.5 on 50 + 50 rows -> 0.0577 (about 1 / sqrt(3 n))
+    assert auc_standard_error(0.5, 50, 50) == pytest.approx(math.sqrt(1 / 300), rel=0.02)
+    assert math.isnan(auc_standard_error(0.7, 0, 10))
+
+
+def test_several_seeds_pair_over_seeds_and_periods():
+    runs = [_results(s, 0.01) for s in range(3)]
+    iv = gain_interval(runs, "CTNet", BASE, "B")
+    diffs = [r.models["CTNet"]["B"][t]["auc"] - r.models[BASE]["B"][t]["auc"]
+             for r in runs for t in (6, 7, 8)]
+    assert iv == paired_interval(diffs) and iv["n"] == 9
+    assert iv["low"] > 0  # a clear gain is marked
+    table = significance_table(runs, "B")
+    ctnet = next(r for r in table.rows if r[0] == "CTNet")
+    assert ctnet[2].endswith("]+")
+    assert "significantly above Base" in standing(runs)
+
+
+def test_one_seed_uses_the_test_rows():
+    run = _results(0, 0.0)
+    iv = gain_interval([run], "CTNet", BASE, "B")
+    ses = [auc_standard_error(run.models[n]["B"][t]["auc"], 1200, 2800)
+           for t in (6, 7, 8) for n in ("CTNet", BASE)]
+    assert iv["high"] - iv["mean"] == pytest.approx(1.959964 * math.sqrt(sum(x * x for x in ses))
+                                                    / 3)
+    assert "not distinguishable from Base" in standing([run])
+
+
+def test_report_survives_empty_slices_one_class_periods_and_failed_models(tmp_path):
+    runs = []
+    for seed in (0, 1):
+        r = _results(seed, 0.005)
+        for per in r.models.values():  # no new items in any test period (MovieLens)
+            for d in per.values():
+                for m in d.values():
+                    m["slices"].pop("new_items")
+        r.models[BASE]["C"][7]["auc"] = float("nan")  # one class in a test period
+        r.models["DIN"] = {"B": {}, "C": {}}  # its job failed
+        r.costs["DIN"] = {"B": {"failed": 1.0}, "C": {"failed": 1.0}}
+        r.finetune_sweep["C"][2] = {}
+        runs.append(r)
+    for group in (runs[:1], runs):
+        out = tmp_path / str(len(group))
+        out.mkdir()
+        report = write_report(copy.deepcopy(group), out).read_text()
+        assert "| DIN | - | - | - |" in report
+        assert "the slice is empty" in report
+        assert "job failed" in report
+        table5 = report.split("## Table 5", 1)[1].split("##", 1)[0]
+        assert "| - |" in table5
+        assert "failed" in report.split("## Cost", 1)[1]
