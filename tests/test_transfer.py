@@ -266,3 +266,21 @@ def test_items_only_the_source_has_seen_get_the_source_towers_learned_rows(tower
     assert torch.equal(state[f"source.{key}"][cold], a_rows)  # the source's learned rows
     assert torch.equal(state[f"target.{key}"][cold], b_rows)  # the target's, untouched
     assert (a_rows - b_rows).abs().amax(1).min() > 0  # A trained every one of them
+
+
+def test_eval_with_zero_adapters_scores_the_target_tower_alone(towers, transferred, tiny_world,
+                                                              tmp_path):
+    """`ctnet eval --zero-adapters` = the metrics each CTNet period records as
+    "without_adapters"; refused on a tower checkpoint."""
+    ckpt = complete_checkpoints(transferred)[2]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--data", str(tiny_world), "--domain", "B",
+                 "--period", "3", "--zero-adapters", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    recorded = Manifest.read(ckpt).metrics["eval"]
+    assert got["zero_adapters"] is True
+    assert got["auc"] == pytest.approx(recorded["without_adapters"]["auc"], abs=1e-9)
+    assert got["auc"] != pytest.approx(recorded["auc"], abs=1e-9)
+    assert main(["eval", "--ckpt", str(towers.target(1)), "--data", str(tiny_world),
+                 "--domain", "B", "--period", "2", "--zero-adapters",
+                 "--out", str(tmp_path / "x.json")]) == 2

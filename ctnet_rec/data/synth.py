@@ -66,6 +66,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -376,7 +377,8 @@ class SyntheticWorld:
         for t in range(-cfg.burn_in_periods, 0):
             self.long_log.add(*self._background(t))
             self._drift()
-        for t in tqdm(range(cfg.periods), desc="synth periods", unit="period"):
+        for t in tqdm(range(cfg.periods), desc="synth periods", unit="period",
+                      disable=not sys.stderr.isatty()):
             if t > 0:
                 self._grow_catalogue(t)
             events = {d: self._impressions(t, d) for d in self.domains}

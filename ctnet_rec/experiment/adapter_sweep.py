@@ -39,6 +39,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "AdaGrad lr 0.01, accumulator 0.01": ({}, {"lr": 0.01, "initial_accumulator": 0.01}),
     "AdaGrad lr 0.01, accumulator 0.1": ({}, {"lr": 0.01, "initial_accumulator": 0.1}),
     "AdaGrad lr 0.1, accumulator 0.1": ({}, {"lr": 0.1, "initial_accumulator": 0.1}),
+    "AdaGrad lr 0.3, accumulator 0.1, warm-up 200": (
+        {}, {"lr": 0.3, "initial_accumulator": 0.1, "warmup_steps": 200}),
+    "AdaGrad lr 1, accumulator 0.1, warm-up 200": (
+        {}, {"lr": 1.0, "initial_accumulator": 0.1, "warmup_steps": 200}),
     "AdaGrad lr 0.01, accumulator 0, warm-up 200": (
         {}, {"lr": 0.01, "initial_accumulator": 0.0, "warmup_steps": 200}),
 }
@@ -123,16 +127,47 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(sweeps: dict[str, dict[str, Any]], metric: str = "ctnet_auc") -> str:
+    """One markdown table over several sweeps (dataset name -> sweep.json): per candidate, the
+    mean gain over Base [95% interval] on each dataset's target domains."""
+    columns = [(name, d) for name, sweep in sweeps.items()
+               for d in dict.fromkeys(r["domain"] for r in sweep["summary"])]
+    candidates = list(dict.fromkeys(r["candidate"] for sw in sweeps.values()
+                                    for r in sw["summary"]))
+    head = ["adapters' optimiser", *(f"{n} {d}" for n, d in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in candidates:
+        cells = []
+        for name, d in columns:
+            row = next((r for r in sweeps[name]["summary"]
+                        if r["candidate"] == c and r["domain"] == d), None)
+            iv = row[metric] if row else None
+            cells.append("-" if iv is None else
+                         f"{iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]")
+        lines.append("| " + " | ".join([c, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="TOML config (not with --markdown)")
+    p.add_argument("--markdown", nargs="+", metavar="NAME=SWEEP_JSON",
+                   help="print the gains of finished sweeps as one markdown table")
+    p.add_argument("--metric", default="ctnet_auc",
+                   choices=["ctnet_auc", "ctnet_gauc", "without_adapters_auc"])
     p.add_argument("--data", help="dataset root (default: the config's synthetic world, "
                    "one per seed under OUT)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--quick", action="store_true", help="the small world of --quick")
     p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown({n: json.loads(Path(f).read_text())
+                        for n, f in (x.split("=", 1) for x in args.markdown)}, args.metric))
+        return
+    if not (args.config and args.out):
+        p.error("CONFIG and --out are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.config)
     if args.quick:

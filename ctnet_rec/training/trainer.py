@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -165,7 +166,7 @@ class PeriodTrainer:
         sums: dict[str, list[Any]] = {}  # per domain: loss sum (a device tensor), rows
         start = time.perf_counter()
         bar = tqdm(steps, total=total, desc=f"{domain} period {period}", unit="batch",
-                   disable=not self.env.is_main, leave=False)
+                   disable=not (self.env.is_main and sys.stderr.isatty()), leave=False)
         for step, (step_domain, host_batch) in enumerate(bar):
             batch = host_batch.to(self.env.device)
             loss = F.binary_cross_entropy_with_logits(self.logits(batch, step_domain),
@@ -314,7 +315,9 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
         if trainer.env.is_main:
             _write_metrics(run)
             ev = metrics.get("eval", {})
-            log.info("period %d: loss %.4f, next-period AUC %s GAUC %s", t,
+            log.info("period %d: %d rows, %.0f samples/s, loss %.4f, next-period AUC %s GAUC %s",
+                     t, metrics["train_rows"],
+                     metrics["train_rows"] / max(metrics["train_seconds"], 1e-9),
                      metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
         results.append(metrics)
     return results
