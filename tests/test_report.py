@@ -71,7 +71,7 @@ def test_several_seeds_pair_over_seeds_and_periods():
     assert iv["low"] > 0  # a clear gain is marked
     table = significance_table(runs, "B")
     ctnet = next(r for r in table.rows if r[0] == "CTNet")
-    assert ctnet[2].endswith("]+")
+    assert ctnet[3].endswith("]+")
     assert "significantly above Base" in standing(runs)
 
 

@@ -250,18 +250,22 @@ def _interval_text(iv: dict[str, float]) -> str:
 
 
 def significance_table(runs: Sequence[Results], d: str) -> Table:
-    """Per row: mean AUC over the test periods (and seeds), its gain over Base and over CTNet
-    with 95% intervals; + / - marks a gain whose interval lies above / below zero."""
+    """Per row: mean AUC and GAUC over the test periods (and seeds), the AUC's gain over Base
+    and over CTNet with 95% intervals; + / - marks a gain whose interval lies above / below zero."""
     periods = runs[0].settings["trained_periods"]
     rows: list[list[Cell]] = []
     for name in runs[0].models:
-        aucs = [a for r in runs for t in periods if (a := metric(r, name, d, t)) is not None]
-        rows.append([name, statistics.fmean(aucs) if aucs else None,
+        means = []
+        for key in ("auc", "gauc"):
+            xs = [x for r in runs for t in periods if (x := metric(r, name, d, t, key)) is not None]
+            means.append(statistics.fmean(xs) if xs else None)
+        rows.append([name, *means,
                      *(_interval_text(gain_interval(runs, name, ref, d)) if name != ref else ""
                        for ref in (BASE, CTNET))])
     how = ("paired over seeds x test periods (Student's t)" if len(runs) > 1 else
            "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil)")
-    return Table(["model", "mean AUC", "gain over Base [95%]", "gain over CTNet [95%]"], rows,
+    return Table(["model", "mean AUC", "mean GAUC", "AUC gain over Base [95%]",
+                  "AUC gain over CTNet [95%]"], rows,
                  f"Intervals {how}. + / -: the whole interval is above / below zero. "
                  + (_missing_note(rows) or ""))
 
