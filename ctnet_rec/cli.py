@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -61,7 +62,7 @@ def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.transfer import INIT
 
     cfg = load_config(args.config)
-    cfg.sharding = _sharding(args) or cfg.sharding
+    cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
     init, trainer_cls = Path(args.init) if args.init else None, PeriodTrainer
     if args.joint:
         if not args.source_domain:
@@ -82,7 +83,9 @@ def _eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config) if args.config else None
     metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
-                                  cfg, _sharding(args), args.zero_adapters)
+                                  cfg, _sharding(args, lambda: cfg.sharding if cfg else
+                                                 _recorded_sharding(Path(args.ckpt))),
+                                  args.zero_adapters)
     print(format_report(metrics))
     out = Path(args.out or f"eval-{args.domain}-period{args.period}.json")
     out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -93,7 +96,8 @@ def _predict(args: argparse.Namespace) -> None:
     from ctnet_rec.training.inference import predict_checkpoint
 
     predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
-                       Path(args.out), args.batch_size, _sharding(args))
+                       Path(args.out), args.batch_size,
+                       _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))))
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
@@ -105,17 +109,20 @@ def _transfer_init(args: argparse.Namespace) -> None:
 
 
 def _transfer_run(args: argparse.Namespace) -> None:
-    from ctnet_rec.training.transfer import transfer_run
+    from ctnet_rec.training.checkpoint import latest_checkpoint
+    from ctnet_rec.training.transfer import INIT, transfer_run
 
     transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
-                 Path(args.source_ckpts) if args.source_ckpts else None, _sharding(args))
+                 Path(args.source_ckpts) if args.source_ckpts else None,
+                 _sharding(args, lambda: _recorded_sharding(
+                     latest_checkpoint(Path(args.run)) or Path(args.run) / INIT)))
 
 
 def _plan(args: argparse.Namespace) -> None:
     from sharding.plan import format_plan, plan_tables
 
     cfg = load_config(args.config)
-    cfg.sharding = _sharding(args) or cfg.sharding
+    cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
     source = (load_config(args.source_config) if args.source_config else cfg) \
         if args.ctnet else None
     plan = plan_tables(cfg, args.world_size, args.device, args.hbm_gb, args.ddr_gb,
@@ -164,12 +171,21 @@ def _sharding_argument(p: argparse.ArgumentParser) -> None:
                    help="CTNet's frozen source tables stored in this type")
 
 
-def _sharding(args: argparse.Namespace) -> ShardingConfig | None:
-    """The command line's placement, replacing the config's [sharding] when given."""
-    if not (args.sharding or args.source_table_dtype):
-        return None
-    return ShardingConfig(sharding_type=args.sharding or "table_wise",
-                          source_table_dtype=args.source_table_dtype or "fp32")
+def _sharding(args: argparse.Namespace,
+              base: Callable[[], ShardingConfig]) -> ShardingConfig | None:
+    """`base()` (the config's or the checkpoint's [sharding]) with only the fields the
+    command line names changed; None when it names none."""
+    changes = {k: v for k, v in (("sharding_type", args.sharding),
+                                 ("source_table_dtype", args.source_table_dtype)) if v}
+    return dataclasses.replace(base(), **changes) if changes else None
+
+
+def _recorded_sharding(ckpt: Path) -> ShardingConfig:
+    """The [sharding] a checkpoint was trained under (from its manifest)."""
+    from ctnet_rec.training.checkpoint import Manifest
+    from ctnet_rec.training.transfer import config_of
+
+    return config_of(Manifest.read(ckpt), ckpt).sharding
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:

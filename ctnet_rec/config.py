@@ -231,7 +231,7 @@ class FeatureConfig:
 
 @dataclass
 class TowerConfig:
-    """A single-domain CTR tower (DESIGN.md section 1); any of TA/SIM/ETA can be switched off.
+    """A single-domain CTR tower (the paper's section 3.1); any of TA/SIM/ETA can be switched off.
 
     The defaults are the paper's: MLP [1024, 512, 256], SIM/ETA top-k 64."""
 
@@ -388,7 +388,7 @@ def _adapter_optimizer() -> OptimizerConfig:
 
 @dataclass
 class CTNetConfig:
-    """CTNet (DESIGN.md section 1) and the paper's variants: `adapter = "linear"` is CTNet
+    """CTNet (the paper's section 3.3) and its variants: `adapter = "linear"` is CTNet
     w/o GLU; `source_refresh = "once"` is transfer-once (the source tower deployed at t0 is
     never reloaded); `share_long_sequence_attention` (section 4.7) lets the target tower reuse
     the source tower's SIM/ETA outputs, so the long-sequence work is done once."""

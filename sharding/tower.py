@@ -39,8 +39,8 @@ def embedding_collections(model: nn.Module) -> list[nn.Module]:
 
 
 class RowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
-    """The stock sharder offers no row_wise on CPU, though it runs there correctly (STACK.md;
-    the EmbeddingCollection sharder does offer it)."""
+    """The stock sharder offers no row_wise on CPU, though it runs there correctly (the
+    EmbeddingCollection sharder does offer it; tests/test_launch.py scores row-wise)."""
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         types = super().sharding_types(compute_device_type)
@@ -167,7 +167,7 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
 
     Tables inside `frozen` (CTNet's source tower) are read-only: fused kernels with SGD at
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
-    gradient ever reaches them (STACK.md: the default fused SGD at lr 0.01 would move them)."""
+    gradient ever reaches them (TorchRec's default fused SGD, at lr 0.01, would move them)."""
     sharding = sharding or ShardingConfig()
     place_dense(model, env.device)
     prepare_for_planning(model, sharding, env.device.type, env.world_size, sparse_lr, frozen)

@@ -69,3 +69,28 @@ impressions_per_period = 100
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["A", "B", "_oracle",
                                                                    "world.json"]
     assert main(["data", "validate", str(tmp_path / "w"), "--config", str(cfg)]) == 0
+
+
+def test_sharding_flags_change_only_the_fields_they_name():
+    """`--source-table-dtype fp16` keeps the config's per-table types, kernels and cache
+    factor (it used to reset the whole [sharding] section to defaults)."""
+    import dataclasses
+
+    from ctnet_rec.cli import _sharding, build_parser
+    from ctnet_rec.config import load_config
+
+    billion = load_config(DEMO_CONFIG.parent / "billion.toml")
+    base = dataclasses.replace(billion.sharding, compute_kernel="fused_uvm_caching",
+                               kernels={"item": "fused_uvm"}, cache_load_factor=0.5)
+    args = build_parser().parse_args(["predict", "--ckpt", "c", "--data", "d", "--domain", "B",
+                                      "--period", "1", "--out", "o",
+                                      "--source-table-dtype", "fp16"])
+    got = _sharding(args, lambda: base)
+    assert got == dataclasses.replace(base, source_table_dtype="fp16")
+    assert got.tables == {"user": "row_wise", "item": "row_wise", "seller": "row_wise"}
+    args = build_parser().parse_args(["predict", "--ckpt", "c", "--data", "d", "--domain", "B",
+                                      "--period", "1", "--out", "o", "--sharding", "row_wise"])
+    assert _sharding(args, lambda: base) == dataclasses.replace(base, sharding_type="row_wise")
+    args = build_parser().parse_args(["predict", "--ckpt", "c", "--data", "d", "--domain", "B",
+                                      "--period", "1", "--out", "o"])
+    assert _sharding(args, lambda: base) is None
