@@ -18,7 +18,7 @@ from ctnet_rec.config import Config, OptimizerConfig
 from ctnet_rec.data.contract import write_parquet
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.data.synth import synthesize
-from ctnet_rec.experiment.runner import _ctnet, _metrics_by_period
+from ctnet_rec.experiment.runner import metrics_by_period, run_ctnet
 from ctnet_rec.experiment.significance import auc_standard_error
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import train_continual
@@ -98,8 +98,8 @@ def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path):
     train_continual(cfg, world, "A", range(8), tmp_path / "A", evaluate=False)
     base = tmp_path / "B" / "base"
     train_continual(cfg, world, "B", range(7), base)
-    _ctnet(cfg, {}, world, "B", tmp_path / "A", base, tmp_path / "B" / "ctnet")
-    b, c = _metrics_by_period(base), _metrics_by_period(tmp_path / "B" / "ctnet")
+    run_ctnet(cfg, {}, world, "B", tmp_path / "A", base, tmp_path / "B" / "ctnet")
+    b, c = metrics_by_period(base), metrics_by_period(tmp_path / "B" / "ctnet")
     periods = range(3, 7)
     gains = [c[t]["auc"] - b[t]["auc"] for t in periods]
     assert np.mean(gains) >= -0.002, gains

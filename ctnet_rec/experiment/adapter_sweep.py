@@ -27,7 +27,7 @@ from typing import Any
 
 from ctnet_rec.config import Config, OptimizerConfig, load_config
 from ctnet_rec.data.synth import synthesize
-from ctnet_rec.experiment.runner import _ctnet, _metrics_by_period, check_periods, quick
+from ctnet_rec.experiment.runner import check_periods, metrics_by_period, quick, run_ctnet
 from ctnet_rec.experiment.significance import paired_interval
 from ctnet_rec.training.trainer import train_continual
 
@@ -76,12 +76,12 @@ def run_seed(cfg: Config, data: Path, out: Path, candidates: list[str]) -> dict[
         base = out / d / "base"
         train_continual(cfg, data, d, range(t0), base, resume=True)
         train_continual(cfg, data, d, window, base, resume=True)
-        base_metrics = _metrics_by_period(base)
+        base_metrics = metrics_by_period(base)
         per: dict[str, Any] = {"Base": {t: _short(base_metrics[t]) for t in window}}
         for name in candidates:
             run = out / d / _slug(name)
-            _ctnet(candidate_config(cfg, name), {}, data, d, source_run, base, run)
-            m = _metrics_by_period(run)
+            run_ctnet(candidate_config(cfg, name), {}, data, d, source_run, base, run)
+            m = metrics_by_period(run)
             per[name] = {t: {**_short(m[t]), "without_adapters": _short(m[t]["without_adapters"])}
                          for t in window}
         results[d] = per

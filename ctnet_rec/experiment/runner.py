@@ -112,7 +112,7 @@ def quick(cfg: Config) -> Config:
     return q
 
 
-def _metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
+def metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
     """Per trained period, the metrics on the next one; empty for a run that never trained."""
     path = run / "metrics.jsonl"
     if not path.exists():
@@ -186,7 +186,7 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                             also_reads=e.source_domain))
         for name, overrides in CTNET_VARIANTS.items():
             run = out / d / _slug(name)
-            jobs.append(Job(name, d, partial(_ctnet, cfg, overrides, data, d, source_run, base,
+            jobs.append(Job(name, d, partial(run_ctnet, cfg, overrides, data, d, source_run, base,
                                              run),
                             trains=window, scores=scored, run=run))
         for k in finetune_sizes(cfg):
@@ -265,19 +265,19 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
         name: {} for name in (SOURCE, BASE, *compared, ORACLE)}  # the report's order
     for d in e.target_domains:
-        base = _metrics_by_period(out / d / "base")
+        base = metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         direct = out / d / "source-direct.json"
         models[SOURCE][d] = {int(t): m for t, m in json.loads(direct.read_text()).items()} \
             if direct.exists() else {}
         for name in compared:
-            models[name][d] = {t: m for t, m in _metrics_by_period(out / d / _slug(name)).items()
+            models[name][d] = {t: m for t, m in metrics_by_period(out / d / _slug(name)).items()
                                if t in trained}
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
     if not models[ORACLE]:
         del models[ORACLE]
-    sweep = {d: {k: _metrics_by_period(out / d / "finetune-sweep" / f"last-{k}").get(
+    sweep = {d: {k: metrics_by_period(out / d / "finetune-sweep" / f"last-{k}").get(
         e.last_period(), {}) for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
                        "source_domain": e.source_domain, "config": dataclasses.asdict(cfg),
@@ -354,8 +354,8 @@ def _joint(cfg: Config, model: str, data: Path, domain: str, source_run: Path, b
                         JointTrainer, model=model, source_domain=e.source_domain))
 
 
-def _ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str, source_run: Path,
-           base_run: Path, run: Path) -> None:
+def run_ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str,
+              source_run: Path, base_run: Path, run: Path) -> None:
     """Deploy CTNet from the warm-up checkpoints of period t0 - 1 and run it to the end."""
     e = cfg.experiment
     variant = copy.deepcopy(cfg)
