@@ -30,6 +30,7 @@ from ctnet_rec.experiment.runner import (  # noqa: E402
     sweep_name,
 )
 from ctnet_rec.experiment.significance import (  # noqa: E402
+    Z975,
     auc_standard_error,
     mark,
     paired_interval,
@@ -231,7 +232,7 @@ def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
         var += sum(_auc_se(res, n, d, t, v) ** 2 for n, v in ((name, a), (ref, b)))
     if not gains:
         return paired_interval([])
-    mean, half = statistics.fmean(gains), 1.959964 * math.sqrt(var) / len(gains)
+    mean, half = statistics.fmean(gains), Z975 * math.sqrt(var) / len(gains)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(gains)}
 
 

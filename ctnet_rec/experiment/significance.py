@@ -4,9 +4,9 @@ the test rows of one period otherwise.
 - Several seeds: the gain of a row over a reference is one difference per (seed, period); the
   95% interval is Student's t over those paired differences (periods and seeds share the
   world and the test rows, so pairing removes what they have in common).
-- One seed, one period: the AUC's standard error from its test rows (Hanley & McNeil, 1982),
-  and for a difference of two models sqrt(se1^2 + se2^2), conservative since the two models
-  score the same rows (their errors correlate).
+- One seed: each AUC's standard error from its test rows (Hanley & McNeil, 1982); a mean
+  difference of two models over P periods has standard error sqrt(sum of se1^2 + se2^2) / P,
+  conservative since the two models score the same rows (their errors correlate).
 """
 
 from __future__ import annotations
@@ -50,12 +50,6 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc)
            + (negatives - 1) * (q2 - auc * auc)) / (positives * negatives)
     return math.sqrt(max(var, 0.0))
-
-
-def difference_interval(gain: float, se_a: float, se_b: float) -> dict[str, float]:
-    """One period, one seed: gain +- 1.96 sqrt(se_a^2 + se_b^2)."""
-    half = Z975 * math.sqrt(se_a * se_a + se_b * se_b)
-    return {"mean": gain, "low": gain - half, "high": gain + half, "n": 1}
 
 
 def mark(interval: dict[str, float]) -> str:
