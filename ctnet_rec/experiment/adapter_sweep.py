@@ -27,7 +27,13 @@ from typing import Any
 
 from ctnet_rec.config import Config, OptimizerConfig, load_config
 from ctnet_rec.data.synth import synthesize
-from ctnet_rec.experiment.runner import check_periods, metrics_by_period, quick, run_ctnet
+from ctnet_rec.experiment.runner import (
+    check_periods,
+    metrics_by_period,
+    quick,
+    run_ctnet,
+    slug,
+)
 from ctnet_rec.experiment.significance import paired_interval
 from ctnet_rec.training.trainer import train_continual
 
@@ -58,10 +64,6 @@ def candidate_config(cfg: Config, name: str) -> Config:
     return out
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
 def run_seed(cfg: Config, data: Path, out: Path, candidates: list[str]) -> dict[str, Any]:
     """One seed: per domain, Base's and each candidate's per-period metrics."""
     e = cfg.experiment
@@ -79,7 +81,7 @@ def run_seed(cfg: Config, data: Path, out: Path, candidates: list[str]) -> dict[
         base_metrics = metrics_by_period(base)
         per: dict[str, Any] = {"Base": {t: _short(base_metrics[t]) for t in window}}
         for name in candidates:
-            run = out / d / _slug(name)
+            run = out / d / slug(name)
             run_ctnet(candidate_config(cfg, name), {}, data, d, source_run, base, run)
             m = metrics_by_period(run)
             per[name] = {t: {**_short(m[t]), "without_adapters": _short(m[t]["without_adapters"])}

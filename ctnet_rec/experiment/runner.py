@@ -161,7 +161,7 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
         jobs.append(Job(BASE, d, partial(train_continual, cfg, data, d, window, base,
                                          resume=True),
                         trains=window, scores=scored, run=base))
-        din_run, din = out / d / _slug(DIN), din_config(cfg)
+        din_run, din = out / d / slug(DIN), din_config(cfg)
         jobs.append(Job(DIN_WARM_UP, d, partial(train_continual, din, data, d, range(t0),
                                                 din_run, resume=True),
                         trains=range(t0), scores=range(1, t0 + 1), run=din_run))
@@ -171,21 +171,21 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored))
         if DUAL in transfer_baselines(cfg):
-            run = out / d / _slug(DUAL)
+            run = out / d / slug(DUAL)
             jobs.append(Job(DUAL, d, partial(_dual_embedding, cfg, data, d, source_run, base,
                                              run), trains=window, scores=scored, run=run))
         for name, depth in PRETRAIN_FINETUNE.items():
-            run = out / d / _slug(name)
+            run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
                                              run),
                             trains=window, scores=scored, run=run))
         for name in e.joint_baselines:
-            run = out / d / _slug(name)
+            run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_joint, cfg, name, data, d, source_run, base, run),
                             trains=window, scores=scored, run=run,
                             also_reads=e.source_domain))
         for name, overrides in CTNET_VARIANTS.items():
-            run = out / d / _slug(name)
+            run = out / d / slug(name)
             jobs.append(Job(name, d, partial(run_ctnet, cfg, overrides, data, d, source_run, base,
                                              run),
                             trains=window, scores=scored, run=run))
@@ -271,7 +271,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         models[SOURCE][d] = {int(t): m for t, m in json.loads(direct.read_text()).items()} \
             if direct.exists() else {}
         for name in compared:
-            models[name][d] = {t: m for t, m in metrics_by_period(out / d / _slug(name)).items()
+            models[name][d] = {t: m for t, m in metrics_by_period(out / d / slug(name)).items()
                                if t in trained}
         if all("oracle" in base[t] for t in trained):  # synthetic worlds: the ceiling row
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
@@ -286,7 +286,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     return results
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     """A folder name: "Pre-train & Fine-tune (ID embeddings)" -> pre-train-fine-tune-id-..."""
     words = "".join(c if c.isalnum() or c == "-" else " " for c in name.lower()).split()
     return "-".join(words)
