@@ -21,6 +21,7 @@ from ctnet_rec.config import (
     load_config,
 )
 from ctnet_rec.data.contract import DataError, parse_periods
+from ctnet_rec.log_setup import configure_logging
 from ctnet_rec.training.checkpoint import CheckpointError
 
 log = logging.getLogger("ctnet")
@@ -388,22 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _not_fbgemm_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # TorchRec logs its plans and kernel choices at every sharding
-        logging.getLogger("torchrec").setLevel(logging.WARNING)
-        # torch's advice to TorchRec's maintainers, printed once per process
-        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-        for handler in logging.getLogger().handlers:  # fbgemm names each library it loads
-            handler.addFilter(_not_fbgemm_info)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO,
+                      quiet_libraries=not args.verbose)
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 

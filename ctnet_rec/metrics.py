@@ -41,7 +41,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels)
     if len(labels) == 0 or labels.min() == labels.max():
         return float("nan")
-    return float(binary_auroc(torch.as_tensor(np.asarray(scores, np.float64)),
+    return float(binary_auroc(torch.from_numpy(np.array(scores, np.float64)),  # a copy
                               torch.as_tensor(labels.astype(np.int64))))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ctnet_rec.data.contract import list_periods
+from ctnet_rec.log_setup import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _logging_levels() -> dict[str, int]:
 
 
 def _child_init(levels: dict[str, int]) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(levels[""])  # a library imported here may have set up logging first
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     gc.freeze()  # the library's import-time objects need no rescans by the collector
