@@ -61,3 +61,17 @@ def test_gauc_hand_worked_example():
     labels = np.array([1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0])
     scores = np.array([0.9, 0.3, 0.5, 0.2, 0.6, 0.4, 0.1, 0.7, 0.8, 0.5, 0.5])
     assert gauc(labels, scores, users) == pytest.approx(7 / 9, abs=1e-12)
+
+
+def test_normalized_entropy_by_hand():
+    import math
+
+    from ctnet_rec.training.evaluate import normalized_entropy
+
+    labels = np.array([1, 0, 0, 0])
+    p = np.array([0.8, 0.1, 0.2, 0.3])
+    logloss = -(math.log(0.8) + math.log(0.9) + math.log(0.8) + math.log(0.7)) / 4
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert normalized_entropy(labels, p) == pytest.approx(logloss / entropy)
+    assert normalized_entropy(labels, np.full(4, 0.25)) == pytest.approx(1.0)  # the rate alone
+    assert math.isnan(normalized_entropy(np.ones(3), np.full(3, 0.5)))

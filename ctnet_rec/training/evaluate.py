@@ -1,4 +1,4 @@
-"""Metrics on a held-out period: AUC, GAUC (Eq. 6), logloss, predicted vs actual CTR, and
+"""Metrics on a held-out period: AUC, GAUC (Eq. 6), logloss, NE, predicted vs actual CTR, and
 the same split into cold-start slices (users / items never seen in training so far)."""
 
 from __future__ import annotations
@@ -15,11 +15,22 @@ def logloss(labels: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
+def normalized_entropy(labels: np.ndarray, p: np.ndarray) -> float:
+    """NE: the logloss divided by the entropy of the period's own click rate (what predicting
+    that rate for every row would score); below 1 is better than knowing the rate alone. NaN
+    when the period has one class."""
+    ctr = float(np.mean(labels)) if len(labels) else float("nan")
+    if not 0 < ctr < 1:
+        return float("nan")
+    return logloss(labels, p) / float(-(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)))
+
+
 def score(labels: np.ndarray, p: np.ndarray, users: np.ndarray) -> dict[str, float]:
     return {
         "auc": auc(labels, p),
         "gauc": gauc(labels, p, users),
         "logloss": logloss(labels, p),
+        "ne": normalized_entropy(labels, p),
         "ctr_pred": float(p.mean()),
         "ctr_true": float(labels.mean()),
         "rows": int(len(labels)),
@@ -47,9 +58,11 @@ def format_report(metrics: dict[str, Any]) -> str:
     rows = [("all", metrics)] + list(metrics.get("slices", {}).items())
     if "oracle" in metrics:
         rows.append(("oracle (true p)", metrics["oracle"]))
-    head = f"{'':<16}{'rows':>8}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'pCTR':>8}{'CTR':>8}"
+    head = (f"{'':<16}{'rows':>8}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'NE':>8}{'pCTR':>8}"
+            f"{'CTR':>8}")
     lines = [head, "-" * len(head)]
     for name, m in rows:
         lines.append(f"{name:<16}{m['rows']:>8}{m['auc']:>8.4f}{m['gauc']:>8.4f}"
-                     f"{m['logloss']:>9.4f}{m['ctr_pred']:>8.4f}{m['ctr_true']:>8.4f}")
+                     f"{m['logloss']:>9.4f}{m['ne']:>8.4f}{m['ctr_pred']:>8.4f}"
+                     f"{m['ctr_true']:>8.4f}")
     return "\n".join(lines)
