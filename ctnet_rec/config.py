@@ -630,6 +630,22 @@ def _build_domains(raw: Any, key: str) -> dict[str, DomainWorldConfig]:
     return out
 
 
+def recorded_config(raw: dict[str, Any]) -> Config:
+    """A config a checkpoint recorded, written by this or an earlier version: the keys that
+    were renamed since are carried over (an earlier run's single dense lr also trained its
+    adapters, from accumulator 0), so a run resumes as it was trained."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    train = raw.get("train", {})
+    if "sparse_lr" in train:
+        train["tables"] = {"lr": train.pop("sparse_lr")}
+    if "dense_lr" in train:
+        lr = train.pop("dense_lr")
+        train["dense"] = {"optimizer": "adagrad", "lr": lr}
+        raw.setdefault("ctnet", {}).setdefault(
+            "adapter_optimizer", {"optimizer": "adagrad", "lr": lr, "initial_accumulator": 0.0})
+    return config_from_dict(raw)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build_dataclass(Config, raw, "")
     cfg.validate()

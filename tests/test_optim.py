@@ -126,3 +126,23 @@ def test_the_adapters_optimiser_is_not_part_of_the_model(demo_config):
     assert other.section_hash("ctnet") == demo_config.section_hash("ctnet")
     other.ctnet.adapter = "linear"
     assert other.section_hash("ctnet") != demo_config.section_hash("ctnet")
+
+
+def test_a_config_recorded_before_the_optimiser_groups_still_loads(demo_config):
+    """A checkpoint written with `sparse_lr` / `dense_lr` reopens (eval, predict, resume) with
+    the same settings: the dense lr also trained the adapters, from accumulator 0."""
+    import dataclasses
+
+    from ctnet_rec.config import recorded_config
+
+    raw = dataclasses.asdict(demo_config)
+    train = {k: v for k, v in raw["train"].items() if k not in ("tables", "dense")}
+    old = {**raw, "train": {**train, "sparse_lr": 0.05, "dense_lr": 0.02},
+           "ctnet": {k: v for k, v in raw["ctnet"].items() if k != "adapter_optimizer"}}
+    cfg = recorded_config(old)
+    assert cfg.train.tables.lr == 0.05 and cfg.train.dense.lr == 0.02
+    assert cfg.ctnet.adapter_optimizer == OptimizerConfig("adagrad", lr=0.02,
+                                                          initial_accumulator=0.0)
+    assert cfg.section_hash("features", "model", "ctnet") == \
+        demo_config.section_hash("features", "model", "ctnet")
+    assert recorded_config(raw) == demo_config  # a current config passes unchanged

@@ -19,7 +19,7 @@ from ctnet_rec.config import (
     ConfigError,
     OptimizerConfig,
     ShardingConfig,
-    config_from_dict,
+    recorded_config,
 )
 from ctnet_rec.modules.ctnet import CTNet, build_ctnet
 from ctnet_rec.training.checkpoint import (
@@ -58,7 +58,7 @@ def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
     raw = manifest.source_config if source else manifest.config
     if not raw:
         raise CheckpointError(f"{folder}: the manifest records no config; pass one explicitly")
-    return config_from_dict(raw)
+    return recorded_config(raw)
 
 
 class CTNetTrainer(PeriodTrainer):
