@@ -42,7 +42,7 @@ from sharding.tower import average_dense_gradients, dense_parameters, shard_mode
 log = logging.getLogger(__name__)
 
 TOWER = "tower"
-LOG_EVERY_STEPS = 50  # the progress bar's loss and speed: the only host sync of the loop
+LOG_EVERY_STEPS = 50  # the progress bar's loss and speed (a terminal only): the one host sync
 DUAL_EMBEDDING = "dual_embedding"
 
 
@@ -182,7 +182,7 @@ class PeriodTrainer:
             if step_domain == domain:  # raw ids from the host copy of the batch
                 users.append(host_batch.user_ids.numpy())
                 items.append(host_batch.item_ids.numpy())
-            if step % LOG_EVERY_STEPS == 0 and self.env.is_main:
+            if step % LOG_EVERY_STEPS == 0 and not bar.disable:
                 rows = sum(n for _, n in sums.values())
                 bar.set_postfix(loss=f"{float(acc[0]) / acc[1]:.4f}",
                                 samples_s=f"{rows / (time.perf_counter() - start):.0f}")
