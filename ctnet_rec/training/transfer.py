@@ -147,11 +147,12 @@ class CTNetTrainer(PeriodTrainer):
 
 @contextmanager
 def adapters_off(net: CTNet) -> Iterator[None]:
-    net.use_adapters = False
+    """CTNet scoring as its target tower alone, for the block; then as before."""
+    before, net.use_adapters = net.use_adapters, False
     try:
         yield
     finally:
-        net.use_adapters = True
+        net.use_adapters = before
 
 
 def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,
