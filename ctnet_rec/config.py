@@ -286,7 +286,6 @@ class DomainWorldConfig:
     item_share: float
     new_item_rate: float
     user_join_rate: float
-    specific_weight: float
     base_logit: float
 
     def validate(self, key: str) -> None:
@@ -294,15 +293,14 @@ class DomainWorldConfig:
         for name in ("user_share", "item_share", "new_item_rate", "user_join_rate"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1], got {v}")
-        _check(self.specific_weight >= 0, f"{key}.specific_weight", "must be >= 0")
 
 
 def _default_domains() -> dict[str, DomainWorldConfig]:
     # Full Taobao-like scale: A has 60x the impressions of B and 200x those of C.
     return {
-        "A": DomainWorldConfig(1_200_000, 1.0, 1.0, 0.10, 0.02, 0.5, -3.0),
-        "B": DomainWorldConfig(20_000, 0.30, 0.30, 0.05, 0.05, 0.5, -3.0),
-        "C": DomainWorldConfig(6_000, 0.20, 0.30, 0.40, 0.08, 0.5, -3.0),
+        "A": DomainWorldConfig(1_200_000, 1.0, 1.0, 0.10, 0.02, -3.0),
+        "B": DomainWorldConfig(20_000, 0.30, 0.30, 0.05, 0.05, -3.0),
+        "C": DomainWorldConfig(6_000, 0.20, 0.30, 0.40, 0.08, -3.0),
     }
 
 
@@ -322,6 +320,7 @@ class SynthConfig:
     interest_drift: float = 0.25
     category_drift: float = 0.25
     category_affinity_weight: float = 1.0
+    domain_gap: float = 0.2
     category_temperature: float = 1.0
     category_explore: float = 0.2
     item_spread: float = 0.5
@@ -340,7 +339,7 @@ class SynthConfig:
         ):
             _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
         for name in ("interest_drift", "category_drift", "category_explore",
-                     "new_items_from_source"):
+                     "new_items_from_source", "domain_gap"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"{key}.{name}", f"must be in [0, 1], got {v}")
         for name in ("new_items_per_period", "background_clicks", "burn_in_periods"):
@@ -487,6 +486,12 @@ class ExperimentConfig:
     # the joint-learning baselines to run (each reads the source domain's window too)
     joint_baselines: list[JointBaseline] = field(
         default_factory=lambda: list(typing.get_args(JointBaseline)))
+    # where a table the joint baselines' two tasks share starts: the target tower's rows (the
+    # target task starts as the target model) or the source tower's (trained on more data)
+    shared_table_rows: Literal["target", "source"] = "target"
+    # the "ID embeddings" of Pre-train & Fine-tune (ID embeddings) and Dual Embedding, by
+    # table name; empty: the tables of the user, item and category id features
+    id_embedding_tables: list[str] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
         _check(self.deploy_period >= 1, f"{key}.deploy_period",
@@ -494,6 +499,15 @@ class ExperimentConfig:
         _check(self.periods >= 1, f"{key}.periods", "must be >= 1")
         _check(len(self.target_domains) > 0 and self.source_domain not in self.target_domains,
                f"{key}.target_domains", "needs at least one domain, not the source domain")
+
+    def id_tables(self, features: FeatureConfig) -> list[str]:
+        """The tables of the baselines' "ID embeddings" (the paper's footnote 3: user, item,
+        category and seller ids): `id_embedding_tables`, or else those of the user, item and
+        category id features."""
+        if self.id_embedding_tables:
+            return list(self.id_embedding_tables)
+        columns = {features.user_column, features.item_column, features.category_column}
+        return sorted({f.table for f in features.id_features if f.column in columns})
 
     def last_period(self) -> int:
         """The last period trained; it is evaluated on the period after it."""
@@ -517,6 +531,10 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         tables = {t.name for t in self.features.tables}
+        for name in self.experiment.id_embedding_tables:
+            _check(name in {f.table for f in self.features.id_features},
+                   "experiment.id_embedding_tables",
+                   f"{name!r} is not the table of an id feature (tables: {sorted(tables)})")
         for section in ("tables", "kernels"):
             for name in getattr(self.sharding, section):
                 _check(name in tables, f"sharding.{section}.{name}",
@@ -633,8 +651,14 @@ def _build_domains(raw: Any, key: str) -> dict[str, DomainWorldConfig]:
 def recorded_config(raw: dict[str, Any]) -> Config:
     """A config a checkpoint recorded, written by this or an earlier version: the keys that
     were renamed since are carried over (an earlier run's single dense lr also trained its
-    adapters, from accumulator 0), so a run resumes as it was trained."""
+    adapters, from accumulator 0), so a run resumes as it was trained. The synthetic world's
+    per-domain `specific_weight`, replaced by `synth.domain_gap`, is dropped (the world is
+    data, not part of the model)."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    synth = raw.get("synth", {})
+    if "domains" in synth:
+        synth["domains"] = {name: {k: v for k, v in d.items() if k != "specific_weight"}
+                            for name, d in synth["domains"].items()}
     train = raw.get("train", {})
     if "sparse_lr" in train:
         train["tables"] = {"lr": train.pop("sparse_lr")}

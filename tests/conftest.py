@@ -29,9 +29,9 @@ def demo_config() -> Config:
 
 def tiny_synth(cfg: Config, **overrides):
     domains = {
-        "A": DomainWorldConfig(8000, 1.0, 1.0, 0.10, 0.02, 0.5, -3.0),
-        "B": DomainWorldConfig(600, 0.3, 0.3, 0.05, 0.05, 0.5, -3.0),
-        "C": DomainWorldConfig(400, 0.2, 0.3, 0.40, 0.08, 0.5, -3.0),
+        "A": DomainWorldConfig(8000, 1.0, 1.0, 0.10, 0.02, -3.0),
+        "B": DomainWorldConfig(600, 0.3, 0.3, 0.05, 0.05, -3.0),
+        "C": DomainWorldConfig(400, 0.2, 0.3, 0.40, 0.08, -3.0),
     }
     base = dict(
         periods=4, num_users=600, num_items_initial=800, new_items_per_period=100,

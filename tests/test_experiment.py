@@ -90,10 +90,15 @@ def test_each_model_is_built_as_it_claims(experiment):
     b = experiment / "B"
     ctnet, once, linear = manifests(b / "ctnet"), manifests(b / "ctnet-transfer-once"), \
         manifests(b / "ctnet-w-o-glu")
-    assert [m.lineage["source_period"] for m in ctnet] == [2, 3]  # refreshed every period
+    assert [m.lineage["source_period"] for m in ctnet] == [1, 2]  # refreshed every period
     assert [m.lineage["source_period"] for m in once] == [1, 1]  # deployed once, at t0 - 1
     assert all(m.config["ctnet"]["adapter"] == "linear" for m in linear)
     assert all(m.config["ctnet"]["adapter"] == "glu" for m in ctnet + once)
+    # ... so on the first trained period they are one model (the paper's Table 3)
+    metrics = json.loads((experiment / "metrics.json").read_text())["models"]
+    first = {name: metrics[name]["B"]["2"] for name in ("CTNet", "CTNet transfer-once")}
+    assert first["CTNet"]["auc"] == pytest.approx(first["CTNet transfer-once"]["auc"], abs=1e-6)
+    assert metrics["CTNet"]["B"]["3"]["auc"] != metrics["CTNet transfer-once"]["B"]["3"]["auc"]
     init = Manifest.read(b / "ctnet" / "init")
     assert init.lineage["target_checkpoint"].endswith("B/base/checkpoints/period=1")
     # the Source row is A's own tower of the same period scoring B's next period
@@ -112,7 +117,7 @@ def _weights(ckpt):
 
 
 @pytest.mark.parametrize(("slug", "from_source"), [
-    ("pre-train-fine-tune-id-embeddings", {"user", "item"}),
+    ("pre-train-fine-tune-id-embeddings", {"user", "item", "category", "seller"}),
     ("pre-train-fine-tune-all-embeddings", "every table"),
     ("pre-train-fine-tune-all-parameters", "everything"),
 ])
@@ -151,19 +156,20 @@ def test_finetune_sweep_table(experiment):
         assert first.lineage["init"].endswith("A/checkpoints/period=3")  # newest source
 
 
-def test_dual_embedding_has_two_user_and_item_tables(experiment):
+def test_dual_embedding_has_two_of_each_id_table(experiment):
     from ctnet_rec.training.inference import open_checkpoint
 
     init = _weights(experiment / "B" / "dual-embedding" / "init")
     source = _weights(complete_checkpoints(experiment / "A")[1])
     target_ckpt = complete_checkpoints(experiment / "B" / "base")[1]
     target = _weights(target_ckpt)
-    for table, key in (("user", "embeddings.pooled.embedding_bags.user.weight"),
-                       ("item", "embeddings.sequence.embeddings.item.weight")):
+    for table, kind in (("user", "pooled.embedding_bags"), ("item", "sequence.embeddings"),
+                        ("category", "sequence.embeddings"), ("seller", "pooled.embedding_bags")):
+        key = f"embeddings.{kind}.{table}.weight"  # footnote 3's four ID tables
         assert torch.equal(init[f"dual.embedding_bags.dual_{table}.weight"], source[key])
         assert torch.equal(init[key], target[key])  # the target's own table stays
     first, old = init["mlp.linears.0.weight"], target["mlp.linears.0.weight"]
-    assert first.shape[1] == old.shape[1] + 2 * 16
+    assert first.shape[1] == old.shape[1] + 3 * 16 + 8
     assert torch.equal(first[:, : old.shape[1]], old) and not first[:, old.shape[1]:].any()
     dual, _ = open_checkpoint(experiment / "B" / "dual-embedding" / "init")
     base, _ = open_checkpoint(target_ckpt)

@@ -7,6 +7,7 @@ import functools
 import json
 import typing
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +15,11 @@ import torch.nn.functional as F
 from ctnet_rec.config import JointBaseline
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
-from ctnet_rec.modules.joint.common import joint_features
+from ctnet_rec.modules.joint.common import OwnOrOther, joint_features
 from ctnet_rec.training.checkpoint import complete_checkpoints
-from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.joint import JointTrainer, joint_init
-from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+from ctnet_rec.training.trainer import train_continual
 
 from .conftest import two_rank_cli
 
@@ -59,8 +59,9 @@ SHARED = {
     "PLE": (TABLES, {"bottom", "levels.0.shared_experts", "levels.0.task_experts",
                      "levels.0.shared_gate", "levels.1.shared_experts"}),
     # both domains' user tables (each task reads the other's through the map) and the map
-    "DDTCDR": ({"user__s", "user__t"}, {"mapping"}),
-    "DASL": ({f"{t}__{s}" for t in ("user", "item", "category") for s in "st"}, {"maps"}),
+    "DDTCDR": ({"user__s", "user__t"}, {"mapping", "mix"}),
+    "DASL": ({f"{t}__{s}" for t in ("user", "item", "category") for s in "st"},
+             {"maps", "mix"}),
 }
 
 
@@ -68,6 +69,9 @@ SHARED = {
 def test_what_the_two_tasks_share_is_what_the_model_claims(name, demo_config, batch):
     torch.manual_seed(0)
     model = JOINT_MODELS[name](demo_config.features, demo_config.model).train()
+    for m in model.modules():  # the other domain's weight, as after some training (it starts
+        if isinstance(m, OwnOrOther):  # at 0, where the other's tables get no gradient)
+            torch.nn.init.constant_(m.weight, 0.5)
     source, target = _reached(model, batch, SOURCE), _reached(model, batch, TARGET)
     both = source & target
     tables, prefixes = SHARED[name]
@@ -93,26 +97,28 @@ def test_share_bottom_uses_one_table_per_feature_and_mlp_plus_plus_copies_all_bu
     assert {t.name for t in every.tables} == TABLES
 
 
-@pytest.mark.parametrize("name", ["MLP++", "PLE"])
-def test_joint_model_starts_from_the_warm_up_towers(name, towers, tiny_world, tmp_path):
-    """A task's tower and own tables start as its domain's tower (so before any joint
-    training, the target task scores exactly as the target tower), shared tables and PLE's
-    bottom as the target's."""
+# max |score - target model's| at deployment, where the architecture cannot start on it:
+# PLE's shared input above level 0 carries a quarter of the source's expert (its docstring)
+DEPLOYMENT_GAP = {"PLE": 0.05}
+
+
+@pytest.fixture(scope="module")
+def base_scores(towers, tiny_world):
+    base, _ = open_checkpoint(towers.target(1))
+    return base.predict(tiny_world, "B", 2)["p"]
+
+
+@pytest.mark.parametrize("name", list(JOINT_MODELS))
+def test_joint_model_starts_where_the_target_model_is(name, towers, tiny_world, tmp_path,
+                                                      base_scores):
+    """Before any joint training, the target task scores B's rows as the target tower does
+    (within 1e-4; PLE within its stated bound), so a row's later gain or loss is the joint
+    training's, not a bad start."""
     init = joint_init(towers.cfg, name, "A", towers.source(1), towers.target(1), tmp_path)
-    env = init_distributed("cpu")
-    joint = JointTrainer(towers.cfg, env, name, "A")
-    joint.restore(init)
-    target = PeriodTrainer(towers.cfg, env)
-    target.restore(towers.target(1))
-    state, tower = joint.dmp.state_dict(), target.dmp.state_dict()
-    prefix = "towers.1." if name == "MLP++" else "bottom."
-    for key, value in tower.items():
-        if key.startswith(("mlp.", "ta.", "encoder.")) and prefix + key in state:
-            assert torch.equal(state[prefix + key], value), key
-    if name == "MLP++":
-        got = joint.predict(tiny_world, "B", 2)["p"]
-        want = target.predict(tiny_world, "B", 2)["p"]
-        assert got == pytest.approx(want, abs=1e-6)
+    joint, _ = open_checkpoint(init)
+    gap = np.abs(joint.predict(tiny_world, "B", 2)["p"] - base_scores)
+    print(f"{name}: |score - Base| at deployment: max {gap.max():.2e}, mean {gap.mean():.2e}")
+    assert gap.max() < DEPLOYMENT_GAP.get(name, 1e-4)
 
 
 def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, tmp_path):

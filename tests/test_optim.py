@@ -138,7 +138,9 @@ def test_a_config_recorded_before_the_optimiser_groups_still_loads(demo_config):
     raw = dataclasses.asdict(demo_config)
     train = {k: v for k, v in raw["train"].items() if k not in ("tables", "dense")}
     old = {**raw, "train": {**train, "sparse_lr": 0.05, "dense_lr": 0.02},
-           "ctnet": {k: v for k, v in raw["ctnet"].items() if k != "adapter_optimizer"}}
+           "ctnet": {k: v for k, v in raw["ctnet"].items() if k != "adapter_optimizer"},
+           "synth": {**raw["synth"], "domains": {  # the world's knob before domain_gap
+               n: {**d, "specific_weight": 0.5} for n, d in raw["synth"]["domains"].items()}}}
     cfg = recorded_config(old)
     assert cfg.train.tables.lr == 0.05 and cfg.train.dense.lr == 0.02
     assert cfg.ctnet.adapter_optimizer == OptimizerConfig("adagrad", lr=0.02,

@@ -1,13 +1,16 @@
 """Transfer baselines the paper compares CTNet with, built from the same checkpoints.
 
-Dual Embedding: the target model plus the source model's user and item ID embeddings as
-extra, trainable features (`DualEmbeddingTower`); the new input columns of the first MLP
+The "ID embeddings" are the tables `[experiment] id_embedding_tables` names (the paper's
+footnote 3: user, item, category and seller ids).
+
+Dual Embedding: the target model plus the source model's ID embeddings as extra, trainable
+features (`DualEmbeddingTower`); the new input columns of the first MLP
 layer start at zero, so the model first predicts as the target model does. The dual tables'
 row-wise AdaGrad sums start fresh (they are new parameters of this model).
 
 Pre-train & Fine-tune: the source model's parameters replace the target model's, then the
 target tower trains on target data. Three depths, as in the paper's Table 2:
-- "id": the user and item ID embedding tables (the item table is shared with the behaviour
+- "id": the ID embedding tables (the item and category tables are shared with the behaviour
   sequences, so they move too);
 - "embeddings": every embedding table;
 - "all": every parameter (attention, MLP, batch-norm statistics included).
@@ -21,13 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
-from ctnet_rec.training.checkpoint import load_into_submodule, read_seen_ids
+from ctnet_rec.modules.tower import FIRST_LAYER
+from ctnet_rec.training.checkpoint import load_into_submodule, load_widened, read_seen_ids
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
@@ -43,8 +46,7 @@ def replaced_tables(cfg: Config, depth: Depth) -> set[str] | None:
     if depth == "embeddings":
         return {t.name for t in f.tables} | {f"bucket_{n.name}" for n in f.numeric
                                               if n.bucketized}
-    columns = {f.user_column, f.item_column}
-    return {x.table for x in f.id_features if x.column in columns}
+    return set(cfg.experiment.id_tables(f))
 
 
 def _selector(tables: set[str] | None) -> Callable[[str], bool]:
@@ -86,9 +88,6 @@ def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_
     return save_init(trainer, run, source_ckpt, target_ckpt, replaced=depth)
 
 
-FIRST_LAYER = "mlp.linears.0.weight"
-
-
 def _table_key(cfg: Config, table: str) -> str:
     """A tower checkpoint's key of a table's weights."""
     if table in cfg.features.sequence_tables():
@@ -106,23 +105,11 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     state = trainer.state()
     load_into_submodule(target_ckpt, state, "",
                         lambda k: not k.startswith("dual.") and k != FIRST_LAYER)
+    load_widened(target_ckpt, state, FIRST_LAYER, FIRST_LAYER,
+                 trainer.dmp.module.new_columns)
     model = state["model"]
-    first = model[FIRST_LAYER]
-    # the optimiser's per-weight state (AdaGrad's sums, Adam's moments)
-    first_state = {k: v for k, v in state["dense_optim"][FIRST_LAYER].items()
-                   if v.shape == first.shape}
-    old_shape = (first.shape[0], trainer.dmp.module.base_in_dim)
-    old = {"model": {FIRST_LAYER: torch.empty(old_shape)},
-           "dense_optim": {FIRST_LAYER: {k: torch.empty(old_shape) for k in first_state}}}
-    dcp.load(old, checkpoint_id=str(target_ckpt))
-    pairs = [(first, old["model"][FIRST_LAYER]),
-             *((v, old["dense_optim"][FIRST_LAYER][k]) for k, v in first_state.items())]
-    with torch.no_grad():  # the target's weights and optimiser state, zeros in the new columns
-        for new, loaded in pairs:
-            new.zero_()
-            new[:, : old_shape[1]] = loaded
     request = {_table_key(cfg, table): model[f"dual.embedding_bags.{DUAL_PREFIX}{table}.weight"]
-               for _, table in dual_features(cfg.features)}
+               for _, table in dual_features(cfg.features, trainer.dual_tables())}
     dcp.load({"model": request}, checkpoint_id=str(source_ckpt),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
     trainer.load_state(state)

@@ -137,7 +137,8 @@ def check_periods(cfg: Config, data: Path) -> None:
 def transfer_baselines(cfg: Config) -> list[str]:
     """The transfer baselines this config allows: Dual Embedding copies the source's user and
     item rows into plain tables, so it is left out when those tables have managed ids."""
-    if {t for _, t in dual_features(cfg.features)} & cfg.features.managed_tables():
+    ids = cfg.experiment.id_tables(cfg.features)
+    if {t for _, t in dual_features(cfg.features, ids)} & cfg.features.managed_tables():
         return [*PRETRAIN_FINETUNE]
     return [*PRETRAIN_FINETUNE, DUAL]
 

@@ -1,9 +1,13 @@
 """The Dual Embedding baseline (paper, Table 2): "ID embeddings from the latest source domain
 model are added into the target domain model as extra embeddings, so that there are two item
 IDs, user IDs, etc. in the model. All parameters and features are updated in training."
+The ID embeddings are those of the tables the experiment names (`[experiment]
+id_embedding_tables`; the paper's footnote 3: user, item, category and seller ids).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -16,10 +20,9 @@ from ctnet_rec.modules.tower import Tower
 DUAL_PREFIX = "dual_"
 
 
-def dual_features(features: FeatureConfig) -> list[tuple[str, str]]:
-    """(feature, table) of the ID features that get a second embedding: user and item ids."""
-    columns = {features.user_column, features.item_column}
-    return [(f.name, f.table) for f in features.id_features if f.column in columns]
+def dual_features(features: FeatureConfig, tables: Collection[str]) -> list[tuple[str, str]]:
+    """(feature, table) of the ID features that get a second embedding: those of `tables`."""
+    return [(f.name, f.table) for f in features.id_features if f.table in tables]
 
 
 class DualEmbeddingTower(Tower):
@@ -28,10 +31,10 @@ class DualEmbeddingTower(Tower):
     The first MLP layer gains the matching input columns; everything else keeps the target
     tower's shapes, so the target model's parameters are all reused."""
 
-    def __init__(self, features: FeatureConfig, model: TowerConfig,
+    def __init__(self, features: FeatureConfig, model: TowerConfig, tables: Collection[str],
                  device: torch.device | None = None) -> None:
         super().__init__(features, model, device)
-        pairs = dual_features(features)
+        pairs = dual_features(features, tables)
         managed = sorted({t for _, t in pairs} & features.managed_tables())
         if managed:
             raise ValueError(f"Dual Embedding copies the source's rows of {managed} into plain "
@@ -44,8 +47,9 @@ class DualEmbeddingTower(Tower):
                                feature_names=[name])
             for name, table in pairs], device=device)
         extra = sum(features.table(table).embedding_dim for _, table in pairs)
-        self.base_in_dim = self.mlp.linears[0].in_features
-        self.mlp = TowerMLP(self.base_in_dim + extra, model.mlp_hidden, model.leaky_relu_slope)
+        width = self.mlp.linears[0].in_features
+        self.new_columns = slice(width, width + extra)  # the dual embeddings, after E
+        self.mlp = TowerMLP(width + extra, model.mlp_hidden, model.leaky_relu_slope)
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,

@@ -38,6 +38,8 @@ class TowerOutput:
     long_interest: list[torch.Tensor]
 
 
+FIRST_LAYER = "mlp.linears.0.weight"  # a tower's first MLP layer, as its state names it
+
 class Tower(nn.Module):
     """E = concat(pooled ids, target item+category, A_TA, A_SIM, A_ETA, dense numerics);
     p = sigmoid(MLP(E)). Behaviour tokens are item and category embeddings concatenated.

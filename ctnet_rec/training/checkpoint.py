@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -161,3 +162,26 @@ def load_mapped(folder: Path, state: dict[str, Any], key_of: Callable[[str], str
     dcp.load(request, checkpoint_id=str(folder),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
     return len(request["model"])
+
+
+def load_widened(folder: Path, state: dict[str, Any], key: str, saved_key: str,
+                 new_columns: slice) -> None:
+    """`state`'s weight `key`, a linear layer with more input columns than the checkpoint's
+    `saved_key`: the saved columns around `new_columns`, zeros in them (so the layer computes
+    what the saved one did); likewise its dense optimiser state of the weight's shape
+    (AdaGrad's sums, Adam's moments)."""
+    weight = state["model"][key]
+    optim = {k: v for k, v in state["dense_optim"].get(key, {}).items()
+             if v.shape == weight.shape}
+    start, stop = new_columns.start, new_columns.stop
+    saved_shape = (weight.shape[0], weight.shape[1] - (stop - start))
+    request = {"model": {saved_key: torch.empty(saved_shape)},
+               "dense_optim": {saved_key: {k: torch.empty(saved_shape) for k in optim}}}
+    dcp.load(request, checkpoint_id=str(folder))
+    pairs = [(weight, request["model"][saved_key]),
+             *((v, request["dense_optim"][saved_key][k]) for k, v in optim.items())]
+    with torch.no_grad():
+        for new, saved in pairs:
+            new.zero_()
+            new[:, :start] = saved[:, :start]
+            new[:, stop:] = saved[:, start:]

@@ -3,9 +3,13 @@ domain's data of that period, batches of the two interleaved in a seeded random 
 on every rank), each batch scored by its own task's head.
 
 They start, where the architecture allows, from the warm-up checkpoints (the paper: "reuse as
-many parameters as possible"): a task's own tables and tower from its domain's single-domain
-tower, the shared tables and PLE's bottom from the target's; the rest (PLE's experts, gates
-and task towers, DDTCDR's mapping) starts fresh."""
+many parameters as possible"), as each model's `warm_start_key` says: a task's own tables and
+tower from its domain's single-domain tower, a first MLP layer with extra inputs from the
+tower's with zeros in the new columns, the tables both tasks share from the target's tower
+(`[experiment] shared_table_rows`; "source" takes the source tower's rows instead); what has
+no counterpart (gates, mappings, mixing weights) starts where it adds nothing. Each model's
+docstring says how close to its domain's tower each task starts; tests/test_joint.py checks
+it on the target's rows."""
 
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from ctnet_rec.config import Config
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
-from ctnet_rec.training.checkpoint import Manifest, load_mapped, read_seen_ids
+from ctnet_rec.modules.tower import FIRST_LAYER
+from ctnet_rec.training.checkpoint import Manifest, load_mapped, load_widened, read_seen_ids
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
@@ -68,25 +73,6 @@ class JointTrainer(PeriodTrainer):
                                 period)
 
 
-def _tower_key(key: str) -> tuple[int, str] | None:
-    """(task, the single-domain tower's key) a joint model's state key starts from, if any:
-    `towers.<task>.*` and a task's own tables from that task's tower, the shared tables and
-    PLE's `bottom.*` from the target's."""
-    parts = key.split(".")
-    if parts[0] == "towers":
-        return int(parts[1]), ".".join(parts[2:])
-    if parts[0] == "bottom":
-        return TARGET, ".".join(parts[1:])
-    if parts[:2] != ["embeddings", "lookup"]:
-        return None
-    task = TARGET
-    for i, p in enumerate(parts):
-        for t, sfx in enumerate(SUFFIXES):
-            if p.endswith(sfx):
-                task, parts[i] = t, p[: -len(sfx)]
-    return task, ".".join(["embeddings", *parts[2:]])
-
-
 def _table_entry(key: str) -> str:
     """A fused optimiser entry's key (`<table>.momentum1`) as the tower names it."""
     table, _, rest = key.partition(".")
@@ -102,14 +88,16 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
     check_tower_checkpoint(source_ckpt, cfg, "source")
     check_tower_checkpoint(target_ckpt, cfg, "target")
     trainer = JointTrainer(cfg, init_distributed(cfg.train.device), model, source_domain)
-    state = trainer.state()
+    net, state = trainer.dmp.module, trainer.state()
+    shared_from = SOURCE if cfg.experiment.shared_table_rows == "source" else TARGET
     loaded = 0
     for task, ckpt in ((SOURCE, source_ckpt), (TARGET, target_ckpt)):
         saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        widened = net.widened_inputs(task)
 
         def key_of(key: str, task: int = task, saved: dict = saved) -> str | None:
             """The tower's key, where it has this entry in the same shape."""
-            found = _tower_key(key)
+            found = net.warm_start_key(key, shared_from)
             if found is None or found[0] != task:
                 return None
             entry = saved.get(f"model.{found[1]}")
@@ -118,6 +106,10 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
                 tuple(shape) == tuple(state["model"][key].size()) else None
 
         loaded += load_mapped(ckpt, state, key_of, _table_entry)
+        if widened is not None:
+            key = f"towers.{task}.{FIRST_LAYER}"
+            load_widened(ckpt, state, key, FIRST_LAYER, widened)
+            loaded += 1
     trainer.load_state(state)
     log.info("%s: %d of %d state entries from the warm-up towers", model, loaded,
              len(state["model"]))

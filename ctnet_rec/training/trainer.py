@@ -249,12 +249,21 @@ class PeriodTrainer:
 
 
 class DualEmbeddingTrainer(PeriodTrainer):
-    """PeriodTrainer for the Dual Embedding baseline (`DualEmbeddingTower`)."""
+    """PeriodTrainer for the Dual Embedding baseline (`DualEmbeddingTower`), with a second
+    embedding of the experiment's ID embedding tables (part of its config hash)."""
 
     kind = DUAL_EMBEDDING
 
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        super().__init__(cfg, env)
+        self.config_hash += ":" + ",".join(self.dual_tables())
+
+    def dual_tables(self) -> list[str]:
+        return self.cfg.experiment.id_tables(self.cfg.features)
+
     def build_model(self) -> DistributedModelParallel:
-        model = DualEmbeddingTower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
+        model = DualEmbeddingTower(self.cfg.features, self.cfg.model, self.dual_tables(),
+                                   device=torch.device("meta"))
         return shard_model(model, self.env, self.cfg.train.tables.lr,
                            sharding=self.cfg.sharding)
 

@@ -1,6 +1,13 @@
 """Continual transfer (the paper's Algorithm 1): deploy CTNet from two single-domain
 checkpoints, then per period load the newest source checkpoint into the frozen source tower
-and train the target tower and adapters on that period's target data only."""
+and train the target tower and adapters on that period's target data only.
+
+Indexing. A checkpoint `period=<p>` is a model trained on data up to and including period p,
+i.e. the paper's h_{p+1}, the model in service during period p + 1. Deploying at t0 uses
+both towers' `period=<t0 - 1>` checkpoints (h^S_t0, h_t0). Training on period t then uses the
+newest source checkpoint of a period < t (h^S_t: what is in service while t's data arrives),
+so the first trained period, t0, uses the source CTNet was deployed with, and CTNet and
+transfer-once coincide there, as in the paper's Table 3."""
 
 from __future__ import annotations
 
@@ -186,15 +193,16 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
 
 
 def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config) -> dict[int, Path]:
-    """For each period t, the newest complete source checkpoint of a period <= t; refused
-    before any training when one is missing or does not fit the source tower."""
+    """For each period t, the newest complete source checkpoint of a period < t (Algorithm
+    1's h^S_t; see the module's docstring); refused before any training when one is missing
+    or does not fit the source tower."""
     available = complete_checkpoints(source_ckpts)
     schedule = {}
     for t in periods:
-        older = [p for p in available if p <= t]
+        older = [p for p in available if p < t]
         if not older:
             raise CheckpointError(
-                f"{source_ckpts}: no source checkpoint of a period <= {t} (have "
+                f"{source_ckpts}: no source checkpoint of a period < {t} (have "
                 f"{sorted(available) or 'none'})")
         schedule[t] = available[max(older)]
     for folder in sorted(set(schedule.values())):

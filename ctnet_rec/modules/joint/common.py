@@ -85,14 +85,59 @@ class JointEmbeddings(nn.Module):
 
 class JointModel(nn.Module):
     """A two-task network: `forward(sparse, dense, task)` scores rows of the task's domain
-    (by default the target's, so evaluation and prediction score the target)."""
+    (by default the target's, so evaluation and prediction score the target).
+
+    It starts from the two single-domain towers where its architecture allows (the paper:
+    "reuse as many parameters as possible"): `warm_start_key` names, for a state key, the
+    task whose tower it starts from and that tower's key."""
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                 task: int = TARGET) -> TowerOutput:
         raise NotImplementedError
 
+    def warm_start_key(self, key: str, shared_from: int = TARGET) -> tuple[int, str] | None:
+        """(task, the single-domain tower's key) that state `key` starts from, None when it
+        starts fresh: `towers.<task>.*` from that task's tower, a task's own tables from its
+        tower, the tables both tasks share from `shared_from`'s."""
+        parts = key.split(".")
+        if parts[0] == "towers":
+            return int(parts[1]), ".".join(parts[2:])
+        if parts[:2] != ["embeddings", "lookup"]:
+            return None
+        task = shared_from
+        for i, p in enumerate(parts):
+            for t, sfx in enumerate(SUFFIXES):
+                if p.endswith(sfx):
+                    task, parts[i] = t, p[: -len(sfx)]
+        return task, ".".join(["embeddings", *parts[2:]])
+
+    def widened_inputs(self, task: int) -> slice | None:
+        """The input columns of `task`'s first MLP layer that its tower lacks (they start at
+        zero, the others from the tower), or None when the shapes agree."""
+        return None
+
 
 HEAD = partial(Tower, lookups=False)  # a tower fed by the joint lookup
+
+
+class OwnOrOther(nn.Module):
+    """e = (1 - w) own + w other, with a learned weight w per table that starts at 0: the
+    two domains' tables were trained apart, so the other's embedding (even carried over by a
+    map) is noise to a tower until the map and the weight have learned it."""
+
+    def __init__(self, tables: list[str], device: torch.device | None = None) -> None:
+        super().__init__()
+        self.index = {t: i for i, t in enumerate(tables)}
+        # one parameter of this module's own: DistributedModelParallel materialises a meta
+        # module by its reset_parameters, which only reaches the parameters it holds directly
+        self.weight = nn.Parameter(torch.zeros(len(tables), device=device))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, table: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        w = self.weight[self.index[table]]
+        return (1 - w) * own + w * other
 
 
 class TaskTowers(JointModel):

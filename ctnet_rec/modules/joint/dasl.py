@@ -5,10 +5,15 @@ domain's behaviours attended with what both domains know of them.
 
 Here, every table has a copy per domain; each id (user, target item and category, every
 behaviour's item and category) is looked up in both domains' tables and its embedding is
-e = a e_own + (1 - a) X e_other (a = 0.5, one orthogonal map X per table, X^T back), so the
+e = a e_own + (1 - a) X e_other (one orthogonal map X per table, X^T back), so the
 tower's attention units (target attention, SIM, ETA) attend over behaviours carrying both
 domains' embeddings: the dual attention, with one attention per tower rather than DASL's
-separate attention per domain's sequence (a row carries one sequence of each kind)."""
+separate attention per domain's sequence (a row carries one sequence of each kind).
+
+Warm start, as DDTCDR's: each domain's tables and tower from its single-domain tower, X at the
+identity, and the other domain's weight 1 - a learned from 0 per table (`OwnOrOther`; DASL's
+0.5 would mix in half of an embedding from a table whose axes are unrelated), so each task
+starts exactly as its domain's tower."""
 
 from __future__ import annotations
 
@@ -18,23 +23,24 @@ from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig, TowerConfig
-from ctnet_rec.modules.joint.common import SOURCE, TARGET, TaskTowers
+from ctnet_rec.modules.joint.common import SOURCE, TARGET, OwnOrOther, TaskTowers
 from ctnet_rec.modules.joint.orthogonal import OrthogonalMap
 from ctnet_rec.modules.tower import TowerOutput
 
 
 class DASL(TaskTowers):
     def __init__(self, features: FeatureConfig, model: TowerConfig,
-                 device: torch.device | None = None, own_share: float = 0.5) -> None:
+                 device: torch.device | None = None) -> None:
         tables = {f.table for f in features.id_features
                   if f.column in (features.user_column, features.item_column,
                                   features.category_column)} | features.sequence_tables()
         table_of = {k: features.table_of(k) for k in features.sparse_keys()}
         keys = [k for k, t in table_of.items() if t in tables]
         super().__init__(features, model, set(), device, cross=keys)
-        self.table_of, self.own_share = {k: table_of[k] for k in keys}, own_share
+        self.table_of = {k: table_of[k] for k in keys}
         self.maps = nn.ModuleDict({t: OrthogonalMap(features.table(t).embedding_dim, device)
                                    for t in sorted(tables)})
+        self.mix = OwnOrOther(sorted(tables), device)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                 task: int = TARGET) -> TowerOutput:
@@ -42,8 +48,8 @@ class DASL(TaskTowers):
         back = task == SOURCE
 
         def dual(key: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-            carried = self.maps[self.table_of[key]](other, inverse=back)
-            return self.own_share * own + (1 - self.own_share) * carried
+            table = self.table_of[key]
+            return self.mix(table, own, self.maps[table](other, inverse=back))
 
         pooled = {k: dual(k, v, other_pooled[k]) if k in other_pooled else v
                   for k, v in pooled.items()}

@@ -9,7 +9,11 @@ so the source's behaviours embed alike in both tasks); (3) is the tower's target
 over the short sequence (the row's own domain); (2) is a target attention over the newest
 behaviours of the long sequence, which holds the user's clicks in every domain: the rows carry
 no source-only sequence, so the recent cross-domain clicks stand in for it. The tower's SIM
-and ETA interests stay, unweighted (same features as the towers). A tower per domain."""
+and ETA interests stay, unweighted (same features as the towers). A tower per domain.
+
+Warm start: each domain's tower is its single-domain tower, with (2)'s columns of the first
+MLP layer at zero and the interest-level scores at zero (every weight exp(0) = 1), so each task
+starts exactly as its domain's tower. Every table is shared (see `JointModel`)."""
 
 from __future__ import annotations
 
@@ -47,8 +51,14 @@ class MiNetTower(Tower):
             nn.Sequential(nn.Linear(dim + token + user, SCORE_HIDDEN), nn.ReLU(),
                           nn.Linear(SCORE_HIDDEN, 1))
             for dim in (user, token, token))  # long-term, target short-term, recent
-        first = self.mlp.linears[0]
-        self.mlp = TowerMLP(first.in_features + token, model.mlp_hidden, model.leaky_relu_slope)
+        for g in self.scores:  # weights start at exp(0) = 1: the tower's own interests
+            nn.init.zeros_(g[-1].weight)
+            nn.init.zeros_(g[-1].bias)
+        width = self.mlp.linears[0].in_features
+        # E: the tower's parts, the recent interest, then the dense features
+        start = width - len(features.dense_names())
+        self.new_columns = slice(start, start + token)
+        self.mlp = TowerMLP(width + token, model.mlp_hidden, model.leaky_relu_slope)
 
     def combine(self, pooled: dict[str, torch.Tensor], emb: dict[str, JaggedTensor],
                 target: torch.Tensor, interests: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -70,3 +80,6 @@ class MiNet(TaskTowers):
                  device: torch.device | None = None) -> None:
         super().__init__(features, model, {t.name for t in features.tables}, device,
                          tower=MiNetTower)
+
+    def widened_inputs(self, task: int) -> slice | None:
+        return self.towers[task].new_columns

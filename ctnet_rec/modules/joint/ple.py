@@ -3,9 +3,17 @@ task and shared experts; each task's gate mixes its own and the shared experts, 
 mixes all of them for the next level; a tower per task on the last level's mixture.
 
 As in the CTNet paper's comparison, the bottom is the towers' own: every table shared by the
-two domains and one set of attention units (short sequence, SIM, ETA) computing E; the experts
-have the width of the towers' first MLP layer (Linear -> BatchNorm -> LeakyReLU), the task
-towers the remaining layers. Two levels, two shared experts and one expert per task."""
+two domains and one set of attention units (short sequence, SIM, ETA) computing E. The levels
+take the place of the towers' first MLP layers: level k's experts are shaped like a tower's
+layer k (Linear -> BatchNorm -> LeakyReLU), the task towers are the remaining layers. Two
+levels, two shared experts and one expert per task.
+
+Warm start (`warm_start_key`): every expert of level k is the single-domain tower's layer k (a
+task's own experts its domain's tower, the shared experts the target's), each task tower the
+rest of its domain's tower, the bottom the target's; the gates start at zero (an even mix).
+The target task's gate then mixes copies of one layer at level 0, exactly the target tower's
+layer; above it the shared input already carries a quarter of the source's expert, so the
+target task starts near the target model, not on it (the bound is tested)."""
 
 from __future__ import annotations
 
@@ -37,12 +45,21 @@ class ExtractionLayer(nn.Module):
     def __init__(self, in_dim: int, width: int, shared: int, per_task: int, top: bool,
                  slope: float) -> None:
         super().__init__()
+        self.per_task = per_task
         self.task_experts = nn.ModuleList(
             nn.ModuleList(_expert(in_dim, width, slope) for _ in range(per_task))
             for _ in SUFFIXES)
         self.shared_experts = nn.ModuleList(_expert(in_dim, width, slope) for _ in range(shared))
         self.task_gates = nn.ModuleList(nn.Linear(in_dim, per_task + shared) for _ in SUFFIXES)
         self.shared_gate = None if top else nn.Linear(in_dim, len(SUFFIXES) * per_task + shared)
+        self.reset_gates()
+
+    def reset_gates(self) -> None:
+        """Gates start at zero: an even mix of their experts."""
+        gates = [*self.task_gates, *([self.shared_gate] if self.shared_gate else [])]
+        for gate in gates:
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
 
     def forward(self, xs: list[torch.Tensor | None], task: int) -> list[torch.Tensor | None]:
         shared = [e(xs[SHARED]) for e in self.shared_experts]
@@ -64,15 +81,18 @@ class PLE(JointModel):
                  device: torch.device | None = None, levels: int = 2, shared_experts: int = 2,
                  task_experts: int = 1) -> None:
         super().__init__()
+        if levels > len(model.mlp_hidden):
+            raise ValueError(f"PLE's {levels} levels replace as many of the towers' "
+                             f"{len(model.mlp_hidden)} MLP layers")
         self.embeddings = JointEmbeddings(features, {t.name for t in features.tables}, device)
         self.bottom = Tower(features, model, device, lookups=False)
-        in_dim = self.bottom.mlp.linears[0].in_features
+        dims = [self.bottom.mlp.linears[0].in_features, *model.mlp_hidden]
         self.bottom.mlp = None  # the experts and the task towers take its place
-        width, slope = model.mlp_hidden[0], model.leaky_relu_slope
+        slope = model.leaky_relu_slope
         self.levels = nn.ModuleList(
-            ExtractionLayer(in_dim if k == 0 else width, width, shared_experts, task_experts,
+            ExtractionLayer(dims[k], dims[k + 1], shared_experts, task_experts,
                             k == levels - 1, slope) for k in range(levels))
-        self.towers = nn.ModuleList(TowerMLP(width, model.mlp_hidden[1:], slope)
+        self.towers = nn.ModuleList(TowerMLP(dims[levels], model.mlp_hidden[levels:], slope)
                                     for _ in SUFFIXES)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
@@ -86,3 +106,21 @@ class PLE(JointModel):
         assert x is not None
         logits, hidden = self.towers[task](x)
         return TowerOutput(logits, e, hidden, interest)
+
+    def warm_start_key(self, key: str, shared_from: int = TARGET) -> tuple[int, str] | None:
+        """Level k's experts from the towers' MLP layer k (Linear `.0`, BatchNorm `.1`), the
+        task towers' layer i from layer i + levels, the bottom from the target's tower."""
+        parts = key.split(".")
+        if parts[0] == "levels" and parts[2] in ("task_experts", "shared_experts"):
+            task = int(parts[3]) if parts[2] == "task_experts" else TARGET
+            kind, rest = parts[-2], parts[-1]
+            layer = "linears" if kind == "0" else "norms"
+            return task, f"mlp.{layer}.{parts[1]}.{rest}"
+        if parts[0] == "towers" and parts[2] in ("linears", "norms"):
+            return int(parts[1]), \
+                f"mlp.{parts[2]}.{int(parts[3]) + len(self.levels)}.{'.'.join(parts[4:])}"
+        if parts[0] == "towers":
+            return int(parts[1]), "mlp." + ".".join(parts[2:])
+        if parts[0] == "bottom":
+            return TARGET, ".".join(parts[1:])
+        return super().warm_start_key(key, shared_from)
