@@ -14,7 +14,12 @@ import torch
 
 from ctnet_rec.cli import main
 from ctnet_rec.modules.adapters import LinearAdapter
-from ctnet_rec.training.checkpoint import CheckpointError, Manifest, complete_checkpoints
+from ctnet_rec.training.checkpoint import (
+    CheckpointError,
+    Manifest,
+    complete_checkpoints,
+    lineage_path,
+)
 from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
@@ -74,7 +79,8 @@ def test_deployed_ctnet_predicts_as_the_target(towers, deployed, tiny_world):
     assert not np.array_equal(got["p"], want["p"])  # the adapters are there, just small
     assert manifest.kind == "ctnet" and manifest.period == 1
     assert manifest.lineage["source_period"] == 1
-    assert manifest.lineage["target_checkpoint"] == str(towers.target(1).resolve())
+    assert lineage_path(deployed / INIT, manifest.lineage["target_checkpoint"]) == \
+        towers.target(1).resolve()
     # all target parameters and optimiser state reused: only the adapters are new
     want_model = _tensors(base.dmp.state_dict())
     assert _equal(_tensors(ctnet.dmp.state_dict(), "target."), want_model)
@@ -115,7 +121,8 @@ def test_transfer_run_refreshes_the_source_and_trains_target_and_adapters(
         m = Manifest.read(done[t])
         # Algorithm 1: training on t uses the source in service then, trained through t - 1
         assert m.kind == "ctnet" and m.lineage["source_period"] == t - 1
-        assert m.lineage["source_checkpoint"] == str(towers.source(t - 1).resolve())
+        assert lineage_path(done[t], m.lineage["source_checkpoint"]) == \
+            towers.source(t - 1).resolve()
         assert "source." not in json.dumps(sorted(m.schema))  # the schema, not weights
     metrics = [json.loads(line) for line in (transferred / "metrics.jsonl").read_text()
                .splitlines()]
@@ -292,3 +299,19 @@ def test_eval_with_zero_adapters_scores_the_target_tower_alone(towers, transferr
     assert main(["eval", "--ckpt", str(towers.target(1)), "--data", str(tiny_world),
                  "--domain", "B", "--period", "2", "--zero-adapters",
                  "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_a_moved_runs_folder_still_loads_its_source(towers, tiny_world, tmp_path):
+    """A CTNet checkpoint names its source relative to itself: move the folder holding both
+    runs and the CTNet still opens and scores as before (the old place is gone)."""
+    old = tmp_path / "runs"
+    shutil.copytree(towers.source(1), old / "A" / "checkpoints" / "period=1")
+    transfer_init(towers.cfg, old / "A" / "checkpoints" / "period=1", towers.target(1),
+                  old / "B-ctnet")
+    trainer, _ = open_checkpoint(old / "B-ctnet" / INIT)
+    want = trainer.predict(tiny_world, "B", 2)["p"]
+    new = tmp_path / "elsewhere" / "runs"
+    shutil.move(old, new)
+    moved, _ = open_checkpoint(new / "B-ctnet" / INIT)
+    assert moved.source_ckpt == (new / "A" / "checkpoints" / "period=1").resolve()
+    np.testing.assert_array_equal(moved.predict(tiny_world, "B", 2)["p"], want)

@@ -13,6 +13,7 @@ billion-row source is never copied into every period's checkpoint)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -116,6 +117,19 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
     dcp.load(state, checkpoint_id=str(folder),
              planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
     return read_seen_ids(folder)
+
+
+def lineage_entry(folder: Path, path: Path) -> str:
+    """How checkpoint `folder`'s lineage records another checkpoint: relative to `folder`, so
+    that moving or copying the whole runs folder keeps the two together."""
+    return os.path.relpath(path.resolve(), folder.resolve())
+
+
+def lineage_path(folder: Path, recorded: str) -> Path:
+    """The checkpoint a lineage entry of `folder` names (relative to it, or absolute as
+    earlier versions recorded it)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else (folder / path).resolve()
 
 
 def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:

@@ -35,6 +35,8 @@ from ctnet_rec.training.checkpoint import (
     Manifest,
     complete_checkpoints,
     latest_checkpoint,
+    lineage_entry,
+    lineage_path,
     load_into_submodule,
     read_seen_ids,
 )
@@ -108,14 +110,21 @@ class CTNetTrainer(PeriodTrainer):
                  lineage: dict[str, Any]) -> Manifest:
         m = super().manifest(period, metrics, lineage)
         m.source_config = dataclasses.asdict(self.source_cfg)
-        m.lineage = {"source_checkpoint": str(self.source_ckpt),
-                     "source_period": self.source_period, **lineage}
+        m.lineage = {"source_period": self.source_period, **lineage}
         return m
 
     def state(self) -> dict[str, Any]:
         state = super().state()
         state["model"] = {k: v for k, v in state["model"].items() if not k.startswith(SOURCE)}
         return state
+
+    def save(self, folder: Path, period: int, metrics: dict[str, Any],
+             lineage: dict[str, Any] | None = None) -> None:
+        """As any checkpoint, with the source checkpoint named relative to `folder`."""
+        assert self.source_ckpt is not None, "a CTNet is saved with its source loaded"
+        super().save(folder, period, metrics,
+                     {**(lineage or {}),
+                      "source_checkpoint": lineage_entry(folder, self.source_ckpt)})
 
     def load_source(self, folder: Path) -> None:
         """Source tower transfer: the source tower's weights become the checkpoint's; nothing
@@ -148,7 +157,7 @@ class CTNetTrainer(PeriodTrainer):
 
     def restore(self, folder: Path) -> Manifest:
         manifest = super().restore(folder)
-        self.load_source(Path(manifest.lineage["source_checkpoint"]))
+        self.load_source(lineage_path(folder, manifest.lineage["source_checkpoint"]))
         return manifest
 
 
@@ -168,8 +177,8 @@ def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt:
     target's period, with both checkpoints in its lineage."""
     folder = run / INIT
     trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
-        "target_checkpoint": str(target_ckpt.resolve()),
-        "source_checkpoint": str(source_ckpt.resolve()), **lineage})
+        "target_checkpoint": lineage_entry(folder, target_ckpt),
+        "source_checkpoint": lineage_entry(folder, source_ckpt), **lineage})
     return folder
 
 
@@ -186,7 +195,8 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)
     folder = run / INIT
-    trainer.save(folder, target.period, {}, {"target_checkpoint": str(target_ckpt.resolve())})
+    trainer.save(folder, target.period, {}, {"target_checkpoint": lineage_entry(folder,
+                                                                                  target_ckpt)})
     log.info("CTNet deployed in %s: target %s (period %d) + source %s", folder, target_ckpt,
              target.period, source_ckpt)
     return folder
