@@ -396,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 
+    from ctnet_rec.training.trainer import DivergenceError
+
     gc.freeze()  # torch's many import-time objects need no rescans by the collector
     try:
         func(args)
-    except (ConfigError, DataError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, DataError, CheckpointError, DivergenceError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     return 0

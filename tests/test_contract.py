@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from ctnet_rec.data.contract import DataError, list_periods, parse_periods, validate_periods
@@ -138,7 +139,26 @@ def test_periods_sorted_numerically(tmp_path):
     for t in (10, 2, 1):
         write_period(tmp_path, "A", t, [valid_table(5)])
     assert list(list_periods(tmp_path, "A")) == [1, 2, 10]
-    assert parse_periods("0:3") == [0, 1, 2] and parse_periods("4,1") == [4, 1]
+    assert parse_periods("0:3") == [0, 1, 2] and parse_periods("1,4") == [1, 4]
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ("2,0", "strictly increasing"), ("1,1", "strictly increasing"), ("3:1", "no periods"),
+    ("a", "use N, A:B"), ("1:2:3", "use N, A:B")])
+def test_period_lists_out_of_time_order_are_refused(spec, why):
+    with pytest.raises(DataError, match=why):
+        parse_periods(spec)
+
+
+def test_a_period_in_two_folders_is_refused_and_hidden_files_are_skipped(tmp_path):
+    write_period(tmp_path, "A", 1, [valid_table(5)])
+    (tmp_path / "A" / "period=1" / ".partial-upload.parquet").write_bytes(b"not parquet")
+    assert [f.name for f in list_periods(tmp_path, "A")[1]] == ["part-0.parquet"]
+    other = tmp_path / "A" / "period=01"
+    other.mkdir()
+    pq.write_table(valid_table(5), other / "part-0.parquet")
+    with pytest.raises(DataError, match=r"period=1.*period 1 again|period=01.*period 1 again"):
+        list_periods(tmp_path, "A")
 
 
 def test_reader_refuses_bad_schema_before_any_batch(tmp_path, demo_config):

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 from ctnet_rec.config import load_config
+from ctnet_rec.data.contract import DataError
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
 )
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+from ctnet_rec.training.trainer import DivergenceError, PeriodTrainer, train_continual
 
 from .conftest import DEMO_CONFIG, two_rank_cli
 
@@ -155,7 +156,8 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
     tolerance.
 
     The 2-rank checkpoint then loads at 1 rank and scores the next period exactly as the
-    2-rank job did (same weights, eval mode: to 1e-9)."""
+    2-rank job did (same weights, eval mode: to float32's precision, as the halves' batches
+    round their last bits differently)."""
     run = tmp_path / "two"
     cfg = tomllib.loads(small_config_path.read_text())
     cfg_path = tmp_path / "two.toml"
@@ -174,8 +176,8 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
     trainer = PeriodTrainer(load_config(cfg_path), init_distributed("cpu"))
     trainer.restore(run / "checkpoints" / "period=2")
     again = trainer.evaluate(tiny_world, "A", 3)
-    assert again["auc"] == pytest.approx(got[-1]["eval"]["auc"], abs=1e-9)
-    assert again["gauc"] == pytest.approx(got[-1]["eval"]["gauc"], abs=1e-9)
+    assert again["auc"] == pytest.approx(got[-1]["eval"]["auc"], abs=1e-6)
+    assert again["gauc"] == pytest.approx(got[-1]["eval"]["gauc"], abs=1e-6)
     assert got[-1]["eval"]["oracle"]["auc"] == pytest.approx(want[-1]["eval"]["oracle"]["auc"],
                                                              abs=1e-12)
 
@@ -196,3 +198,31 @@ def test_eval_command_reproduces_training_metrics(trained_run, tiny_world, small
     assert got["oracle"]["auc"] > got["auc"]
     printed = capsys.readouterr().out
     assert "oracle (true p)" in printed and "old_users" in printed
+
+
+def test_a_diverged_period_stops_training_and_is_not_saved(tiny_world, small_config, tmp_path):
+    cfg = copy.deepcopy(small_config)
+    cfg.train.dense.lr = 1e30  # finite, accepted by the config, and far too large
+    with pytest.raises(DivergenceError, match=r"A period 0: the training loss became"):
+        train_continual(cfg, tiny_world, "A", [0, 1], tmp_path / "run")
+    assert complete_checkpoints(tmp_path / "run") == {}
+
+
+def test_a_bad_evaluation_period_is_refused_before_training(tiny_world, small_config,
+                                                            tmp_path):
+    """Period 1 is scored after period 0 trains: its bad label is found before any step."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    for t in (0, 1):
+        shutil.copytree(tiny_world / "A" / f"period={t}", data / "A" / f"period={t}")
+    path = data / "A" / "period=1" / "part-0.parquet"
+    table = pq.read_table(path)
+    bad = pc.if_else(pc.equal(pc.cast(table["ts"], "int64"), table["ts"][0]), 7, table["label"])
+    pq.write_table(table.set_column(1, "label", pc.cast(bad, "int8")), path)
+    with pytest.raises(DataError, match=r"period=1.*label"):
+        train_continual(small_config, data, "A", [0], tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -49,7 +49,9 @@ def list_domains(root: str | Path) -> list[str]:
 
 
 def list_periods(root: str | Path, domain: str) -> dict[int, list[Path]]:
-    """Period -> its Parquet files (sorted), for one domain; an empty period is an error."""
+    """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
+    of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
+    partial upload) and `_`-folders are skipped."""
     ddir = Path(root) / domain
     if not ddir.is_dir():
         raise DataError(f"{ddir}: domain folder not found (domains: {list_domains(root)})")
@@ -60,10 +62,15 @@ def list_periods(root: str | Path, domain: str) -> dict[int, list[Path]]:
         m = _PERIOD_RE.match(p.name)
         if not p.is_dir() or not m:
             raise DataError(f"{p}: expected a folder named period=<int>")
-        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        files = sorted(f for f in p.glob("*.parquet")
+                       if f.is_file() and not f.name.startswith("."))
         if not files:
             raise DataError(f"{p}: empty period (no .parquet files)")
-        periods[int(m.group(1))] = files
+        t = int(m.group(1))
+        if t in periods:
+            other = periods[t][0].parent.name
+            raise DataError(f"{p}: period {t} again (also {ddir / other}); keep one folder")
+        periods[t] = files
     return dict(sorted(periods.items()))
 
 
@@ -81,14 +88,22 @@ def select_periods(root: str | Path, domain: str, periods: Iterable[int]) -> dic
 
 
 def parse_periods(spec: str) -> list[int]:
-    """'3' -> [3]; '0:8' -> [0..7] (Python slice, end exclusive); '1,4,6' -> [1, 4, 6]."""
+    """'3' -> [3]; '0:8' -> [0..7] (Python slice, end exclusive); '1,4,6' -> [1, 4, 6].
+    Periods train in time order, so the list must be non-empty and strictly increasing (a
+    checkpoint of period 0 trained after period 2 would have seen the future)."""
     try:
         if ":" in spec:
             a, b = spec.split(":")
-            return list(range(int(a), int(b)))
-        return [int(x) for x in spec.split(",")]
+            periods = list(range(int(a), int(b)))
+        else:
+            periods = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise ValueError(f"bad period spec {spec!r}: use N, A:B or N,M,...") from None
+        raise DataError(f"--periods {spec!r}: use N, A:B (B exclusive) or N,M,...") from None
+    if not periods:
+        raise DataError(f"--periods {spec!r}: no periods (A:B needs A < B)")
+    if any(a >= b for a, b in zip(periods, periods[1:], strict=False)):
+        raise DataError(f"--periods {spec!r}: periods must be strictly increasing (time order)")
+    return periods
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +63,10 @@ def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, arrays)
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+class DivergenceError(ValueError):
+    """Training diverged (a non-finite loss); nothing of the period was saved."""
 
 
 class PeriodTrainer:
@@ -197,6 +202,12 @@ class PeriodTrainer:
         dist.all_reduce(stats)
         by_domain = {d: (float(loss / n), int(n))
                      for d, (loss, n) in zip(domains, stats, strict=True)}
+        diverged = {d: x for d, (x, _) in by_domain.items() if not math.isfinite(x)}
+        if diverged:  # the same on every rank (reduced above): all stop, none saves
+            raise DivergenceError(
+                f"{domain} period {period}: the training loss became {diverged} (domain: mean "
+                "loss); this period is not saved. Lower the learning rates ([train.tables] lr, "
+                "[train.dense] lr) or check the data.")
         metrics: dict[str, Any] = {"train_loss": by_domain[domain][0],
                                    "train_rows": by_domain[domain][1],
                                    "train_seconds": round(elapsed, 3)}
@@ -291,6 +302,8 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
     trainer = trainer_cls(cfg, env)
     for read in trainer.domains_read(domain):  # refuse bad data before training
         validate_periods(data, read, periods, cfg.features)
+    if evaluate:  # and the periods scored after them
+        validate_periods(data, domain, evaluation_periods(data, domain, periods), cfg.features)
     start = None
     if resume and (latest := latest_checkpoint(run)) is not None:
         start = trainer.restore(latest).period
@@ -305,6 +318,12 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
     return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
 
 
+def evaluation_periods(data: Path, domain: str, periods: list[int]) -> list[int]:
+    """The periods `run_periods` will score: each trained period's next, where it exists."""
+    available = list_periods(data, domain)
+    return sorted({t + 1 for t in periods if t + 1 in available} - set(periods))
+
+
 def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int], run: Path,
                 before_period: Callable[[int], dict[str, Any]],
                 evaluate: bool = True) -> list[dict[str, Any]]:
@@ -316,8 +335,7 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
     for t in periods:
         lineage = before_period(t)
         metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
-        if evaluate and t + 1 in available:
-            validate_periods(data, domain, [t + 1], trainer.cfg.features)
+        if evaluate and t + 1 in available:  # validated before training
             metrics["eval_period"] = t + 1
             metrics["eval"] = trainer.evaluate(data, domain, t + 1)
         trainer.save(period_dir(run, t), t, metrics, lineage)

@@ -42,7 +42,13 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.optim import NamedParams
-from ctnet_rec.training.trainer import TOWER, PeriodTrainer, feature_schema, run_periods
+from ctnet_rec.training.trainer import (
+    TOWER,
+    PeriodTrainer,
+    evaluation_periods,
+    feature_schema,
+    run_periods,
+)
 from sharding.tower import shard_model
 
 log = logging.getLogger(__name__)
@@ -240,7 +246,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     if len(periods) == 0:
         log.info("%s: already trained through period %d", run, manifest.period)
         return []
-    validate_periods(data, domain, periods, cfg.features)
+    validate_periods(data, domain, periods + evaluation_periods(data, domain, periods),
+                     cfg.features)
     refresh = cfg.ctnet.source_refresh == "every_period"
     if refresh and source_ckpts is None:
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
