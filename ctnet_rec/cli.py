@@ -75,7 +75,8 @@ def _train(args: argparse.Namespace) -> None:
                 joint_init(cfg, args.joint, args.source_domain, Path(args.init_from[0]),
                            Path(args.init_from[1]), Path(args.run))
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
-                    Path(args.run), init=init, resume=args.resume, trainer_cls=trainer_cls)
+                    Path(args.run), init=init, resume=args.resume, trainer_cls=trainer_cls,
+                    overwrite=args.overwrite)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace RUN's checkpoints (without it, or --resume, a run that holds "
+                   "checkpoints is refused)")
     t.add_argument("--joint", choices=typing.get_args(JointBaseline),
                    help="train this joint-learning baseline instead of a tower: each period "
                    "on the --domain's and the --source-domain's data")

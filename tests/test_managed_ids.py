@@ -193,8 +193,9 @@ def test_two_process_row_wise_run_keeps_one_row_per_id_when_reloaded_at_one(
     """Two gloo ranks, the managed tables row-wise (each rank maps the ids of its half of the
     id range to its rows), the rest table-wise. The checkpoint reloads at one rank with every
     trained id still on a row of its own. Its AUC matches the 2-rank job's to 0.01 (measured
-    0.003 and 0.005 on two test worlds), not exactly: an id with no row takes its shard's last row, one per rank at 2
-    ranks, one in all at 1 rank, so scores of rows with unseen ids move a little."""
+    0.003 and 0.005 on two test worlds), not exactly: an id with no row takes its shard's last
+    row, one per rank at 2 ranks, one in all at 1 rank, so scores of rows with unseen ids move
+    a little."""
     run = tmp_path / "two"
     two_rank_cli("train", "--config", str(managed_path), "--data", str(tiny_world), "--domain",
                  "B", "--periods", "0:3", "--run-dir", str(run))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,4 +226,23 @@ def test_a_bad_evaluation_period_is_refused_before_training(tiny_world, small_co
     pq.write_table(table.set_column(1, "label", pc.cast(bad, "int8")), path)
     with pytest.raises(DataError, match=r"period=1.*label"):
         train_continual(small_config, data, "A", [0], tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert complete_checkpoints(tmp_path / "run") == {}
+
+
+def test_one_writer_per_run_and_no_mixing_into_a_trained_run(tiny_world, small_config,
+                                                             trained_run, tmp_path):
+    """A second job on a run being written is refused naming the holder; a run that holds
+    checkpoints is continued (--resume) or replaced (--overwrite), never trained into anew."""
+    from ctnet_rec.training.run_lock import run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run), pytest.raises(CheckpointError, match=rf"another job .*pid {os.getpid()}"):
+        train_continual(small_config, tiny_world, "A", [0], run)
+    assert complete_checkpoints(run) == {}
+    copy_of = tmp_path / "copy"
+    shutil.copytree(trained_run, copy_of)
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of periods \[0, 1, 2\]"):
+        train_continual(small_config, tiny_world, "A", [0], copy_of)
+    train_continual(small_config, tiny_world, "A", [0], copy_of, overwrite=True, evaluate=False)
+    assert sorted(complete_checkpoints(copy_of)) == [0]
+    assert [m["period"] for m in _metrics(copy_of)] == [0]

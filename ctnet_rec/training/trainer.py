@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,9 @@ from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
+    CheckpointError,
     Manifest,
+    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     period_dir,
@@ -38,6 +41,7 @@ from ctnet_rec.training.checkpoint import (
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
+from ctnet_rec.training.run_lock import run_lock
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
 log = logging.getLogger(__name__)
@@ -294,11 +298,30 @@ def _write_metrics(run: Path) -> None:
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
-                    ) -> list[dict[str, Any]]:
+                    overwrite: bool = False) -> list[dict[str, Any]]:
     """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
-    metrics of the periods trained by this call."""
+    metrics of the periods trained by this call. A run that holds checkpoints is continued
+    (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time."""
     env = init_distributed(cfg.train.device)
-    periods = list(periods)
+    with run_lock(run, held=env.is_main):
+        return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
+                                evaluate, trainer_cls, overwrite)
+
+
+def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], run: Path,
+                     env: DistEnv, init: Path | None, resume: bool, evaluate: bool,
+                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
+                     overwrite: bool) -> list[dict[str, Any]]:
+    existing = sorted(complete_checkpoints(run))
+    if existing and not resume:
+        if not overwrite:
+            raise CheckpointError(
+                f"{run}: holds checkpoints of periods {existing}; --resume continues after "
+                "them, --overwrite replaces them")
+        if env.is_main:
+            shutil.rmtree(run / "checkpoints")
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+        dist.barrier()
     trainer = trainer_cls(cfg, env)
     for read in trainer.domains_read(domain):  # refuse bad data before training
         validate_periods(data, read, periods, cfg.features)

@@ -42,6 +42,7 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.optim import NamedParams
+from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
     TOWER,
     PeriodTrainer,
@@ -262,4 +263,5 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
             trainer.load_source(schedule[t])
         return {"resumed_from": str(start)}
 
-    return run_periods(trainer, data, domain, periods, run, before_period)
+    with run_lock(run, held=env.is_main):
+        return run_periods(trainer, data, domain, periods, run, before_period)
