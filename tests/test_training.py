@@ -246,3 +246,22 @@ def test_one_writer_per_run_and_no_mixing_into_a_trained_run(tiny_world, small_c
     train_continual(small_config, tiny_world, "A", [0], copy_of, overwrite=True, evaluate=False)
     assert sorted(complete_checkpoints(copy_of)) == [0]
     assert [m["period"] for m in _metrics(copy_of)] == [0]
+
+
+def test_tensorboard_holds_the_training_and_evaluation_scalars(trained_run):
+    """Read back with TensorBoard's own event reader: training scalars every few steps on
+    the rows-trained axis, evaluation scalars (overall, per slice, the oracle's) per period."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/samples_per_s", "train/lr/tables", "train/lr/dense",
+            "period/train_loss", "eval/auc", "eval/gauc", "eval/ne", "eval/logloss",
+            "eval/calibration", "eval/old_users/auc", "eval/oracle/auc"} <= tags
+    metrics = _metrics(trained_run)
+    auc = {e.step: e.value for e in events.Scalars("eval/auc")}
+    assert auc == pytest.approx({m["period"]: m["eval"]["auc"] for m in metrics if "eval" in m})
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(steps) and steps[-1] <= sum(m["train_rows"] for m in metrics)
+    assert steps[-1] > metrics[0]["train_rows"]  # the axis runs on over the periods

@@ -40,6 +40,7 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
+from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
 from ctnet_rec.training.run_lock import run_lock
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
@@ -47,7 +48,7 @@ from sharding.tower import average_dense_gradients, dense_parameters, shard_mode
 log = logging.getLogger(__name__)
 
 TOWER = "tower"
-LOG_EVERY_STEPS = 50  # the progress bar's loss and speed (a terminal only): the one host sync
+LOG_EVERY_STEPS = 50  # the bar's and TensorBoard's loss and speed: the one host sync
 DUAL_EMBEDDING = "dual_embedding"
 
 
@@ -89,6 +90,8 @@ class PeriodTrainer:
                                             "items": np.zeros(0, np.int64)}
         self.config_hash = cfg.section_hash("features", "model")
         self.schema = feature_schema(cfg)
+        self.sink: TensorBoardSink | None = None  # set by run_periods on rank 0
+        self.rows_trained = 0  # in the run so far: TensorBoard's training axis
 
     def build_model(self) -> DistributedModelParallel:
         model = Tower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
@@ -191,10 +194,8 @@ class PeriodTrainer:
             if step_domain == domain:  # raw ids from the host copy of the batch
                 users.append(host_batch.user_ids.numpy())
                 items.append(host_batch.item_ids.numpy())
-            if step % LOG_EVERY_STEPS == 0 and not bar.disable:
-                rows = sum(n for _, n in sums.values())
-                bar.set_postfix(loss=f"{float(acc[0]) / acc[1]:.4f}",
-                                samples_s=f"{rows / (time.perf_counter() - start):.0f}")
+            if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
+                self._log_progress(bar, sums.get(domain, acc), sums, start)
         self._average_batchnorm_statistics()
         seen = _gather({"users": np.unique(np.concatenate(users)),
                         "items": np.unique(np.concatenate(items))})
@@ -206,6 +207,7 @@ class PeriodTrainer:
         dist.all_reduce(stats)
         by_domain = {d: (float(loss / n), int(n))
                      for d, (loss, n) in zip(domains, stats, strict=True)}
+        self.rows_trained += sum(n for _, n in by_domain.values())
         diverged = {d: x for d, (x, _) in by_domain.items() if not math.isfinite(x)}
         if diverged:  # the same on every rank (reduced above): all stop, none saves
             raise DivergenceError(
@@ -219,6 +221,21 @@ class PeriodTrainer:
             metrics["train_rows_by_domain"] = {d: n for d, (_, n) in by_domain.items()}
             metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
         return metrics
+
+    def _log_progress(self, bar: tqdm, acc: list[Any], sums: dict[str, list[Any]],
+                      start: float) -> None:
+        """The period's running loss (of the trained domain) and speed, to the bar and to
+        TensorBoard."""
+        rows = sum(n for _, n in sums.values())
+        loss, speed = float(acc[0]) / acc[1], rows / (time.perf_counter() - start)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{speed:.0f}")
+        if self.sink is not None:
+            lrs = {"tables": self.cfg.train.tables.lr,
+                   **{g: self.dense_opt.lr(g) for g in self.dense_opt.groups}}
+            # every rank reads as many rows: the run's rows so far, all ranks together
+            self.sink.training(self.rows_trained + rows * self.env.world_size, loss,
+                               speed * self.env.world_size, lrs)
 
     @torch.no_grad()
     def _average_batchnorm_statistics(self) -> None:
@@ -354,6 +371,25 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
     record), train one pass, evaluate on t + 1 when it exists (and `evaluate`), checkpoint,
     rewrite metrics.jsonl. Returns the periods' metrics."""
     available = list_periods(data, domain)
+    if trainer.env.is_main and periods:
+        trainer.sink = TensorBoardSink(run)
+        done = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "metrics.jsonl").exists() else []
+        trainer.rows_trained = sum(  # every domain's rows (joint learning reads two)
+            sum(m.get("train_rows_by_domain", {domain: m["train_rows"]}).values())
+            for m in done if m["period"] < periods[0])
+    try:
+        return _run_periods(trainer, data, domain, periods, run, before_period, evaluate,
+                            available)
+    finally:
+        if trainer.sink is not None:
+            trainer.sink.close()
+            trainer.sink = None
+
+
+def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int],
+                 run: Path, before_period: Callable[[int], dict[str, Any]], evaluate: bool,
+                 available: dict[int, list[Path]]) -> list[dict[str, Any]]:
     results = []
     for t in periods:
         lineage = before_period(t)
@@ -362,6 +398,8 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
             metrics["eval_period"] = t + 1
             metrics["eval"] = trainer.evaluate(data, domain, t + 1)
         trainer.save(period_dir(run, t), t, metrics, lineage)
+        if trainer.sink is not None:
+            trainer.sink.period(t, metrics)
         if trainer.env.is_main:
             _write_metrics(run)
             ev = metrics.get("eval", {})
