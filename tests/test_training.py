@@ -265,3 +265,25 @@ def test_tensorboard_holds_the_training_and_evaluation_scalars(trained_run):
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(steps) and steps[-1] <= sum(m["train_rows"] for m in metrics)
     assert steps[-1] > metrics[0]["train_rows"]  # the axis runs on over the periods
+
+
+def test_a_crafted_checkpoint_runs_nothing_and_is_refused(trained_run, tmp_path):
+    """torch.distributed.checkpoint pickles its metadata: a folder whose `.metadata` asks to
+    run a command is refused by name, and the command never runs (eval, resume, predict all
+    read checkpoints this way)."""
+    import pickle
+
+    from ctnet_rec.training.inference import open_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    bad = tmp_path / "period=2"
+    shutil.copytree(latest_checkpoint(trained_run), bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refers to posix\.system"):
+        open_checkpoint(bad)
+    assert not marker.exists()

@@ -24,13 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
-
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
 from ctnet_rec.modules.tower import FIRST_LAYER
-from ctnet_rec.training.checkpoint import load_into_submodule, load_widened, read_seen_ids
+from ctnet_rec.training.checkpoint import (
+    dcp_load,
+    load_into_submodule,
+    load_widened,
+    read_seen_ids,
+)
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
@@ -110,8 +112,7 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     model = state["model"]
     request = {_table_key(cfg, table): model[f"dual.embedding_bags.{DUAL_PREFIX}{table}.weight"]
                for _, table in dual_features(cfg.features, trainer.dual_tables())}
-    dcp.load({"model": request}, checkpoint_id=str(source_ckpt),
-             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    dcp_load({"model": request}, source_ckpt)
     trainer.load_state(state)
     trainer.seen = read_seen_ids(target_ckpt)
     return save_init(trainer, run, source_ckpt, target_ckpt)

@@ -25,15 +25,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
+
+from ctnet_rec.training.errors import CheckpointError
+from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
+
+__all__ = ["CheckpointError"]  # raised here; defined with the other errors users act on
 
 MANIFEST = "manifest.json"
 SEEN_IDS = "seen_ids.npz"
 _DIR_RE = re.compile(r"^period=(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message names the difference."""
 
 
 @dataclass
@@ -114,9 +115,22 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
 def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
     """Load in place into `state` (built from the live, possibly resharded, model); returns
     the seen ids. Works at another world size or sharding plan."""
-    dcp.load(state, checkpoint_id=str(folder),
-             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    dcp_load(state, folder)
     return read_seen_ids(folder)
+
+
+def dcp_load(state: STATE_DICT_TYPE, folder: Path) -> None:
+    """torch.distributed.checkpoint.load of `folder` into `state` in place (resharding as
+    needed), reading nothing that could run code (`safe_load`)."""
+    reader = SafeReader(str(folder))
+    reader.read_metadata()  # refused here with its own message, not wrapped by DCP's
+    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+
+
+def saved_entries(folder: Path) -> dict[str, Any]:
+    """The checkpoint's entries (key -> its metadata: a tensor's size and dtype), read
+    safely."""
+    return SafeReader(str(folder)).read_metadata().state_dict_metadata
 
 
 def lineage_entry(folder: Path, path: Path) -> str:
@@ -173,8 +187,7 @@ def load_mapped(folder: Path, state: dict[str, Any], key_of: Callable[[str], str
                                       for k, v in mapped(state["optim"]["state"]).items()}}
     if "dense_optim" in state:
         request["dense_optim"] = mapped(state["dense_optim"])
-    dcp.load(request, checkpoint_id=str(folder),
-             planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
+    dcp_load(request, folder)
     return len(request["model"])
 
 
@@ -191,7 +204,7 @@ def load_widened(folder: Path, state: dict[str, Any], key: str, saved_key: str,
     saved_shape = (weight.shape[0], weight.shape[1] - (stop - start))
     request = {"model": {saved_key: torch.empty(saved_shape)},
                "dense_optim": {saved_key: {k: torch.empty(saved_shape) for k in optim}}}
-    dcp.load(request, checkpoint_id=str(folder))
+    dcp_load(request, folder)
     pairs = [(weight, request["model"][saved_key]),
              *((v, request["dense_optim"][saved_key][k]) for k, v in optim.items())]
     with torch.no_grad():

@@ -19,14 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import Config
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
 from ctnet_rec.modules.tower import FIRST_LAYER
-from ctnet_rec.training.checkpoint import Manifest, load_mapped, load_widened, read_seen_ids
+from ctnet_rec.training.checkpoint import (
+    Manifest,
+    load_mapped,
+    load_widened,
+    read_seen_ids,
+    saved_entries,
+)
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
@@ -92,7 +97,7 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
     shared_from = SOURCE if cfg.experiment.shared_table_rows == "source" else TARGET
     loaded = 0
     for task, ckpt in ((SOURCE, source_ckpt), (TARGET, target_ckpt)):
-        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        saved = saved_entries(ckpt)
         widened = net.widened_inputs(task)
 
         def key_of(key: str, task: int = task, saved: dict = saved) -> str | None:

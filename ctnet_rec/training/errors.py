@@ -1,0 +1,6 @@
+"""The errors a user acts on, raised before or instead of training; the command line shows
+their message and exits with status 2."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the difference."""

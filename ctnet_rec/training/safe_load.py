@@ -1,0 +1,84 @@
+"""Reading torch.distributed.checkpoint folders without running code from them.
+
+DCP pickles its `.metadata` and loads non-tensor entries with `torch.load(weights_only=
+False)`: a crafted checkpoint folder would run a command when opened. Here the metadata is
+unpickled with only the types DCP writes there (its metadata classes, torch sizes, dtypes and
+layouts, paths) and every entry is loaded with `weights_only=True`; anything else is refused,
+naming the file and the global it asked for."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+from ctnet_rec.training.errors import CheckpointError
+
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = None
+        if (module, name) in _ALLOWED or module == _METADATA_MODULE:
+            found = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            found = getattr(torch, name)
+        if found is None or (module == _METADATA_MODULE and not isinstance(found, type)
+                             and name != "_MEM_FORMAT_ENCODING"):
+            raise CheckpointError(f"{self.path}: refers to {module}.{name}, which a checkpoint's "
+                                  "metadata never holds; not loaded (it could run code)")
+        return found
+
+
+class SafeReader(FileSystemReader):
+    """A FileSystemReader whose metadata is unpickled with the types DCP writes only."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        if kwargs.get("rank") is not None:  # a per-rank metadata file: DCP names it
+            path = Path(self._get_metadata_path(kwargs["rank"]))
+        if not path.exists():
+            raise CheckpointError(f"{path.parent}: no checkpoint metadata ({path.name})")
+        with path.open("rb") as fh:
+            metadata = _MetadataUnpickler(fh, path).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a checkpoint's metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """The default planner (sharded tensors kept whole), with non-tensor entries loaded by
+    `torch.load(weights_only=True)`."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_sharded_tensors=False)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        entry = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], entry)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = entry
