@@ -22,6 +22,7 @@ from ctnet_rec.data.contract import DataError
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
+    file_digests,
     latest_checkpoint,
 )
 from ctnet_rec.training.distributed import init_distributed
@@ -284,6 +285,29 @@ def test_a_crafted_checkpoint_runs_nothing_and_is_refused(trained_run, tmp_path)
     bad = tmp_path / "period=2"
     shutil.copytree(latest_checkpoint(trained_run), bad)
     (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
+    manifest = json.loads((bad / "manifest.json").read_text())  # the attacker's digest too
+    manifest["files"] = file_digests(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"\.metadata: refers to posix\.system"):
         open_checkpoint(bad)
     assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_is_refused_and_resume_falls_back(trained_run, tiny_world,
+                                                              small_config, tmp_path, caplog):
+    """Flipped bytes in a shard: loading names the file; --resume skips that checkpoint with
+    a warning and trains its period again from the one before."""
+    from ctnet_rec.training.inference import open_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = run / "checkpoints" / "period=2"
+    shard = next(p for p in sorted(last.iterdir()) if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[100:2100] = bytes(b ^ 0xFF for b in data[100:2100])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: damaged"):
+        open_checkpoint(last)
+    metrics = train_continual(small_config, tiny_world, "A", [0, 1, 2], run, resume=True)
+    assert len(metrics) == 1 and "period 2 skipped" in caplog.text  # period 2 again
+    open_checkpoint(last)  # written again, intact

@@ -315,3 +315,16 @@ def test_a_moved_runs_folder_still_loads_its_source(towers, tiny_world, tmp_path
     moved, _ = open_checkpoint(new / "B-ctnet" / INIT)
     assert moved.source_ckpt == (new / "A" / "checkpoints" / "period=1").resolve()
     np.testing.assert_array_equal(moved.predict(tiny_world, "B", 2)["p"], want)
+
+
+def test_a_source_replaced_at_its_path_is_refused(towers, tmp_path):
+    """The lineage records the source's contents, not only its path: a source retrained at
+    the same place no longer opens the CTNet built on it."""
+    source = tmp_path / "A" / "checkpoints" / "period=1"
+    shutil.copytree(towers.source(1), source)
+    transfer_init(towers.cfg, source, towers.target(1), tmp_path / "run")
+    open_checkpoint(tmp_path / "run" / INIT)
+    shutil.rmtree(source)
+    shutil.copytree(towers.source(2), source)  # same path, other contents
+    with pytest.raises(CheckpointError, match="other contents than the one it was trained with"):
+        open_checkpoint(tmp_path / "run" / INIT)

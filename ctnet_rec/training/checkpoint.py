@@ -12,7 +12,10 @@ billion-row source is never copied into every period's checkpoint)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +35,8 @@ from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
 
 __all__ = ["CheckpointError"]  # raised here; defined with the other errors users act on
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 SEEN_IDS = "seen_ids.npz"
 _DIR_RE = re.compile(r"^period=(\d+)$")
@@ -48,13 +53,24 @@ class Manifest:
     lineage: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     source_config: dict[str, Any] | None = None
+    # sha256 of every other file of the checkpoint, verified before it is loaded (empty in
+    # checkpoints of earlier versions: those load unverified)
+    files: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def read(folder: Path) -> Manifest:
         path = folder / MANIFEST
         if not path.exists():
             raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})")
-        return Manifest(**json.loads(path.read_text()))
+        try:
+            return Manifest(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{path}: damaged ({e})") from None
+
+    def digest(self) -> str:
+        """One digest of the checkpoint's contents (of its files' digests), for a lineage
+        to say which contents it was built from."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
 
     def check_compatible(self, kind: str, config_hash: str, schema: dict[str, Any],
                          where: Path) -> None:
@@ -105,11 +121,57 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
     dist.barrier()
     if rank == 0:
         np.savez(tmp / SEEN_IDS, **seen)
+        manifest.files = file_digests(tmp)
         (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
     dist.barrier()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder but its manifest, by name."""
+    out = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        out[path.name] = h.hexdigest()
+    return out
+
+
+def verify_checkpoint(folder: Path) -> Manifest:
+    """The manifest, once every file it records is there with the contents it was written
+    with; a missing or damaged file is refused by name. Verified once per process."""
+    stamp = (folder / MANIFEST).stat().st_mtime_ns if (folder / MANIFEST).exists() else 0
+    return _verified(folder.resolve(), stamp)
+
+
+@functools.cache
+def _verified(folder: Path, stamp: int) -> Manifest:
+    manifest = Manifest.read(folder)
+    if manifest.files:
+        have = file_digests(folder)
+        for name, digest in manifest.files.items():
+            if name not in have:
+                raise CheckpointError(f"{folder / name}: missing from the checkpoint")
+            if have[name] != digest:
+                raise CheckpointError(f"{folder / name}: damaged (its contents differ from "
+                                      "those the checkpoint was written with)")
+    return manifest
+
+
+def latest_intact_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run whose files are intact; a damaged newer one
+    is skipped with a warning (resume then repeats its period)."""
+    for period, folder in sorted(complete_checkpoints(run).items(), reverse=True):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as e:
+            log.warning("period %d skipped: %s", period, e)
+    return None
 
 
 def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -122,6 +184,7 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
 def dcp_load(state: STATE_DICT_TYPE, folder: Path) -> None:
     """torch.distributed.checkpoint.load of `folder` into `state` in place (resharding as
     needed), reading nothing that could run code (`safe_load`)."""
+    verify_checkpoint(folder)
     reader = SafeReader(str(folder))
     reader.read_metadata()  # refused here with its own message, not wrapped by DCP's
     dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())

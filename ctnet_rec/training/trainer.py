@@ -33,7 +33,7 @@ from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
     complete_checkpoints,
-    latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     period_dir,
     save_checkpoint,
@@ -345,7 +345,7 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
     if evaluate:  # and the periods scored after them
         validate_periods(data, domain, evaluation_periods(data, domain, periods), cfg.features)
     start = None
-    if resume and (latest := latest_checkpoint(run)) is not None:
+    if resume and (latest := latest_intact_checkpoint(run)) is not None:
         start = trainer.restore(latest).period
         periods = [t for t in periods if t > start]
         log.info("resuming after period %d", start)

@@ -34,7 +34,7 @@ from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
     complete_checkpoints,
-    latest_checkpoint,
+    latest_intact_checkpoint,
     lineage_entry,
     lineage_path,
     load_into_submodule,
@@ -88,6 +88,7 @@ class CTNetTrainer(PeriodTrainer):
         self.source_cfg = source_cfg
         self.source_ckpt: Path | None = None
         self.source_period: int | None = None
+        self.source_digest: str | None = None  # of the source's contents, when recorded
         super().__init__(cfg, env)
         self.config_hash = cfg.section_hash("features", "model", "ctnet") + \
             source_cfg.section_hash("features", "model")
@@ -117,7 +118,8 @@ class CTNetTrainer(PeriodTrainer):
                  lineage: dict[str, Any]) -> Manifest:
         m = super().manifest(period, metrics, lineage)
         m.source_config = dataclasses.asdict(self.source_cfg)
-        m.lineage = {"source_period": self.source_period, **lineage}
+        m.lineage = {"source_period": self.source_period, "source_digest": self.source_digest,
+                     **lineage}
         return m
 
     def state(self) -> dict[str, Any]:
@@ -141,6 +143,7 @@ class CTNetTrainer(PeriodTrainer):
         load_into_submodule(folder, state, SOURCE)
         self.dmp.load_state_dict(state["model"])
         self.source_ckpt, self.source_period = folder.resolve(), manifest.period
+        self.source_digest = manifest.digest() if manifest.files else None
         log.info("source tower <- %s (source period %d)", folder, manifest.period)
 
     def load_target(self, folder: Path) -> Manifest:
@@ -164,7 +167,13 @@ class CTNetTrainer(PeriodTrainer):
 
     def restore(self, folder: Path) -> Manifest:
         manifest = super().restore(folder)
-        self.load_source(lineage_path(folder, manifest.lineage["source_checkpoint"]))
+        source = lineage_path(folder, manifest.lineage["source_checkpoint"])
+        self.load_source(source)
+        recorded = manifest.lineage.get("source_digest")
+        if recorded and self.source_digest and recorded != self.source_digest:
+            raise CheckpointError(
+                f"{folder}: its source checkpoint {source} holds other contents than the one "
+                "it was trained with (retrained or replaced at the same path)")
         return manifest
 
 
@@ -235,7 +244,7 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     tables are placed as RUN/init's config says, or by `sharding`."""
     from ctnet_rec.data.contract import validate_periods
 
-    start = latest_checkpoint(run) or run / INIT
+    start = latest_intact_checkpoint(run) or run / INIT
     if not (start / MANIFEST).exists():
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
     manifest = Manifest.read(start)
