@@ -305,3 +305,43 @@ def test_a_killed_rank_ends_the_job_and_resume_reaches_the_same_metrics(
         if g["period"] < 3:  # the tiny world's last period has no next one
             assert g["eval"]["auc"] == pytest.approx(w["eval"]["auc"], abs=1e-6)
             assert g["eval"]["gauc"] == pytest.approx(w["eval"]["gauc"], abs=1e-6)
+
+
+LISTENERS = """
+import os
+from ctnet_rec.training.distributed import init_distributed
+import torch.distributed as dist
+captured = {}
+real = dist.init_process_group
+def spy(*args, **kwargs):  # what gloo sees when it creates its device
+    captured["ifname"] = os.environ.get("GLOO_SOCKET_IFNAME")
+    captured["store"] = kwargs["init_method"][len("file://"):]
+    return real(*args, **kwargs)
+dist.init_process_group = spy
+init_distributed("cpu")
+links = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except FileNotFoundError:  # the listing's own descriptor
+        pass
+sockets = {link[8:-1] for link in links if link.startswith("socket:[")}
+listening = [line.split()[1] for name in ("tcp", "tcp6")
+             for line in open(f"/proc/net/{name}").read().splitlines()[1:]
+             if line.split()[3] == "0A" and line.split()[9] in sockets]
+print(captured["ifname"], os.environ.get("GLOO_SOCKET_IFNAME"), captured["store"], listening)
+"""
+
+
+def test_a_single_process_listens_on_loopback_only_and_leaves_no_store_file():
+    """gloo is bound to loopback whatever the host name resolves to (the environment of
+    child processes left as it was), every listening socket is on 127.0.0.1 / ::1, and the
+    file store is gone once the process ends."""
+    env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    out = subprocess.run([sys.executable, "-c", LISTENERS], env=env, capture_output=True,
+                         text=True, check=True).stdout.split(maxsplit=3)
+    ifname, after, store, listening = out
+    assert (ifname, after) == ("lo", "None")
+    assert all(a.split(":")[0] in ("0100007F", "00000000000000000000000001000000")
+               for a in eval(listening)), listening
+    assert not Path(store).exists()

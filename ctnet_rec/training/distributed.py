@@ -3,14 +3,18 @@ otherwise a single local process. Rendezvous defaults to loopback."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 LOOPBACK = "lo"
+GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
 
 
 @dataclass(frozen=True)
@@ -24,25 +28,44 @@ class DistEnv:
         return self.rank == 0
 
 
+@contextmanager
+def _loopback_gloo() -> Iterator[None]:
+    """GLOO_SOCKET_IFNAME=lo while gloo creates its device (it reads it then), unless set."""
+    before = os.environ.get(GLOO_IFNAME)
+    os.environ.setdefault(GLOO_IFNAME, LOOPBACK)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[GLOO_IFNAME]
+
+
+def _remove(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def init_distributed(device: str) -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
 
     Nothing listens on a network interface other than loopback unless configured: a single
-    process uses a file store (no port at all), and when every rank runs on this machine
-    gloo's sockets are bound to loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment
-    names an interface. torchrun's own rendezvous store listens on all interfaces (torch's
-    TCPStore has no bind address)."""
+    process uses a file store (removed at exit) and binds gloo to loopback whatever the host
+    name resolves to; when every rank runs on this machine gloo's sockets are bound to
+    loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment names an interface. torchrun's
+    own rendezvous store listens on all interfaces (torch's TCPStore has no bind address)."""
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:  # launched by torchrun / torchx
             if os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
+                os.environ.setdefault(GLOO_IFNAME, LOOPBACK)
             dist.init_process_group(backend=backend)
         else:  # one local process; the environment is left untouched for child processes
             fd, store = tempfile.mkstemp(prefix="ctnet-store-")
             os.close(fd)
-            dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                    init_method=f"file://{store}")
+            atexit.register(_remove, store)
+            with _loopback_gloo():
+                dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                        init_method=f"file://{store}")
     rank = dist.get_rank()
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
