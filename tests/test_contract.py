@@ -176,3 +176,21 @@ def test_reader_refuses_bad_values_naming_file(tmp_path, demo_config):
                                 batch_size=16)
     with pytest.raises(DataError, match=r"part-0.parquet \(row group 9\).*labels not in"):
         list(reader)
+
+
+def test_a_damaged_page_is_refused_and_nullability_alone_is_no_conflict(tmp_path,
+                                                                        demo_config):
+    """Our writer checksums every page and the reader verifies it: one flipped byte in a
+    data page is refused by file, not read as another price. A file written by plain pyarrow
+    (columns nullable) and one by ours (non-null) are one schema."""
+    from ctnet_rec.data.contract import write_parquet
+
+    path = tmp_path / "A" / "period=0" / "part-0.parquet"
+    write_parquet(valid_table(200), path)
+    pq.write_table(valid_table(50, seed=1), path.with_name("part-1.parquet"))
+    validate_periods(tmp_path, "A", [0], demo_config.features)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01  # inside the column chunks, before the footer
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"part-0\.parquet: unreadable"):
+        validate_periods(tmp_path, "A", [0], demo_config.features)
