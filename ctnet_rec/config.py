@@ -467,6 +467,7 @@ class TrainConfig:
         self.tables.validate(f"{key}.tables")
         self.dense.validate(f"{key}.dense")
         _check(self.eval_batch_size > 0, f"{key}.eval_batch_size", "must be > 0")
+        _check(0 <= self.seed < 2**32, f"{key}.seed", "must be in [0, 2^32) (numpy's seeds)")
 
 
 JointBaseline = Literal["MLP++", "Share Bottom", "PLE", "MiNet", "DDTCDR", "DASL"]

@@ -311,3 +311,30 @@ def test_a_damaged_checkpoint_is_refused_and_resume_falls_back(trained_run, tiny
     metrics = train_continual(small_config, tiny_world, "A", [0, 1, 2], run, resume=True)
     assert len(metrics) == 1 and "period 2 skipped" in caplog.text  # period 2 again
     open_checkpoint(last)  # written again, intact
+
+
+def test_settings_and_folders_that_cannot_work_are_refused_with_a_message(
+        tiny_world, small_config, trained_run, tmp_path, monkeypatch):
+    """A seed numpy cannot take, a GPU this torch does not see, a run folder that cannot be
+    written, a disk without room for the next checkpoint: each a message, not a traceback."""
+    from dataclasses import asdict
+
+    import ctnet_rec.training.run_lock as run_lock
+    from ctnet_rec.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"train\.seed: must be in \[0, 2\^32\)"):
+        config_from_dict({**asdict(small_config), "train": {"seed": -1}})
+    cuda = copy.deepcopy(small_config)
+    cuda.train.device = "cuda"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device = 'cuda', but this torch sees no GPU"):
+        train_continual(cuda, tiny_world, "A", [0], tmp_path / "gpu")
+    not_a_folder = tmp_path / "a-file"  # unwritable even for root, unlike a read-only mode
+    not_a_folder.write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot write the run here \(Not a directory"):
+        train_continual(small_config, tiny_world, "A", [0], not_a_folder / "run")
+    full = tmp_path / "full"
+    shutil.copytree(trained_run, full)
+    monkeypatch.setattr(run_lock.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(CheckpointError, match="no space left on the device"):
+        train_continual(small_config, tiny_world, "A", [0, 1, 2, 3], full, resume=True)

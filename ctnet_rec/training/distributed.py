@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ctnet_rec.config import ConfigError
+
 LOOPBACK = "lo"
 GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
 
@@ -53,6 +55,10 @@ def init_distributed(device: str) -> DistEnv:
     name resolves to; when every rank runs on this machine gloo's sockets are bound to
     loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment names an interface. torchrun's
     own rendezvous store listens on all interfaces (torch's TCPStore has no bind address)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("[train] device = 'cuda', but this torch sees no GPU (a CPU build, "
+                          "or no driver); on a GPU machine `make setup DEVICE=cuda`, else "
+                          "device = 'cpu'")
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:  # launched by torchrun / torchx

@@ -1,16 +1,18 @@
 """One writer per run folder: two jobs writing one run would interleave their periods (one
-seed's period 0, the other's periods 1-2) and both exit 0."""
+seed's period 0, the other's periods 1-2) and both exit 0. Taking the lock also checks that
+the folder can take the run's next checkpoint."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.checkpoint import CheckpointError, complete_checkpoints
 
 LOCK = ".lock"
 
@@ -23,8 +25,12 @@ def run_lock(run: Path, held: bool = True) -> Iterator[None]:
     if not held:
         yield
         return
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / LOCK, "a+") as fh:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fh = open(run / LOCK, "a+")  # noqa: SIM115 (held for the block, closed below)
+    except OSError as e:
+        raise CheckpointError(f"{run}: cannot write the run here ({e.strerror})") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -35,7 +41,22 @@ def run_lock(run: Path, held: bool = True) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
+        _check_room(run)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_room(run: Path) -> None:
+    """Refuse to start when the disk cannot take another checkpoint the size of the run's
+    newest (with a fifth to spare): a full disk would end the job mid-save."""
+    done = complete_checkpoints(run)
+    if not done:
+        return
+    newest = done[max(done)]
+    need = 1.2 * sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    free = shutil.disk_usage(run).free
+    if free < need:
+        raise CheckpointError(f"{run}: {free / 2**30:.1f} GiB free, a checkpoint needs about "
+                              f"{need / 2**30:.1f} GiB (no space left on the device)")
