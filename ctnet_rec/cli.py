@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> None:
                            Path(args.init_from[1]), Path(args.run))
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
                     Path(args.run), init=init, resume=args.resume, trainer_cls=trainer_cls,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, allow_domain_change=args.allow_domain_change)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -117,7 +117,8 @@ def _transfer_run(args: argparse.Namespace) -> None:
     transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
                  Path(args.source_ckpts) if args.source_ckpts else None,
                  _sharding(args, lambda: _recorded_sharding(
-                     latest_checkpoint(Path(args.run)) or Path(args.run) / INIT)))
+                     latest_checkpoint(Path(args.run)) or Path(args.run) / INIT)),
+                 allow_domain_change=args.allow_domain_change)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint folder")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
+    t.add_argument("--allow-domain-change", action="store_true",
+                   help="accept an --init checkpoint trained on another domain (fine-tuning a "
+                   "source model on purpose)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace RUN's checkpoints (without it, or --resume, a run that holds "
                    "checkpoints is refused)")
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(trun)
     trun.add_argument("--periods", required=True, help=PERIODS_HELP)
     trun.add_argument("--source-ckpts", help="source run folder (or its checkpoints folder)")
+    trun.add_argument("--allow-domain-change", action="store_true",
+                      help="train a CTNet whose target tower is another domain's model")
     _sharding_argument(trun)
     _run_argument(trun)
     trun.set_defaults(func=_transfer_run)

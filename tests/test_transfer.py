@@ -328,3 +328,20 @@ def test_a_source_replaced_at_its_path_is_refused(towers, tmp_path):
     shutil.copytree(towers.source(2), source)  # same path, other contents
     with pytest.raises(CheckpointError, match="other contents than the one it was trained with"):
         open_checkpoint(tmp_path / "run" / INIT)
+
+
+def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_world, tmp_path):
+    """Source and target given the wrong way round, a CTNet trained for another --domain, a
+    tower started from another domain's model: refused, unless said to be meant."""
+    from ctnet_rec.training.trainer import train_continual
+
+    with pytest.raises(CheckpointError, match="both trained on domain 'A'"):
+        transfer_init(towers.cfg, towers.source(1), towers.source(2), tmp_path / "x")
+    run = tmp_path / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    with pytest.raises(CheckpointError, match=r"domain 'B'.*--domain is 'C'"):
+        transfer_run(run, tiny_world, "C", [2], towers.source_run)
+    with pytest.raises(CheckpointError, match="trained on domain 'A'.*--allow-domain-change"):
+        train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1))
+    train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1),
+                    allow_domain_change=True, evaluate=False)

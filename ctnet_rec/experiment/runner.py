@@ -329,7 +329,7 @@ def _finetune_last(cfg: Config, periods: int, data: Path, domain: str, source_ru
     same period; only the amount of fine-tuning data differs."""
     last = cfg.experiment.last_period()
     train_continual(cfg, data, domain, range(last - periods + 1, last + 1), run,
-                    init=period_dir(source_run, last), resume=True)
+                    init=period_dir(source_run, last), resume=True, allow_domain_change=True)
 
 
 def _dual_embedding(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,

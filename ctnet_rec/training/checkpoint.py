@@ -67,6 +67,16 @@ class Manifest:
         except (json.JSONDecodeError, TypeError) as e:
             raise CheckpointError(f"{path}: damaged ({e})") from None
 
+    def check_domain(self, domain: str, where: Path, allowed: bool = False) -> None:
+        """Refuse a checkpoint trained on another domain than `domain` (a swapped source and
+        target, a wrong --domain), unless `allowed` (fine-tuning a source model on purpose).
+        Checkpoints that trained no period (a deployed init) name no domain."""
+        trained_on = self.metrics.get("domain")
+        if trained_on is not None and trained_on != domain and not allowed:
+            raise CheckpointError(
+                f"{where}: trained on domain {trained_on!r}, here it would be the {domain!r} "
+                "model; --allow-domain-change if that is meant")
+
     def digest(self) -> str:
         """One digest of the checkpoint's contents (of its files' digests), for a lineage
         to say which contents it was built from."""

@@ -315,11 +315,15 @@ def _write_metrics(run: Path) -> None:
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
-                    overwrite: bool = False) -> list[dict[str, Any]]:
+                    overwrite: bool = False, allow_domain_change: bool = False,
+                    ) -> list[dict[str, Any]]:
     """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
     metrics of the periods trained by this call. A run that holds checkpoints is continued
-    (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time."""
+    (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time.
+    A checkpoint of another domain is refused as `init` unless `allow_domain_change`."""
     env = init_distributed(cfg.train.device)
+    if init is not None:
+        Manifest.read(init).check_domain(domain, init, allow_domain_change)
     with run_lock(run, held=env.is_main):
         return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
                                 evaluate, trainer_cls, overwrite)
@@ -346,6 +350,7 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
         validate_periods(data, domain, evaluation_periods(data, domain, periods), cfg.features)
     start = None
     if resume and (latest := latest_intact_checkpoint(run)) is not None:
+        Manifest.read(latest).check_domain(domain, latest)
         start = trainer.restore(latest).period
         periods = [t for t in periods if t > start]
         log.info("resuming after period %d", start)

@@ -205,14 +205,19 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     env = init_distributed(cfg.train.device)
     if source_cfg is None:
         source_cfg = config_of(Manifest.read(source_ckpt), source_ckpt)
-    check_tower_checkpoint(source_ckpt, source_cfg, "source")  # before building anything
-    check_tower_checkpoint(target_ckpt, cfg, "target")
+    source = check_tower_checkpoint(source_ckpt, source_cfg, "source")  # before building
+    target = check_tower_checkpoint(target_ckpt, cfg, "target")
+    domains = source.metrics.get("domain"), target.metrics.get("domain")
+    if domains[0] is not None and domains[0] == domains[1]:
+        raise CheckpointError(f"{source_ckpt} and {target_ckpt}: both trained on domain "
+                              f"{domains[0]!r}; the source tower is another domain's model")
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)
     folder = run / INIT
     trainer.save(folder, target.period, {}, {"target_checkpoint": lineage_entry(folder,
-                                                                                  target_ckpt)})
+                                                                                  target_ckpt),
+                                             "target_domain": domains[1]})
     log.info("CTNet deployed in %s: target %s (period %d) + source %s", folder, target_ckpt,
              target.period, source_ckpt)
     return folder
@@ -237,8 +242,8 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config) -> dict
 
 
 def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
-                 source_ckpts: Path | None,
-                 sharding: ShardingConfig | None = None) -> list[dict[str, Any]]:
+                 source_ckpts: Path | None, sharding: ShardingConfig | None = None,
+                 allow_domain_change: bool = False) -> list[dict[str, Any]]:
     """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at
     first), so a re-run after a crash resumes; periods already trained are skipped. The
     tables are placed as RUN/init's config says, or by `sharding`."""
@@ -248,6 +253,10 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     if not (start / MANIFEST).exists():
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
     manifest = Manifest.read(start)
+    trained_on = manifest.metrics.get("domain") or manifest.lineage.get("target_domain")
+    if trained_on is not None and trained_on != domain and not allow_domain_change:
+        raise CheckpointError(f"{start}: its target tower is domain {trained_on!r}'s model, "
+                              f"--domain is {domain!r}; --allow-domain-change if that is meant")
     cfg, source_cfg = config_of(manifest, start), config_of(manifest, start, source=True)
     if sharding is not None:
         cfg = dataclasses.replace(cfg, sharding=sharding)
