@@ -194,3 +194,14 @@ def test_a_damaged_page_is_refused_and_nullability_alone_is_no_conflict(tmp_path
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"part-0\.parquet: unreadable"):
         validate_periods(tmp_path, "A", [0], demo_config.features)
+
+
+def test_an_oracle_file_that_does_not_line_up_is_refused(tmp_path, demo_config):
+    from ctnet_rec.data.contract import oracle_path
+
+    write_period(tmp_path, "A", 0, [valid_table(20)])
+    oracle = oracle_path(tmp_path, "A", 0)
+    oracle.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"p_click": [0.5] * 19}), oracle)
+    with pytest.raises(DataError, match=r"part-0\.parquet: 19 rows, the period has 20"):
+        validate_periods(tmp_path, "A", [0], demo_config.features)

@@ -268,6 +268,12 @@ def validate_periods(
             rows += piece.num_rows
         if rows == 0:
             raise DataError(f"{Path(root) / domain}/period={t}: empty period (0 rows)")
+        oracle = oracle_path(root, domain, t)
+        if oracle.exists():  # a synthetic world's true probabilities, row for row
+            have = pq.ParquetFile(oracle).metadata.num_rows
+            if have != rows:
+                raise DataError(f"{oracle}: {have} rows, the period has {rows}; the true "
+                                "probabilities must line up with the data row for row")
     return period_files
 
 
