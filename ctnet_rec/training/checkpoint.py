@@ -220,8 +220,11 @@ def lineage_path(folder: Path, recorded: str) -> Path:
 
 
 def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
-    with np.load(folder / SEEN_IDS) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(folder / SEEN_IDS) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:  # missing, truncated, not an npz
+        raise CheckpointError(f"{folder / SEEN_IDS}: unreadable ({e})") from None
 
 
 def load_into_submodule(folder: Path, state: dict[str, Any], prefix: str,
