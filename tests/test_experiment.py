@@ -310,7 +310,7 @@ def test_the_report_names_every_row_significantly_above_ctnet(seeds):
                 iv = gain_interval(results, n, "CTNet", d)
                 assert (f"{n} (" in above) == (mark(iv) == "+"), (n, line)
         table = _rows(report, "## Gains with 95% intervals, target C")
-        assert table["CTNet"][3] == "" and table[BASE][2] == ""
+        assert table["CTNet"][4] == "" and table[BASE][3] == ""
 
 
 def test_din_is_the_tower_with_the_din_unit_and_trains(experiment):

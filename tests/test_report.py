@@ -18,8 +18,8 @@ SLICES = ["new_users", "old_users", "new_items", "old_items"]
 
 
 def _metrics(auc: float, rows: int = 4000) -> dict:
-    m = {"auc": auc, "gauc": auc - 0.05, "logloss": 0.6, "ctr_pred": 0.3, "ctr_true": 0.3,
-         "rows": rows}
+    m = {"auc": auc, "gauc": auc - 0.05, "logloss": 0.6, "ne": 1.5 - auc, "ctr_pred": 0.3,
+         "ctr_true": 0.3, "rows": rows}
     return {**m, "slices": {s: dict(m, rows=rows // 2) for s in SLICES}}
 
 
@@ -71,7 +71,9 @@ def test_several_seeds_pair_over_seeds_and_periods():
     assert iv["low"] > 0  # a clear gain is marked
     table = significance_table(runs, "B")
     ctnet = next(r for r in table.rows if r[0] == "CTNet")
-    assert ctnet[3].endswith("]+")
+    assert ctnet[4].endswith("]+")
+    aucs = [r.models["CTNet"]["B"][t]["auc"] for r in runs for t in (6, 7, 8)]
+    assert ctnet[3] == pytest.approx(1.5 - sum(aucs) / len(aucs))  # mean NE
     assert "significantly above Base" in standing(runs)
 
 

@@ -251,13 +251,14 @@ def _interval_text(iv: dict[str, float]) -> str:
 
 
 def significance_table(runs: Sequence[Results], d: str) -> Table:
-    """Per row: mean AUC and GAUC over the test periods (and seeds), the AUC's gain over Base
-    and over CTNet with 95% intervals; + / - marks a gain whose interval lies above / below zero."""
+    """Per row: mean AUC, GAUC and NE over the test periods (and seeds), the AUC's gain over
+    Base and over CTNet with 95% intervals; + / - marks a gain whose interval lies above /
+    below zero."""
     periods = runs[0].settings["trained_periods"]
     rows: list[list[Cell]] = []
     for name in runs[0].models:
         means = []
-        for key in ("auc", "gauc"):
+        for key in ("auc", "gauc", "ne"):
             xs = [x for r in runs for t in periods if (x := metric(r, name, d, t, key)) is not None]
             means.append(statistics.fmean(xs) if xs else None)
         rows.append([name, *means,
@@ -265,9 +266,10 @@ def significance_table(runs: Sequence[Results], d: str) -> Table:
                        for ref in (BASE, CTNET))])
     how = ("paired over seeds x test periods (Student's t)" if len(runs) > 1 else
            "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil)")
-    return Table(["model", "mean AUC", "mean GAUC", "AUC gain over Base [95%]",
+    return Table(["model", "mean AUC", "mean GAUC", "mean NE", "AUC gain over Base [95%]",
                   "AUC gain over CTNet [95%]"], rows,
-                 f"Intervals {how}. + / -: the whole interval is above / below zero. "
+                 f"Intervals {how}. + / -: the whole interval is above / below zero. NE: "
+                 "logloss over the entropy of the period's click rate (lower is better). "
                  + (_missing_note(rows) or ""))
 
 
