@@ -396,6 +396,11 @@ class CTNetConfig:
     adapter_tap: Literal["same_layer", "previous_layer"] = "same_layer"
     adapter_init_scale: float = 1e-5
     source_refresh: Literal["every_period", "once"] = "every_period"
+    # training on period t uses the newest source checkpoint of a period <= t - source_lag:
+    # 1 is Algorithm 1 (the source in service while t's data arrives; CTNet and transfer-once
+    # coincide at t0), 0 the source that has also trained on period t (a schedule where the
+    # source finishes its period first). How it trains, not the model: not in the hash.
+    source_lag: int = field(default=1, metadata={"model": False})
     share_long_sequence_attention: bool = False
     # how the adapters train (not part of the model: a checkpoint loads under other settings)
     adapter_optimizer: OptimizerConfig = field(default_factory=_adapter_optimizer,
@@ -403,6 +408,7 @@ class CTNetConfig:
 
     def validate(self, key: str) -> None:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
+        _check(self.source_lag in (0, 1), f"{key}.source_lag", "must be 0 or 1")
         self.adapter_optimizer.validate(f"{key}.adapter_optimizer")
 
 

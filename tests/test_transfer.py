@@ -165,17 +165,19 @@ def test_resume_equals_the_uninterrupted_run(towers, deployed, transferred, tiny
     assert transfer_run(run, tiny_world, "B", [2, 3], towers.source_run) == []
 
 
-@pytest.mark.parametrize(("refresh", "adapter"), [("once", "glu"), ("every_period", "linear")])
-def test_variants_train(towers, tiny_world, tmp_path, refresh, adapter):
+@pytest.mark.parametrize(("refresh", "adapter", "lag"), [("once", "glu", 1),
+                                                         ("every_period", "linear", 0)])
+def test_variants_train(towers, tiny_world, tmp_path, refresh, adapter, lag):
     cfg = copy.deepcopy(towers.cfg)
-    cfg.ctnet.source_refresh, cfg.ctnet.adapter = refresh, adapter
+    cfg.ctnet.source_refresh, cfg.ctnet.adapter, cfg.ctnet.source_lag = refresh, adapter, lag
     run = tmp_path / "run"
     transfer_init(cfg, towers.source(1), towers.target(1), run)
     transfer_run(run, tiny_world, "B", [2, 3],
                  None if refresh == "once" else towers.source_run)
     sources = [Manifest.read(p).lineage["source_period"]
                for p in complete_checkpoints(run).values()]
-    assert sources == ([1, 1] if refresh == "once" else [1, 2])
+    # once: the deployed source throughout; every period with lag 0: period t's own source
+    assert sources == ([1, 1] if refresh == "once" else [2, 3])
     init, _ = open_checkpoint(run / INIT)
     last, _ = open_checkpoint(run / "checkpoints" / "period=3")
     net = last.dmp.module
@@ -201,7 +203,7 @@ def test_refusals_name_the_problem(towers, deployed, tiny_world, tmp_path):
     shutil.copytree(deployed / INIT, run / INIT)
     late = tmp_path / "late"  # source checkpoints from period 2 on only
     shutil.copytree(towers.source(2), late / "checkpoints" / "period=2")
-    with pytest.raises(CheckpointError, match=r"no source checkpoint of a period < 2"):
+    with pytest.raises(CheckpointError, match=r"no source checkpoint of a period <= 1"):
         transfer_run(run, tiny_world, "B", [2, 3], late)
     bad = tmp_path / "bad" / "period=1"  # a source checkpoint of another schema
     shutil.copytree(towers.source(1), bad)

@@ -7,7 +7,9 @@ i.e. the paper's h_{p+1}, the model in service during period p + 1. Deploying at
 both towers' `period=<t0 - 1>` checkpoints (h^S_t0, h_t0). Training on period t then uses the
 newest source checkpoint of a period < t (h^S_t: what is in service while t's data arrives),
 so the first trained period, t0, uses the source CTNet was deployed with, and CTNet and
-transfer-once coincide there, as in the paper's Table 3."""
+transfer-once coincide there, as in the paper's Table 3. `[ctnet] source_lag = 0` uses the
+source checkpoint of period t itself (trained on the source's data of the same period: a
+schedule where the source finishes first), one period fresher."""
 
 from __future__ import annotations
 
@@ -223,17 +225,18 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     return folder
 
 
-def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config) -> dict[int, Path]:
-    """For each period t, the newest complete source checkpoint of a period < t (Algorithm
-    1's h^S_t; see the module's docstring); refused before any training when one is missing
-    or does not fit the source tower."""
+def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config,
+                    lag: int = 1) -> dict[int, Path]:
+    """For each period t, the newest complete source checkpoint of a period <= t - `lag`
+    (lag 1: Algorithm 1's h^S_t, see the module's docstring); refused before any training
+    when one is missing or does not fit the source tower."""
     available = complete_checkpoints(source_ckpts)
     schedule = {}
     for t in periods:
-        older = [p for p in available if p < t]
+        older = [p for p in available if p <= t - lag]
         if not older:
             raise CheckpointError(
-                f"{source_ckpts}: no source checkpoint of a period < {t} (have "
+                f"{source_ckpts}: no source checkpoint of a period <= {t - lag} (have "
                 f"{sorted(available) or 'none'})")
         schedule[t] = available[max(older)]
     for folder in sorted(set(schedule.values())):
@@ -270,7 +273,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     refresh = cfg.ctnet.source_refresh == "every_period"
     if refresh and source_ckpts is None:
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
-    schedule = source_schedule(source_ckpts, periods, source_cfg) if refresh else {}
+    schedule = source_schedule(source_ckpts, periods, source_cfg,
+                               cfg.ctnet.source_lag) if refresh else {}
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.restore(start)
     log.info("CTNet from %s (period %d); source refresh: %s", start, manifest.period,
