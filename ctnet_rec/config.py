@@ -48,6 +48,11 @@ class TableConfig:
         _check(self.name.isidentifier(), f"{key}.name", f"{self.name!r} is not an identifier")
         _check(0 < self.num_embeddings < 2**62, f"{key}.num_embeddings", "must be in (0, 2^62)")
         _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
+        # 2^48 values are 1 PiB in fp32, more than a cluster holds; larger counts also
+        # overflow fbgemm's 64-bit offsets
+        _check(self.num_embeddings * self.embedding_dim < 2**48, f"{key}.num_embeddings",
+               f"{self.num_embeddings} rows x {self.embedding_dim} is over 2^48 values (1 PiB "
+               "in fp32); `ctnet plan` sizes tables for a cluster")
 
 
 @dataclass

@@ -41,6 +41,8 @@ def test_demo_config_loads(demo_config):
         ("batch_size = 512", 'batch_size = "512"', "data.batch_size"),
         ("batch_size = 512", "batch_size = 0", "data.batch_size"),
         ("num_embeddings = 40000", "num_embeddings = 0", "features.tables[0].num_embeddings"),
+        ("num_embeddings = 40000", "num_embeddings = 4611686018427387903",  # 2^62 - 1
+         "features.tables[0].num_embeddings"),
         ("sim_top_k = 32", "sim_top_k = 0", "model.sim_top_k"),
         ("attention_heads = 2", "attention_heads = 3", "model.attention_heads"),
         ("embedding_dim = 16", "embedding_dim = 1.5", "features.tables[0].embedding_dim"),

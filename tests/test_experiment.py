@@ -31,12 +31,28 @@ from ctnet_rec.training.inference import evaluate_checkpoint
 
 from .conftest import DEMO_CONFIG
 
+# two of the six joint rows, to keep the suite's time: one that shares the user table only
+# and PLE, which shares everything; tests/test_joint.py covers each of the six as a module
+JOINT = ["MLP++", "PLE"]
+assert set(JOINT) <= set(JOINT_MODELS)
+
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory):
+def config_path(tmp_path_factory):
+    """The demo config with the experiment's joint rows limited to `JOINT`."""
+    text = DEMO_CONFIG.read_text()
+    line = next(x for x in text.splitlines() if x.startswith("joint_baselines ="))
+    path = tmp_path_factory.mktemp("config") / "demo.toml"
+    path.write_text(text.replace(line, f"joint_baselines = {JOINT!r}".replace("'", '"')))
+    assert load_config(path).experiment.joint_baselines == JOINT
+    return path
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory, config_path):
     """The quick experiment with two seeds: OUT/seed=0, OUT/seed=1 and the pooled report."""
     out = tmp_path_factory.mktemp("experiment") / "quick"
-    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(out),
+    assert main(["experiment", str(config_path), "--quick", "--out", str(out),
                  "--seeds", "2"]) == 0
     return out
 
@@ -58,7 +74,7 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     metrics = json.loads((experiment / "metrics.json").read_text())
     last = str(metrics["settings"]["trained_periods"][-1])
     models = metrics["models"]
-    assert list(models) == [SOURCE, BASE, DIN, *JOINT_MODELS, *PRETRAIN_FINETUNE, DUAL,
+    assert list(models) == [SOURCE, BASE, DIN, *JOINT, *PRETRAIN_FINETUNE, DUAL,
                             *CTNET_VARIANTS, ORACLE]
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
@@ -181,12 +197,12 @@ def test_dual_embedding_has_two_of_each_id_table(experiment):
     assert last.kind == "dual_embedding"
 
 
-def test_rerun_resumes_without_training_again(experiment):
+def test_rerun_resumes_without_training_again(experiment, config_path):
     ckpt = complete_checkpoints(experiment / "B" / "ctnet")[3] / "manifest.json"
     stamp = ckpt.stat().st_mtime_ns
     before = json.loads((experiment / "metrics.json").read_text())["models"]
     # seed 0 of the two-seed run again, now as a one-seed experiment in the same folder
-    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--out", str(experiment)]) == 0
+    assert main(["experiment", str(config_path), "--quick", "--out", str(experiment)]) == 0
     assert ckpt.stat().st_mtime_ns == stamp
     assert json.loads((experiment / "metrics.json").read_text())["models"] == before
 
@@ -210,8 +226,8 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     data = experiment / "data"
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in report.split("## Cost", 1)[1].splitlines() if line.startswith("| ")][1:]
-    # the source tower, then per target domain two warm-ups and 19 compared jobs
-    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * 21
+    # the source tower, then per target domain two warm-ups, 13 compared jobs and the joint
+    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * (15 + len(JOINT))
     for name, domain, target, source, seconds, peak, above in rows:
         c = costs[name][domain]
         assert [int(target), int(source), int(peak)] == [
@@ -220,15 +236,15 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     assert costs["source tower"]["A"]["source_samples"] == _parquet_rows(data, "A", range(4))
     assert costs["source tower"]["A"]["target_samples"] == 0
     for name, per in costs.items():  # every transfer model reads target data only
-        if name != "source tower" and name not in JOINT_MODELS:
+        if name != "source tower" and name not in JOINT:
             assert all(c["source_samples"] == 0 for c in per.values()), name
-    for name in JOINT_MODELS:  # the joint models read the source's window as well
+    for name in JOINT:  # the joint models read the source's window as well
         for d in ("B", "C"):
             assert costs[name][d]["source_samples"] == _parquet_rows(data, "A", [2, 3]), name
     for d in ("B", "C"):
         window = _parquet_rows(data, d, [2, 3])
         assert costs["warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
-        for name in (BASE, DIN, *JOINT_MODELS, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
+        for name in (BASE, DIN, *JOINT, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
             assert costs[name][d]["target_samples"] == window, (name, d)
         assert costs["DIN warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
         assert costs[SOURCE][d]["target_samples"] == 0  # it only scores
@@ -341,7 +357,7 @@ def test_joint_training_keeps_the_target_task(experiment):
     difference), and its target task moved (it trained)."""
     metrics = json.loads((experiment / "metrics.json").read_text())["models"]
     base = np.mean([metrics[BASE]["B"][t]["auc"] for t in ("2", "3")])
-    for name in JOINT_MODELS:
+    for name in JOINT:
         auc = np.mean([metrics[name]["B"][t]["auc"] for t in ("2", "3")])
         assert auc > base - 0.03, (name, auc, base)
         assert metrics[name]["B"]["2"]["auc"] != metrics[BASE]["B"]["2"]["auc"], name

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ctnet_rec.config import load_config
 from ctnet_rec.data.contract import DataError
@@ -338,3 +339,17 @@ def test_settings_and_folders_that_cannot_work_are_refused_with_a_message(
     monkeypatch.setattr(run_lock.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
     with pytest.raises(CheckpointError, match="no space left on the device"):
         train_continual(small_config, tiny_world, "A", [0, 1, 2, 3], full, resume=True)
+
+
+def test_weights_gone_non_finite_at_the_end_of_a_period_are_not_saved(
+        tiny_world, small_config, tmp_path, monkeypatch):
+    """A non-finite gradient in the period's last step spoils the weights before any loss
+    shows it: the weights are checked too."""
+    def poisoned(self):  # runs right after the period's last step
+        with torch.no_grad():
+            self.dense[0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(PeriodTrainer, "_average_batchnorm_statistics", poisoned)
+    with pytest.raises(DivergenceError, match="dense weights"):
+        train_continual(small_config, tiny_world, "A", [0], tmp_path / "run")
+    assert complete_checkpoints(tmp_path / "run") == {}

@@ -208,7 +208,12 @@ class PeriodTrainer:
         by_domain = {d: (float(loss / n), int(n))
                      for d, (loss, n) in zip(domains, stats, strict=True)}
         self.rows_trained += sum(n for _, n in by_domain.values())
-        diverged = {d: x for d, (x, _) in by_domain.items() if not math.isfinite(x)}
+        diverged: dict[str, Any] = {d: x for d, (x, _) in by_domain.items()
+                                    if not math.isfinite(x)}
+        # a non-finite gradient in the last steps shows in the weights before the loss (dense
+        # weights are the same on every rank: their gradients are averaged)
+        if not bool(torch.stack([p.isfinite().all() for p in self.dense]).all()):
+            diverged["dense weights"] = "not finite"
         if diverged:  # the same on every rank (reduced above): all stop, none saves
             raise DivergenceError(
                 f"{domain} period {period}: the training loss became {diverged} (domain: mean "
