@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     trun = tsub.add_parser(
         "run",
         help="train CTNet on target periods, refreshing the source tower each period",
-        description="For each period t: load the newest source checkpoint of a period < t "
+        description="For each period t: load the newest source checkpoint of a period <= "
+        "t - [ctnet] source_lag (default 1: < t) "
         "into the source tower (unless [ctnet] source_refresh = 'once'), train target tower "
         "and adapters on the target data of t, save RUN/checkpoints/period=<t> (its "
         "manifest names the source checkpoint used), evaluate on t + 1. Continues after the "
