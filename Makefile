@@ -45,6 +45,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup
+	$(PIP) -e ".[bench]" $(QUIET_PIP)
 	@for b in $(filter-out benchmarks/common.py benchmarks/gpu_smoke.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup

@@ -68,6 +68,43 @@ def time_steps(steps: dict[str, Callable[[Batch], None]],
             for name, t in times.items()}
 
 
+# the kinds of work of a step, by the name of the profiled op: the first rule that matches
+PROFILE_KINDS = [
+    ("embedding lookups (fbgemm, fused update in backward)", ("fbgemm::", "[lookup]", "dist]")),
+    ("attention kernels", ("aten::_scaled_dot_product", "aten::_softmax")),
+    ("matmuls (MLP, attention projections, DIN unit)", ("aten::mm", "aten::addmm", "aten::bmm",
+                                                        "aten::addmv")),
+    ("dense optimiser", ("Optimizer.",)),
+    ("autograd engine", ("autograd::", "<built-in method run_backward")),
+    ("other tensor ops (copies, elementwise, reductions)", ("aten::",)),
+]
+
+
+def step_profile(step: Callable[[Batch], None], batches: list[Batch]) -> dict[str, float]:
+    """Milliseconds per step by kind of work (torch.profiler's self CPU time of each op,
+    classified by `PROFILE_KINDS`); "python and framework overhead" is the step's wall time
+    less all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches[:WARMUP]:
+        step(b)
+    timed = batches[WARMUP:]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for b in timed:
+            step(b)
+        wall = (time.perf_counter() - start) * 1000 / len(timed)
+    out = {kind: 0.0 for kind, _ in PROFILE_KINDS}
+    for event in prof.key_averages():
+        kind = next((k for k, prefixes in PROFILE_KINDS
+                     if any(event.key.startswith(p) or p in event.key for p in prefixes)), None)
+        if kind is not None:
+            out[kind] += event.self_cpu_time_total / 1000 / len(timed)
+    out["python and framework overhead"] = wall - sum(out.values())
+    out["step (profiled)"] = wall
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def run_workers(script: str, jobs: list[list[str]], common: list[str],
                 env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run `script --worker JOB... COMMON...` per job, each in a fresh process (so each peak

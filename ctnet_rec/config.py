@@ -182,6 +182,16 @@ class FeatureConfig:
                 return t
         return None
 
+    def for_model(self, model: TowerConfig) -> FeatureConfig:
+        """These features less the behaviour sequences `model` never reads (the long one of a
+        tower without SIM and ETA): neither read nor looked up, whose lookups' backward would
+        cost a third of a DIN step for nothing. A tower reading no sequence keeps them all, so
+        the target item and category stay in the sequence tables."""
+        used = [s for s in self.sequences
+                if (model.use_target_attention if s.kind == "short"
+                    else model.use_sim or model.use_eta)]
+        return dataclasses.replace(self, sequences=used) if used else self
+
     def sequence_tables(self) -> set[str]:
         return {t for s in self.sequences for t in (s.item_table, s.category_table)}
 

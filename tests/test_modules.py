@@ -132,6 +132,32 @@ def test_tower_modules_switch_off(demo_config, batch, ta, sim, eta, n_attn):
     assert item_table.grad is not None and item_table.grad.abs().sum() > 0
 
 
+def test_a_tower_neither_reads_nor_looks_up_a_sequence_it_does_not_use(demo_config, tiny_world,
+                                                                        batch):
+    """The DIN row (no SIM, no ETA): the long sequence is not in its tables' features, not in
+    what its trainer reads, and a batch carrying it scores as one without it."""
+    from ctnet_rec.experiment.runner import din_config
+    from ctnet_rec.training.distributed import init_distributed
+    from ctnet_rec.training.trainer import PeriodTrainer
+
+    cfg = din_config(demo_config)
+    torch.manual_seed(0)
+    tower = Tower(cfg.features, cfg.model).eval()
+    long = next(s for s in cfg.features.sequences if s.kind == "long")
+    assert long.item_column not in tower.embeddings.keys
+    narrowed = cfg.features.for_model(cfg.model)
+    assert long.item_column not in narrowed.required_columns()
+    trainer = PeriodTrainer(cfg, init_distributed("cpu"))
+    assert trainer.features_read() == narrowed
+    lean = next(iter(ParquetBatchReader(tiny_world, "B", [3], narrowed, cfg.data,
+                                        batch_size=128, shuffle=False)))
+    assert long.item_column in batch.sparse.keys() and long.item_column not in lean.sparse.keys()
+    torch.testing.assert_close(tower(batch.sparse, batch.dense).logits,
+                               tower(lean.sparse, lean.dense).logits)
+    # the full tower reads every sequence
+    assert demo_config.features.for_model(demo_config.model) == demo_config.features
+
+
 def test_tower_with_users_without_history(demo_config, tiny_world):
     reader = ParquetBatchReader(tiny_world, "C", [0], demo_config.features, demo_config.data,
                                 batch_size=400, shuffle=False)
@@ -157,11 +183,33 @@ def test_din_unit_sums_weighted_behaviours_without_normalising():
 
     torch.manual_seed(0)
     din = DINAttention(8)
-    target, e = torch.randn(3, 8), torch.randn(3, 1, 8)
-    one = din(target, e, torch.ones(3, 1, dtype=torch.bool))
-    twice = din(target, torch.cat([e, e], 1), torch.ones(3, 2, dtype=torch.bool))
+    target, e = torch.randn(3, 8), torch.randn(3, 8)
+    one = din(target, e, torch.ones(3, dtype=torch.long))
+    twice = din(target, e.repeat_interleave(2, dim=0), torch.full((3,), 2))
     torch.testing.assert_close(twice, 2 * one)  # no softmax: two clicks weigh twice one
-    padded = din(target, torch.cat([e, torch.randn(3, 1, 8)], 1),
-                 torch.tensor([[True, False]] * 3))
-    torch.testing.assert_close(padded, one)  # masked positions count for nothing
-    assert not din(target, e, torch.zeros(3, 1, dtype=torch.bool)).any()
+    # a row without behaviours has no interest
+    assert not din(target, e[:2], torch.tensor([1, 0, 1]))[1].any()
+
+
+def test_din_unit_is_the_mlp_of_the_four_pairs():
+    """On jagged behaviours, with the query's share of the first layer computed once per row,
+    the unit and its gradients are DIN's MLP over [k, q, k - q, k * q] per padded behaviour,
+    padding masked out."""
+    from ctnet_rec.modules.attention import DINAttention, pad
+
+    torch.manual_seed(0)
+    din = DINAttention(8)
+    lengths = torch.tensor([3, 0, 5, 1])
+    target = torch.randn(4, 8, requires_grad=True)
+    values = torch.randn(int(lengths.sum()), 8, requires_grad=True)
+    got = din(target, values, lengths)
+    keys, mask = pad(JaggedTensor(values=values, lengths=lengths), 5)
+    q = target.unsqueeze(1).expand_as(keys)
+    pairs = torch.cat([keys, q, keys - q, keys * q], dim=-1)
+    weights = din.unit(pairs.flatten(0, 1)).view(4, 5, 1) * mask.unsqueeze(-1)
+    want = (weights * keys).sum(dim=1)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), [target, values, din.unit[0].weight])
+    wants = torch.autograd.grad(want.square().sum(), [target, values, din.unit[0].weight])
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w)

@@ -56,8 +56,9 @@ class TowerEmbeddings(nn.Module):
     `managed_sequence`), wrapped in TorchRec's managed-collision modules, which map the raw ids
     to rows themselves; the others (`pooled`, `sequence`) get rows from the reader.
 
-    Input: the reader's KJT (pooled keys first, then sequence keys). Output: pooled embeddings
-    and sequence embeddings, each by key."""
+    Input: a KJT with at least these features' keys (the reader's: pooled keys first, then
+    sequence keys; keys of sequences this tower does not read are skipped). Output: pooled
+    embeddings and sequence embeddings, each by key."""
 
     def __init__(self, features: FeatureConfig, device: torch.device | None = None,
                  data_type: DataType = DataType.FP32) -> None:
@@ -111,14 +112,13 @@ class TowerEmbeddings(nn.Module):
         groups = [[f for t in mine(tables, m) for f in t.feature_names]
                   for tables, m in ((bag_tables, False), (bag_tables, True),
                                     (seq_tables, False), (seq_tables, True))]
-        order = [k for g in groups for k in g]
-        keys = self.pooled_keys + self.sequence_keys
-        self.order = None if order == keys else [keys.index(k) for k in order]
+        self.keys = [k for g in groups for k in g]
         self.splits = [len(g) for g in groups]
 
     def forward(self, kjt: KeyedJaggedTensor) -> LookedUp:
-        if self.order is not None:
-            kjt = kjt.permute(self.order)
+        given = kjt.keys()
+        if given != self.keys:  # regrouped by lookup, keys no table here reads left out
+            kjt = kjt.permute([given.index(k) for k in self.keys])
         pooled: dict[str, torch.Tensor] = {}
         sequence: dict[str, JaggedTensor] = {}
         lookups = (self.pooled, self.managed_pooled, self.sequence, self.managed_sequence)

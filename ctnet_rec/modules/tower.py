@@ -56,6 +56,7 @@ class Tower(nn.Module):
         """`lookups=False`: a tower without tables of its own, for models that look the ids up
         elsewhere (the joint-learning baselines) and pass the embeddings to `forward`."""
         super().__init__()
+        features = features.for_model(model)
         self.features, self.model_cfg = features, model
         self.embeddings = TowerEmbeddings(features, device, table_dtype) if lookups else None
         self.layout = EmbeddingLayout.of(features)
@@ -99,10 +100,15 @@ class Tower(nn.Module):
         interests = []
         if self.short is not None:
             s = self.short
-            tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
-            if self.encoder is not None:
-                tokens = self.encoder(tokens, mask)
-            interests.append(self.ta(target, tokens, mask))
+            if isinstance(self.ta, DINAttention):  # on the jagged behaviours
+                items = emb[s.item_column]
+                tokens = torch.cat([items.values(), emb[s.category_column].values()], dim=-1)
+                interests.append(self.ta(target, tokens, items.lengths()))
+            else:
+                tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
+                if self.encoder is not None:
+                    tokens = self.encoder(tokens, mask)
+                interests.append(self.ta(target, tokens, mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
         parts = self.combine(pooled, emb, target, interests + long_interest)

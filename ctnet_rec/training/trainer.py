@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
-from ctnet_rec.config import Config, OptimizerConfig
+from ctnet_rec.config import Config, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
@@ -149,11 +149,17 @@ class PeriodTrainer:
     def _reader(self, root: Path, domain: str, period: int, train: bool,
                 batch_size: int | None = None) -> ParquetBatchReader:
         return ParquetBatchReader(
-            root, domain, [period], self.cfg.features, self.cfg.data,
+            root, domain, [period], self.features_read(), self.cfg.data,
             batch_size=None if train else batch_size or self.cfg.train.eval_batch_size,
             rank=self.env.rank, world_size=self.env.world_size, shuffle=train,
             seed=self.cfg.train.seed * 1_000_003 + period,
         )
+
+    def features_read(self) -> FeatureConfig:
+        """What the reader decodes: a tower's features less the sequences it never reads;
+        other models (several towers, or lookups of their own) read them all."""
+        return self.cfg.features.for_model(self.cfg.model) if self.kind == TOWER \
+            else self.cfg.features
 
     def domains_read(self, domain: str) -> list[str]:
         """The domains whose data training on `domain` reads."""
