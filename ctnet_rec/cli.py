@@ -97,9 +97,21 @@ def _eval(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from ctnet_rec.training.inference import predict_checkpoint
 
+    if args.export:
+        from ctnet_rec.serving.export import predict_export
+
+        predict_export(Path(args.export), Path(args.data), args.domain, args.period,
+                       Path(args.out), args.batch_size)
+        return
     predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size,
                        _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ctnet_rec.serving.export import export_checkpoint
+
+    export_checkpoint(Path(args.ckpt), Path(args.out), args.table_dtype)
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
@@ -307,19 +319,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "predict",
-        help="score one period with a tower or CTNet checkpoint",
+        help="score one period with a checkpoint or an exported artifact",
         description="Write one score per row of DATA/<domain>/period=<t> (file order) with "
-        "user_id, item_id and label to a Parquet file. The model is rebuilt from the config "
-        "recorded in the checkpoint; runs in eval mode without autograd.",
+        "user_id, item_id and label to a Parquet file. From a checkpoint, the model is "
+        "rebuilt from the config recorded in it (eval mode, no autograd); from an export "
+        "(`ctnet export`), the artifact scores in this process, in inference mode.",
     )
     _data_arguments(pr)
-    pr.add_argument("--ckpt", required=True, help="checkpoint folder")
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="checkpoint folder")
+    which.add_argument("--export", help="folder written by `ctnet export`")
     pr.add_argument("--period", type=int, required=True)
     pr.add_argument("--out", required=True, help="output Parquet file")
     pr.add_argument("--batch-size", type=int, help="rows per forward pass (default: the "
                     "config's train.eval_batch_size); tested up to 65536")
     _sharding_argument(pr)
     pr.set_defaults(func=_predict)
+
+    ex = sub.add_parser(
+        "export",
+        help="a checkpoint as one self-contained inference artifact",
+        description="Write OUT/model.pt, a torch.package holding the unsharded model (a "
+        "CTNet with its frozen source inside) and the model code, which a process with "
+        "only torch, torchrec and fbgemm installed loads and scores with; OUT/metadata.json "
+        "names its inputs. Every checkpoint kind: tower, CTNet, Dual Embedding, joint.",
+    )
+    ex.add_argument("--ckpt", required=True, help="checkpoint folder")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--table-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
+                    help="tables in TorchRec's quantised inference modules (fp16, int8 per "
+                    "row) or as trained (fp32, the default)")
+    ex.set_defaults(func=_export)
 
     tr = sub.add_parser("transfer", help="deploy CTNet and train it continually (Algorithm 1)")
     tsub = tr.add_subparsers(dest="transfer_command", required=True, metavar="SUBCOMMAND")

@@ -5,8 +5,6 @@ so an unknown key, a value of the wrong type or an impossible value is refused w
 key path (``features.tables[2].num_embeddings``) and the file named.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json
@@ -182,7 +180,7 @@ class FeatureConfig:
                 return t
         return None
 
-    def for_model(self, model: TowerConfig) -> FeatureConfig:
+    def for_model(self, model: "TowerConfig") -> "FeatureConfig":
         """These features less the behaviour sequences `model` never reads (the long one of a
         tower without SIM and ETA): neither read nor looked up, whose lookups' backward would
         cost a third of a DIN step for nothing. A tower reading no sequence keeps them all, so

@@ -21,7 +21,7 @@ from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.id_mapping import PeriodEvictionPolicy, set_period
 from ctnet_rec.modules.tower import Tower
-from ctnet_rec.training.checkpoint import latest_checkpoint, lineage_path
+from ctnet_rec.training.checkpoint import CheckpointError, latest_checkpoint, lineage_path
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
@@ -288,3 +288,10 @@ def test_a_row_given_to_a_new_id_is_reset_under_dmp_on_cpu():
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
+
+
+def test_export_refuses_managed_id_tables_naming_them(managed_run, tmp_path):
+    from ctnet_rec.serving.export import export_checkpoint
+
+    with pytest.raises(CheckpointError, match="'user'.*managed collisions"):
+        export_checkpoint(latest_checkpoint(managed_run), tmp_path / "x")

@@ -1,7 +1,5 @@
 """The tower's ID embeddings, built from the feature config."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +35,7 @@ class EmbeddingLayout:
     token_dim: int
 
     @classmethod
-    def of(cls, features: FeatureConfig) -> EmbeddingLayout:
+    def of(cls, features: FeatureConfig) -> "EmbeddingLayout":
         dims = {t.name: t.embedding_dim for t in features.tables}
         dims |= {n.name: n.embedding_dim for n in features.numeric if n.bucketized}
         pooled = features.pooled_keys()

@@ -1,7 +1,5 @@
 """The single-domain CTR tower ("Base" model of the paper)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

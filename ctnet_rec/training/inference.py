@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ctnet_rec.config import Config, ShardingConfig
@@ -55,15 +56,20 @@ def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Pa
     pred = trainer.predict(data, domain, period, batch_size)
     elapsed = time.perf_counter() - start
     if trainer.env.is_main:
-        write_parquet(pa.table({
-            "user_id": pa.array(pred["users"]),
-            "item_id": pa.array(pred["items"]),
-            "label": pa.array(pred["labels"].astype("int8")),
-            "score": pa.array(pred["p"].astype("float32")),
-        }), out)
-        log.info("%d scores written to %s (%.0f rows/s)", len(pred["p"]), out,
-                 len(pred["p"]) / elapsed)
+        write_scores(pred, out, elapsed)
     return len(pred["p"])
+
+
+def write_scores(pred: dict[str, np.ndarray], out: Path, elapsed: float) -> None:
+    """`ctnet predict`'s output: user_id, item_id, label and score per row, in file order."""
+    write_parquet(pa.table({
+        "user_id": pa.array(pred["users"]),
+        "item_id": pa.array(pred["items"]),
+        "label": pa.array(pred["labels"].astype("int8")),
+        "score": pa.array(pred["p"].astype("float32")),
+    }), out)
+    log.info("%d scores written to %s (%.0f rows/s)", len(pred["p"]), out,
+             len(pred["p"]) / elapsed)
 
 
 def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,

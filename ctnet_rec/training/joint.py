@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import Config
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
+from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
     Manifest,
@@ -35,7 +35,6 @@ from ctnet_rec.training.checkpoint import (
 from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
-from sharding.tower import shard_model
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,11 @@ class JointTrainer(PeriodTrainer):
         self.kind = f"{JOINT}:{model}"
         super().__init__(cfg, env)
 
-    def build_model(self) -> DistributedModelParallel:
-        net = JOINT_MODELS[self.model_name](self.cfg.features, self.cfg.model,
-                                            torch.device("meta"))
-        return shard_model(net, self.env, self.cfg.train.tables.lr, sharding=self.cfg.sharding)
+    def build_module(self, device: torch.device) -> torch.nn.Module:
+        return JOINT_MODELS[self.model_name](self.cfg.features, self.cfg.model, device)
+
+    def scorer(self, module: torch.nn.Module) -> Scorer:
+        return Scorer(module, task=TARGET)  # a joint model's run is its target domain's
 
     def logits(self, batch: Any, domain: str) -> torch.Tensor:
         task = SOURCE if domain == self.source_domain else TARGET

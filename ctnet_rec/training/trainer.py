@@ -28,6 +28,7 @@ from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, va
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
 from ctnet_rec.modules.id_mapping import set_period
+from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
@@ -93,10 +94,17 @@ class PeriodTrainer:
         self.sink: TensorBoardSink | None = None  # set by run_periods on rank 0
         self.rows_trained = 0  # in the run so far: TensorBoard's training axis
 
+    def build_module(self, device: torch.device) -> torch.nn.Module:
+        """The model, unsharded, its parameters on `device` ("meta": to be sharded)."""
+        return Tower(self.cfg.features, self.cfg.model, device=device)
+
     def build_model(self) -> DistributedModelParallel:
-        model = Tower(self.cfg.features, self.cfg.model, device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.tables.lr,
-                           sharding=self.cfg.sharding)
+        return shard_model(self.build_module(torch.device("meta")), self.env,
+                           self.cfg.train.tables.lr, sharding=self.cfg.sharding)
+
+    def scorer(self, module: torch.nn.Module) -> Scorer:
+        """`module` (this trainer's, unsharded) as it scores this trainer's domain."""
+        return Scorer(module)
 
     def _named_dense(self) -> NamedParams:
         dense = {id(p) for p in self.dense}
@@ -304,11 +312,9 @@ class DualEmbeddingTrainer(PeriodTrainer):
     def dual_tables(self) -> list[str]:
         return self.cfg.experiment.id_tables(self.cfg.features)
 
-    def build_model(self) -> DistributedModelParallel:
-        model = DualEmbeddingTower(self.cfg.features, self.cfg.model, self.dual_tables(),
-                                   device=torch.device("meta"))
-        return shard_model(model, self.env, self.cfg.train.tables.lr,
-                           sharding=self.cfg.sharding)
+    def build_module(self, device: torch.device) -> torch.nn.Module:
+        return DualEmbeddingTower(self.cfg.features, self.cfg.model, self.dual_tables(),
+                                  device=device)
 
 
 def _write_metrics(run: Path) -> None:

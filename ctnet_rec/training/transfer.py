@@ -96,14 +96,16 @@ class CTNetTrainer(PeriodTrainer):
             source_cfg.section_hash("features", "model")
         self.schema = {**feature_schema(cfg), "source": feature_schema(source_cfg)}
 
-    def build_model(self) -> DistributedModelParallel:
-        meta = torch.device("meta")
+    def build_module(self, device: torch.device) -> CTNet:
         try:
-            net = build_ctnet((self.source_cfg.features, self.source_cfg.model),
-                              (self.cfg.features, self.cfg.model), self.cfg.ctnet, meta,
-                              self.cfg.sharding.source_table_dtype)
+            return build_ctnet((self.source_cfg.features, self.source_cfg.model),
+                               (self.cfg.features, self.cfg.model), self.cfg.ctnet, device,
+                               self.cfg.sharding.source_table_dtype)
         except ValueError as e:  # the two towers' configs do not fit together
             raise ConfigError(f"source vs target config: {e}") from None
+
+    def build_model(self) -> DistributedModelParallel:
+        net = self.build_module(torch.device("meta"))
         return shard_model(net, self.env, self.cfg.train.tables.lr, frozen=net.source,
                            sharding=self.cfg.sharding)
 

@@ -1,0 +1,1 @@
+"""Serving: one self-contained inference artifact per checkpoint, and scoring from it."""

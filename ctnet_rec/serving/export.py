@@ -1,0 +1,159 @@
+"""`ctnet export`: a checkpoint of any kind as one self-contained inference artifact.
+
+The artifact is a `torch.package` (`DIR/model.pt`, TorchRec's packaging for inference): the
+unsharded model (a CTNet with its frozen source inside) wrapped in `Scorer`, with the source of
+the model code it needs interned, so a serving process loads it with torch, torchrec and fbgemm
+installed and nothing of ctnet-rec:
+
+    scorer = torch.package.PackageImporter("DIR/model.pt").load_pickle("ctnet_export",
+                                                                       "scorer.pkl")
+    probabilities = scorer(kjt, dense)
+
+Why torch.package and not torch.export: the towers' SIM / ETA retrieval (top-k over jagged
+behaviour lists) and the KeyedJaggedTensor inputs have data-dependent shapes that torch.export
+must be told about op by op; a package keeps the eager model exactly as trained (scores equal
+the checkpoint's to float rounding) and TorchRec's quantised embedding modules plug into it.
+
+`--table-dtype fp16 | int8` swaps the embedding collections for TorchRec's quantised inference
+ones (`torchrec.inference.modules.quantize_inference_model`): tables at half or a quarter of
+their size, dense layers unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torch.package import PackageExporter, PackageImporter
+
+from ctnet_rec.config import Config, config_from_dict
+from ctnet_rec.data.contract import validate_periods
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.inference import open_checkpoint, write_scores
+
+log = logging.getLogger(__name__)
+
+TableDtype = Literal["fp32", "fp16", "int8"]
+ARTIFACT, METADATA = "model.pt", "metadata.json"
+PACKAGE, RESOURCE = "ctnet_export", "scorer.pkl"
+QUANT_DTYPES = {"fp16": torch.half, "int8": torch.qint8}
+# what a serving process has installed: imported by the loader, never packaged
+EXTERN = ["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**",
+          "numpy", "numpy.**"]
+
+
+def unsharded_state(state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """A single process's state dict of a sharded model as plain tensors: every shard of a
+    table is local to the one process, assembled at its offsets."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype)
+            covered = 0
+            for shard in value.local_shards():
+                at = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets,
+                                                           shard.metadata.shard_sizes,
+                                                           strict=True))
+                full[at] = shard.tensor.cpu()
+                covered += shard.tensor.numel()
+            if covered != full.numel():
+                raise CheckpointError(f"{source}: table {key!r} is not whole in this process "
+                                      f"({covered} of {full.numel()} values)")
+            value = full
+        elif isinstance(value, DTensor):
+            value = value.full_tensor()
+        out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32") -> Path:
+    """`ckpt` as the artifact DIR/model.pt (with DIR/metadata.json beside it, also inside).
+    Refuses, naming why, a checkpoint that does not load or that it cannot export."""
+    trainer, manifest = open_checkpoint(ckpt)
+    if trainer.env.world_size != 1:
+        raise CheckpointError(f"{ckpt}: export runs in one process (launched with "
+                              f"{trainer.env.world_size}); the checkpoint loads under any "
+                              "world size")
+    managed = sorted(trainer.cfg.features.managed_tables())
+    if managed:
+        raise CheckpointError(f"{ckpt}: tables {managed} map ids with managed collisions, whose "
+                              "id-to-row state lives in the sharded modules; export supports "
+                              "the modulo and hash id policies")
+    module = trainer.build_module(torch.device("cpu"))
+    module.load_state_dict(unsharded_state(trainer.dmp.state_dict(), str(ckpt)))
+    scorer = trainer.scorer(module).eval()
+    if table_dtype != "fp32":
+        from torchrec.inference.modules import quantize_inference_model
+
+        scorer = quantize_inference_model(scorer, quantization_dtype=QUANT_DTYPES[table_dtype])
+    metadata = {
+        "kind": manifest.kind, "trained_through_period": manifest.period,
+        "table_dtype": table_dtype, "checkpoint_digest": manifest.digest(),
+        "sparse_keys": trainer.cfg.features.sparse_keys(),
+        "dense": trainer.cfg.features.dense_names(),
+        "inputs": "KeyedJaggedTensor of table rows (ids mapped by each table's id policy, "
+                  "sequences newest first, truncated to max_len), dense float32 (batch, "
+                  "len(dense)); output: click probabilities (batch,)",
+        "config": dataclasses.asdict(trainer.cfg),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(metadata, indent=1, sort_keys=True)
+    tmp = out / (ARTIFACT + ".tmp")
+    with PackageExporter(str(tmp)) as pe:
+        pe.extern(EXTERN)
+        pe.intern("ctnet_rec.**")
+        pe.save_text(PACKAGE, METADATA, text)
+        pe.save_pickle(PACKAGE, RESOURCE, scorer)
+    tmp.replace(out / ARTIFACT)
+    (out / METADATA).write_text(text + "\n")
+    log.info("%s (%s, tables %s) exported to %s", ckpt, manifest.kind, table_dtype,
+             out / ARTIFACT)
+    return out / ARTIFACT
+
+
+class ExportedModel:
+    """An artifact opened for scoring: its `Scorer` (from the package) and its config."""
+
+    def __init__(self, folder: Path) -> None:
+        path = folder / ARTIFACT
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {ARTIFACT} here (make one with `ctnet export`)")
+        importer = PackageImporter(str(path))
+        self.metadata: dict[str, Any] = json.loads(importer.load_text(PACKAGE, METADATA))
+        self.scorer = importer.load_pickle(PACKAGE, RESOURCE)
+        self.config: Config = config_from_dict(self.metadata["config"])
+
+    @torch.inference_mode()
+    def __call__(self, sparse: Any, dense: torch.Tensor) -> torch.Tensor:
+        return self.scorer(sparse, dense)
+
+
+def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path,
+                   batch_size: int | None = None) -> int:
+    """`ctnet predict --export`: `ctnet predict`'s output, scored by an exported artifact in
+    this process (no process group, no sharding, inference mode). Returns the row count."""
+    model = ExportedModel(folder)
+    cfg = model.config
+    validate_periods(data, domain, [period], cfg.features)
+    reader = ParquetBatchReader(data, domain, [period], cfg.features, cfg.data,
+                                batch_size=batch_size or cfg.train.eval_batch_size,
+                                shuffle=False)
+    parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
+    start = time.perf_counter()
+    for batch in reader:
+        parts["p"].append(model(batch.sparse, batch.dense).double().numpy())
+        parts["labels"].append(batch.labels.double().numpy())
+        parts["users"].append(batch.user_ids.numpy())
+        parts["items"].append(batch.item_ids.numpy())
+    pred = {k: np.concatenate(v) for k, v in parts.items()}
+    write_scores(pred, out, time.perf_counter() - start)
+    return len(pred["p"])

@@ -1,0 +1,122 @@
+"""`ctnet export`: every checkpoint kind as one artifact that scores as the checkpoint does,
+loads where ctnet-rec cannot be imported, and refuses what it cannot export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctnet_rec.cli import main
+from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.experiment.baselines import dual_embedding_init
+from ctnet_rec.serving.export import ARTIFACT, METADATA, ExportedModel, export_checkpoint
+from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.joint import joint_init
+from ctnet_rec.training.transfer import INIT, transfer_init
+
+KINDS = ["tower", "ctnet", "dual embedding", "joint (PLE)"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(towers, tmp_path_factory) -> dict[str, Path]:
+    """A checkpoint of each kind: the trained target tower, and the CTNet, Dual Embedding and
+    joint models deployed from the trained towers (their `init`)."""
+    root = tmp_path_factory.mktemp("kinds")
+    src, tgt = towers.source(1), towers.target(1)
+    transfer_init(towers.cfg, src, tgt, root / "ctnet")
+    return {"tower": tgt, "ctnet": root / "ctnet" / INIT,
+            "dual embedding": dual_embedding_init(towers.cfg, src, tgt, root / "dual"),
+            "joint (PLE)": joint_init(towers.cfg, "PLE", "A", src, tgt, root / "ple")}
+
+
+def _scores(path: Path) -> np.ndarray:
+    return pq.read_table(path)["score"].to_numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_exported_model_scores_as_its_checkpoint(checkpoints, tiny_world, tmp_path, kind):
+    ckpt = checkpoints[kind]
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / ARTIFACT).is_file()
+    meta = json.loads((tmp_path / "x" / METADATA).read_text())
+    assert meta["table_dtype"] == "fp32" and meta["sparse_keys"]
+    common = ["predict", "--data", str(tiny_world), "--domain", "B", "--period", "2",
+              "--batch-size", "300"]
+    assert main([*common, "--ckpt", str(ckpt), "--out", str(tmp_path / "ckpt.parquet")]) == 0
+    assert main([*common, "--export", str(tmp_path / "x"),
+                 "--out", str(tmp_path / "export.parquet")]) == 0
+    by_ckpt, by_export = (pq.read_table(tmp_path / f"{w}.parquet") for w in ("ckpt", "export"))
+    assert by_export.column_names == by_ckpt.column_names
+    for column in ("user_id", "item_id", "label"):
+        assert by_export[column].equals(by_ckpt[column])
+    np.testing.assert_allclose(_scores(tmp_path / "export.parquet"),
+                               _scores(tmp_path / "ckpt.parquet"), rtol=0, atol=1e-5)
+
+
+LOADER = """
+import sys
+sys.modules["ctnet_rec"] = None  # any import of ctnet_rec now fails
+try:
+    import ctnet_rec
+    raise SystemExit("ctnet_rec is importable")
+except ImportError:
+    pass
+import torch, torchrec
+from torch.package import PackageImporter
+from torchrec import KeyedJaggedTensor
+scorer = PackageImporter(sys.argv[1]).load_pickle("ctnet_export", "scorer.pkl")
+batch = torch.load(sys.argv[2], weights_only=True)
+kjt = KeyedJaggedTensor.from_lengths_sync(batch["keys"], batch["values"], batch["lengths"])
+with torch.inference_mode():
+    torch.save(scorer(kjt, batch["dense"]), sys.argv[3])
+assert not any(m == "ctnet_rec" or m.startswith("ctnet_rec.") for m in sys.modules
+               if sys.modules[m] is not None)
+"""
+
+
+def test_a_process_without_ctnet_rec_loads_and_scores_a_ctnet_artifact(checkpoints, towers,
+                                                                        tiny_world, tmp_path):
+    """The CTNet artifact (source, target and adapters) in a process where importing
+    ctnet_rec fails: scores equal to the same artifact's in this process."""
+    export_checkpoint(checkpoints["ctnet"], tmp_path / "x")
+    batch = next(iter(ParquetBatchReader(tiny_world, "B", [2], towers.cfg.features,
+                                         towers.cfg.data, batch_size=200, shuffle=False)))
+    kjt = batch.sparse
+    torch.save({"keys": kjt.keys(), "values": kjt.values(), "lengths": kjt.lengths(),
+                "dense": batch.dense}, tmp_path / "batch.pt")
+    (tmp_path / "load.py").write_text(LOADER)
+    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "x" / ARTIFACT),
+                    str(tmp_path / "batch.pt"), str(tmp_path / "scores.pt")],
+                   check=True, cwd=tmp_path, timeout=300)
+    here = ExportedModel(tmp_path / "x")(batch.sparse, batch.dense)
+    there = torch.load(tmp_path / "scores.pt", weights_only=True)
+    assert there.shape == (200,)
+    torch.testing.assert_close(there, here, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_quantised_tables_score_close_to_fp32(checkpoints, towers, tiny_world, tmp_path, dtype):
+    export_checkpoint(checkpoints["ctnet"], tmp_path / "fp32")
+    export_checkpoint(checkpoints["ctnet"], tmp_path / dtype, dtype)
+    full, small = ExportedModel(tmp_path / "fp32"), ExportedModel(tmp_path / dtype)
+    assert small.metadata["table_dtype"] == dtype
+    kinds = {type(m).__module__ for m in small.scorer.modules()}
+    assert "torchrec.quant.embedding_modules" in kinds  # TorchRec's quantised modules
+    batch = next(iter(ParquetBatchReader(tiny_world, "B", [2], towers.cfg.features,
+                                         towers.cfg.data, batch_size=500, shuffle=False)))
+    diff = (full(batch.sparse, batch.dense) - small(batch.sparse, batch.dense)).abs()
+    assert 0 < float(diff.max()) < 0.02
+
+
+def test_export_refuses_what_it_cannot_load(checkpoints, tmp_path):
+    with pytest.raises(CheckpointError, match="manifest"):
+        export_checkpoint(tmp_path, tmp_path / "x")  # no checkpoint here
+    with pytest.raises(CheckpointError, match="no model.pt"):
+        ExportedModel(tmp_path)
