@@ -8,9 +8,11 @@ consecutive rows of B's periods 6-9, scored one request at a time in inference m
 default threads; the figure is the wall time of `scorer(kjt, dense)` per request (features
 already built: the reader's work is not a serving cost measured here).
 
-Also: offline scoring of the whole period by `ctnet predict --ckpt` (the checkpoint under
-DistributedModelParallel, no_grad) vs `--export` (the artifact, inference mode), rows/s of the
-scoring loop alone, for Base and CTNet.
+Also: per model, the fp16 and int8 artifacts' scores against the fp32 one's (max and mean
+|difference|, AUC change) on the same rows, and each artifact's size; and offline scoring of
+the whole period by `ctnet predict --ckpt` (the checkpoint under DistributedModelParallel,
+no_grad) vs `--export` (the artifact, inference mode), rows/s of the scoring loop alone, for
+Base and CTNet.
 
     python benchmarks/serve.py [--requests 70]
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -32,6 +35,7 @@ from common import DATA, ROOT, require_demo_world, write_result
 
 from ctnet_rec.config import load_config
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.metrics import auc
 from ctnet_rec.serving.export import ExportedModel, export_checkpoint
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.transfer import INIT, transfer_init
@@ -92,6 +96,29 @@ def offline(ckpt: Path, export: ExportedModel) -> dict[str, float]:
             "export_rows_per_s": round(by_export), "speedup": round(by_export / by_ckpt, 2)}
 
 
+def quantised(folder: Path, ckpt: Path, model: ExportedModel) -> dict[str, Any]:
+    """fp16 and int8 tables vs fp32: scores and AUC on the requests' rows, artifact sizes."""
+    cfg = model.config
+    batches = list(ParquetBatchReader(DATA, "B", list(range(SCORED, SCORED + 4)), cfg.features,
+                                      cfg.data, batch_size=cfg.train.eval_batch_size,
+                                      shuffle=False))
+    labels = torch.cat([b.labels for b in batches]).double().numpy()
+    full = torch.cat([model(b.sparse, b.dense) for b in batches]).double().numpy()
+    out: dict[str, Any] = {"fp32": {"artifact_mb": round((folder / "model.pt").stat().st_size
+                                                         / 2**20, 2)}}
+    for dtype in ("fp16", "int8"):
+        small_dir = folder.with_name(folder.name + "-" + dtype)
+        export_checkpoint(ckpt, small_dir, dtype)
+        small = ExportedModel(small_dir)
+        scores = torch.cat([small(b.sparse, b.dense) for b in batches]).double().numpy()
+        diff = abs(scores - full)
+        out[dtype] = {"max_abs_diff": float(f"{diff.max():.2g}"),
+                      "mean_abs_diff": float(f"{diff.mean():.2g}"),
+                      "auc_change": round(auc(labels, scores) - auc(labels, full), 5),
+                      "artifact_mb": round((small_dir / "model.pt").stat().st_size / 2**20, 2)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=70, help="timed requests per batch size")
@@ -100,6 +127,7 @@ def main() -> None:
     require_demo_world()
     results: dict[str, Any] = {}
     scoring: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = checkpoints(args.config, Path(tmp))
         for name, ckpt in ckpts.items():
@@ -107,15 +135,18 @@ def main() -> None:
             export_checkpoint(ckpt, folder)
             model = ExportedModel(folder)
             results[name] = {str(bs): latency(model, bs, args.requests) for bs in BATCHES}
+            tables[name] = quantised(folder, ckpt, model)
             if name != "CTNet, shared long-sequence attention":
                 scoring[name] = offline(ckpt, model)
             print(name, results[name], flush=True)
     base = results["Base"]["512"]["p50_ms"]
     ratio = {name: round(r["512"]["p50_ms"] / base, 3) for name, r in results.items()}
     print("p50 at 512 relative to Base:", ratio)
+    print("table dtypes vs fp32:", json.dumps(tables))
     print("offline scoring:", scoring)
     write_result(RESULT, "serve", __file__, args.config, threads=torch.get_num_threads(),
-                 latency=results, p50_512_vs_base=ratio, offline_scoring=scoring,
+                 latency=results, p50_512_vs_base=ratio, table_dtypes=tables,
+                 offline_scoring=scoring,
                  deployed_from_period=DEPLOY, scored_period=SCORED)
 
 

@@ -42,6 +42,10 @@ def _data_synth(args: argparse.Namespace) -> None:
     from ctnet_rec.data.synth import synthesize
 
     cfg = load_config(args.config)
+    if args.quick:
+        from ctnet_rec.experiment.runner import quick
+
+        cfg = quick(cfg)
     synthesize(cfg.synth, args.out, seed=args.seed)
     log.info("synthetic world written to %s (seed %d)", args.out, args.seed)
 
@@ -246,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="TOML config with a [synth] section")
     s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     s.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
+    s.add_argument("--quick", action="store_true", help="the small world of `ctnet experiment "
+                   "--quick` (600 users, periods 0-4): the config's dynamics at a size that "
+                   "trains in seconds")
     s.set_defaults(func=_data_synth)
 
     ml = dsub.add_parser(

@@ -46,7 +46,7 @@ def _row_step(scale: float) -> torch.Tensor:
 def test_fused_table_adagrad_first_step_has_length_lr_sqrt_dim_whatever_the_gradient():
     """fbgemm's row-wise AdaGrad keeps one sum of squared gradients per row, from 0: the first
     update of a row is lr * g / rms(g), of length lr * sqrt(dim), for a gradient of any size.
-    (What the README's "Deploying without harm" says of the tables.)"""
+    (What docs/training.md, "Deploying without harm", says of the tables.)"""
     small, large = _row_step(1e-2), _row_step(1e2)
     for step in (small, large):
         assert step.norm().item() == pytest.approx(LR * math.sqrt(DIM), rel=1e-3)

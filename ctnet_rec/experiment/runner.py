@@ -93,7 +93,7 @@ class Results:
                                    for d, per in self.finetune_sweep.items()}}
 
 
-QUICK_ROWS = {"A": 8000, "B": 1000, "C": 600}  # impressions per period in --quick
+QUICK_ROWS = {"A": 4000, "B": 1000, "C": 600}  # impressions per period in --quick
 
 
 def quick(cfg: Config) -> Config:
