@@ -353,3 +353,51 @@ def test_weights_gone_non_finite_at_the_end_of_a_period_are_not_saved(
     with pytest.raises(DivergenceError, match="dense weights"):
         train_continual(small_config, tiny_world, "A", [0], tmp_path / "run")
     assert complete_checkpoints(tmp_path / "run") == {}
+
+
+def test_evaluation_at_two_ranks_equals_one_rank(towers, tiny_world, tmp_path):
+    """Each rank scores its share and sends it to rank 0 alone, which computes the metrics:
+    the same numbers as one process scoring everything."""
+    from ctnet_rec.training.inference import evaluate_checkpoint
+
+    ckpt = towers.target(1)
+    out = tmp_path / "eval.json"
+    two_rank_cli("eval", "--ckpt", str(ckpt), "--data", str(tiny_world), "--domain", "B",
+                 "--period", "2", "--out", str(out))
+    two = json.loads(out.read_text())
+    one = evaluate_checkpoint(ckpt, tiny_world, "B", 2)
+    assert two["rows"] == one["rows"] > 0
+    for key in ("auc", "gauc", "logloss", "ne"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
+    for name, sliced in one["slices"].items():
+        assert two["slices"][name]["rows"] == sliced["rows"], name
+
+
+def _gather_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ctnet_rec.training.trainer import from_main, gather_to_main
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        mine = {"p": np.arange(3 + rank, dtype=np.float64) + 10 * rank,
+                "ids": np.full(1 + 2 * rank, rank, dtype=np.int64)}
+        got = gather_to_main(mine, torch.device("cpu"))
+        seen_by = from_main(None if got is None else {k: v.tolist() for k, v in got.items()})
+        Path(out, f"rank{rank}.json").write_text(json.dumps(
+            {"got": None if got is None else {k: v.tolist() for k, v in got.items()},
+             "broadcast": seen_by}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_send_their_rows_to_rank_zero_only(tmp_path):
+    """What evaluation gathers (scores, labels, ids; seen ids) reaches rank 0 alone, each
+    rank's rows in rank order whatever their count; the metrics come back to every rank."""
+    torch.multiprocessing.spawn(_gather_rank, args=(str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    want = {"p": [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0], "ids": [0, 1, 1, 1]}
+    assert zero["got"] == want
+    assert one["got"] is None  # rank 1 never holds rank 0's rows
+    assert zero["broadcast"] == one["broadcast"] == want

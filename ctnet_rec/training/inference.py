@@ -17,7 +17,12 @@ from ctnet_rec.data.contract import validate_periods, write_parquet
 from ctnet_rec.training.checkpoint import CheckpointError, Manifest
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.joint import JOINT, JointTrainer
-from ctnet_rec.training.trainer import DUAL_EMBEDDING, DualEmbeddingTrainer, PeriodTrainer
+from ctnet_rec.training.trainer import (
+    DUAL_EMBEDDING,
+    DualEmbeddingTrainer,
+    PeriodTrainer,
+    from_main,
+)
 from ctnet_rec.training.transfer import CTNET, CTNetTrainer, config_of
 
 log = logging.getLogger(__name__)
@@ -55,9 +60,9 @@ def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Pa
     start = time.perf_counter()
     pred = trainer.predict(data, domain, period, batch_size)
     elapsed = time.perf_counter() - start
-    if trainer.env.is_main:
+    if pred is not None:  # rank 0
         write_scores(pred, out, elapsed)
-    return len(pred["p"])
+    return from_main(len(pred["p"]) if pred is not None else None)
 
 
 def write_scores(pred: dict[str, np.ndarray], out: Path, elapsed: float) -> None:

@@ -35,6 +35,7 @@ from ctnet_rec.training.checkpoint import (
     Manifest,
     complete_checkpoints,
     latest_intact_checkpoint,
+    lineage_entry,
     load_checkpoint,
     period_dir,
     save_checkpoint,
@@ -43,6 +44,7 @@ from ctnet_rec.training.distributed import DistEnv, init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
+from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
 from ctnet_rec.training.run_lock import run_lock
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
@@ -65,10 +67,38 @@ def feature_schema(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+def gather_to_main(arrays: dict[str, np.ndarray],
+                   device: torch.device) -> dict[str, np.ndarray] | None:
+    """Every rank's arrays, each concatenated in rank order, on rank 0; None on the others.
+    Each rank sends its rows once, as tensors (nothing pickled), and only rank 0 ever holds
+    them all: evaluation's memory grows with the period on rank 0 alone."""
+    world = dist.get_world_size()
+    if world == 1:
+        return arrays
+    main = dist.get_rank() == 0
+    out = {}
+    for key, array in arrays.items():
+        local = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(local)], device=device))
+        counts = [int(s) for s in sizes]
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(world)] if main else None
+        dist.gather(padded, parts, dst=0)
+        if parts is not None:
+            out[key] = np.concatenate([p[:n].cpu().numpy() for p, n in zip(parts, counts,
+                                                                           strict=True)])
+    return out if main else None
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` (a small object: metrics, a count) on every rank."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class DivergenceError(ValueError):
@@ -211,9 +241,11 @@ class PeriodTrainer:
             if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
                 self._log_progress(bar, sums.get(domain, acc), sums, start)
         self._average_batchnorm_statistics()
-        seen = _gather({"users": np.unique(np.concatenate(users)),
-                        "items": np.unique(np.concatenate(items))})
-        self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
+        # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
+        seen = gather_to_main({"users": np.unique(np.concatenate(users)),
+                               "items": np.unique(np.concatenate(items))}, self.env.device)
+        if seen is not None:
+            self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
         elapsed = time.perf_counter() - start
         domains = sorted(sums)  # the same on every rank: every rank reads every domain
         stats = torch.stack([torch.stack([sums[d][0], sums[d][0].new_tensor(sums[d][1])])
@@ -272,9 +304,9 @@ class PeriodTrainer:
 
     @torch.no_grad()
     def predict(self, root: Path, domain: str, period: int,
-                batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Scores of a period's rows in file order (each rank scores a contiguous share;
-        gathered on every rank), in eval mode.
+                batch_size: int | None = None) -> dict[str, np.ndarray] | None:
+        """Scores of a period's rows in file order, in eval mode: each rank scores a
+        contiguous share, gathered on rank 0 (None on the other ranks).
 
         no_grad, not inference_mode: on CPU, fbgemm's fused table lookup is registered only
         behind the autograd dispatch key, and inference_mode skips that key."""
@@ -287,16 +319,21 @@ class PeriodTrainer:
             parts["labels"].append(batch.labels.cpu().double().numpy())
             parts["users"].append(batch.user_ids.cpu().numpy())
             parts["items"].append(batch.item_ids.cpu().numpy())
-        return _gather({k: np.concatenate(v) for k, v in parts.items()})
+        return gather_to_main({k: np.concatenate(v) for k, v in parts.items()},
+                              self.env.device)
 
     def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+        """The period's metrics, computed on rank 0 and returned on every rank."""
         pred = self.predict(root, domain, period)
-        oracle = None
-        opath = oracle_path(root, domain, period)
-        if opath.exists():  # ranks read contiguous shares in file order: rows line up
-            oracle = pq.read_table(opath, columns=[ORACLE_COLUMN])[ORACLE_COLUMN].to_numpy()
-        return evaluate_predictions(pred["labels"], pred["p"], pred["users"], pred["items"],
-                                    self.seen, oracle)
+        metrics = None
+        if pred is not None:
+            oracle = None
+            opath = oracle_path(root, domain, period)
+            if opath.exists():  # ranks read contiguous shares in file order: rows line up
+                oracle = pq.read_table(opath, columns=[ORACLE_COLUMN])[ORACLE_COLUMN].to_numpy()
+            metrics = evaluate_predictions(pred["labels"], pred["p"], pred["users"],
+                                           pred["items"], self.seen, oracle)
+        return from_main(metrics)
 
 
 class DualEmbeddingTrainer(PeriodTrainer):
@@ -319,14 +356,15 @@ class DualEmbeddingTrainer(PeriodTrainer):
 
 def _write_metrics(run: Path) -> None:
     """metrics.jsonl, rebuilt from the checkpoints' manifests (crash-safe: a line exists
-    exactly when its checkpoint is complete)."""
-    lines = []
-    for folder in sorted((run / "checkpoints").glob("period=*"),
-                         key=lambda p: int(p.name.split("=")[1])):
-        if (folder / "manifest.json").exists():
-            m = Manifest.read(folder)
-            lines.append(json.dumps({"period": m.period, **m.metrics}, sort_keys=True))
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    exactly when its checkpoint is complete) and the lines of periods retention pruned."""
+    lines = {}
+    pruned = run / PRUNED_METRICS
+    if pruned.exists():
+        lines = {json.loads(x)["period"]: x for x in pruned.read_text().splitlines()}
+    for period, folder in complete_checkpoints(run).items():
+        m = Manifest.read(folder)
+        lines[period] = json.dumps({"period": m.period, **m.metrics}, sort_keys=True)
+    (run / "metrics.jsonl").write_text("".join(lines[t] + "\n" for t in sorted(lines)))
 
 
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
@@ -359,6 +397,7 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
         if env.is_main:
             shutil.rmtree(run / "checkpoints")
             (run / "metrics.jsonl").unlink(missing_ok=True)
+            (run / PRUNED_METRICS).unlink(missing_ok=True)
         dist.barrier()
     trainer = trainer_cls(cfg, env)
     for read in trainer.domains_read(domain):  # refuse bad data before training
@@ -376,7 +415,9 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    lineage = {"init": str(init) if init else None, "resumed_after": start}
+    # relative to the checkpoints (all at one depth), like every lineage entry
+    lineage = {"init": lineage_entry(period_dir(run, 0), init) if init else None,
+               "resumed_after": start}
     return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
 
 
@@ -423,6 +464,7 @@ def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[
         if trainer.sink is not None:
             trainer.sink.period(t, metrics)
         if trainer.env.is_main:
+            prune_checkpoints(run, trainer.cfg.train.keep_checkpoints)
             _write_metrics(run)
             ev = metrics.get("eval", {})
             log.info("period %d: %d rows, %.0f samples/s, loss %.4f, next-period AUC %s GAUC %s",
