@@ -21,7 +21,7 @@ from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.id_mapping import PeriodEvictionPolicy, set_period
 from ctnet_rec.modules.tower import Tower
-from ctnet_rec.training.checkpoint import CheckpointError, latest_checkpoint, lineage_path
+from ctnet_rec.training.checkpoint import latest_checkpoint, lineage_path
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import PeriodTrainer, train_continual
@@ -290,8 +290,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
 
 
-def test_export_refuses_managed_id_tables_naming_them(managed_run, tmp_path):
-    from ctnet_rec.serving.export import export_checkpoint
+def test_a_managed_id_checkpoint_exports_with_its_id_map(managed_run, tiny_world, tmp_path):
+    """The artifact carries each managed table's id-to-row map: it scores as the checkpoint."""
+    import numpy as np
+    import pyarrow.parquet as pq
 
-    with pytest.raises(CheckpointError, match="'user'.*managed collisions"):
-        export_checkpoint(latest_checkpoint(managed_run), tmp_path / "x")
+    from ctnet_rec.cli import main
+
+    ckpt = str(latest_checkpoint(managed_run))
+    common = ["predict", "--data", str(tiny_world), "--domain", "B", "--period", "3"]
+    assert main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "x")]) == 0
+    assert main([*common, "--ckpt", ckpt, "--out", str(tmp_path / "a.parquet")]) == 0
+    assert main([*common, "--export", str(tmp_path / "x"),
+                 "--out", str(tmp_path / "b.parquet")]) == 0
+    a, b = (pq.read_table(tmp_path / f"{w}.parquet")["score"].to_numpy() for w in "ab")
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)

@@ -33,6 +33,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torch.package import PackageExporter, PackageImporter
+from torchrec.modules.mc_modules import ManagedCollisionModule
 
 from ctnet_rec.config import Config, config_from_dict
 from ctnet_rec.data.contract import validate_periods
@@ -83,14 +84,12 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32") -
         raise CheckpointError(f"{ckpt}: export runs in one process (launched with "
                               f"{trainer.env.world_size}); the checkpoint loads under any "
                               "world size")
-    managed = sorted(trainer.cfg.features.managed_tables())
-    if managed:
-        raise CheckpointError(f"{ckpt}: tables {managed} map ids with managed collisions, whose "
-                              "id-to-row state lives in the sharded modules; export supports "
-                              "the modulo and hash id policies")
     module = trainer.build_module(torch.device("cpu"))
     module.load_state_dict(unsharded_state(trainer.dmp.state_dict(), str(ckpt)))
     scorer = trainer.scorer(module).eval()
+    for m in scorer.modules():  # managed-id maps register a local function, which does not
+        if isinstance(m, ManagedCollisionModule):  # pickle; an artifact loads no state dict
+            m._load_state_dict_post_hooks.clear()
     if table_dtype != "fp32":
         from torchrec.inference.modules import quantize_inference_model
 
