@@ -38,9 +38,10 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import Config, load_config
 from ctnet_rec.data.batch import Batch
+from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
-from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.distributed import init_distributed
 from sharding.tower import average_dense_gradients, dense_parameters, shard_model
 
 RESULT = ROOT / "benchmarks" / "results" / "ctnet_step.json"

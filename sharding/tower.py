@@ -29,7 +29,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from ctnet_rec.config import ConfigError, ShardingConfig
-from ctnet_rec.training.distributed import DistEnv
+from ctnet_rec.dist_env import DistEnv
 from sharding.managed_ids import ManagedBagSharder, ManagedSequenceSharder
 
 

@@ -154,3 +154,19 @@ def test_a_misplaced_buffer_is_refused_naming_it(towers):
     dmp.module.mlp.out.weight = torch.nn.Parameter(dmp.module.mlp.out.weight.to("meta"))
     with pytest.raises(PlacementError, match=r"parameter 'mlp.out.weight' is on meta"):
         check_placement(dmp, env.device)
+
+
+def test_sharding_imports_nothing_above_it():
+    """Layers: modules and the process's placement (DistEnv) below sharding/, the training
+    loop, the experiment and the command line above it: no import runs back up."""
+    import ast
+    from pathlib import Path
+
+    above = ("ctnet_rec.training", "ctnet_rec.experiment", "ctnet_rec.cli", "ctnet_rec.serving",
+             "launch")
+    for path in (Path(__file__).resolve().parents[1] / "sharding").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert not name.startswith(above), f"{path.name} imports {name}"

@@ -8,26 +8,15 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ctnet_rec.config import ConfigError
+from ctnet_rec.dist_env import DistEnv
 
 LOOPBACK = "lo"
 GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ctnet_rec.config import Config
+from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
 from ctnet_rec.modules.scorer import Scorer
@@ -32,7 +33,7 @@ from ctnet_rec.training.checkpoint import (
     read_seen_ids,
     saved_entries,
 )
-from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
 from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
 

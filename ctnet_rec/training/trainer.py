@@ -26,6 +26,7 @@ from ctnet_rec.config import Config, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.scorer import Scorer
@@ -40,7 +41,7 @@ from ctnet_rec.training.checkpoint import (
     period_dir,
     save_checkpoint,
 )
-from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams

@@ -30,6 +30,7 @@ from ctnet_rec.config import (
     ShardingConfig,
     recorded_config,
 )
+from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.ctnet import CTNet, build_ctnet
 from ctnet_rec.training.checkpoint import (
     MANIFEST,
@@ -42,7 +43,7 @@ from ctnet_rec.training.checkpoint import (
     load_into_submodule,
     read_seen_ids,
 )
-from ctnet_rec.training.distributed import DistEnv, init_distributed
+from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.optim import NamedParams
 from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
