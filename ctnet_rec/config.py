@@ -484,12 +484,17 @@ class TrainConfig:
     # keep a run's newest K period checkpoints (0: all), never one a lineage in the same runs
     # root names (a CTNet run's source checkpoints); pruned periods keep their metrics lines
     keep_checkpoints: int = 0
+    # also checkpoint inside a period every this many rows (all ranks together; 0: at period
+    # ends only): a job killed mid-period resumes there (`--resume`) instead of at its start
+    checkpoint_every_rows: int = 0
 
     def validate(self, key: str) -> None:
         self.tables.validate(f"{key}.tables")
         self.dense.validate(f"{key}.dense")
         _check(self.eval_batch_size > 0, f"{key}.eval_batch_size", "must be > 0")
         _check(self.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0 (0: all)")
+        _check(self.checkpoint_every_rows >= 0, f"{key}.checkpoint_every_rows",
+               "must be >= 0 (0: at period ends only)")
         _check(0 <= self.seed < 2**32, f"{key}.seed", "must be in [0, 2^32) (numpy's seeds)")
 
 

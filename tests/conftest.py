@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -126,24 +127,56 @@ def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers
     return Towers(cfg, path, root / "A", root / "B")
 
 
-def two_rank_cli(*args: str, timeout: int = 300) -> str:
-    """`ctnet ARGS` under torchrun with 2 gloo ranks on this host; fails the test unless it
-    succeeds, and never leaves ranks behind, even on a hang. Returns its output."""
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_family(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant (torchrun's workers may not share its group)."""
+    family = descendants(proc.pid)
+    for pid in [proc.pid, *family]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def two_rank_process(*args: str) -> subprocess.Popen:
+    """`ctnet ARGS` started under torchrun with 2 gloo ranks on this host, in a session of
+    its own; `kill_family` ends it and its ranks."""
     with socket.socket() as s:  # torchrun's --master-port 0 hangs: pick a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "ctnet_rec.cli",
            *args]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def two_rank_cli(*args: str, timeout: int = 300) -> str:
+    """`ctnet ARGS` under torchrun with 2 gloo ranks on this host; fails the test unless it
+    succeeds, and never leaves ranks behind, even on a hang. Returns its output."""
+    proc = two_rank_process(*args)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_family(proc)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
     return text

@@ -22,6 +22,8 @@ from ctnet_rec.cli import main
 from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints
 from launch.components import evaluate, predict, train, transfer
 
+from .conftest import descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -178,26 +180,8 @@ def test_a_two_rank_checkpoint_predicts_the_same_under_any_world_size_and_plan(
         np.testing.assert_allclose(s, reference, atol=1e-6, err_msg=name)
 
 
-def _children(pid: int) -> list[int]:
-    """Every live descendant of `pid`."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, parent in parents.items() if parent in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
 def _rank_pid(pid: int, rank: int) -> int | None:
-    for child in _children(pid):
+    for child in descendants(pid):
         try:
             environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
@@ -264,10 +248,10 @@ def test_a_killed_rank_ends_the_job_and_resume_reaches_the_same_metrics(
     try:
         deadline = time.monotonic() + 240
         while not complete_checkpoints(killed) and time.monotonic() < deadline:
-            family = sorted(set(family) | set(_children(proc.pid)))
+            family = sorted(set(family) | set(descendants(proc.pid)))
             time.sleep(0.2)
         assert complete_checkpoints(killed), "period 0 never finished"
-        family = sorted(set(family) | set(_children(proc.pid)))
+        family = sorted(set(family) | set(descendants(proc.pid)))
         listening = {p: _listening([p]) for p in family}
         workers = {p for p in family if b"ctnet_rec.cli" in Path(f"/proc/{p}/cmdline").read_bytes()
                    and b"torchrun" not in Path(f"/proc/{p}/cmdline").read_bytes()}

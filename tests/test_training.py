@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from ctnet_rec.training.checkpoint import (
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import DivergenceError, PeriodTrainer, train_continual
 
-from .conftest import DEMO_CONFIG, two_rank_cli
+from .conftest import DEMO_CONFIG, kill_family, two_rank_cli, two_rank_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = """
@@ -148,7 +148,26 @@ def test_killed_run_resumes_to_the_same_metrics(trained_run, tiny_world, small_c
         assert g["eval"]["gauc"] == pytest.approx(w["eval"]["gauc"], abs=1e-6)
 
 
-def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_config(small_config_path, tmp_path_factory) -> Path:
+    """The small config at 2 ranks: half the per-rank batch keeps the global batch size of the
+    1-process run."""
+    path = tmp_path_factory.mktemp("two") / "two.toml"
+    path.write_text(small_config_path.read_text().replace("batch_size = 256",
+                                                          "batch_size = 128"))
+    assert load_config(path).data.batch_size == 128
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(two_rank_config, tiny_world, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("two") / "run"
+    two_rank_cli("train", "--config", str(two_rank_config), "--data", str(tiny_world),
+                 "--domain", "A", "--periods", "0:3", "--run-dir", str(run))
+    return run
+
+
+def test_two_process_gloo_run(trained_run, two_rank_run, two_rank_config, tiny_world):
     """2 ranks, each reading half of every period with half the batch size, so a step's global
     batch has the 1-process size and gradients are averaged the same way. Two things differ,
     both legitimately: which rows share a step (each rank shuffles its own half) and the
@@ -161,15 +180,7 @@ def test_two_process_gloo_run(trained_run, tiny_world, small_config_path, tmp_pa
     The 2-rank checkpoint then loads at 1 rank and scores the next period exactly as the
     2-rank job did (same weights, eval mode: to float32's precision, as the halves' batches
     round their last bits differently)."""
-    run = tmp_path / "two"
-    cfg = tomllib.loads(small_config_path.read_text())
-    cfg_path = tmp_path / "two.toml"
-    # half the per-rank batch keeps the global batch size of the 1-process run
-    cfg_path.write_text(small_config_path.read_text().replace("batch_size = 256",
-                                                              "batch_size = 128"))
-    assert cfg["data"]["batch_size"] == 256
-    two_rank_cli("train", "--config", str(cfg_path), "--data", str(tiny_world), "--domain",
-                 "A", "--periods", "0:3", "--run-dir", str(run))
+    run, cfg_path = two_rank_run, two_rank_config
     got, want = _metrics(run), _metrics(trained_run)
     manifest = json.loads((run / "checkpoints" / "period=2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
@@ -401,3 +412,70 @@ def test_ranks_send_their_rows_to_rank_zero_only(tmp_path):
     assert zero["got"] == want
     assert one["got"] is None  # rank 1 never holds rank 0's rows
     assert zero["broadcast"] == one["broadcast"] == want
+
+
+def _inside_period(run: Path, period: int) -> bool:
+    manifest = run / "checkpoints" / "mid-period" / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text())["period"] == period
+
+
+def _every_rows(config: Path, tmp_path: Path, rows: int) -> Path:
+    path = tmp_path / f"every-{rows}-{config.name}"
+    path.write_text(config.read_text().replace("[train]\n",
+                                               f"[train]\ncheckpoint_every_rows = {rows}\n"))
+    assert load_config(path).train.checkpoint_every_rows == rows
+    return path
+
+
+def _assert_same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [m["period"] for m in got] == [m["period"] for m in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["train_rows"] == w["train_rows"]
+        assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
+        assert g["eval"]["auc"] == pytest.approx(w["eval"]["auc"], abs=1e-6)
+        assert g["eval"]["gauc"] == pytest.approx(w["eval"]["gauc"], abs=1e-6)
+
+
+def test_a_run_killed_inside_a_period_resumes_there(trained_run, tiny_world,
+                                                     small_config_path, tmp_path, caplog):
+    """`checkpoint_every_rows`: SIGKILL inside period 1 after a mid-period checkpoint, resume:
+    the run continues inside the period (the reader moved past the trained batches) and ends
+    with the uninterrupted run's metrics, to 1e-6."""
+    from ctnet_rec.cli import main
+
+    run = tmp_path / "killed"
+    args = ["train", "--config", str(_every_rows(small_config_path, tmp_path, 1500)),
+            "--data", str(tiny_world), "--domain", "A", "--periods", "0:3", "--run", str(run)]
+    proc = subprocess.Popen(_ctnet(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _inside_period(run, 1):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sorted(complete_checkpoints(run)) == [0]
+    with caplog.at_level(logging.INFO, logger="ctnet_rec.training.trainer"):
+        assert main([*args, "--resume"]) == 0
+    assert "resuming inside period 1" in caplog.text
+    assert not (run / "checkpoints" / "mid-period").exists()  # gone once the period ends
+    _assert_same_metrics(_metrics(run), _metrics(trained_run))
+
+
+def test_two_ranks_killed_inside_a_period_resume_there(two_rank_run, two_rank_config,
+                                                       tiny_world, tmp_path):
+    run = tmp_path / "killed"
+    args = ["train", "--config", str(_every_rows(two_rank_config, tmp_path, 1500)),
+            "--data", str(tiny_world), "--domain", "A", "--periods", "0:3",
+            "--run-dir", str(run)]
+    proc = two_rank_process(*args)
+    try:
+        deadline = time.time() + 180
+        while not _inside_period(run, 1):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        kill_family(proc)
+    assert sorted(complete_checkpoints(run)) == [0]
+    out = two_rank_cli(*args, "--resume")
+    assert "resuming inside period 1" in out
+    _assert_same_metrics(_metrics(run), _metrics(two_rank_run))

@@ -118,8 +118,10 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
-                    seen: dict[str, np.ndarray]) -> None:
-    """Collective: every rank writes its shards; rank 0 completes and renames."""
+                    seen: dict[str, np.ndarray],
+                    per_rank: dict[str, np.ndarray] | None = None) -> None:
+    """Collective: every rank writes its shards (and `per_rank`, its own arrays, as
+    `rank<r>.npz`); rank 0 completes and renames."""
     tmp = folder.with_name(folder.name + ".partial")
     rank = dist.get_rank()
     if rank == 0:
@@ -127,6 +129,8 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
+    if per_rank is not None:
+        np.savez(tmp / f"rank{rank}.npz", **per_rank)
     dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:

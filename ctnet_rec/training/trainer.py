@@ -102,6 +102,21 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
+MID_PERIOD = "mid-period"  # RUN/checkpoints/mid-period: the newest checkpoint inside a period
+
+
+@dataclasses.dataclass
+class Position:
+    """How far a period's pass had got at its mid-period checkpoint, on this rank."""
+
+    period: int
+    steps: int  # steps taken (every rank takes as many)
+    rows_trained: int  # the run's rows before the period (TensorBoard's axis)
+    sums: dict[str, tuple[float, int]]  # per domain: loss sum, rows
+    users: np.ndarray  # the ids seen so far in the period
+    items: np.ndarray
+
+
 class DivergenceError(ValueError):
     """Training diverged (a non-finite loss); nothing of the period was saved."""
 
@@ -124,6 +139,8 @@ class PeriodTrainer:
         self.schema = feature_schema(cfg)
         self.sink: TensorBoardSink | None = None  # set by run_periods on rank 0
         self.rows_trained = 0  # in the run so far: TensorBoard's training axis
+        self.run: Path | None = None  # set by run_periods: where mid-period checkpoints go
+        self.position: Position | None = None  # where a resumed period's pass continues
 
     def build_module(self, device: torch.device) -> torch.nn.Module:
         """The model, unsharded, its parameters on `device` ("meta": to be sharded)."""
@@ -161,9 +178,10 @@ class PeriodTrainer:
                         lineage=lineage, config=dataclasses.asdict(self.cfg))
 
     def save(self, folder: Path, period: int, metrics: dict[str, Any],
-             lineage: dict[str, Any] | None = None) -> None:
+             lineage: dict[str, Any] | None = None,
+             per_rank: dict[str, np.ndarray] | None = None) -> None:
         save_checkpoint(folder, self.state(), self.manifest(period, metrics, lineage or {}),
-                        self.seen)
+                        self.seen, per_rank)
 
     def restore(self, folder: Path) -> Manifest:
         manifest = Manifest.read(folder)
@@ -221,10 +239,19 @@ class PeriodTrainer:
         set_period(self.dmp, period)
         users, items = [], []
         sums: dict[str, list[Any]] = {}  # per domain: loss sum (a device tensor), rows
+        done, self.position = (self.position, None) if self.position is not None and \
+            self.position.period == period else (None, self.position)
+        if done is not None:  # a mid-period checkpoint's pass so far
+            users, items, self.rows_trained = [done.users], [done.items], done.rows_trained
+            sums = {d: [torch.tensor(loss, dtype=torch.float64, device=self.env.device), n]
+                    for d, (loss, n) in done.sums.items()}
+        every = self.mid_period_steps()
         start = time.perf_counter()
         bar = tqdm(steps, total=total, desc=f"{domain} period {period}", unit="batch",
                    disable=not (self.env.is_main and sys.stderr.isatty()), leave=False)
         for step, (step_domain, host_batch) in enumerate(bar):
+            if done is not None and step < done.steps:
+                continue  # trained before the checkpoint: the reader only moves past it
             batch = host_batch.to(self.env.device)
             loss = F.binary_cross_entropy_with_logits(self.logits(batch, step_domain),
                                                       batch.labels)
@@ -241,6 +268,8 @@ class PeriodTrainer:
                 items.append(host_batch.item_ids.numpy())
             if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
                 self._log_progress(bar, sums.get(domain, acc), sums, start)
+            if every and (step + 1) % every == 0 and step + 1 < total:
+                self._save_position(period, step + 1, sums, users, items)
         self._average_batchnorm_statistics()
         # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
         seen = gather_to_main({"users": np.unique(np.concatenate(users)),
@@ -274,6 +303,61 @@ class PeriodTrainer:
             metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
         return metrics
 
+    def mid_period_steps(self) -> int:
+        """Steps between mid-period checkpoints (0: none): `checkpoint_every_rows` over the
+        rows a step trains on all ranks, when run_periods drives the training."""
+        rows = self.cfg.train.checkpoint_every_rows
+        if not rows or self.run is None:
+            return 0
+        return max(1, math.ceil(rows / (self.cfg.data.batch_size * self.env.world_size)))
+
+    def _save_position(self, period: int, steps: int, sums: dict[str, list[Any]],
+                       users: list[np.ndarray], items: list[np.ndarray]) -> None:
+        """A checkpoint inside `period` after `steps` steps (collective), with each rank's
+        pass so far: its loss sums and rows per domain, the ids it has seen."""
+        assert self.run is not None
+        names = sorted(sums)
+        empty = np.zeros(0, np.int64)
+        self.save(self.run / "checkpoints" / MID_PERIOD, period, {"steps": steps}, per_rank={
+            "steps": np.array(steps), "rows_trained": np.array(self.rows_trained),
+            "domains": np.array(names), "loss": np.array([float(sums[d][0]) for d in names]),
+            "rows": np.array([sums[d][1] for d in names], dtype=np.int64),
+            "users": np.concatenate(users) if users else empty,
+            "items": np.concatenate(items) if items else empty,
+            # each rank's own batch-norm statistics (averaged only at the period's end; the
+            # checkpoint's model holds rank 0's)
+            **{f"bn/{k}": v.cpu().numpy() for k, v in self._batchnorm_statistics().items()}})
+
+    def _batchnorm_statistics(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{b}": buf for name, m in self.dmp.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                for b, buf in m.named_buffers(recurse=False)}
+
+    def resume_inside(self, run: Path, period: int) -> None:
+        """Continue `period` from its mid-period checkpoint in `run`, where there is one of
+        this period at this world size (each rank has its own pass so far); otherwise the
+        period starts over."""
+        folder = run / "checkpoints" / MID_PERIOD
+        if not (folder / "manifest.json").exists():
+            return
+        manifest = Manifest.read(folder)
+        if manifest.period != period or manifest.world_size != self.env.world_size:
+            log.warning("%s: inside period %d at world size %d; training period %d at %d: the "
+                        "period starts over", folder, manifest.period, manifest.world_size,
+                        period, self.env.world_size)
+            return
+        self.restore(folder)
+        with np.load(folder / f"rank{self.env.rank}.npz") as z:
+            self.position = Position(
+                period, int(z["steps"]), int(z["rows_trained"]),
+                {str(d): (float(x), int(n)) for d, x, n in zip(z["domains"], z["loss"], z["rows"],
+                                                                strict=True)},
+                z["users"], z["items"])
+            with torch.no_grad():
+                for key, buf in self._batchnorm_statistics().items():
+                    buf.copy_(torch.from_numpy(z[f"bn/{key}"]))
+        log.info("resuming inside period %d after %d of its steps", period, self.position.steps)
+
     def _log_progress(self, bar: tqdm, acc: list[Any], sums: dict[str, list[Any]],
                       start: float) -> None:
         """The period's running loss (of the trained domain) and speed, to the bar and to
@@ -296,12 +380,10 @@ class PeriodTrainer:
         rank score with the same model, and the checkpoint hold that model."""
         if self.env.world_size == 1:
             return
-        for module in self.dmp.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
-                    module.track_running_stats:
-                for buf in (module.running_mean, module.running_var):
-                    dist.all_reduce(buf)
-                    buf /= self.env.world_size
+        for key, buf in self._batchnorm_statistics().items():
+            if key.endswith(("running_mean", "running_var")):
+                dist.all_reduce(buf)
+                buf /= self.env.world_size
 
     @torch.no_grad()
     def predict(self, root: Path, domain: str, period: int,
@@ -390,10 +472,12 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
                      trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
                      overwrite: bool) -> list[dict[str, Any]]:
     existing = sorted(complete_checkpoints(run))
-    if existing and not resume:
+    inside = (run / "checkpoints" / MID_PERIOD / "manifest.json").exists()
+    if (existing or inside) and not resume:
         if not overwrite:
             raise CheckpointError(
-                f"{run}: holds checkpoints of periods {existing}; --resume continues after "
+                f"{run}: holds checkpoints of periods {existing}"
+                f"{' and one inside a period' if inside else ''}; --resume continues after "
                 "them, --overwrite replaces them")
         if env.is_main:
             shutil.rmtree(run / "checkpoints")
@@ -435,6 +519,9 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
     record), train one pass, evaluate on t + 1 when it exists (and `evaluate`), checkpoint,
     rewrite metrics.jsonl. Returns the periods' metrics."""
     available = list_periods(data, domain)
+    trainer.run = run
+    if periods:
+        trainer.resume_inside(run, periods[0])
     if trainer.env.is_main and periods:
         trainer.sink = TensorBoardSink(run)
         done = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
@@ -465,6 +552,7 @@ def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[
         if trainer.sink is not None:
             trainer.sink.period(t, metrics)
         if trainer.env.is_main:
+            shutil.rmtree(run / "checkpoints" / MID_PERIOD, ignore_errors=True)
             prune_checkpoints(run, trainer.cfg.train.keep_checkpoints)
             _write_metrics(run)
             ev = metrics.get("eval", {})

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -133,12 +134,12 @@ class CTNetTrainer(PeriodTrainer):
         return state
 
     def save(self, folder: Path, period: int, metrics: dict[str, Any],
-             lineage: dict[str, Any] | None = None) -> None:
+             lineage: dict[str, Any] | None = None,
+             per_rank: dict[str, np.ndarray] | None = None) -> None:
         """As any checkpoint, with the source checkpoint named relative to `folder`."""
         assert self.source_ckpt is not None, "a CTNet is saved with its source loaded"
-        super().save(folder, period, metrics,
-                     {**(lineage or {}),
-                      "source_checkpoint": lineage_entry(folder, self.source_ckpt)})
+        source = {"source_checkpoint": lineage_entry(folder, self.source_ckpt)}
+        super().save(folder, period, metrics, {**(lineage or {}), **source}, per_rank)
 
     def load_source(self, folder: Path) -> None:
         """Source tower transfer: the source tower's weights become the checkpoint's; nothing
