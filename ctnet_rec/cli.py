@@ -142,10 +142,11 @@ def _plan(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
+    kind = "ctnet" if args.ctnet else args.kind
     source = (load_config(args.source_config) if args.source_config else cfg) \
-        if args.ctnet else None
+        if kind == "ctnet" else None
     plan = plan_tables(cfg, args.world_size, args.device, args.hbm_gb, args.ddr_gb,
-                       args.local_world_size, source)
+                       args.local_world_size, source, kind)
     print(format_plan(plan))
 
 
@@ -201,8 +202,7 @@ def _sharding(args: argparse.Namespace,
 
 def _recorded_sharding(ckpt: Path) -> ShardingConfig:
     """The [sharding] a checkpoint was trained under (from its manifest)."""
-    from ctnet_rec.training.checkpoint import Manifest
-    from ctnet_rec.training.transfer import config_of
+    from ctnet_rec.training.checkpoint import Manifest, config_of
 
     return config_of(Manifest.read(ckpt), ckpt).sharding
 
@@ -408,8 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     pl.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank, GiB")
     pl.add_argument("--ddr-gb", type=float, default=512.0, help="host memory per rank, GiB")
+    joint = ", ".join(f"joint:{m}" for m in typing.get_args(JointBaseline))
+    pl.add_argument("--kind", default="tower",
+                    help="the model whose tables are planned: tower (default), ctnet, "
+                    f"dual_embedding or a joint model ({joint}); joint models and Dual "
+                    "Embedding bring their extra tables")
     pl.add_argument("--ctnet", action="store_true",
-                    help="plan CTNet: the config's tower plus a read-only source tower")
+                    help="plan CTNet (--kind ctnet): the config's tower plus a read-only "
+                    "source tower")
     pl.add_argument("--source-config", help="the source tower's config (default: CONFIG)")
     _sharding_argument(pl)
     pl.set_defaults(func=_plan)

@@ -29,8 +29,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
 
 from ctnet_rec.config import Config, ConfigError
-from ctnet_rec.modules.ctnet import build_ctnet
-from ctnet_rec.modules.tower import Tower
+from ctnet_rec.modules.kinds import CTNET, TOWER, ModelSpec, build_module, frozen_part
 from sharding.tower import (
     planner_for,
     prepare_for_planning,
@@ -108,13 +107,13 @@ class _BestPlan(Stats):
         self.options = list(best_plan)
 
 
-def _model(cfg: Config, source_cfg: Config | None) -> tuple[nn.Module, nn.Module | None]:
-    meta = torch.device("meta")
-    if source_cfg is None:
-        return Tower(cfg.features, cfg.model, device=meta), None
-    net = build_ctnet((source_cfg.features, source_cfg.model), (cfg.features, cfg.model),
-                      cfg.ctnet, meta, cfg.sharding.source_table_dtype)
-    return net, net.source
+def _model(cfg: Config, source_cfg: Config | None, kind: str) -> tuple[nn.Module,
+                                                                       nn.Module | None]:
+    try:
+        net = build_module(ModelSpec(kind, cfg, source_cfg), torch.device("meta"))
+    except ValueError as e:
+        raise ConfigError(f"ctnet plan: {e}") from None
+    return net, frozen_part(net)
 
 
 def _storage(shard: Any, device: str) -> int:
@@ -141,11 +140,13 @@ def _id_map_bytes_per_row(model: nn.Module) -> dict[tuple[str, str], int]:
 
 def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb: float,
                 local_world_size: int | None = None,
-                source_cfg: Config | None = None) -> Plan:
-    """Plan the tables of `cfg`'s tower (or, with `source_cfg`, of CTNet with that source
-    tower, whose tables are read-only) for `world_size` ranks of `hbm_gb` / `ddr_gb` each."""
+                source_cfg: Config | None = None, kind: str | None = None) -> Plan:
+    """Plan the tables of a model of `kind` (modules/kinds.py; default: `cfg`'s tower, or with
+    `source_cfg` CTNet with that source tower, whose tables are read-only) for `world_size`
+    ranks of `hbm_gb` / `ddr_gb` each."""
     start = time.perf_counter()
-    model, frozen = _model(cfg, source_cfg)
+    kind = kind or (CTNET if source_cfg is not None else TOWER)
+    model, frozen = _model(cfg, source_cfg, kind)
     prepare_for_planning(model, cfg.sharding, device, world_size, cfg.train.tables.lr, frozen)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=world_size,

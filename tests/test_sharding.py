@@ -170,3 +170,27 @@ def test_sharding_imports_nothing_above_it():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             for name in names:
                 assert not name.startswith(above), f"{path.name} imports {name}"
+
+
+def test_plan_covers_every_model_kind(demo_config, caplog):
+    """`ctnet plan --kind`: every kind's tables from the one table of model kinds: Dual
+    Embedding's second id tables, a joint model's per-task tables, CTNet's read-only source."""
+    from ctnet_rec.modules.kinds import kind_names
+
+    def tables(kind: str) -> set[str]:
+        plan = plan_tables(demo_config, 4, "cuda", 80, 512, kind=kind,
+                           source_cfg=demo_config if kind == "ctnet" else None)
+        return {f"{p.module}.{p.table}" for p in plan.tables}
+
+    tower = tables("tower")
+    assert len(tower) == 7
+    assert {"dual.dual_user", "dual.dual_item"} <= tables("dual_embedding")
+    assert len(tables("ctnet")) == 2 * len(tower)
+    assert len(tables("joint:DDTCDR")) == 2 * len(tower)  # a table per task
+    assert {"embeddings.lookup.sequence.item"} <= tables("joint:PLE")  # shared by the tasks
+    assert set(kind_names()) >= {"tower", "ctnet", "dual_embedding", "joint:PLE"}
+    config = Path(__file__).resolve().parents[1] / "examples" / "demo.toml"
+    assert main(["plan", "--config", str(config), "--world-size", "4", "--kind", "towr"]) == 2
+    assert "unknown model kind 'towr'" in caplog.text
+    assert main(["plan", "--config", str(config), "--world-size", "4", "--kind",
+                 "joint:MiNet"]) == 0

@@ -28,14 +28,15 @@ from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
 from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
+    check_tower_checkpoint,
     dcp_load,
     load_into_submodule,
     load_widened,
     read_seen_ids,
+    save_init,
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
-from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
 
 Depth = Literal["id", "embeddings", "all"]
 

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,8 +30,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 
+from ctnet_rec.config import Config, recorded_config
+from ctnet_rec.modules.kinds import TOWER
 from ctnet_rec.training.errors import CheckpointError
 from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
+
+if TYPE_CHECKING:
+    from ctnet_rec.training.trainer import PeriodTrainer
 
 __all__ = ["CheckpointError"]  # raised here; defined with the other errors users act on
 
@@ -292,3 +297,49 @@ def load_widened(folder: Path, state: dict[str, Any], key: str, saved_key: str,
             new.zero_()
             new[:, :start] = saved[:, :start]
             new[:, stop:] = saved[:, start:]
+
+
+# -- compatibility: what a checkpoint must match to be loaded as a given model ----------------
+
+INIT = "init"  # RUN/init: a model deployed from two tower checkpoints, before training
+
+
+def feature_schema(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint's tables and inputs must match: keys, tables and their sizes."""
+    f = cfg.features
+    return {
+        "sparse_keys": f.sparse_keys(),
+        "dense": f.dense_names(),
+        "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in f.tables},
+        "id_policy": {t.name: f.policy_of(t.name) for t in f.tables},
+        "max_len": {s.name: s.max_len for s in f.sequences},
+    }
+
+
+def check_tower_checkpoint(folder: Path, cfg: Config, role: str) -> Manifest:
+    """Refuse a checkpoint that does not fit the tower it is meant for, naming the role."""
+    try:
+        manifest = Manifest.read(folder)
+        manifest.check_compatible(TOWER, cfg.section_hash("features", "model"),
+                                  feature_schema(cfg), folder)
+    except CheckpointError as e:
+        raise CheckpointError(f"{role} checkpoint: {e}") from None
+    return manifest
+
+
+def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
+    raw = manifest.source_config if source else manifest.config
+    if not raw:
+        raise CheckpointError(f"{folder}: the manifest records no config; pass one explicitly")
+    return recorded_config(raw)
+
+
+def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,
+              **lineage: Any) -> Path:
+    """RUN/init of a model built from a source and a target tower checkpoint: saved as of the
+    target's period, with both checkpoints in its lineage."""
+    folder = run / INIT
+    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
+        "target_checkpoint": lineage_entry(folder, target_ckpt),
+        "source_checkpoint": lineage_entry(folder, source_ckpt), **lineage})
+    return folder

@@ -22,24 +22,25 @@ import torch
 
 from ctnet_rec.config import Config
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
+from ctnet_rec.modules.joint import SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
+from ctnet_rec.modules.kinds import JOINT
 from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
     Manifest,
+    check_tower_checkpoint,
     load_mapped,
     load_widened,
     read_seen_ids,
+    save_init,
     saved_entries,
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
-from ctnet_rec.training.transfer import check_tower_checkpoint, save_init
 
 log = logging.getLogger(__name__)
 
-JOINT = "joint"
 
 
 class JointTrainer(PeriodTrainer):
@@ -49,9 +50,6 @@ class JointTrainer(PeriodTrainer):
         self.model_name, self.source_domain = model, source_domain
         self.kind = f"{JOINT}:{model}"
         super().__init__(cfg, env)
-
-    def build_module(self, device: torch.device) -> torch.nn.Module:
-        return JOINT_MODELS[self.model_name](self.cfg.features, self.cfg.model, device)
 
     def scorer(self, module: torch.nn.Module) -> Scorer:
         return Scorer(module, task=TARGET)  # a joint model's run is its target domain's

@@ -22,19 +22,25 @@ import torch.nn.functional as F
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from tqdm import tqdm
 
-from ctnet_rec.config import Config, FeatureConfig, OptimizerConfig
+from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.modules.dual_embedding import DualEmbeddingTower
 from ctnet_rec.modules.id_mapping import set_period
+from ctnet_rec.modules.kinds import (
+    DUAL_EMBEDDING,
+    TOWER,
+    ModelSpec,
+    build_module,
+    frozen_part,
+)
 from ctnet_rec.modules.scorer import Scorer
-from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
     complete_checkpoints,
+    feature_schema,
     latest_intact_checkpoint,
     lineage_entry,
     load_checkpoint,
@@ -51,21 +57,7 @@ from sharding.tower import average_dense_gradients, dense_parameters, shard_mode
 
 log = logging.getLogger(__name__)
 
-TOWER = "tower"
 LOG_EVERY_STEPS = 50  # the bar's and TensorBoard's loss and speed: the one host sync
-DUAL_EMBEDDING = "dual_embedding"
-
-
-def feature_schema(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint's tables and inputs must match: keys, tables and their sizes."""
-    f = cfg.features
-    return {
-        "sparse_keys": f.sparse_keys(),
-        "dense": f.dense_names(),
-        "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in f.tables},
-        "id_policy": {t.name: f.policy_of(t.name) for t in f.tables},
-        "max_len": {s.name: s.max_len for s in f.sequences},
-    }
 
 
 def gather_to_main(arrays: dict[str, np.ndarray],
@@ -142,13 +134,20 @@ class PeriodTrainer:
         self.run: Path | None = None  # set by run_periods: where mid-period checkpoints go
         self.position: Position | None = None  # where a resumed period's pass continues
 
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.kind, self.cfg)
+
     def build_module(self, device: torch.device) -> torch.nn.Module:
         """The model, unsharded, its parameters on `device` ("meta": to be sharded)."""
-        return Tower(self.cfg.features, self.cfg.model, device=device)
+        try:
+            return build_module(self.model_spec(), device)
+        except ValueError as e:  # e.g. a CTNet's two towers' configs do not fit together
+            raise ConfigError(f"{self.kind}: {e}") from None
 
     def build_model(self) -> DistributedModelParallel:
-        return shard_model(self.build_module(torch.device("meta")), self.env,
-                           self.cfg.train.tables.lr, sharding=self.cfg.sharding)
+        net = self.build_module(torch.device("meta"))
+        return shard_model(net, self.env, self.cfg.train.tables.lr, frozen=frozen_part(net),
+                           sharding=self.cfg.sharding)
 
     def scorer(self, module: torch.nn.Module) -> Scorer:
         """`module` (this trainer's, unsharded) as it scores this trainer's domain."""
@@ -432,9 +431,6 @@ class DualEmbeddingTrainer(PeriodTrainer):
     def dual_tables(self) -> list[str]:
         return self.cfg.experiment.id_tables(self.cfg.features)
 
-    def build_module(self, device: torch.device) -> torch.nn.Module:
-        return DualEmbeddingTower(self.cfg.features, self.cfg.model, self.dual_tables(),
-                                  device=device)
 
 
 def _write_metrics(run: Path) -> None:

@@ -21,23 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from ctnet_rec.config import (
     Config,
-    ConfigError,
     OptimizerConfig,
     ShardingConfig,
-    recorded_config,
 )
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.modules.ctnet import CTNet, build_ctnet
+from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.kinds import CTNET, ModelSpec
 from ctnet_rec.training.checkpoint import (
+    INIT,
     MANIFEST,
     CheckpointError,
     Manifest,
+    check_tower_checkpoint,
     complete_checkpoints,
+    config_of,
     latest_intact_checkpoint,
     lineage_entry,
     lineage_path,
@@ -48,37 +48,15 @@ from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.optim import NamedParams
 from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
-    TOWER,
     PeriodTrainer,
     evaluation_periods,
     feature_schema,
     run_periods,
 )
-from sharding.tower import shard_model
 
 log = logging.getLogger(__name__)
 
-CTNET = "ctnet"
 SOURCE, TARGET, ADAPTERS = "source.", "target.", "adapters."
-INIT = "init"  # RUN/init: the CTNet deployed at t0, before any CTNet training
-
-
-def check_tower_checkpoint(folder: Path, cfg: Config, role: str) -> Manifest:
-    """Refuse a checkpoint that does not fit the tower it is meant for, naming the role."""
-    try:
-        manifest = Manifest.read(folder)
-        manifest.check_compatible(TOWER, cfg.section_hash("features", "model"),
-                                  feature_schema(cfg), folder)
-    except CheckpointError as e:
-        raise CheckpointError(f"{role} checkpoint: {e}") from None
-    return manifest
-
-
-def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
-    raw = manifest.source_config if source else manifest.config
-    if not raw:
-        raise CheckpointError(f"{folder}: the manifest records no config; pass one explicitly")
-    return recorded_config(raw)
 
 
 class CTNetTrainer(PeriodTrainer):
@@ -98,18 +76,8 @@ class CTNetTrainer(PeriodTrainer):
             source_cfg.section_hash("features", "model")
         self.schema = {**feature_schema(cfg), "source": feature_schema(source_cfg)}
 
-    def build_module(self, device: torch.device) -> CTNet:
-        try:
-            return build_ctnet((self.source_cfg.features, self.source_cfg.model),
-                               (self.cfg.features, self.cfg.model), self.cfg.ctnet, device,
-                               self.cfg.sharding.source_table_dtype)
-        except ValueError as e:  # the two towers' configs do not fit together
-            raise ConfigError(f"source vs target config: {e}") from None
-
-    def build_model(self) -> DistributedModelParallel:
-        net = self.build_module(torch.device("meta"))
-        return shard_model(net, self.env, self.cfg.train.tables.lr, frozen=net.source,
-                           sharding=self.cfg.sharding)
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(CTNET, self.cfg, self.source_cfg)
 
     def parameter_groups(self, dense: NamedParams) -> dict[str, tuple[NamedParams,
                                                                        OptimizerConfig]]:
@@ -191,17 +159,6 @@ def adapters_off(net: CTNet) -> Iterator[None]:
         yield
     finally:
         net.use_adapters = before
-
-
-def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,
-              **lineage: Any) -> Path:
-    """RUN/init of a model built from a source and a target tower checkpoint: saved as of the
-    target's period, with both checkpoints in its lineage."""
-    folder = run / INIT
-    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
-        "target_checkpoint": lineage_entry(folder, target_ckpt),
-        "source_checkpoint": lineage_entry(folder, source_ckpt), **lineage})
-    return folder
 
 
 def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
