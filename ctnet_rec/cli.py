@@ -62,24 +62,26 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ctnet_rec.training.joint import JointTrainer, joint_init
-    from ctnet_rec.training.trainer import PeriodTrainer, train_continual
-    from ctnet_rec.training.transfer import INIT
+    from ctnet_rec.training.checkpoint import INIT
+    from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
+    from ctnet_rec.training.trainer import train_continual
 
     cfg = load_config(args.config)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
-    init, trainer_cls = Path(args.init) if args.init else None, PeriodTrainer
+    init = Path(args.init) if args.init else None
+    deployment = Deployment("tower")
     if args.joint:
         if not args.source_domain:
             raise ConfigError("--joint needs --source-domain, the domain it also trains on")
-        trainer_cls = partial(JointTrainer, model=args.joint, source_domain=args.source_domain)
+        deployment = Deployment(f"joint:{args.joint}", source_domain=args.source_domain)
         if args.init_from:
             init = Path(args.run) / INIT
             if not init.exists():
-                joint_init(cfg, args.joint, args.source_domain, Path(args.init_from[0]),
-                           Path(args.init_from[1]), Path(args.run))
+                deploy(deployment, cfg, Path(args.init_from[0]), Path(args.init_from[1]),
+                       Path(args.run))
     train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
-                    Path(args.run), init=init, resume=args.resume, trainer_cls=trainer_cls,
+                    Path(args.run), init=init, resume=args.resume,
+                    trainer_cls=partial(trainer_for, deployment),
                     overwrite=args.overwrite, allow_domain_change=args.allow_domain_change)
 
 

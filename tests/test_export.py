@@ -15,10 +15,10 @@ import torch
 
 from ctnet_rec.cli import main
 from ctnet_rec.data.reader import ParquetBatchReader
-from ctnet_rec.experiment.baselines import dual_embedding_init
 from ctnet_rec.serving.export import ARTIFACT, METADATA, ExportedModel, export_checkpoint
 from ctnet_rec.training.checkpoint import CheckpointError
 from ctnet_rec.training.joint import joint_init
+from ctnet_rec.training.kinds import dual_embedding_init
 from ctnet_rec.training.transfer import INIT, transfer_init
 
 KINDS = ["tower", "ctnet", "dual embedding", "joint (PLE)"]
@@ -120,3 +120,25 @@ def test_export_refuses_what_it_cannot_load(checkpoints, tmp_path):
         export_checkpoint(tmp_path, tmp_path / "x")  # no checkpoint here
     with pytest.raises(CheckpointError, match="no model.pt"):
         ExportedModel(tmp_path)
+
+
+def test_one_table_of_model_kinds(checkpoints, towers, tmp_path):
+    """Every kind a model can be built as has a trainer and (but a tower) a deployment in the
+    one table; a checkpoint of each kind opens through it; other names are refused."""
+    from ctnet_rec.config import ConfigError
+    from ctnet_rec.modules.kinds import kind_names
+    from ctnet_rec.training.checkpoint import Manifest
+    from ctnet_rec.training.distributed import init_distributed
+    from ctnet_rec.training.inference import open_checkpoint
+    from ctnet_rec.training.kinds import KINDS, Deployment, deploy, trainer_for
+
+    assert {k.split(":", 1)[0] for k in kind_names()} == set(KINDS)
+    for ckpt in checkpoints.values():
+        trainer, manifest = open_checkpoint(ckpt)
+        assert trainer.kind == manifest.kind == Manifest.read(ckpt).kind
+    env = init_distributed("cpu")
+    for name in ("joint:Nope", "joint", "towr"):
+        with pytest.raises(ConfigError, match="unknown model kind"):
+            trainer_for(Deployment(name), towers.cfg, env)
+    with pytest.raises(ConfigError, match="trained, not deployed"):
+        deploy(Deployment("tower"), towers.cfg, towers.source(1), towers.target(1), tmp_path)

@@ -1,12 +1,9 @@
-"""Transfer baselines the paper compares CTNet with, built from the same checkpoints.
+"""Pre-train & Fine-tune, the transfer baseline the paper compares CTNet with that reuses a
+tower checkpoint as another domain's (Dual Embedding is a model kind of its own:
+`ctnet_rec/training/kinds.py`).
 
 The "ID embeddings" are the tables `[experiment] id_embedding_tables` names (the paper's
 footnote 3: user, item, category and seller ids).
-
-Dual Embedding: the target model plus the source model's ID embeddings as extra, trainable
-features (`DualEmbeddingTower`); the new input columns of the first MLP
-layer start at zero, so the model first predicts as the target model does. The dual tables'
-row-wise AdaGrad sums start fresh (they are new parameters of this model).
 
 Pre-train & Fine-tune: the source model's parameters replace the target model's, then the
 target tower trains on target data. Three depths, as in the paper's Table 2:
@@ -25,18 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 from ctnet_rec.config import Config, ConfigError
-from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
-from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
     check_tower_checkpoint,
-    dcp_load,
     load_into_submodule,
-    load_widened,
-    read_seen_ids,
     save_init,
 )
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import DualEmbeddingTrainer, PeriodTrainer
+from ctnet_rec.training.trainer import PeriodTrainer
 
 Depth = Literal["id", "embeddings", "all"]
 
@@ -91,29 +83,3 @@ def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_
     return save_init(trainer, run, source_ckpt, target_ckpt, replaced=depth)
 
 
-def _table_key(cfg: Config, table: str) -> str:
-    """A tower checkpoint's key of a table's weights."""
-    if table in cfg.features.sequence_tables():
-        return f"embeddings.sequence.embeddings.{table}.weight"
-    return f"embeddings.pooled.embedding_bags.{table}.weight"
-
-
-def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path) -> Path:
-    """RUN/init of the Dual Embedding baseline: every target parameter (and optimiser state)
-    from the target checkpoint, the `dual_` tables from the source's user and item tables,
-    zeros in the first MLP layer's new columns."""
-    check_tower_checkpoint(target_ckpt, cfg, "target")
-    check_tower_checkpoint(source_ckpt, cfg, "source")
-    trainer = DualEmbeddingTrainer(cfg, init_distributed(cfg.train.device))
-    state = trainer.state()
-    load_into_submodule(target_ckpt, state, "",
-                        lambda k: not k.startswith("dual.") and k != FIRST_LAYER)
-    load_widened(target_ckpt, state, FIRST_LAYER, FIRST_LAYER,
-                 trainer.dmp.module.new_columns)
-    model = state["model"]
-    request = {_table_key(cfg, table): model[f"dual.embedding_bags.{DUAL_PREFIX}{table}.weight"]
-               for _, table in dual_features(cfg.features, trainer.dual_tables())}
-    dcp_load({"model": request}, source_ckpt)
-    trainer.load_state(state)
-    trainer.seen = read_seen_ids(target_ckpt)
-    return save_init(trainer, run, source_ckpt, target_ckpt)

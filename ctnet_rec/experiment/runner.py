@@ -1,7 +1,8 @@
 """`ctnet experiment`: the paper's comparison, run end to end on one dataset.
 
-Every model is trained with the library's own jobs (`train_continual`, `transfer_init`,
-`transfer_run`, `evaluate_checkpoint`) into its own run folder under OUT, so an interrupted
+Every model is deployed and trained with the library's own jobs (the table of model kinds'
+`deploy`, `train_continual`, `transfer_run`, `evaluate_checkpoint`) into its own run folder
+under OUT, so an interrupted
 experiment resumes where it stopped and each model's checkpoints stay inspectable.
 
     OUT/<source>/                  source tower, continual on periods 0 .. last
@@ -22,14 +23,15 @@ from typing import Any
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
-from ctnet_rec.experiment.baselines import Depth, dual_embedding_init, pretrain_finetune_init
+from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress
 from ctnet_rec.modules.dual_embedding import dual_features
+from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
-from ctnet_rec.training.joint import JointTrainer, joint_init
-from ctnet_rec.training.trainer import DualEmbeddingTrainer, train_continual
-from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
+from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
+from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.transfer import INIT, transfer_run
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +175,9 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                         scores=scored))
         if DUAL in transfer_baselines(cfg):
             run = out / d / slug(DUAL)
-            jobs.append(Job(DUAL, d, partial(_dual_embedding, cfg, data, d, source_run, base,
-                                             run), trains=window, scores=scored, run=run))
+            jobs.append(Job(DUAL, d, partial(_deployed, cfg, Deployment(DUAL_EMBEDDING), data,
+                                             d, source_run, base, run),
+                            trains=window, scores=scored, run=run))
         for name, depth in PRETRAIN_FINETUNE.items():
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
@@ -182,7 +185,9 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                             trains=window, scores=scored, run=run))
         for name in e.joint_baselines:
             run = out / d / slug(name)
-            jobs.append(Job(name, d, partial(_joint, cfg, name, data, d, source_run, base, run),
+            joint = Deployment(f"{JOINT}:{name}", source_domain=e.source_domain)
+            jobs.append(Job(name, d, partial(_deployed, cfg, joint, data, d, source_run, base,
+                                             run),
                             trains=window, scores=scored, run=run,
                             also_reads=e.source_domain))
         for name, overrides in CTNET_VARIANTS.items():
@@ -332,27 +337,17 @@ def _finetune_last(cfg: Config, periods: int, data: Path, domain: str, source_ru
                     init=period_dir(source_run, last), resume=True, allow_domain_change=True)
 
 
-def _dual_embedding(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
-                    run: Path) -> None:
+def _deployed(cfg: Config, deployment: Deployment, data: Path, domain: str, source_run: Path,
+              base_run: Path, run: Path) -> None:
+    """A model deployed from the warm-up checkpoints of period t0 - 1 (Dual Embedding, a
+    joint-learning baseline), then trained on the window (a joint model also on the source's
+    data of the window)."""
     e = cfg.experiment
     if not (run / INIT).exists():
-        dual_embedding_init(cfg, period_dir(source_run, e.deploy_period - 1),
-                            period_dir(base_run, e.deploy_period - 1), run)
+        deploy(deployment, cfg, period_dir(source_run, e.deploy_period - 1),
+               period_dir(base_run, e.deploy_period - 1), run)
     train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
-                    init=run / INIT, resume=True, trainer_cls=DualEmbeddingTrainer)
-
-
-def _joint(cfg: Config, model: str, data: Path, domain: str, source_run: Path, base_run: Path,
-           run: Path) -> None:
-    """A joint-learning baseline from the warm-up checkpoints of period t0 - 1, trained on the
-    window's target and source data."""
-    e = cfg.experiment
-    if not (run / INIT).exists():
-        joint_init(cfg, model, e.source_domain, period_dir(source_run, e.deploy_period - 1),
-                   period_dir(base_run, e.deploy_period - 1), run)
-    train_continual(cfg, data, domain, range(e.deploy_period, e.last_period() + 1), run,
-                    init=run / INIT, resume=True, trainer_cls=partial(
-                        JointTrainer, model=model, source_domain=e.source_domain))
+                    init=run / INIT, resume=True, trainer_cls=partial(trainer_for, deployment))
 
 
 def run_ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str,
@@ -362,6 +357,6 @@ def run_ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str,
     variant = copy.deepcopy(cfg)
     variant.ctnet = dataclasses.replace(variant.ctnet, **overrides)
     if not (run / INIT).exists():
-        transfer_init(variant, period_dir(source_run, e.deploy_period - 1),
-                      period_dir(base_run, e.deploy_period - 1), run)
+        deploy(Deployment(CTNET), variant, period_dir(source_run, e.deploy_period - 1),
+               period_dir(base_run, e.deploy_period - 1), run)
     transfer_run(run, data, domain, range(e.deploy_period, e.last_period() + 1), source_run)

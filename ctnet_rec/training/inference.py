@@ -6,40 +6,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ctnet_rec.config import Config, ShardingConfig
+from ctnet_rec.config import Config, ConfigError, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
-from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT, TOWER, kind_names
+from ctnet_rec.modules.kinds import CTNET
 from ctnet_rec.training.checkpoint import CheckpointError, Manifest, config_of
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.joint import JointTrainer
+from ctnet_rec.training.kinds import Deployment, trainer_for
 from ctnet_rec.training.trainer import (
-    DualEmbeddingTrainer,
     PeriodTrainer,
     from_main,
 )
-from ctnet_rec.training.transfer import CTNetTrainer
 
 log = logging.getLogger(__name__)
-
-
-# the trainer of each model kind (modules/kinds.py builds their modules), given the config,
-# the process's placement and the checkpoint's manifest and folder
-TRAINERS: dict[str, Callable[[Config, DistEnv, Manifest, Path], PeriodTrainer]] = {
-    TOWER: lambda cfg, env, m, folder: PeriodTrainer(cfg, env),
-    DUAL_EMBEDDING: lambda cfg, env, m, folder: DualEmbeddingTrainer(cfg, env),
-    CTNET: lambda cfg, env, m, folder: CTNetTrainer(cfg, config_of(m, folder, source=True),
-                                                    env),
-    JOINT: lambda cfg, env, m, folder: JointTrainer(cfg, env, m.kind.split(":", 1)[1],
-                                                    m.lineage["source_domain"]),
-}
 
 
 def open_checkpoint(folder: Path, cfg: Config | None = None,
@@ -50,11 +34,13 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
     cfg = cfg or config_of(manifest, folder)
     if sharding is not None:
         cfg = dataclasses.replace(cfg, sharding=sharding)
-    family = manifest.kind.split(":", 1)[0]
-    if family not in TRAINERS:
-        raise CheckpointError(f"{folder}: model kind {manifest.kind!r} is none of "
-                              f"{kind_names()}")
-    trainer = TRAINERS[family](cfg, init_distributed(cfg.train.device), manifest, folder)
+    deployment = Deployment(
+        manifest.kind, config_of(manifest, folder, source=True) if manifest.kind == CTNET
+        else None, manifest.lineage.get("source_domain"))
+    try:
+        trainer = trainer_for(deployment, cfg, init_distributed(cfg.train.device))
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
     trainer.restore(folder)
     return trainer, manifest
 
