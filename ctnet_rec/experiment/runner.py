@@ -2,8 +2,8 @@
 
 Every model is deployed and trained with the library's own jobs (the table of model kinds'
 `deploy`, `train_continual`, `transfer_run`, `evaluate_checkpoint`) into its own run folder
-under OUT, so an interrupted
-experiment resumes where it stopped and each model's checkpoints stay inspectable.
+under OUT, so an interrupted experiment resumes where it stopped and each model's
+checkpoints stay inspectable.
 
     OUT/<source>/                  source tower, continual on periods 0 .. last
     OUT/<target>/base/             target tower: warm-up 0 .. t0-1, then Base t0 .. last
