@@ -469,6 +469,12 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
                      overwrite: bool) -> list[dict[str, Any]]:
     existing = sorted(complete_checkpoints(run))
     inside = (run / "checkpoints" / MID_PERIOD / "manifest.json").exists()
+    if resume and existing and max(periods, default=-1) <= existing[-1] and \
+            latest_intact_checkpoint(run) == period_dir(run, existing[-1]) and \
+            Manifest.read(period_dir(run, existing[-1])).config == \
+            json.loads(json.dumps(dataclasses.asdict(cfg))):
+        log.info("%s: already trained through period %d", run, existing[-1])
+        return []  # nothing to train, intact, the same config: no model is built
     if (existing or inside) and not resume:
         if not overwrite:
             raise CheckpointError(
