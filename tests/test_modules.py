@@ -11,6 +11,7 @@ from ctnet_rec.modules.attention import (
     SequenceEncoder,
     SimHash,
     TargetAttention,
+    _attendable,
     eta_select,
     gather_jagged,
     pad,
@@ -33,12 +34,20 @@ def test_pad_and_mask_with_empty_rows():
     assert pad_ids(ids, 3).tolist() == [[2**62, -5, -1], [-1, -1, -1], [7, -1, -1]]
 
 
+def jagged(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, offsets) of the masked-in positions of a (B, L, D) tensor (a prefix per row)."""
+    lengths = mask.sum(dim=1)
+    return padded[mask], torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
 def test_attention_handles_empty_and_all_padding_rows():
     torch.manual_seed(0)
     ta, enc = TargetAttention(8, 2), SequenceEncoder(8, 2)
     keys = torch.randn(3, 4, 8)
     mask = torch.tensor([[True, True, False, False], [False] * 4, [True] * 4])
-    out = ta(torch.randn(3, 8), enc(keys, mask), mask)
+    encoded, enc_mask = enc(*jagged(keys, mask), 4)
+    assert torch.equal(enc_mask, mask)
+    out = ta(torch.randn(3, 8), encoded, mask)
     assert torch.isfinite(out).all()
     assert out[1].abs().sum() == 0  # no behaviours, no signal
     assert out[0].abs().sum() > 0
@@ -47,6 +56,59 @@ def test_attention_handles_empty_and_all_padding_rows():
     keys2[0, 2:] = 100.0
     torch.testing.assert_close(ta(torch.ones(3, 8), keys2, mask)[0],
                                ta(torch.ones(3, 8), keys, mask)[0])
+    # a batch without any behaviour
+    nothing, none_mask = enc(torch.zeros(0, 8), torch.zeros(4, dtype=torch.long), 4)
+    assert nothing.shape == (3, 4, 8) and nothing.abs().sum() == 0 and not none_mask.any()
+
+
+def test_target_attention_is_multihead_attention():
+    """TargetAttention computes nn.MultiheadAttention (its own parameters) with the target as
+    the single query, values and gradients, masked positions ignored, without projecting every
+    behaviour."""
+    torch.manual_seed(3)
+    ta = TargetAttention(12, 3)
+    with torch.no_grad():
+        ta.attn.in_proj_bias.normal_()  # nonzero biases: the key bias must cancel, not vanish
+    target, keys = torch.randn(6, 12, requires_grad=True), torch.randn(6, 5, 12, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5,
+                         [True, False, True, False, True], [True] * 5, [True] + [False] * 4])
+    got = ta(target, keys, mask)
+    safe, has_any = _attendable(mask)
+    want, _ = ta.attn(target.unsqueeze(1), keys, keys, key_padding_mask=~safe, need_weights=False)
+    want = want.squeeze(1) * has_any.unsqueeze(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(got.square().sum(), [target, keys, *ta.parameters()])
+    wants = torch.autograd.grad(want.square().sum(), [target, keys, *ta.parameters()])
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_sequence_encoder_is_the_transformer_encoder_layer():
+    """SequenceEncoder (on the real behaviours, attention padded) computes
+    nn.TransformerEncoderLayer (its own parameters) on the padded sequence, values and
+    gradients, at real positions; padding comes out zero; behaviours past the length are left
+    out as padding leaves them out."""
+    torch.manual_seed(4)
+    enc = SequenceEncoder(12, 3)
+    tokens = torch.randn(5, 6, 12)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False], [False] * 6,
+                         [True] * 5 + [False], [True] + [False] * 5])
+    values, offsets = jagged(tokens, mask)
+    values.requires_grad_(True)
+    got, got_mask = enc(values, offsets, 6)
+    padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [6], 0.0)
+    safe, _ = _attendable(mask)
+    want = enc.layer(padded, src_key_padding_mask=~safe) * mask.unsqueeze(-1)
+    assert torch.equal(got_mask, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), [values, *enc.parameters()])
+    wants = torch.autograd.grad(want.square().sum(), [values, *enc.parameters()])
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    short, short_mask = enc(values, offsets, 4)  # rows cut to their 4 newest behaviours
+    cut = enc.layer(padded[:, :4], src_key_padding_mask=~_attendable(mask[:, :4])[0])
+    torch.testing.assert_close(short, cut * mask[:, :4].unsqueeze(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(short_mask, mask[:, :4])
 
 
 def test_sim_picks_the_k_most_recent_of_the_target_category():

@@ -62,11 +62,14 @@ def test_first_step_keeps_the_target_scores(towers, tiny_world, tmp_path, demo_c
     assert through_adapters.max() < FIRST_STEP_BOUND, through_adapters.max()
     own_step = np.abs(got["target_only"] - got["deployed"])
     assert through_adapters.mean() < 0.5 * own_step.mean()
-    # and the harm this test guards against: AdaGrad from a zero accumulator
+    # and the harm this test guards against: AdaGrad from a zero accumulator fails the bound
+    # above twice over, and moves the scores several times as much as the shipped optimiser.
+    # (Against the target's own first step it is of the same size: 0.7-1.1x over float-level
+    # changes of the towers, too close to assert either way.)
     old = _first_step(towers, tiny_world, tmp_path / "zero-accumulator",
                       OptimizerConfig("adagrad", lr=0.01, initial_accumulator=0.0))
     harm = np.abs(old["after"] - old["target_only"])
-    assert harm.max() > 2 * FIRST_STEP_BOUND and harm.mean() > own_step.mean()
+    assert harm.max() > 2 * FIRST_STEP_BOUND and harm.mean() > 3 * through_adapters.mean()
 
 
 def _shuffled_source_world(cfg: Config, root: Path) -> Path:

@@ -42,7 +42,15 @@ def _attendable(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TargetAttention(nn.Module):
-    """Multi-head attention with the target item as the query over behaviour keys/values."""
+    """Multi-head attention with the target item as the query over behaviour keys/values
+    (nn.MultiheadAttention's parameters and function).
+
+    With a single query, the key and value projections need not touch every behaviour: per
+    head h, q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const, and the constant cancels in
+    the softmax; and sum_l a_l (W_v,h x_l + b_v,h) = W_v,h (sum_l a_l x_l) + b_v,h. So the
+    scores read the raw behaviours through one projected query per head, and the values are
+    projected after the weighted sum: the same function with work per row, not per behaviour
+    (tests/test_modules.py checks it against nn.MultiheadAttention, gradients included)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -50,9 +58,19 @@ class TargetAttention(nn.Module):
 
     def forward(self, target: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         safe, has_any = _attendable(mask)
-        out, _ = self.attn(target.unsqueeze(1), keys, keys, key_padding_mask=~safe,
-                           need_weights=False)
-        return out.squeeze(1) * has_any.unsqueeze(1).to(out.dtype)
+        attn, heads = self.attn, self.attn.num_heads
+        dim = attn.embed_dim
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # (E, E) each; head h: rows h*d..(h+1)*d
+        b_q, _, b_v = attn.in_proj_bias.chunk(3)
+        per_head = (heads, dim // heads, dim)
+        q = F.linear(target, w_q, b_q).view(len(target), heads, dim // heads)
+        # the query read back through each head's key projection: (B, H, E)
+        u = torch.einsum("bhd,hde->bhe", q, w_k.view(per_head)) * (dim // heads) ** -0.5
+        scores = (u @ keys.transpose(1, 2)).masked_fill(~safe.unsqueeze(1), float("-inf"))
+        context = scores.softmax(dim=-1) @ keys  # (B, H, E): each head's weighted behaviours
+        values = torch.einsum("bhe,hde->bhd", context, w_v.view(per_head))
+        out = attn.out_proj(values.flatten(1) + b_v)
+        return out * has_any.unsqueeze(1).to(out.dtype)
 
 
 class DINAttention(nn.Module):
@@ -93,16 +111,38 @@ class DINAttention(nn.Module):
 
 
 class SequenceEncoder(nn.Module):
-    """One Transformer encoder layer over the short behaviour sequence."""
+    """One Transformer encoder layer over the short behaviour sequence (post-norm, ReLU, no
+    dropout): nn.TransformerEncoderLayer's parameters and function, computed where it matters.
+    Only the attention needs the padded (B, L) layout; the projections, feed-forward and norms
+    run on the real behaviours alone (most of a short sequence's positions are padding), and
+    the attention is two batched matmuls, cheaper on the CPU than the fused kernel at these
+    sizes. tests/test_modules.py checks it against the layer, gradients included."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
                                                 batch_first=True)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N, D): each row's behaviours, newest first, rows split at `offsets`. Returns
+        the (B, length, D) encoded behaviours (zero at padding; a row's behaviours past
+        `length` are left out) and the (B, length) mask of real ones."""
+        layer, attn = self.layer, self.layer.self_attn
+        mask = torch.arange(length, device=tokens.device).unsqueeze(0) < \
+            offsets.diff().unsqueeze(1)
         safe, _ = _attendable(mask)
-        return self.layer(tokens, src_key_padding_mask=~safe) * mask.unsqueeze(-1).to(tokens.dtype)
+        rows, dim, heads = len(mask), tokens.shape[-1], attn.num_heads
+        qkv = torch.ops.fbgemm.jagged_to_padded_dense(
+            F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias), [offsets], [length], 0.0)
+        q, k, v = qkv.view(rows, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5  # (B, H, L, L)
+        scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
+        mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(rows, length, dim)
+        mixed = torch.ops.fbgemm.dense_to_jagged(mixed, [offsets])[0]  # back to (N, D)
+        hidden = layer.norm1(tokens + attn.out_proj(mixed))
+        hidden = layer.norm2(hidden + layer.linear2(F.relu(layer.linear1(hidden))))
+        return torch.ops.fbgemm.jagged_to_padded_dense(hidden, [offsets], [length], 0.0), mask
 
 
 def gather_jagged(jt: JaggedTensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from ctnet_rec.config import FeatureConfig, TowerConfig
+from ctnet_rec.config import FeatureConfig, SequenceConfig, TowerConfig
 from ctnet_rec.modules.attention import (
     DINAttention,
     SequenceEncoder,
@@ -80,11 +80,12 @@ class Tower(nn.Module):
         self.mlp = TowerMLP(in_dim, model.mlp_hidden, model.leaky_relu_slope)
 
     @staticmethod
-    def _tokens(emb: dict, item_key: str, cat_key: str,
-                length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        items, mask = pad(emb[item_key], length)
-        cats, _ = pad(emb[cat_key], length)
-        return torch.cat([items, cats], dim=-1), mask
+    def behaviours(emb: dict[str, JaggedTensor], seq: SequenceConfig) -> JaggedTensor:
+        """A sequence's tokens (item and category embeddings side by side), jagged."""
+        items = emb[seq.item_column]
+        return JaggedTensor(values=torch.cat([items.values(), emb[seq.category_column].values()],
+                                             dim=-1),
+                            lengths=items.lengths(), offsets=items.offsets())
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,
@@ -98,15 +99,13 @@ class Tower(nn.Module):
         interests = []
         if self.short is not None:
             s = self.short
+            tokens = self.behaviours(emb, s)
             if isinstance(self.ta, DINAttention):  # on the jagged behaviours
-                items = emb[s.item_column]
-                tokens = torch.cat([items.values(), emb[s.category_column].values()], dim=-1)
-                interests.append(self.ta(target, tokens, items.lengths()))
+                interests.append(self.ta(target, tokens.values(), tokens.lengths()))
             else:
-                tokens, mask = self._tokens(emb, s.item_column, s.category_column, s.max_len)
-                if self.encoder is not None:
-                    tokens = self.encoder(tokens, mask)
-                interests.append(self.ta(target, tokens, mask))
+                padded, mask = self.encoder(tokens.values(), tokens.offsets(), s.max_len) \
+                    if self.encoder is not None else pad(tokens, s.max_len)
+                interests.append(self.ta(target, padded, mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
         parts = self.combine(pooled, emb, target, interests + long_interest)

@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import FeatureConfig, TowerConfig
-from ctnet_rec.modules.attention import TargetAttention
+from ctnet_rec.modules.attention import TargetAttention, pad
 from ctnet_rec.modules.joint.common import TaskTowers, user_tables
 from ctnet_rec.modules.mlp import TowerMLP
 from ctnet_rec.modules.tower import Tower
@@ -63,7 +63,7 @@ class MiNetTower(Tower):
     def combine(self, pooled: dict[str, torch.Tensor], emb: dict[str, JaggedTensor],
                 target: torch.Tensor, interests: list[torch.Tensor]) -> list[torch.Tensor]:
         s = self.recent_of
-        tokens, mask = self._tokens(emb, s.item_column, s.category_column, self.short.max_len)
+        tokens, mask = pad(self.behaviours(emb, s), self.short.max_len)
         recent = self.recent(target, tokens, mask)
         user = pooled[self.user_key]
         vectors = [user, interests[0], recent]
