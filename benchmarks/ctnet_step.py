@@ -42,7 +42,7 @@ from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.distributed import init_distributed
-from sharding.tower import average_dense_gradients, dense_parameters, shard_model
+from sharding.tower import dense_parameters, shard_model
 
 RESULT = ROOT / "benchmarks" / "results" / "ctnet_step.json"
 MB = 2**20
@@ -99,7 +99,6 @@ def train_step(dmp: DistributedModelParallel,
         loss = F.binary_cross_entropy_with_logits(dmp(b.sparse, b.dense).logits, b.labels)
         opt.zero_grad()
         loss.backward()
-        average_dense_gradients(dense, 1)
         opt.step()
 
     return step, opt

@@ -66,7 +66,7 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
     import torch.nn.functional as F
 
     from ctnet_rec.training.distributed import init_distributed
-    from sharding.tower import average_dense_gradients, dense_parameters, shard_model
+    from sharding.tower import dense_parameters, shard_model
 
     cfg = load_config(config)
     torch.manual_seed(0)
@@ -89,7 +89,6 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
         loss = F.binary_cross_entropy_with_logits(out.logits, b.labels)
         opt.zero_grad()
         loss.backward()
-        average_dense_gradients(dense, 1)
         opt.step()
 
     return {"path": path, **time_steps({path: step}, batches)[path]}

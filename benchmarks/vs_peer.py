@@ -79,12 +79,9 @@ def _ours_step(trainer: Any, batch: Batch) -> None:
     """One step as `train_steps` takes it (for the profile)."""
     import torch.nn.functional as F
 
-    from sharding.tower import average_dense_gradients
-
     loss = F.binary_cross_entropy_with_logits(trainer.logits(batch, DOMAIN), batch.labels)
     trainer.dense_opt.zero_grad()
     loss.backward()
-    average_dense_gradients(trainer.dense, 1)
     trainer.dense_opt.step()
 
 

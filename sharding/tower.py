@@ -13,7 +13,10 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
@@ -157,13 +160,14 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
                 sharding: ShardingConfig | None = None) -> DistributedModelParallel:
     """Fused row-wise AdaGrad on every table (TorchRec keeps its state sharded with the
     table), tables placed by the planner with the sharding types of `sharding` (default:
-    table-wise). Dense layers stay plain modules,
-    replicated: the trainer averages their gradients itself (`average_dense_gradients`).
+    table-wise). Dense layers are replicated under DMP's data-parallel wrapper (DDP): their
+    gradients are averaged across ranks in buckets that overlap the backward pass.
 
-    Why not DMP's DDP wrapper: on CPU/gloo with this stack its gradients were measured NOT to
-    be averaged across ranks (ranks' dense weights drifted apart from the first step), while
-    an explicit all-reduce of one flat buffer is simple, checked by a test, and cheap for the
-    dense layers of a CTR tower.
+    DDP runs with a dynamic graph and `find_unused_parameters`: a joint-learning model's step
+    trains one domain's task tower and leaves the other's without gradients. (DMP's default,
+    a static graph, was measured here on CPU/gloo not to average the dense gradients at all:
+    ranks' weights drifted apart from the first step; tests/test_training.py checks that two
+    ranks keep one model.) A single process has nothing to average and no wrapper.
 
     Tables inside `frozen` (CTNet's source tower) are read-only: fused kernels with SGD at
     lr 0, which keeps no optimiser state, and the model runs them under no_grad, so no
@@ -178,8 +182,11 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     planner = planner_for(topology, table_constraints(model, sharding))
     module_sharders = sharders()
     plan = planner.collective_plan(model, module_sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=module_sharders,
-                                   init_data_parallel=False)
+    dmp = DistributedModelParallel(
+        model, device=env.device, plan=plan, sharders=module_sharders,
+        init_data_parallel=env.world_size > 1,
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False,
+                                                         find_unused_parameters=True))
     check_placement(dmp, env.device)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
         id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
@@ -225,19 +232,3 @@ def dense_parameters(dmp: DistributedModelParallel) -> list[torch.Tensor]:
     """Parameters not updated by a fused optimiser (the dense layers)."""
     return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())
             if p.requires_grad]
-
-
-def average_dense_gradients(params: list[torch.Tensor], world_size: int) -> None:
-    """Data parallelism for the dense layers: one all-reduce of all gradients, flattened.
-    (TorchRec already divides the tables' sparse gradients by the world size.)"""
-    if world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world_size
-    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.copy_(g)

@@ -389,6 +389,53 @@ def test_ranks_send_their_rows_to_rank_zero_only(tmp_path):
     assert zero["broadcast"] == one["broadcast"] == want
 
 
+def test_two_ranks_train_one_model(towers, tiny_world, tmp_path):
+    """Dense layers are data-parallel (DDP under DMP): two ranks stepping on different rows
+    keep identical dense weights, which move; also for a joint model, whose step of one domain
+    leaves the other task's tower without gradients."""
+    torch.multiprocessing.spawn(_dense_rank, nprocs=2, join=True, args=(
+        str(tmp_path / "store"), str(tiny_world), str(towers.config_path), str(tmp_path)))
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in ("tower", "joint"):
+        assert torch.equal(zero[name]["after"], one[name]["after"]), name
+        assert not torch.equal(zero[name]["before"], zero[name]["after"]), name
+
+
+def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> None:
+    import functools
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from ctnet_rec.data.reader import ParquetBatchReader
+    from ctnet_rec.training.joint import JointTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        cfg, env = load_config(config), init_distributed("cpu")
+        got = {}
+        for name, build, domains in (
+                ("tower", PeriodTrainer, "BBB"),
+                ("joint", functools.partial(JointTrainer, model="Share Bottom",
+                                            source_domain="A"), "BAB")):
+            trainer = build(cfg, env)
+            before = torch.cat([p.detach().flatten() for p in trainer.dense]).clone()
+            for domain in domains:
+                batch = next(iter(ParquetBatchReader(Path(world), domain, [1], cfg.features,
+                                                     cfg.data, rank=rank, world_size=2,
+                                                     seed=len(got))))
+                loss = F.binary_cross_entropy_with_logits(trainer.logits(batch, domain),
+                                                          batch.labels)
+                trainer.dense_opt.zero_grad()
+                loss.backward()
+                trainer.dense_opt.step()
+            got[name] = {"before": before,
+                         "after": torch.cat([p.detach().flatten() for p in trainer.dense])}
+        torch.save(got, Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _inside_period(run: Path, period: int) -> bool:
     manifest = run / "checkpoints" / "mid-period" / "manifest.json"
     return manifest.exists() and json.loads(manifest.read_text())["period"] == period

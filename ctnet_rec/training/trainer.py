@@ -53,7 +53,7 @@ from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
 from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
 from ctnet_rec.training.run_lock import run_lock
-from sharding.tower import average_dense_gradients, dense_parameters, shard_model
+from sharding.tower import dense_parameters, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,6 @@ class PeriodTrainer:
                                                       batch.labels)
             self.dense_opt.zero_grad()
             loss.backward()
-            average_dense_gradients(self.dense, self.env.world_size)
             self.dense_opt.step()
             acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
                                                             device=self.env.device), 0])
