@@ -7,9 +7,12 @@ layers with torch.optim.Adagrad. Peer: the same tower with nn.EmbeddingBag / nn.
 user would write without TorchRec. Same batches (read once, from the demo world's domain A,
 kept in memory: this measures the step, not the reader), same seed, one process.
 
-Each (path, batch size) runs in its own process so that `peak_rss_mb` is its own.
+Each (path, batch size) runs in its own process so that `peak_rss_mb` is its own; with
+`--repeats N` the processes run N rounds, interleaved, and each row reports the median
+samples/s (a shared machine's slow spells move single runs by 20% or more). The TorchRec row
+also holds a profile of its step by kind of work (`profile_ms_per_step`).
 
-    python benchmarks/train_step.py [--steps 12] [--batch-sizes 512 4096]
+    python benchmarks/train_step.py [--steps 12] [--batch-sizes 512 4096] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import argparse
 import json
 
 import torch
-from common import ROOT, demo_batches, require_demo_world, run_workers, time_steps, write_result
+from common import (
+    ROOT,
+    demo_batches,
+    require_demo_world,
+    run_workers,
+    step_profile,
+    time_steps,
+    write_result,
+)
 from torch import nn
 from torchrec import KeyedJaggedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -91,7 +102,17 @@ def run_worker(path: str, batch_size: int, steps: int, config: str) -> dict:
         loss.backward()
         opt.step()
 
-    return {"path": path, **time_steps({path: step}, batches)[path]}
+    row = {"path": path, **time_steps({path: step}, batches)[path]}
+    if path == "torchrec":  # where the production step's time goes
+        row["profile_ms_per_step"] = step_profile(step, batches[:12])
+    return row
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median samples/s (its step time, memory and profile with it), and
+    every run's samples/s."""
+    row = sorted(runs, key=lambda r: r["samples_per_s"])[(len(runs) - 1) // 2]
+    return {**row, "samples_per_s_runs": [r["samples_per_s"] for r in runs]}
 
 
 def main() -> None:
@@ -99,6 +120,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--worker", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -107,7 +129,9 @@ def main() -> None:
         return
     require_demo_world()
     jobs = [[path, str(bs)] for bs in args.batch_sizes for path in ("torchrec", "peer")]
-    rows = run_workers(__file__, jobs, ["--steps", str(args.steps), "--config", args.config])
+    rounds = [run_workers(__file__, jobs, ["--steps", str(args.steps), "--config", args.config])
+              for _ in range(args.repeats)]
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(jobs))]
     by = {(r["path"], r["batch_size"]): r for r in rows}
     ratios = {str(bs): round(by["torchrec", bs]["samples_per_s"] / by["peer", bs]["samples_per_s"],
                              3) for bs in args.batch_sizes}

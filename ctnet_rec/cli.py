@@ -162,6 +162,9 @@ def _experiment(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     if args.quick:
         cfg = quick(cfg)
+    if args.jobs is not None:
+        cfg.experiment.parallel_jobs = args.jobs
+        cfg.validate()
     name = Path(args.config).stem + ("-quick" if args.quick else "")
     out = Path(args.out or Path("runs") / name)
     runs = []
@@ -440,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0, help="world and training seed (the first)")
     x.add_argument("--seeds", type=int, default=1,
                    help="repeat with seeds SEED, SEED+1, ...: mean and std of every number")
+    x.add_argument("--jobs", type=int, help="jobs at a time, each with cores / JOBS torch "
+                   "threads (default: [experiment] parallel_jobs)")
     x.set_defaults(func=_experiment)
 
     return p

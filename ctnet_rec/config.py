@@ -521,8 +521,14 @@ class ExperimentConfig:
     # the "ID embeddings" of Pre-train & Fine-tune (ID embeddings) and Dual Embedding, by
     # table name; empty: the tables of the user, item and category id features
     id_embedding_tables: list[str] = field(default_factory=list)
+    # jobs run at a time, each in its own process with cores / parallel_jobs torch threads:
+    # on a few cores two one-thread jobs train about 1.9x the rows of one two-thread job (the
+    # data reader's threads stall a job's multi-threaded kernels); their wall times in the
+    # cost table are then with the machine shared
+    parallel_jobs: int = 1
 
     def validate(self, key: str) -> None:
+        _check(self.parallel_jobs >= 1, f"{key}.parallel_jobs", "must be >= 1")
         _check(self.deploy_period >= 1, f"{key}.deploy_period",
                "must be >= 1 (the warm-up needs a period)")
         _check(self.periods >= 1, f"{key}.periods", "must be >= 1")

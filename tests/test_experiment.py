@@ -277,10 +277,54 @@ def test_jobs_refusals_come_back_from_their_process(tmp_path):
     runner = IsolatedRunner(preload=["ctnet_rec.data.contract"])
     try:
         with pytest.raises(DataError, match="domain folder not found"):
-            runner(partial(list_periods, tmp_path, "X"))
-        assert runner(partial(list_periods, tmp_path.parent, tmp_path.name))["peak_rss_mb"] > 0
+            runner.submit(partial(list_periods, tmp_path, "X"), "job").result()
+        took = runner.submit(partial(list_periods, tmp_path.parent, tmp_path.name), "job")
+        assert took.result()["peak_rss_mb"] > 0
     finally:
         runner.close()
+
+
+def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
+    """Two at a time: a job starts as soon as a slot is free and the jobs it needs have ended
+    (a failed one counts as ended: its failure comes back to the caller); one at a time: in
+    the plan's order."""
+    import time
+    from functools import partial
+
+    from ctnet_rec.data.contract import list_periods
+    from ctnet_rec.experiment.jobs import IsolatedRunner, Job, run_in_order
+
+    def events(workers: int, nap: float) -> list[tuple[str, str]]:
+        sleep, fail = partial(time.sleep, nap), partial(list_periods, tmp_path, "X")
+        jobs = [Job("a", "X", sleep), Job("b", "X", fail), Job("c", "X", sleep, needs=[("b", "X")]),
+                Job("d", "X", sleep, needs=[("a", "X")])]
+        seen: list[tuple[str, str]] = []
+        ended: dict[str, object] = {}
+        runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=workers)
+        try:
+            run_in_order(jobs, runner, workers, lambda i: seen.append(("start", jobs[i].name)),
+                         lambda i, took: (seen.append(("end", jobs[i].name)),
+                                          ended.__setitem__(jobs[i].name, took)))
+        finally:
+            runner.close()
+        assert isinstance(ended["b"], DataError) and ended["a"]["seconds"] >= nap
+        return seen
+
+    seen = events(2, nap=3.0)
+    assert seen[:2] == [("start", "a"), ("start", "b")]  # side by side
+    # c needs the failed b: it starts while a still runs; d waits for a
+    assert seen.index(("start", "c")) < seen.index(("end", "a")) < seen.index(("start", "d"))
+    assert [n for e, n in events(1, nap=0.1) if e == "start"] == ["a", "b", "c", "d"]
+
+
+def test_every_job_needs_only_earlier_jobs_and_transfers_wait_for_their_towers(tmp_path):
+    from ctnet_rec.experiment.runner import SOURCE_TOWER, plan
+
+    jobs = plan(quick(load_config(DEMO_CONFIG)), tmp_path / "data", tmp_path)
+    for i, job in enumerate(jobs):
+        assert set(job.needs) <= {j.key for j in jobs[:i]}, job.key
+        if job.name in [DUAL, *PRETRAIN_FINETUNE, *CTNET_VARIANTS, *JOINT_MODELS]:
+            assert set(job.needs) == {(SOURCE_TOWER, "A"), (BASE, job.domain)}, job.key
 
 
 def test_progress_names_the_job_and_estimates_the_rest(experiment, caplog):

@@ -11,21 +11,25 @@ import functools
 import gc
 import logging
 import multiprocessing
+import os
 import resource
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from ctnet_rec.data.contract import list_periods
-from ctnet_rec.log_setup import configure_logging
+from ctnet_rec.log_setup import FORMAT, configure_logging
 
 log = logging.getLogger(__name__)
 
 EVAL_WEIGHT = 0.25  # a scored row costs about a quarter of a trained one (forward only)
+
+
+Key = tuple[str, str]  # a job's (name, domain)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Job:
     scores: Sequence[int] = ()  # periods it scores
     run: Path | None = None  # where its metrics.jsonl is, for the samples it read
     also_reads: str | None = None  # a domain whose data of the same periods it trains on too
+    needs: Sequence[Key] = ()  # jobs that must have finished before it starts
+
+    @property
+    def key(self) -> Key:
+        return self.name, self.domain
 
 
 def _logging_levels() -> dict[str, int]:
@@ -68,36 +77,76 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measured(fn: Callable[[], None]) -> dict[str, float]:
+def _measured(fn: Callable[[], None], label: str, threads: int | None) -> dict[str, float]:
     """Wall time and memory of `fn` in this (fresh) process: the RSS it starts with (the
-    imported libraries) and its peak."""
+    imported libraries) and its peak. Its log lines carry `label` (jobs may run side by side);
+    `threads`: torch's intra-op threads, None for torch's default."""
+    import torch
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", f"[{label}] %(name)s")))
+    if threads is not None:
+        torch.set_num_threads(threads)
     start_rss, start = rss_mb(), time.perf_counter()
     fn()
     usage = {"seconds": time.perf_counter() - start, "start_rss_mb": start_rss,
              "peak_rss_mb": peak_rss_mb()}
-    import torch
-
     if torch.cuda.is_initialized():
         usage["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return usage
 
 
-class IsolatedRunner:
-    """Runs callables one at a time, each in a new process; returns its wall time and peak
-    memory. Exceptions (bad data, a refused checkpoint) come back to the caller as raised."""
+def torch_threads(workers: int) -> int | None:
+    """Intra-op threads per job when `workers` run at a time: the cores shared out; None (torch's
+    default, every core) for one at a time."""
+    return None if workers == 1 else max(1, len(os.sched_getaffinity(0)) // workers)
 
-    def __init__(self, preload: Sequence[str]) -> None:
+
+class IsolatedRunner:
+    """Runs callables, up to `workers` at a time, each in a new process; each returns its wall
+    time and peak memory. Exceptions (bad data, a refused checkpoint) come back to the caller
+    as raised."""
+
+    def __init__(self, preload: Sequence[str], workers: int = 1) -> None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))
+        self.threads = torch_threads(workers)
         self.pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=ctx, max_tasks_per_child=1, initializer=_child_init,
-            initargs=(_logging_levels(),))
+            max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
+            initializer=_child_init, initargs=(_logging_levels(),))
 
-    def __call__(self, fn: Callable[[], None]) -> dict[str, float]:
-        return self.pool.submit(_measured, fn).result()
+    def submit(self, fn: Callable[[], None], label: str) -> Future[dict[str, float]]:
+        return self.pool.submit(_measured, fn, label, self.threads)
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, workers: int,
+                 starting: Callable[[int], None],
+                 finished: Callable[[int, dict[str, float] | BaseException], None]) -> None:
+    """Run every job, at most `workers` at a time, each once the jobs it needs have finished
+    (succeeded or failed), the earliest in `jobs` first (one at a time: exactly in order).
+    `finished(i, usage or the exception)` may raise, which stops the scheduling (the jobs
+    running then are waited for)."""
+    waiting, running = list(range(len(jobs))), {}
+    ended: set[Key] = set()
+    while waiting or running:
+        for i in list(waiting):
+            if len(running) == workers:
+                break
+            if all(k in ended for k in jobs[i].needs):
+                waiting.remove(i)
+                starting(i)
+                running[runner.submit(jobs[i].fn, f"{jobs[i].name} {jobs[i].domain}")] = i
+        if not running:
+            raise ValueError(f"jobs wait for jobs that never run: {[jobs[i].key for i in waiting]}")
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            i = running.pop(future)
+            ended.add(jobs[i].key)
+            error = future.exception()
+            finished(i, error if error is not None else future.result())
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -191,6 +192,16 @@ def table5(res: Results) -> Table:
             f"{MISSING}: the slice is empty (or holds one class) in every test period, e.g. "
             "no item the model had not seen: nothing to compare.")
     return Table(["domain", *SLICES], rows, note)
+
+
+def sharing(settings: dict[str, Any]) -> str:
+    """How the jobs shared the machine, for the cost table's wall times."""
+    jobs = settings.get("jobs_at_a_time", 1)
+    if jobs == 1:
+        return ""
+    threads = settings.get("torch_threads_per_job")
+    return (f" Jobs ran {jobs} at a time, each with {threads} torch thread"
+            f"{'s' if threads != 1 else ''}: a wall time is with the machine shared.")
 
 
 def cost_table(res: Results) -> Table:
@@ -392,8 +403,8 @@ def write_report(runs: Sequence[Results], out: Path) -> Path:
         "resident memory and how far that peak rose above what the process held at start "
         "(the imported libraries). The source tower is trained once for all targets (in "
         "production, by the source team); Source domain model only scores. The warm-up "
-        "stands for the target model's years of training before t0.\n\n"
-        + table(cost_table),
+        "stands for the target model's years of training before t0."
+        + sharing(runs[0].settings) + "\n\n" + table(cost_table),
     ]
     if ORACLE in runs[0].models:
         parts.append(f"{ORACLE}: the world's true click probabilities scored as a model.")

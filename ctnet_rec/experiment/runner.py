@@ -24,7 +24,7 @@ from typing import Any
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
-from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress
+from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
@@ -146,8 +146,8 @@ def transfer_baselines(cfg: Config) -> list[str]:
 
 
 def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
-    """Every job of the experiment, in the order they run: the source tower, then per target
-    domain its warm-up and each compared model (a model's jobs need only earlier jobs)."""
+    """Every job of the experiment, in the order they start: the source tower, then per target
+    domain its warm-up and each compared model; each names the jobs it needs (all earlier)."""
     e = cfg.experiment
     t0, last = e.deploy_period, e.last_period()
     window, everything = range(t0, last + 1), range(last + 1)
@@ -156,6 +156,7 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
     jobs = [Job(SOURCE_TOWER, e.source_domain, partial(
         train_continual, cfg, data, e.source_domain, everything, source_run, resume=True,
         evaluate=False), trains=everything, run=source_run)]
+    source_tower = (SOURCE_TOWER, e.source_domain)
     for d in e.target_domains:
         base = out / d / "base"
         jobs.append(Job(WARM_UP, d, partial(train_continual, cfg, data, d, range(t0), base,
@@ -163,43 +164,47 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                         trains=range(t0), scores=range(1, t0 + 1), run=base))
         jobs.append(Job(BASE, d, partial(train_continual, cfg, data, d, window, base,
                                          resume=True),
-                        trains=window, scores=scored, run=base))
+                        trains=window, scores=scored, run=base, needs=((WARM_UP, d),)))
+        # what every transfer starts from: the source tower's checkpoints and the target's
+        # warm-up checkpoint in Base's run, which Base trains on (so they wait for it to end)
+        deployed = (source_tower, (BASE, d))
         din_run, din = out / d / slug(DIN), din_config(cfg)
         jobs.append(Job(DIN_WARM_UP, d, partial(train_continual, din, data, d, range(t0),
                                                 din_run, resume=True),
                         trains=range(t0), scores=range(1, t0 + 1), run=din_run))
         jobs.append(Job(DIN, d, partial(train_continual, din, data, d, window, din_run,
                                         resume=True),
-                        trains=window, scores=scored, run=din_run))
+                        trains=window, scores=scored, run=din_run, needs=((DIN_WARM_UP, d),)))
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
-                        scores=scored))
+                        scores=scored, needs=(source_tower,)))
         if DUAL in transfer_baselines(cfg):
             run = out / d / slug(DUAL)
             jobs.append(Job(DUAL, d, partial(_deployed, cfg, Deployment(DUAL_EMBEDDING), data,
                                              d, source_run, base, run),
-                            trains=window, scores=scored, run=run))
+                            trains=window, scores=scored, run=run, needs=deployed))
         for name, depth in PRETRAIN_FINETUNE.items():
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
                                              run),
-                            trains=window, scores=scored, run=run))
+                            trains=window, scores=scored, run=run, needs=deployed))
         for name in e.joint_baselines:
             run = out / d / slug(name)
             joint = Deployment(f"{JOINT}:{name}", source_domain=e.source_domain)
             jobs.append(Job(name, d, partial(_deployed, cfg, joint, data, d, source_run, base,
                                              run),
                             trains=window, scores=scored, run=run,
-                            also_reads=e.source_domain))
+                            also_reads=e.source_domain, needs=deployed))
         for name, overrides in CTNET_VARIANTS.items():
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(run_ctnet, cfg, overrides, data, d, source_run, base,
                                              run),
-                            trains=window, scores=scored, run=run))
+                            trains=window, scores=scored, run=run, needs=deployed))
         for k in finetune_sizes(cfg):
             run = out / d / "finetune-sweep" / f"last-{k}"
             jobs.append(Job(sweep_name(k), d, partial(_finetune_last, cfg, k, data, d,
                                                       source_run, run),
-                            trains=range(last - k + 1, last + 1), scores=[last + 1], run=run))
+                            trains=range(last - k + 1, last + 1), scores=[last + 1], run=run,
+                            needs=(source_tower,)))
     return jobs
 
 
@@ -220,33 +225,36 @@ def samples_read(job: Job) -> dict[str, int]:
     return counts
 
 
-def _run_jobs(jobs: list[Job], data: Path, out: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Run every job in its own process; returns each one's wall time (summed over the runs
-    of an interrupted and resumed experiment) and peak memory (the highest of them)."""
+def _run_jobs(jobs: list[Job], data: Path, out: Path,
+              workers: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Run every job in its own process, `workers` at a time; returns each one's wall time
+    (summed over the runs of an interrupted and resumed experiment) and peak memory (the
+    highest of them)."""
     path = out / "usage.json"
     usage: dict[str, dict[str, dict[str, float]]] = \
         json.loads(path.read_text()) if path.exists() else {}
-    runner = IsolatedRunner(preload=[__name__])
     progress = Progress(jobs, data)
+
+    def finished(i: int, took: dict[str, float] | BaseException) -> None:
+        job = jobs[i]
+        if isinstance(took, BaseException):
+            if job.name in FOUNDATIONS or not isinstance(took, Exception):  # all need these
+                raise took
+            log.error("%s on %s failed, its row is left empty: %s: %s", job.name,
+                      job.domain, type(took).__name__, took)
+            usage.setdefault(job.name, {})[job.domain] = {"failed": 1.0}
+            return
+        before = usage.setdefault(job.name, {}).get(job.domain, {})
+        before.pop("failed", None)  # an earlier attempt's
+        usage[job.name][job.domain] = {
+            k: round(before.get(k, 0.0) + v if k == "seconds" else max(before.get(k, 0.0), v), 1)
+            for k, v in took.items()}
+        path.write_text(json.dumps(usage, indent=1) + "\n")
+        progress.finished(i)
+
+    runner = IsolatedRunner(preload=[__name__], workers=workers)
     try:
-        for i, job in enumerate(jobs):
-            progress.starting(i)
-            try:
-                took = runner(job.fn)
-            except Exception as e:
-                if job.name in FOUNDATIONS:  # every compared model needs these
-                    raise
-                log.error("%s on %s failed, its row is left empty: %s: %s", job.name,
-                          job.domain, type(e).__name__, e)
-                usage.setdefault(job.name, {})[job.domain] = {"failed": 1.0}
-                continue
-            before = usage.setdefault(job.name, {}).get(job.domain, {})
-            before.pop("failed", None)  # an earlier attempt's
-            usage[job.name][job.domain] = {
-                k: round(before.get(k, 0.0) + v if k == "seconds" else max(before.get(k, 0.0), v),
-                         1) for k, v in took.items()}
-            path.write_text(json.dumps(usage, indent=1) + "\n")
-            progress.finished(i)
+        run_in_order(jobs, runner, workers, progress.starting, finished)
     finally:
         runner.close()
     return usage
@@ -260,7 +268,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     out.mkdir(parents=True, exist_ok=True)
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
     jobs = plan(cfg, data, out)
-    usage = _run_jobs(jobs, data, out)
+    usage = _run_jobs(jobs, data, out, e.parallel_jobs)
     costs: dict[str, dict[str, dict[str, float]]] = {}
     for job in jobs:
         read = samples_read(job)
@@ -287,7 +295,9 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         e.last_period(), {}) for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
                        "source_domain": e.source_domain, "config": dataclasses.asdict(cfg),
-                       "data": str(data)}, models, costs, sweep)
+                       "data": str(data), "jobs_at_a_time": e.parallel_jobs,
+                       "torch_threads_per_job": torch_threads(e.parallel_jobs)},
+                      models, costs, sweep)
     (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
     return results
 
