@@ -302,7 +302,7 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
         ended: dict[str, object] = {}
         runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=workers)
         try:
-            run_in_order(jobs, runner, workers, lambda i: seen.append(("start", jobs[i].name)),
+            run_in_order(jobs, runner, lambda i: seen.append(("start", jobs[i].name)),
                          lambda i, took: (seen.append(("end", jobs[i].name)),
                                           ended.__setitem__(jobs[i].name, took)))
         finally:

@@ -110,7 +110,7 @@ class IsolatedRunner:
     def __init__(self, preload: Sequence[str], workers: int = 1) -> None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(list(preload))
-        self.threads = torch_threads(workers)
+        self.workers, self.threads = workers, torch_threads(workers)
         self.pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
             initializer=_child_init, initargs=(_logging_levels(),))
@@ -122,18 +122,17 @@ class IsolatedRunner:
         self.pool.shutdown()
 
 
-def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, workers: int,
-                 starting: Callable[[int], None],
+def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, starting: Callable[[int], None],
                  finished: Callable[[int, dict[str, float] | BaseException], None]) -> None:
-    """Run every job, at most `workers` at a time, each once the jobs it needs have finished
-    (succeeded or failed), the earliest in `jobs` first (one at a time: exactly in order).
-    `finished(i, usage or the exception)` may raise, which stops the scheduling (the jobs
-    running then are waited for)."""
+    """Run every job, at most the runner's workers at a time, each once the jobs it needs have
+    finished (succeeded or failed), the earliest in `jobs` first (one at a time: exactly in
+    order). `finished(i, usage or the exception)` may raise, which stops the scheduling (the
+    jobs running then are waited for)."""
     waiting, running = list(range(len(jobs))), {}
     ended: set[Key] = set()
     while waiting or running:
         for i in list(waiting):
-            if len(running) == workers:
+            if len(running) == runner.workers:
                 break
             if all(k in ended for k in jobs[i].needs):
                 waiting.remove(i)

@@ -254,7 +254,7 @@ def _run_jobs(jobs: list[Job], data: Path, out: Path,
 
     runner = IsolatedRunner(preload=[__name__], workers=workers)
     try:
-        run_in_order(jobs, runner, workers, progress.starting, finished)
+        run_in_order(jobs, runner, progress.starting, finished)
     finally:
         runner.close()
     return usage
