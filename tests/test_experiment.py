@@ -98,6 +98,10 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert "](gain_over_time.png)" in report
     assert all(0.5 < models[ORACLE][d][last]["auc"] < 1 for d in ("B", "C"))
+    # the demo config's two jobs at a time, said where the wall times are
+    threads = metrics["settings"]["torch_threads_per_job"]
+    assert metrics["settings"]["jobs_at_a_time"] == 2 and threads >= 1
+    assert f"Jobs ran 2 at a time, each with {threads} torch thread" in report.split("## Cost")[1]
 
 
 def test_each_model_is_built_as_it_claims(experiment):
