@@ -321,6 +321,13 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
     assert [n for e, n in events(1, nap=0.1) if e == "start"] == ["a", "b", "c", "d"]
 
 
+def test_jobs_at_a_time_must_be_at_least_one(tmp_path, caplog):
+    out = tmp_path / "quick"
+    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--jobs", "0", "--out",
+                 str(out)]) == 2
+    assert "experiment.parallel_jobs" in caplog.text and not out.exists()
+
+
 def test_every_job_needs_only_earlier_jobs_and_transfers_wait_for_their_towers(tmp_path):
     from ctnet_rec.experiment.runner import SOURCE_TOWER, plan
 
