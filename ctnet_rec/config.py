@@ -522,7 +522,7 @@ class ExperimentConfig:
     # table name; empty: the tables of the user, item and category id features
     id_embedding_tables: list[str] = field(default_factory=list)
     # jobs run at a time, each in its own process with cores / parallel_jobs torch threads:
-    # on a few cores two one-thread jobs train about 1.9x the rows of one two-thread job (the
+    # on a few cores two one-thread jobs train about 1.8x the rows of one two-thread job (the
     # data reader's threads stall a job's multi-threaded kernels); their wall times in the
     # cost table are then with the machine shared
     parallel_jobs: int = 1
