@@ -405,7 +405,6 @@ def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> Non
     import functools
 
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from ctnet_rec.data.reader import ParquetBatchReader
     from ctnet_rec.training.joint import JointTrainer
@@ -420,15 +419,10 @@ def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> Non
                                             source_domain="A"), "BAB")):
             trainer = build(cfg, env)
             before = torch.cat([p.detach().flatten() for p in trainer.dense]).clone()
-            for domain in domains:
-                batch = next(iter(ParquetBatchReader(Path(world), domain, [1], cfg.features,
-                                                     cfg.data, rank=rank, world_size=2,
-                                                     seed=len(got))))
-                loss = F.binary_cross_entropy_with_logits(trainer.logits(batch, domain),
-                                                          batch.labels)
-                trainer.dense_opt.zero_grad()
-                loss.backward()
-                trainer.dense_opt.step()
+            steps = [(domain, next(iter(ParquetBatchReader(
+                Path(world), domain, [1], cfg.features, cfg.data, rank=rank, world_size=2,
+                seed=len(got))))) for domain in domains]
+            trainer.train_steps(iter(steps), len(steps), "B", 1)  # the pipeline, at 2 ranks
             got[name] = {"before": before,
                          "after": torch.cat([p.detach().flatten() for p in trainer.dense])}
         torch.save(got, Path(out, f"rank{rank}.pt"))
@@ -502,3 +496,61 @@ def test_two_ranks_killed_inside_a_period_resume_there(two_rank_run, two_rank_co
     out = two_rank_cli(*args, "--resume")
     assert "resuming inside period 1" in out
     _assert_same_metrics(_metrics(run), _metrics(two_rank_run))
+
+
+@pytest.mark.parametrize("kind", ["tower", "ctnet", "joint"])
+def test_the_train_pipeline_trains_as_a_plain_loop_with_every_lookup_ahead(towers, tiny_world,
+                                                                          kind):
+    """`train_steps` runs TorchRec's train pipeline: the same weights and loss as a plain
+    zero_grad / forward / backward / step loop over the same batches, and for the tower and
+    CTNet (both towers: the source through its view of the batch) every table lookup's input
+    distribution runs ahead of the step (TrainPipelineSparseDist found them all). Afterwards
+    the lookups are themselves again: the model scores outside the pipeline."""
+    import torch.nn.functional as F
+    from torchrec.distributed.types import ShardedModule
+
+    from ctnet_rec.data.reader import ParquetBatchReader
+    from ctnet_rec.training.joint import JointTrainer
+    from ctnet_rec.training.transfer import CTNetTrainer
+
+    cfg, env = towers.cfg, init_distributed("cpu")
+    build = {"tower": lambda: PeriodTrainer(cfg, env),
+             "ctnet": lambda: CTNetTrainer(cfg, cfg, env),
+             "joint": lambda: JointTrainer(cfg, env, model="Share Bottom", source_domain="A")}
+    plain, piped = build[kind](), build[kind]()
+    domains = "BAB" if kind == "joint" else "BBB"
+    steps = [(d, b) for d, b in zip(domains, ParquetBatchReader(
+        tiny_world, "B", [1], plain.features_read(), cfg.data, seed=0), strict=False)]
+    steps = [(d, b if d == "B" else next(iter(ParquetBatchReader(
+        tiny_world, "A", [1], plain.features_read(), cfg.data, seed=1)))) for d, b in steps]
+    losses, rows = [], 0
+    plain.dmp.train()
+    for d, b in steps:
+        loss = F.binary_cross_entropy_with_logits(plain.logits(b, d), b.labels)
+        plain.dense_opt.zero_grad()
+        loss.backward()
+        plain.dense_opt.step()
+        if d == "B":
+            losses.append(float(loss) * len(b))
+            rows += len(b)
+
+    made = []
+    make = piped.train_pipeline
+    piped.train_pipeline = lambda loss_of: made.append(make(loss_of)) or made[-1]
+    metrics = piped.train_steps(iter(steps), len(steps), "B", 1)
+
+    assert metrics["train_rows"] == rows
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / rows, abs=1e-6)
+    for a, b in zip(plain.dense, piped.dense, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    sharded = [m for m in piped.dmp.modules() if isinstance(m, ShardedModule)]
+    pipelined = getattr(made[0], "_pipelined_modules", [])
+    if kind == "joint":  # its KJT of routed ids is its own: the base pipeline
+        assert pipelined == []
+    else:
+        assert len(sharded) == (4 if kind == "ctnet" else 2)
+        assert {id(m) for m in pipelined} == {id(m) for m in sharded}
+    b = steps[0][1]
+    with torch.no_grad():
+        plain.dmp.eval(), piped.dmp.eval()
+        assert torch.allclose(plain.logits(b, "B"), piped.logits(b, "B"), atol=1e-5)

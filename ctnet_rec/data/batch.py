@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+from torch.fx._symbolic_trace import PHWithMeta
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+MODEL_INPUTS = ("sparse", "dense")  # the fields a model's forward takes, by these names
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """Ids already mapped into table rows (`sparse`), dense numerics, labels, and the raw user
     and item ids kept for GAUC and cold-start slices.
 
-    Implements TorchRec's `Pipelineable` protocol (`to`, `record_stream`, `pin_memory`)."""
+    TorchRec's `Pipelineable` (`to`, `record_stream`, `pin_memory`), which
+    tells its train pipeline how a model reads it (`to_proxy_tuple`)."""
 
     sparse: KeyedJaggedTensor
     dense: torch.Tensor
@@ -46,3 +54,11 @@ class Batch:
             user_ids=self.user_ids.pin_memory(),
             item_ids=self.item_ids.pin_memory(),
         )
+
+    def to_proxy_tuple(self, model: nn.Module) -> dict[str, Any]:
+        """The arguments TorchRec's train pipeline traces `model` with: a placeholder per
+        field the model takes (`sparse`, `dense`), named after the field so that the pipeline
+        finds a lookup's input on the batch, and the defaults of its other arguments."""
+        params = inspect.signature(model.forward).parameters
+        return {name: PHWithMeta(ph_key=name) if name in MODEL_INPUTS else p.default
+                for name, p in params.items()}

@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.config import CTNetConfig, FeatureConfig, TowerConfig
 from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
+from ctnet_rec.modules.embeddings import LookedUp
 from ctnet_rec.modules.tower import Tower, TowerOutput
 
 
@@ -64,14 +65,29 @@ class CTNet(nn.Module):
         return self
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> TowerOutput:
-        """Target rows in the target's feature layout; the source reads them through its own."""
+        """Target rows in the target's feature layout; the source reads them through its own.
+        Both towers' lookups are called here, on the batch's features (or the source's view
+        of them), so that TorchRec's train pipeline finds and pipelines them."""
+        viewed = self.view(sparse, dense)
         with torch.no_grad():
-            src = self.source(*self.view(sparse, dense))
+            src = self.source(viewed[0], viewed[1])
+        return joined(self, src, sparse, dense, self.target.embeddings(sparse))
+
+    def from_source(self, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                    looked_up: LookedUp) -> TowerOutput:
+        """The target tower on its embeddings `looked_up`, with the adapters reading `src`."""
         states = [src.inputs, *src.hidden]
         adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)] \
             if self.use_adapters else None
         shared = src.long_interest if self.cfg.share_long_sequence_attention else None
-        return self.target(sparse, dense, adds, long_interest=shared)
+        return self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up)
+
+
+@torch.fx.wrap
+def joined(ctnet: CTNet, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+           looked_up: LookedUp) -> TowerOutput:
+    """`ctnet.from_source`, one opaque call to torch.fx (see `tower.after_lookups`)."""
+    return ctnet.from_source(src, sparse, dense, looked_up)
 
 
 class SourceView(nn.Module):

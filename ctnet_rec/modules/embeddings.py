@@ -54,9 +54,9 @@ class TowerEmbeddings(nn.Module):
     `managed_sequence`), wrapped in TorchRec's managed-collision modules, which map the raw ids
     to rows themselves; the others (`pooled`, `sequence`) get rows from the reader.
 
-    Input: a KJT with at least these features' keys (the reader's: pooled keys first, then
-    sequence keys; keys of sequences this tower does not read are skipped). Output: pooled
-    embeddings and sequence embeddings, each by key."""
+    Input: a KJT with at least these features' keys, in the same order at every call (the
+    reader's; other keys are skipped). Output: pooled embeddings and sequence embeddings, each
+    by key."""
 
     def __init__(self, features: FeatureConfig, device: torch.device | None = None,
                  data_type: DataType = DataType.FP32) -> None:
@@ -106,28 +106,29 @@ class TowerEmbeddings(nn.Module):
         self.managed_pooled = lookup(bag_tables, True, True)
         self.sequence = lookup(seq_tables, False, False)
         self.managed_sequence = lookup(seq_tables, False, True)
-        # the KJT's keys regrouped by lookup (a permutation only when some tables are managed)
-        groups = [[f for t in mine(tables, m) for f in t.feature_names]
-                  for tables, m in ((bag_tables, False), (bag_tables, True),
-                                    (seq_tables, False), (seq_tables, True))]
-        self.keys = [k for g in groups for k in g]
-        self.splits = [len(g) for g in groups]
 
     def forward(self, kjt: KeyedJaggedTensor) -> LookedUp:
-        given = kjt.keys()
-        if given != self.keys:  # regrouped by lookup, keys no table here reads left out
-            kjt = kjt.permute([given.index(k) for k in self.keys])
-        pooled: dict[str, torch.Tensor] = {}
-        sequence: dict[str, JaggedTensor] = {}
+        """Every collection takes the batch's KJT as it is and reads its own keys by name (a
+        sharded one fixes their order at its first call): nothing between the batch and the
+        lookups, so TorchRec's train pipeline can start their input distribution early."""
         lookups = (self.pooled, self.managed_pooled, self.sequence, self.managed_sequence)
-        for i, (module, part) in enumerate(zip(lookups, kjt.split(self.splits), strict=True)):
-            if module is None:
-                continue
-            out = module(part)
-            if isinstance(out, tuple):  # a managed collection: (embeddings, remapped ids)
-                out = out[0]
-            if i < 2:
-                pooled.update(out.to_dict())
-            else:
-                sequence.update(out)
-        return pooled, sequence
+        return by_key([None if m is None else m(kjt) for m in lookups])
+
+
+@torch.fx.wrap
+def by_key(outputs: list) -> LookedUp:
+    """The four collections' outputs (pooled, managed pooled, sequence, managed sequence; None
+    where absent) as embeddings by key. An opaque call to torch.fx: the train pipeline's
+    trace stops at the lookups."""
+    pooled: dict[str, torch.Tensor] = {}
+    sequence: dict[str, JaggedTensor] = {}
+    for i, out in enumerate(outputs):
+        if out is None:
+            continue
+        if isinstance(out, tuple):  # a managed collection: (embeddings, remapped ids)
+            out = out[0]
+        if i < 2:
+            pooled.update(out.to_dict())
+        else:
+            sequence.update(out)
+    return pooled, sequence

@@ -155,6 +155,24 @@ class Tower(nn.Module):
                 adds: list[torch.Tensor | None] | None = None,
                 long_interest: list[torch.Tensor] | None = None,
                 looked_up: LookedUp | None = None) -> TowerOutput:
+        if looked_up is None:
+            looked_up = self.embeddings(sparse)
+        return after_lookups(self, sparse, dense, looked_up, adds, long_interest)
+
+    def from_embeddings(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                        looked_up: LookedUp, adds: list[torch.Tensor | None] | None = None,
+                        long_interest: list[torch.Tensor] | None = None) -> TowerOutput:
+        """Everything of `forward` after the table lookups."""
         inputs, interest = self.embed(sparse, dense, long_interest, looked_up)
         logits, hidden = self.mlp(inputs, adds)
         return TowerOutput(logits, inputs, hidden, interest)
+
+
+@torch.fx.wrap
+def after_lookups(tower: Tower, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                  looked_up: LookedUp, adds: list[torch.Tensor | None] | None,
+                  long_interest: list[torch.Tensor] | None) -> TowerOutput:
+    """`tower.from_embeddings`, as one opaque call to torch.fx: TorchRec's train pipeline
+    traces a model only to find the lookups that read the batch, and what follows them
+    (data-dependent selection, jagged attention) is not symbolically traceable."""
+    return tower.from_embeddings(sparse, dense, looked_up, adds, long_interest)

@@ -14,13 +14,16 @@ it on the target's rows."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase
 
 from ctnet_rec.config import Config
+from ctnet_rec.data.batch import Batch
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.joint import SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
@@ -42,6 +45,19 @@ from ctnet_rec.training.trainer import PeriodTrainer
 log = logging.getLogger(__name__)
 
 
+class StepLoss(torch.nn.Module):
+    """`loss_of(batch)` as the model TorchRec's base pipeline calls: its `custom_model_fwd`
+    argument is accepted and not used (torchrec 1.9.2)."""
+
+    def __init__(self, loss_of: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+                 training: bool) -> None:
+        super().__init__()
+        self.loss_of = loss_of
+        self.train(training)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_of(batch)
+
 
 class JointTrainer(PeriodTrainer):
     """PeriodTrainer for a model of `JOINT_MODELS`, reading `source_domain` alongside."""
@@ -53,6 +69,14 @@ class JointTrainer(PeriodTrainer):
 
     def scorer(self, module: torch.nn.Module) -> Scorer:
         return Scorer(module, task=TARGET)  # a joint model's run is its target domain's
+
+    def train_pipeline(self, loss_of: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+                       ) -> TrainPipeline:
+        """TorchRec's base pipeline (the next batch's copy to the device overlaps the step):
+        a joint model routes each task's ids to its tables through a KJT of its own, so no
+        lookup reads the batch directly for the sparse-dist pipeline to start early."""
+        return TrainPipelineBase(StepLoss(loss_of, self.dmp.training), self.dense_opt,
+                                 self.env.device)
 
     def logits(self, batch: Any, domain: str) -> torch.Tensor:
         task = SOURCE if domain == self.source_domain else TARGET

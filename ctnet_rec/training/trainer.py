@@ -4,13 +4,15 @@ checkpoint, train one pass on that period, save, evaluate on the next period."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSparseDist
 from tqdm import tqdm
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
@@ -58,6 +61,18 @@ from sharding.tower import dense_parameters, shard_model
 log = logging.getLogger(__name__)
 
 LOG_EVERY_STEPS = 50  # the bar's and TensorBoard's loss and speed: the one host sync
+
+
+class _NoStreamWarning(logging.Filter):
+    """TorchRec warns, each pass, that a pipelined input transform (CTNet's source view)
+    without a data-dist stream may race: true of CUDA, where there is one; the CPU has no
+    streams and runs every stage in order."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dist stream" not in record.getMessage()
+
+
+logging.getLogger("torchrec.distributed.train_pipeline.postproc").addFilter(_NoStreamWarning())
 
 
 def gather_to_main(arrays: dict[str, np.ndarray],
@@ -225,6 +240,14 @@ class PeriodTrainer:
         reader = self._reader(root, domain, period, train=True)
         return self.train_steps(((domain, b) for b in reader), len(reader), domain, period)
 
+    def train_pipeline(self, loss_of: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
+                       ) -> TrainPipeline:
+        """TorchRec's train pipeline over this trainer's model, for one pass: each step's
+        batch is copied to the device and its lookups' input distribution started while
+        the steps before it train (`loss_of(batch)`: the loss and what the step returns)."""
+        return TrainPipelineSparseDist(self.dmp, self.dense_opt, self.env.device,
+                                       custom_model_fwd=loss_of, pipeline_postproc=True)
+
     def logits(self, batch: Batch, domain: str) -> torch.Tensor:
         """The model's logits for a batch of `domain` (a single-domain model ignores it)."""
         return self.dmp(batch.sparse, batch.dense).logits
@@ -245,29 +268,49 @@ class PeriodTrainer:
             sums = {d: [torch.tensor(loss, dtype=torch.float64, device=self.env.device), n]
                     for d, (loss, n) in done.sums.items()}
         every = self.mid_period_steps()
-        start = time.perf_counter()
-        bar = tqdm(steps, total=total, desc=f"{domain} period {period}", unit="batch",
-                   disable=not (self.env.is_main and sys.stderr.isatty()), leave=False)
-        for step, (step_domain, host_batch) in enumerate(bar):
-            if done is not None and step < done.steps:
-                continue  # trained before the checkpoint: the reader only moves past it
-            batch = host_batch.to(self.env.device)
-            loss = F.binary_cross_entropy_with_logits(self.logits(batch, step_domain),
+        skip = done.steps if done is not None else 0  # trained before the checkpoint
+        # (domain, host batch) of the batches the pipeline has fetched and not yet trained:
+        # it trains them in the order it fetches them, a few steps behind
+        pending: deque[tuple[str, Batch]] = deque()
+
+        def fetch() -> Iterator[Batch]:
+            for step_domain, host_batch in itertools.islice(steps, skip, None):
+                pending.append((step_domain, host_batch))
+                yield host_batch
+
+        def loss_of(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            loss = F.binary_cross_entropy_with_logits(self.logits(batch, pending[0][0]),
                                                       batch.labels)
-            self.dense_opt.zero_grad()
-            loss.backward()
-            self.dense_opt.step()
-            acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
-                                                            device=self.env.device), 0])
-            acc[0] += loss.detach().double() * len(batch)  # stays on the device: no sync per step
-            acc[1] += len(batch)
-            if step_domain == domain:  # raw ids from the host copy of the batch
-                users.append(host_batch.user_ids.numpy())
-                items.append(host_batch.item_ids.numpy())
-            if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
-                self._log_progress(bar, sums.get(domain, acc), sums, start)
-            if every and (step + 1) % every == 0 and step + 1 < total:
-                self._save_position(period, step + 1, sums, users, items)
+            return loss, loss.detach()
+
+        start = time.perf_counter()
+        bar = tqdm(total=total, initial=skip, desc=f"{domain} period {period}", unit="batch",
+                   disable=not (self.env.is_main and sys.stderr.isatty()), leave=False)
+        pipeline = self.train_pipeline(loss_of)
+        batches = fetch()
+        try:
+            for step in itertools.count(skip):
+                try:
+                    loss = pipeline.progress(batches)
+                except StopIteration:
+                    break
+                step_domain, host_batch = pending.popleft()
+                bar.update()
+                acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
+                                                                device=self.env.device), 0])
+                acc[0] += loss.double() * len(host_batch)  # on the device: no sync per step
+                acc[1] += len(host_batch)
+                if step_domain == domain:  # raw ids from the host copy of the batch
+                    users.append(host_batch.user_ids.numpy())
+                    items.append(host_batch.item_ids.numpy())
+                if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
+                    self._log_progress(bar, sums.get(domain, acc), sums, start)
+                if every and (step + 1) % every == 0 and step + 1 < total:
+                    self._save_position(period, step + 1, sums, users, items)
+        finally:
+            if isinstance(pipeline, TrainPipelineSparseDist):
+                pipeline.detach()  # the lookups' own forwards back, for evaluation
+            bar.close()
         self._average_batchnorm_statistics()
         # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
         seen = gather_to_main({"users": np.unique(np.concatenate(users)),
