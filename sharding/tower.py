@@ -34,6 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from ctnet_rec.config import ConfigError, ShardingConfig
 from ctnet_rec.dist_env import DistEnv
 from sharding.managed_ids import ManagedBagSharder, ManagedSequenceSharder
+from sharding.sequence_lookup import pool_sequence_lookups
 
 
 def embedding_collections(model: nn.Module) -> list[nn.Module]:
@@ -188,6 +189,8 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
         data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False,
                                                          find_unused_parameters=True))
     check_placement(dmp, env.device)
+    if env.device.type == "cpu":
+        pool_sequence_lookups(dmp)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
         id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
                    for b in m.buffers()}  # each rank's id map is its own shard's

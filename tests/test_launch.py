@@ -136,10 +136,12 @@ def two_rank_transfer(towers, tiny_world, deployed_small_batch):
 
 def test_transfer_on_two_ranks_with_torchx_local_cwd(towers, tiny_world, two_rank_transfer,
                                                      tmp_path):
-    """Ends like the 1-rank run within 0.03 AUC: the same data and global batch, but each
+    """Ends like the 1-rank run within 0.05 AUC: the same data and global batch, but each
     rank shuffles and reads its own half of a period, so the batches (and the floating-point
-    order of the sums) differ; the two are equally good trainings, not the same one (0.03 is
-    about twice the AUC's standard error on the tiny world's 2,000 test rows)."""
+    order of the sums) differ; the two are equally good trainings, not the same one. The AUC's
+    standard error on the tiny world's 2,000 test rows is about 0.015, and the 1-rank run
+    alone moved by 0.028 when only the order of a kernel's sums changed (adaptive optimisers
+    from a zero accumulator turn float noise in near-zero gradients into whole steps)."""
     import shutil
 
     ckpts = complete_checkpoints(two_rank_transfer)
@@ -156,7 +158,7 @@ def test_transfer_on_two_ranks_with_torchx_local_cwd(towers, tiny_world, two_ran
     got, want = manifests[0].metrics, Manifest.read(complete_checkpoints(one)[2]).metrics
     assert got["train_rows"] == want["train_rows"]
     assert got["eval"]["rows"] == want["eval"]["rows"]
-    assert got["eval"]["auc"] == pytest.approx(want["eval"]["auc"], abs=0.03)
+    assert got["eval"]["auc"] == pytest.approx(want["eval"]["auc"], abs=0.05)
 
 
 def test_a_two_rank_checkpoint_predicts_the_same_under_any_world_size_and_plan(

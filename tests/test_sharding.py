@@ -194,3 +194,59 @@ def test_plan_covers_every_model_kind(demo_config, caplog):
     assert "unknown model kind 'towr'" in caplog.text
     assert main(["plan", "--config", str(config), "--world-size", "4", "--kind",
                  "joint:MiNet"]) == 0
+
+
+def _local(t):
+    shards = t.local_shards() if hasattr(t, "local_shards") else None
+    return shards[0].tensor if shards else t
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_cpu_sequence_lookups_run_pooled_kernels_and_train_as_the_unpooled(
+        towers, tiny_world, monkeypatch, frozen):
+    """On the CPU the sequence tables' lookups go through fbgemm's pooled kernel, one id per
+    bag (`sharding/sequence_lookup.py`): the same embeddings, and after a training step the
+    same tables and optimiser state as the unpooled kernel's, for trained tables (row-wise
+    AdaGrad) and read-only ones (SGD at lr 0, as CTNet's source); at row-wise sharding too."""
+    import torch.nn.functional as F
+    from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding
+
+    import sharding.tower
+    from ctnet_rec.data.reader import ParquetBatchReader
+    from sharding.sequence_lookup import OneIdBags, pool_sequence_lookups
+
+    cfg, env = towers.cfg, init_distributed("cpu")
+    batch = next(iter(ParquetBatchReader(tiny_world, "B", [1], cfg.features, cfg.data, seed=0)))
+
+    def build(pooled: bool, kind: str):
+        monkeypatch.setattr(sharding.tower, "pool_sequence_lookups",
+                            pool_sequence_lookups if pooled else lambda model: 0)
+        torch.manual_seed(0)
+        tower = Tower(cfg.features, cfg.model, device=torch.device("meta"))
+        return shard_model(tower, env, 0.05, frozen=tower if frozen else None,
+                           sharding=ShardingConfig(kind))
+
+    for kind in ("table_wise", "row_wise"):
+        models = {pooled: build(pooled, kind) for pooled in (True, False)}
+        kernels = [k for m in models[True].modules() for lookup in getattr(m, "_lookups", [])
+                   for k in lookup.modules() if isinstance(k, BatchedFusedEmbedding)]
+        assert kernels and all(isinstance(k.forward, OneIdBags) for k in kernels)
+        logits = {}
+        for pooled, model in models.items():
+            model.train()
+            out = model(batch.sparse, batch.dense)
+            logits[pooled] = out.logits.detach()
+            if not frozen:
+                F.binary_cross_entropy_with_logits(out.logits, batch.labels).backward()
+        torch.testing.assert_close(logits[True], logits[False], atol=1e-6, rtol=0)
+        states = {p: m.state_dict() for p, m in models.items()}
+        tables = [k for k in states[True] if ".embeddings." in k]
+        assert tables
+        for key in tables:
+            torch.testing.assert_close(_local(states[True][key]), _local(states[False][key]),
+                                       atol=1e-6, rtol=0)
+        optim = {p: m.fused_optimizer.state_dict()["state"] for p, m in models.items()}
+        for param, entries in optim[True].items():
+            for name, value in entries.items():
+                torch.testing.assert_close(_local(value), _local(optim[False][param][name]),
+                                           atol=1e-6, rtol=0)
