@@ -3,13 +3,13 @@
 An EmbeddingCollection's tables (the behaviour sequences) run in fbgemm's table-batched
 kernel without pooling; on the CPU (fbgemm-gpu-cpu 1.8.0) that kernel's backward with the
 fused row-wise AdaGrad update costs far more than the pooled kernel's on the same ids (the
-demo tower's sequence lookup, forward and backward: 12.8 vs 8.4 ms a step at batch 512,
+demo tower's sequence lookup, forward and backward: 11.0 vs 5.1 ms a step at batch 512,
 `python benchmarks/sequence_lookup.py`). A bag holding a single id pools to that id's
 embedding, and its gradient is that id's gradient, so the pooled kernel computes the same
-lookup and the same update. Here each such lookup module of a sharded model gets a second,
-pooled kernel over the same tables, one feature per table, sharing the first one's weights
-and optimiser state (the same tensors: checkpoints, the fused optimiser and everything else
-keep reading the original kernel), and its forward runs through it. On CUDA nothing changes.
+lookup and the same update. Here each such lookup module of a sharded model gets one
+pooled kernel per table, over that table's share of the first one's weights and optimiser
+state (views of the same tensors: checkpoints, the fused optimiser and everything else keep
+reading the original kernel), and its forward runs through them. On CUDA nothing changes.
 """
 
 from __future__ import annotations
@@ -57,38 +57,53 @@ def _servable(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> bool:
 
 
 class OneIdBags:
-    """A lookup kernel's forward through a pooled kernel over the same tables: the ids of
-    each table (its features' ids, which lie side by side) as bags of one id, every table
-    padded with empty bags to as many bags as the largest has ids."""
+    """A lookup kernel's forward through pooled kernels, one per table, over that table's
+    share of the kernel's weights and optimiser state (views of the same tensors): each
+    table's ids (its features' ids, which lie side by side) as bags of one id."""
 
     def __init__(self, kernel: BatchedFusedEmbedding) -> None:
         self.kernel = kernel
-        nobag = kernel.emb_module
-        self.pooled = SplitTableBatchedEmbeddingBagsCodegen(
-            embedding_specs=nobag.embedding_specs,
-            feature_table_map=list(range(len(nobag.embedding_specs))),
-            optimizer=nobag.optimizer, pooling_mode=PoolingMode.SUM,
-            weights_precision=nobag.weights_precision,
-            output_dtype=SparseType.from_int(nobag.output_dtype),
-            stochastic_rounding=nobag.stochastic_rounding, device=torch.device("cpu"),
-            preallocated_host_buffers={
-                name: getattr(nobag, f"{name}_host") for name in STATE[nobag.optimizer]})
-        self.dim = nobag.embedding_specs[0][1]
+        self._build()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        nobag = self.kernel.emb_module
+        return {name: getattr(nobag, f"{name}_host") for name in STATE[nobag.optimizer]}
+
+    def _build(self) -> None:
+        nobag = self.kernel.emb_module
+        state = self._state()
+        self.storage = {name: t.untyped_storage().data_ptr() for name, t in state.items()}
+        first = [nobag.feature_table_map.index(t) for t in range(len(nobag.embedding_specs))]
+        self.dims = [spec[1] for spec in nobag.embedding_specs]
+        self.tables = []
+        for t, spec in enumerate(nobag.embedding_specs):
+            shares = {}
+            for name, tensor in state.items():  # this table's rows: up to the next table's
+                offsets = getattr(nobag, f"{name}_offsets")
+                begin = int(offsets[first[t]])
+                end = int(offsets[first[t + 1]]) if t + 1 < len(first) else tensor.numel()
+                shares[name] = tensor.detach()[begin:end]
+            self.tables.append(SplitTableBatchedEmbeddingBagsCodegen(
+                embedding_specs=[spec], optimizer=nobag.optimizer,
+                pooling_mode=PoolingMode.SUM, weights_precision=nobag.weights_precision,
+                output_dtype=SparseType.from_int(nobag.output_dtype),
+                stochastic_rounding=nobag.stochastic_rounding, device=torch.device("cpu"),
+                preallocated_host_buffers=shares))
 
     def __call__(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        nobag, pooled = self.kernel.emb_module, self.pooled
-        for name in STATE[nobag.optimizer]:  # the original kernel's state, as it is now
-            setattr(pooled, f"{name}_host", getattr(nobag, f"{name}_host"))
-        pooled.optimizer_args = nobag.optimizer_args
-        pooled.learning_rate_tensor = nobag.learning_rate_tensor
+        nobag = self.kernel.emb_module
+        if any(t.untyped_storage().data_ptr() != self.storage[name]
+               for name, t in self._state().items()):
+            self._build()  # the kernel's state was replaced (not updated in place)
         per_feature = features.lengths().view(len(nobag.feature_table_map), -1).sum(dim=1)
         counts = [int(sum(n for _, n in group)) for _, group in itertools.groupby(
             zip(nobag.feature_table_map, per_feature.tolist(), strict=True), key=lambda x: x[0])]
-        width = max(counts, default=0)
-        starts = torch.tensor([0, *itertools.accumulate(counts)])
-        bags = torch.arange(width)
-        offsets = torch.cat([*(starts[t] + bags.clamp(max=n) for t, n in enumerate(counts)),
-                             starts[-1:]])
-        out = pooled(indices=features.values().long(), offsets=offsets)  # (width, T * D)
-        d = self.dim
-        return torch.cat([out[:n, t * d:(t + 1) * d] for t, n in enumerate(counts)])
+        out, ids = [], features.values().long().split(counts)
+        for table, dim, table_ids in zip(self.tables, self.dims, ids, strict=True):
+            if not len(table_ids):
+                out.append(torch.zeros(0, dim))
+                continue
+            table.optimizer_args = nobag.optimizer_args  # the kernel's, as they are now
+            table.learning_rate_tensor = nobag.learning_rate_tensor
+            out.append(table(indices=table_ids, offsets=torch.arange(len(table_ids) + 1)))
+        return out[0] if len(out) == 1 else torch.cat(out)

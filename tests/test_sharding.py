@@ -250,3 +250,27 @@ def test_cpu_sequence_lookups_run_pooled_kernels_and_train_as_the_unpooled(
             for name, value in entries.items():
                 torch.testing.assert_close(_local(value), _local(optim[False][param][name]),
                                            atol=1e-6, rtol=0)
+
+
+def test_a_pooled_sequence_lookup_follows_its_kernel_state_when_replaced(towers, tiny_world):
+    """The pooled kernels read views of the original kernel's weights; when something gives
+    that kernel new tensors instead of updating them in place, the next lookup reads those."""
+    from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding
+
+    from ctnet_rec.data.reader import ParquetBatchReader
+
+    cfg, env = towers.cfg, init_distributed("cpu")
+    batch = next(iter(ParquetBatchReader(tiny_world, "B", [1], cfg.features, cfg.data, seed=0)))
+    model = shard_model(Tower(cfg.features, cfg.model, device=torch.device("meta")), env, 0.05)
+    kernel = next(k for m in model.modules() for lookup in getattr(m, "_lookups", [])
+                  for k in lookup.modules() if isinstance(k, BatchedFusedEmbedding))
+    seen = []
+    kernel.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(batch.sparse, batch.dense)
+    tbe = kernel.emb_module
+    tbe.weights_host = torch.nn.Parameter(tbe.weights_host.detach() + 1.0)
+    with torch.no_grad():
+        got, want = kernel(seen[0]), BatchedFusedEmbedding.forward(kernel, seen[0])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert got.abs().min() > 0.5  # the new weights (old ones are near zero)
