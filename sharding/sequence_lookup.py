@@ -9,7 +9,8 @@ embedding, and its gradient is that id's gradient, so the pooled kernel computes
 lookup and the same update. Here each such lookup module of a sharded model gets one
 pooled kernel per table, over that table's share of the first one's weights and optimiser
 state (views of the same tensors: checkpoints, the fused optimiser and everything else keep
-reading the original kernel), and its forward runs through them. On CUDA nothing changes.
+reading the original kernel), and its forward runs through them when gradients are on (scoring,
+and CTNet's frozen source, keep the unpooled forward). On CUDA nothing changes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class OneIdBags:
                 preallocated_host_buffers=shares))
 
     def __call__(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # no backward to save: the unpooled forward is as fast
+            return type(self.kernel).forward(self.kernel, features)
         nobag = self.kernel.emb_module
         if any(t.untyped_storage().data_ptr() != self.storage[name]
                for name, t in self._state().items()):

@@ -254,7 +254,8 @@ def test_cpu_sequence_lookups_run_pooled_kernels_and_train_as_the_unpooled(
 
 def test_a_pooled_sequence_lookup_follows_its_kernel_state_when_replaced(towers, tiny_world):
     """The pooled kernels read views of the original kernel's weights; when something gives
-    that kernel new tensors instead of updating them in place, the next lookup reads those."""
+    that kernel new tensors instead of updating them in place, the next lookup reads those.
+    Without gradients the lookup is the unpooled kernel's own."""
     from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding
 
     from ctnet_rec.data.reader import ParquetBatchReader
@@ -270,7 +271,11 @@ def test_a_pooled_sequence_lookup_follows_its_kernel_state_when_replaced(towers,
         model(batch.sparse, batch.dense)
     tbe = kernel.emb_module
     tbe.weights_host = torch.nn.Parameter(tbe.weights_host.detach() + 1.0)
-    with torch.no_grad():
-        got, want = kernel(seen[0]), BatchedFusedEmbedding.forward(kernel, seen[0])
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    got, want = kernel(seen[0]), BatchedFusedEmbedding.forward(kernel, seen[0])  # with grad
+    torch.testing.assert_close(got.detach(), want.detach(), atol=1e-6, rtol=0)
     assert got.abs().min() > 0.5  # the new weights (old ones are near zero)
+    with torch.no_grad():
+        tbe.weights_host.data.add_(1.0)  # in place: the pooled kernels' views see it too
+        torch.testing.assert_close(kernel(seen[0]), want.detach() + 1.0, atol=1e-5, rtol=0)
+    pooled, unpooled = kernel(seen[0]), BatchedFusedEmbedding.forward(kernel, seen[0])
+    assert torch.equal(pooled.detach(), unpooled.detach())  # after the in-place update too
