@@ -3,7 +3,7 @@
 An EmbeddingCollection's tables (the behaviour sequences) run in fbgemm's table-batched
 kernel without pooling; on the CPU (fbgemm-gpu-cpu 1.8.0) that kernel's backward with the
 fused row-wise AdaGrad update costs far more than the pooled kernel's on the same ids (the
-demo tower's sequence lookup, forward and backward: 11.0 vs 5.1 ms a step at batch 512,
+demo tower's sequence lookup, forward and backward: 12.3 vs 6.6 ms a step at batch 512,
 `python benchmarks/sequence_lookup.py`). A bag holding a single id pools to that id's
 embedding, and its gradient is that id's gradient, so the pooled kernel computes the same
 lookup and the same update. Here each such lookup module of a sharded model gets one
