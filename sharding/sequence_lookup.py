@@ -6,11 +6,11 @@ fused row-wise AdaGrad update costs far more than the pooled kernel's on the sam
 demo tower's sequence lookup, forward and backward: 12.3 vs 6.6 ms a step at batch 512,
 `python benchmarks/sequence_lookup.py`). A bag holding a single id pools to that id's
 embedding, and its gradient is that id's gradient, so the pooled kernel computes the same
-lookup and the same update. Here each such lookup module of a sharded model gets one
-pooled kernel per table, over that table's share of the first one's weights and optimiser
-state (views of the same tensors: checkpoints, the fused optimiser and everything else keep
-reading the original kernel), and its forward runs through them when gradients are on (scoring,
-and CTNet's frozen source, keep the unpooled forward). On CUDA nothing changes.
+lookup and the same update. Here each such lookup kernel of a sharded model gets one pooled
+kernel per table, over that table's share of the kernel's weights and optimiser state (views
+of the same tensors: checkpoints, the fused optimiser and everything else keep reading the
+original kernel), and its forward runs through them when gradients are on (scoring, and
+CTNet's frozen source, keep the unpooled forward). On CUDA nothing changes.
 """
 
 from __future__ import annotations

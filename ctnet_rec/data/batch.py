@@ -20,8 +20,8 @@ class Batch(Pipelineable):
     """Ids already mapped into table rows (`sparse`), dense numerics, labels, and the raw user
     and item ids kept for GAUC and cold-start slices.
 
-    TorchRec's `Pipelineable` (`to`, `record_stream`, `pin_memory`), which
-    tells its train pipeline how a model reads it (`to_proxy_tuple`)."""
+    A TorchRec `Pipelineable` (`to`, `record_stream`, `pin_memory`) that also tells its
+    train pipeline how a model reads it (`to_proxy_tuple`)."""
 
     sparse: KeyedJaggedTensor
     dense: torch.Tensor
