@@ -8,6 +8,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.attention import (
+    LengthBuckets,
     SequenceEncoder,
     SimHash,
     TargetAttention,
@@ -83,11 +84,12 @@ def test_target_attention_is_multihead_attention():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-def test_sequence_encoder_is_the_transformer_encoder_layer():
-    """SequenceEncoder (on the real behaviours, attention padded) computes
-    nn.TransformerEncoderLayer (its own parameters) on the padded sequence, values and
-    gradients, at real positions; padding comes out zero; behaviours past the length are left
-    out as padding leaves them out."""
+@pytest.mark.parametrize("by_length", [True, False], ids=["length groups", "one padded batch"])
+def test_sequence_encoder_is_the_transformer_encoder_layer(by_length: bool):
+    """SequenceEncoder (on the real behaviours, attention padded in length groups or in one
+    batch) computes nn.TransformerEncoderLayer (its own parameters) on the padded sequence,
+    values and gradients, at real positions; padding comes out zero; behaviours past the
+    length are left out as padding leaves them out."""
     torch.manual_seed(4)
     enc = SequenceEncoder(12, 3)
     tokens = torch.randn(5, 6, 12)
@@ -95,7 +97,7 @@ def test_sequence_encoder_is_the_transformer_encoder_layer():
                          [True] * 5 + [False], [True] + [False] * 5])
     values, offsets = jagged(tokens, mask)
     values.requires_grad_(True)
-    got, got_mask = enc(values, offsets, 6)
+    got, got_mask = enc(values, offsets, 6, by_length)
     padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [6], 0.0)
     safe, _ = _attendable(mask)
     want = enc.layer(padded, src_key_padding_mask=~safe) * mask.unsqueeze(-1)
@@ -105,10 +107,32 @@ def test_sequence_encoder_is_the_transformer_encoder_layer():
     wants = torch.autograd.grad(want.square().sum(), [values, *enc.parameters()])
     for g, w in zip(grads, wants, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    short, short_mask = enc(values, offsets, 4)  # rows cut to their 4 newest behaviours
+    short, short_mask = enc(values, offsets, 4, by_length)  # rows cut to their 4 newest
     cut = enc.layer(padded[:, :4], src_key_padding_mask=~_attendable(mask[:, :4])[0])
     torch.testing.assert_close(short, cut * mask[:, :4].unsqueeze(-1), rtol=1e-5, atol=1e-5)
     assert torch.equal(short_mask, mask[:, :4])
+
+
+def test_length_groups_cover_every_row_once_and_pad_each_to_its_longest():
+    """The length groups of a batch with lengths 0..40 under a cap of 30: every row and every
+    kept behaviour in one group, each group padded to its longest row (far less padding than
+    one batch of 30), and the encoder's output equal to the one padded batch's,
+    gradients included, behaviours past the cap and empty rows included."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 41, (64,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    buckets = LengthBuckets(offsets, 30)
+    capped = lengths.clamp(max=30)
+    assert sum(len(m) for m in buckets.masks) == 64
+    assert sum(int(m.sum()) for m in buckets.masks) == int(capped.sum())
+    assert all(int(m.sum(1).max()) == m.shape[1] for m in buckets.masks if m.any())
+    assert sum(m.numel() for m in buckets.masks) < 0.8 * 64 * 30
+    enc = SequenceEncoder(8, 2)
+    values = torch.randn(int(offsets[-1]), 8, generator=g, requires_grad=True)
+    (grouped, _), (padded, _) = (enc(values, offsets, 30, by) for by in (True, False))
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(*(torch.autograd.grad(out.square().sum(), values)
+                                 for out in (grouped, padded)), rtol=1e-4, atol=1e-6)
 
 
 def test_sim_picks_the_k_most_recent_of_the_target_category():
@@ -155,6 +179,15 @@ def test_gather_jagged_picks_positions_and_zeroes_the_rest():
     got = gather_jagged(jt, idx, valid)
     want = torch.tensor([[[2.0, 3], [0, 1]], [[0, 0], [0, 0]], [[10, 11], [0, 0]]])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 13, 32, 62])
+def test_simhash_packs_bit_j_as_the_side_of_hyperplane_j(bits: int):
+    h = SimHash(16, bits)
+    x = torch.randn(300, 16)
+    sides = ((x @ h.planes) > 0).long()
+    assert h(x).tolist() == (sides << torch.arange(bits)).sum(dim=1).tolist()
+    assert h(x[:0]).shape == (0,)
 
 
 def test_simhash_is_deterministic_and_locality_sensitive():

@@ -110,36 +110,104 @@ class DINAttention(nn.Module):
         return target.new_zeros(target.shape).index_add(0, rows, weighted)
 
 
+def _self_attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention of (R, L, 3E) packed queries/keys/values over the keys that
+    `mask` (R, L) marks real (every row needs one): (R * L, E), two batched matmuls (cheaper on
+    the CPU than the fused kernel at these sizes)."""
+    rows, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(rows, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5  # (R, H, L, L)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(rows * length, dim)
+
+
+class LengthBuckets:
+    """Rows grouped by length so each group is padded only to its own longest row: rows up to
+    a quarter of `length`, up to half, the rest. Self-attention costs rows x L^2, and most
+    short sequences are far shorter than their cap (the demo's: 11 of 30 on average), so the
+    groups do about half the work of one padded batch.
+
+    `gather` is an index into the jagged values giving the groups' padded slots one after
+    another (a slot past its row's length reads row 0 and is masked); `scatter` gives each
+    jagged value its slot in that layout, and the position after the last slot (a zero row)
+    for a behaviour past `length`. The group sizes are read on the host: on an accelerator
+    that is a sync per step, which the one padded batch avoids."""
+
+    def __init__(self, offsets: torch.Tensor, length: int) -> None:
+        device, offsets = offsets.device, offsets.long()
+        full = offsets.diff()
+        lengths = full.clamp(max=length)
+        order = torch.argsort(lengths, stable=True)
+        by_length = lengths[order]
+        cuts = torch.tensor(sorted({max(length // 4, 1), max(length // 2, 1), length}),
+                            device=device)
+        ends = torch.searchsorted(by_length, cuts, right=True)
+        tops = by_length[(ends - 1).clamp(min=0)] if len(order) else ends
+        self.masks: list[torch.Tensor] = []  # per group: (rows, padded length) real entries
+        starts, gathers, slot, first = [], [], 0, 0
+        for end, top in zip(ends.tolist(), tops.tolist(), strict=True):
+            if end == first:
+                continue
+            rows, padded = order[first:end], max(top, 1)
+            positions = torch.arange(padded, device=device)
+            mask = positions.unsqueeze(0) < by_length[first:end].unsqueeze(1)
+            self.masks.append(mask)
+            starts.append(slot + torch.arange(end - first, device=device) * padded)
+            gathers.append(torch.where(mask, offsets[rows].unsqueeze(1) + positions, 0).flatten())
+            slot, first = slot + (end - first) * padded, end
+        self.gather = torch.cat(gathers) if gathers else offsets.new_zeros(0)
+        row_start = torch.zeros_like(full)
+        if starts:
+            row_start.index_copy_(0, order, torch.cat(starts))
+        row_of = torch.repeat_interleave(torch.arange(len(full), device=device), full,
+                                         output_size=int(offsets[-1]))
+        position = torch.arange(len(row_of), device=device) - offsets[row_of]
+        self.scatter = torch.where(position < length, row_start[row_of] + position, slot)
+
+    def self_attention(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        """`_self_attention` of jagged (N, 3E) packed projections, group by group: (N, E)."""
+        if len(qkv) == 0:  # no behaviours at all: nothing to attend to
+            return qkv[:, :qkv.shape[1] // 3]
+        # split, not slices: a slice's backward fills a zero tensor of the whole input
+        groups = qkv.index_select(0, self.gather).split([m.numel() for m in self.masks])
+        out = [_self_attention(group.view(*mask.shape, -1), _attendable(mask)[0], heads)
+               for group, mask in zip(groups, self.masks, strict=True)]
+        out.append(qkv.new_zeros(1, qkv.shape[1] // 3))
+        # index_select, not advanced indexing: its backward is an index_add
+        return torch.cat(out).index_select(0, self.scatter)
+
+
 class SequenceEncoder(nn.Module):
     """One Transformer encoder layer over the short behaviour sequence (post-norm, ReLU, no
     dropout): nn.TransformerEncoderLayer's parameters and function, computed where it matters.
-    Only the attention needs the padded (B, L) layout; the projections, feed-forward and norms
-    run on the real behaviours alone (most of a short sequence's positions are padding), and
-    the attention is two batched matmuls, cheaper on the CPU than the fused kernel at these
-    sizes. tests/test_modules.py checks it against the layer, gradients included."""
+    Only the attention needs a padded layout; the projections, feed-forward and norms run on
+    the real behaviours alone (most of a short sequence's positions are padding). On the CPU
+    the attention pads rows in groups of similar length (`LengthBuckets`); elsewhere in one
+    padded batch, which needs no host sync. tests/test_modules.py checks both against the
+    layer, gradients included."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0,
                                                 batch_first=True)
 
-    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor,
-                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, length: int,
+                by_length: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (N, D): each row's behaviours, newest first, rows split at `offsets`. Returns
         the (B, length, D) encoded behaviours (zero at padding; a row's behaviours past
-        `length` are left out) and the (B, length) mask of real ones."""
+        `length` are left out) and the (B, length) mask of real ones. `by_length`: attend in
+        length groups (default: on the CPU)."""
         layer, attn = self.layer, self.layer.self_attn
         mask = torch.arange(length, device=tokens.device).unsqueeze(0) < \
             offsets.diff().unsqueeze(1)
-        safe, _ = _attendable(mask)
-        rows, dim, heads = len(mask), tokens.shape[-1], attn.num_heads
-        qkv = torch.ops.fbgemm.jagged_to_padded_dense(
-            F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias), [offsets], [length], 0.0)
-        q, k, v = qkv.view(rows, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = (q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5  # (B, H, L, L)
-        scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
-        mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(rows, length, dim)
-        mixed = torch.ops.fbgemm.dense_to_jagged(mixed, [offsets])[0]  # back to (N, D)
+        qkv = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)
+        if by_length if by_length is not None else tokens.device.type == "cpu":
+            mixed = LengthBuckets(offsets, length).self_attention(qkv, attn.num_heads)
+        else:
+            padded = torch.ops.fbgemm.jagged_to_padded_dense(qkv, [offsets], [length], 0.0)
+            mixed = _self_attention(padded, _attendable(mask)[0], attn.num_heads)
+            mixed = torch.ops.fbgemm.dense_to_jagged(mixed.view(len(mask), length, -1),
+                                                     [offsets])[0]  # back to (N, D)
         hidden = layer.norm1(tokens + attn.out_proj(mixed))
         hidden = layer.norm2(hidden + layer.linear2(F.relu(layer.linear1(hidden))))
         return torch.ops.fbgemm.jagged_to_padded_dense(hidden, [offsets], [length], 0.0), mask
@@ -180,6 +248,9 @@ class SimHash(nn.Module):
     trained, saved with the model so a checkpoint hashes the same way."""
 
     MAX_BITS = 62
+    # times an int64 holding 8 bytes of 0/1 (byte i at bits 8i..), gathers byte i's bit into
+    # bit 56 + i: only the products of byte i with the term 2^(56 - 7i) land in the top byte
+    GATHER_BYTES = 0x0102040810204080
 
     def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
         super().__init__()
@@ -187,11 +258,15 @@ class SimHash(nn.Module):
             raise ValueError(f"SimHash bits must be in [1, {self.MAX_BITS}], got {bits}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, bits, generator=g))
-        self.register_buffer("bit_values", 2.0 ** torch.arange(bits, dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer("byte_shifts", torch.arange(0, 64, 8), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (((x @ self.planes) > 0).to(torch.float64) @ self.bit_values).long()
+        """The signs' bits packed eight at a time, as the bytes of the sign test's bool output
+        read as int64 words (a zero hyperplane pads the bits to whole bytes: its bit is 0)."""
+        planes = F.pad(self.planes, (0, -self.planes.shape[1] % 8))
+        words = ((x @ planes) > 0).view(torch.int64)  # (N, bytes / 8)
+        packed = ((words * self.GATHER_BYTES) >> 56) & 0xFF
+        return (packed << self.byte_shifts[:words.shape[1]]).sum(dim=1)
 
 
 def _popcount32(x: torch.Tensor) -> torch.Tensor:
