@@ -12,13 +12,25 @@ Each (path, batch size) runs in its own process so that `peak_rss_mb` is its own
 samples/s (a shared machine's slow spells move single runs by 20% or more). The TorchRec row
 also holds a profile of its step by kind of work (`profile_ms_per_step`).
 
+`--baseline REV` also times the TorchRec step of another revision of this repository: its
+model code (`git archive REV`, first on the workers' path) under this script's harness, on
+the same demo world with that revision's demo config, in the same rounds (before each of this
+version's runs), so `vs_baseline` is a ratio of runs taken side by side.
+
     python benchmarks/train_step.py [--steps 12] [--batch-sizes 512 4096] [--repeats 1]
+                                    [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
 
 import torch
 from common import (
@@ -115,12 +127,47 @@ def median_row(runs: list[dict]) -> dict:
     return {**row, "samples_per_s_runs": [r["samples_per_s"] for r in runs]}
 
 
+def revision_tree(rev: str, into: Path) -> str:
+    """The files of revision `rev` of this repository under `into`, with this checkout's
+    `runs/` (the demo world) linked in; returns the revision's full hash."""
+    def git(*cmd: str) -> bytes:
+        done = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True)
+        if done.returncode:
+            sys.exit(f"--baseline {rev}: git {cmd[0]} failed in {ROOT}: "
+                     f"{done.stderr.decode().strip()}")
+        return done.stdout
+
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").decode().strip()
+    with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", commit))) as tar:
+        tar.extractall(into, filter="data")
+    (into / "runs").symlink_to(ROOT / "runs", target_is_directory=True)
+    return commit
+
+
+def one_round(args: argparse.Namespace, baseline: Path | None) -> list[dict]:
+    """Every job once, per batch size: the baseline's TorchRec step (if any), then this
+    version's TorchRec and peer steps."""
+    rows: list[dict] = []
+    for bs in args.batch_sizes:
+        if baseline is not None:
+            config = baseline / Path(args.config).resolve().relative_to(ROOT)
+            rows += [{**r, "path": "baseline"} for r in run_workers(
+                __file__, [["torchrec", str(bs)]], ["--steps", str(args.steps), "--config",
+                                                     str(config)],
+                env={"PYTHONPATH": str(baseline)})]
+        rows += run_workers(__file__, [[path, str(bs)] for path in ("torchrec", "peer")],
+                            ["--steps", str(args.steps), "--config", args.config])
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--baseline", metavar="REV",
+                   help="also time this git revision's TorchRec step, side by side")
     p.add_argument("--worker", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -128,20 +175,30 @@ def main() -> None:
                                      args.config)]))
         return
     require_demo_world()
-    jobs = [[path, str(bs)] for bs in args.batch_sizes for path in ("torchrec", "peer")]
-    rounds = [run_workers(__file__, jobs, ["--steps", str(args.steps), "--config", args.config])
-              for _ in range(args.repeats)]
-    rows = [median_row([r[i] for r in rounds]) for i in range(len(jobs))]
+    with tempfile.TemporaryDirectory(prefix="train-step-baseline-") as tmp:
+        baseline = Path(tmp) if args.baseline else None
+        commit = revision_tree(args.baseline, baseline) if baseline else None
+        rounds = [one_round(args, baseline) for _ in range(args.repeats)]
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     by = {(r["path"], r["batch_size"]): r for r in rows}
-    ratios = {str(bs): round(by["torchrec", bs]["samples_per_s"] / by["peer", bs]["samples_per_s"],
-                             3) for bs in args.batch_sizes}
+
+    def ratio(path: str, bs: int) -> float:
+        return round(by["torchrec", bs]["samples_per_s"] / by[path, bs]["samples_per_s"], 3)
+
+    ratios = {str(bs): ratio("peer", bs) for bs in args.batch_sizes}
     print(f"{'path':<10}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'peak RSS MB':>13}")
     for r in rows:
         print(f"{r['path']:<10}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
               f"{r['step_ms']:>10}{r['peak_rss_mb']:>13}")
     print("torchrec_vs_peer_ratio:", ratios)
+    extra = {}
+    if commit:
+        extra["vs_baseline"] = {"revision": commit,
+                                "ratio": {str(bs): ratio("baseline", bs)
+                                          for bs in args.batch_sizes}}
+        print(f"vs_baseline ({commit[:10]}):", extra["vs_baseline"]["ratio"])
     write_result(RESULT, "train_step", __file__, args.config, runs=rows,
-                 torchrec_vs_peer_ratio=ratios)
+                 torchrec_vs_peer_ratio=ratios, **extra)
 
 
 if __name__ == "__main__":
