@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 
+    from ctnet_rec.training.distributed import leave_process_group_at_exit
     from ctnet_rec.training.trainer import DivergenceError
 
     gc.freeze()  # torch's many import-time objects need no rescans by the collector
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, DivergenceError, FileExistsError) as e:
         log.error("%s", e)
         return 2
+    leave_process_group_at_exit()
     return 0
 
 

@@ -94,3 +94,24 @@ def test_sharding_flags_change_only_the_fields_they_name():
     args = build_parser().parse_args(["predict", "--ckpt", "c", "--data", "d", "--domain", "B",
                                       "--period", "1", "--out", "o"])
     assert _sharding(args, lambda: base) is None
+
+
+def test_a_command_that_succeeded_leaves_its_process_group_at_exit(tiny_world, tmp_path):
+    """A process that exits still holding its gloo group can abort in the group's teardown
+    after its work is done (its launcher then reports a failed run): a successful command
+    destroys the group at exit, a failed one (whose peers may still wait on it) does not."""
+    script = """
+import atexit, sys
+import torch.distributed as dist
+from ctnet_rec.cli import main
+from ctnet_rec.training.distributed import init_distributed
+atexit.register(lambda: print("joined at exit:", dist.is_initialized()))  # runs last
+init_distributed("cpu")
+print("exit code:", main(sys.argv[1:]))
+"""
+    ok = [str(tiny_world), "--config", str(DEMO_CONFIG)]
+    bad = [str(tmp_path / "missing"), "--config", str(DEMO_CONFIG)]
+    for args, code, joined in ((ok, 0, False), (bad, 2, True)):
+        out = subprocess.run([sys.executable, "-c", script, "data", "validate", *args],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"exit code: {code}" in out and f"joined at exit: {joined}" in out, out

@@ -36,6 +36,21 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still whole:
+    a process that exits holding a gloo group can abort in the group's teardown (`terminate
+    called without an active exception`) after its work is done, and its launcher then
+    reports the run as failed. Only after work that succeeded: a rank that failed may leave
+    its peers inside a collective, and destroying the group could then wait on them."""
+    atexit.unregister(_leave_process_group)
+    atexit.register(_leave_process_group)
+
+
 def init_distributed(device: str) -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
 
