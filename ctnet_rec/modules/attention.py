@@ -142,7 +142,7 @@ class LengthBuckets:
         cuts = torch.tensor(sorted({max(length // 4, 1), max(length // 2, 1), length}),
                             device=device)
         ends = torch.searchsorted(by_length, cuts, right=True)
-        tops = by_length[(ends - 1).clamp(min=0)] if len(order) else ends
+        tops = by_length[(ends - 1).clamp(min=0)] if len(order) else ends  # no rows: no group
         self.masks: list[torch.Tensor] = []  # per group: (rows, padded length) real entries
         starts, gathers, slot, first = [], [], 0, 0
         for end, top in zip(ends.tolist(), tops.tolist(), strict=True):
@@ -201,7 +201,9 @@ class SequenceEncoder(nn.Module):
         mask = torch.arange(length, device=tokens.device).unsqueeze(0) < \
             offsets.diff().unsqueeze(1)
         qkv = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)
-        if by_length if by_length is not None else tokens.device.type == "cpu":
+        if by_length is None:
+            by_length = tokens.device.type == "cpu"
+        if by_length:
             mixed = LengthBuckets(offsets, length).self_attention(qkv, attn.num_heads)
         else:
             padded = torch.ops.fbgemm.jagged_to_padded_dense(qkv, [offsets], [length], 0.0)
@@ -248,8 +250,9 @@ class SimHash(nn.Module):
     trained, saved with the model so a checkpoint hashes the same way."""
 
     MAX_BITS = 62
-    # times an int64 holding 8 bytes of 0/1 (byte i at bits 8i..), gathers byte i's bit into
-    # bit 56 + i: only the products of byte i with the term 2^(56 - 7i) land in the top byte
+    # times an int64 holding 8 bytes of 0/1 (byte i at bits 8i.., little-endian as every
+    # torch platform), gathers byte i's bit into bit 56 + i: only the products of byte i with
+    # the term 2^(56 - 7i) land in the top byte
     GATHER_BYTES = 0x0102040810204080
 
     def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
@@ -264,7 +267,7 @@ class SimHash(nn.Module):
         """The signs' bits packed eight at a time, as the bytes of the sign test's bool output
         read as int64 words (a zero hyperplane pads the bits to whole bytes: its bit is 0)."""
         planes = F.pad(self.planes, (0, -self.planes.shape[1] % 8))
-        words = ((x @ planes) > 0).view(torch.int64)  # (N, bytes / 8)
+        words = ((x @ planes) > 0).view(torch.int64)  # (N, padded bits / 8): 8 signs a word
         packed = ((words * self.GATHER_BYTES) >> 56) & 0xFF
         return (packed << self.byte_shifts[:words.shape[1]]).sum(dim=1)
 
