@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -259,29 +260,56 @@ def test_tensorboard_holds_the_training_and_evaluation_scalars(trained_run):
     assert steps[-1] > metrics[0]["train_rows"]  # the axis runs on over the periods
 
 
-def test_a_crafted_checkpoint_runs_nothing_and_is_refused(trained_run, tmp_path):
-    """torch.distributed.checkpoint pickles its metadata: a folder whose `.metadata` asks to
-    run a command is refused by name, and the command never runs (eval, resume, predict all
-    read checkpoints this way)."""
-    import pickle
+def _command_pickle(module: str, name: str, marker: Path) -> bytes:
+    """A protocol-4 pickle calling global `module`/`name` with `["touch", marker]`; protocol 4
+    is the one whose stock unpickler resolves a dotted name attribute by attribute."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s.encode())]) + s.encode()
+    return (b"\x80\x04" + text(module) + text(name) + b"\x93"
+            + b"(](Vtouch\nV" + str(marker).encode() + b"\net" + b"tR.")
 
+
+@pytest.mark.parametrize("files", ["attacker's digests", "no digests"])
+@pytest.mark.parametrize("module,name", [
+    ("posix", "system"),  # the naive one (with a string argument it would fail; refused first)
+    ("subprocess", "Popen"),
+    # a dotted name walked from an allowed module to subprocess.Popen
+    ("torch.distributed.checkpoint.metadata", "torch.ctypes.util.subprocess.Popen"),
+    # an allowed module's import of another module's class
+    ("torch.distributed.checkpoint.metadata", "Enum"),
+])
+def test_a_crafted_checkpoint_runs_nothing_and_is_refused(trained_run, tmp_path, module, name,
+                                                          files):
+    """torch.distributed.checkpoint pickles its metadata: a folder whose `.metadata` asks for
+    any global but the few DCP writes is refused before the global is used, by name, whether
+    the manifest's digests were updated by the attacker or removed (a manifest without digests
+    is never loaded unverified); the command never runs (eval, resume, predict and export all
+    read checkpoints this way)."""
     from ctnet_rec.training.inference import open_checkpoint
 
     marker = tmp_path / "ran"
+    bad = tmp_path / "period=2"
+    shutil.copytree(latest_checkpoint(trained_run), bad)
+    (bad / ".metadata").write_bytes(_command_pickle(module, name, marker))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"] = file_digests(bad) if files == "attacker's digests" else {}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    expected = (rf"\.metadata: refers to {re.escape(module)}\.{re.escape(name)}"
+                if manifest["files"] else "records no file digests")
+    with pytest.raises(CheckpointError, match=expected):
+        open_checkpoint(bad)
+    assert not marker.exists()
 
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
+
+def test_a_file_the_manifest_does_not_record_is_refused(trained_run, tmp_path):
+    """Every file of a checkpoint folder is covered by its manifest's digests."""
+    from ctnet_rec.training.inference import open_checkpoint
 
     bad = tmp_path / "period=2"
     shutil.copytree(latest_checkpoint(trained_run), bad)
-    (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
-    manifest = json.loads((bad / "manifest.json").read_text())  # the attacker's digest too
-    manifest["files"] = file_digests(bad)
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"\.metadata: refers to posix\.system"):
+    (bad / "extra.distcp").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"extra\.distcp: not recorded"):
         open_checkpoint(bad)
-    assert not marker.exists()
 
 
 def test_a_damaged_checkpoint_is_refused_and_resume_falls_back(trained_run, tiny_world,

@@ -58,8 +58,8 @@ class Manifest:
     lineage: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     source_config: dict[str, Any] | None = None
-    # sha256 of every other file of the checkpoint, verified before it is loaded (empty in
-    # checkpoints of earlier versions: those load unverified)
+    # sha256 of every other file of the checkpoint, verified before it is loaded (a manifest
+    # without them, from an earlier version or edited, is refused)
     files: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
@@ -170,14 +170,19 @@ def verify_checkpoint(folder: Path) -> Manifest:
 @functools.cache
 def _verified(folder: Path, stamp: int) -> Manifest:
     manifest = Manifest.read(folder)
-    if manifest.files:
-        have = file_digests(folder)
-        for name, digest in manifest.files.items():
-            if name not in have:
-                raise CheckpointError(f"{folder / name}: missing from the checkpoint")
-            if have[name] != digest:
-                raise CheckpointError(f"{folder / name}: damaged (its contents differ from "
-                                      "those the checkpoint was written with)")
+    if not manifest.files:
+        raise CheckpointError(f"{folder}: its manifest records no file digests (written by an "
+                              "earlier version, or edited); not loaded unverified")
+    have = file_digests(folder)
+    for name in sorted(set(have) - set(manifest.files)):
+        raise CheckpointError(f"{folder / name}: not recorded in the checkpoint's manifest; "
+                              "not loaded")
+    for name, digest in manifest.files.items():
+        if name not in have:
+            raise CheckpointError(f"{folder / name}: missing from the checkpoint")
+        if have[name] != digest:
+            raise CheckpointError(f"{folder / name}: damaged (its contents differ from "
+                                  "those the checkpoint was written with)")
     return manifest
 
 

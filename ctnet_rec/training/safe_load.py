@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from ctnet_rec.training.errors import CheckpointError
 
+# Every global a checkpoint's metadata may name: (module, name), each defined in that module
+# (its `__module__`), never a dotted path that pickle would walk attribute by attribute.
 _ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
@@ -28,8 +31,11 @@ _ALLOWED = {
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata",
+        "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING")),
 }
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -38,13 +44,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed global, looked up without importing or calling anything else; refused
+        before the pickle can use it otherwise."""
         found = None
-        if (module, name) in _ALLOWED or module == _METADATA_MODULE:
-            found = super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            found = getattr(torch, name)
-        if found is None or (module == _METADATA_MODULE and not isinstance(found, type)
-                             and name != "_MEM_FORMAT_ENCODING"):
+        if "." not in name:
+            if (module, name) in _ALLOWED:
+                found = getattr(sys.modules.get(module), name, None)
+                if getattr(found, "__module__", None) != module:
+                    found = None
+            elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                found = getattr(torch, name)
+        if found is None:
             raise CheckpointError(f"{self.path}: refers to {module}.{name}, which a checkpoint's "
                                   "metadata never holds; not loaded (it could run code)")
         return found

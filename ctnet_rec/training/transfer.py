@@ -117,7 +117,7 @@ class CTNetTrainer(PeriodTrainer):
         load_into_submodule(folder, state, SOURCE)
         self.dmp.load_state_dict(state["model"])
         self.source_ckpt, self.source_period = folder.resolve(), manifest.period
-        self.source_digest = manifest.digest() if manifest.files else None
+        self.source_digest = manifest.digest()
         log.info("source tower <- %s (source period %d)", folder, manifest.period)
 
     def load_target(self, folder: Path) -> Manifest:
