@@ -4,9 +4,23 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 DEVICE ?= cpu
-PY := $(VENV)/bin/python
+# The supported stack range, oldest to newest (docs/gpu.md): `make setup STACK=oldest` for a
+# cluster that pins an older torch; both sets pass the test suite
+STACK ?= newest
+ifeq ($(STACK),oldest)
+TORCH_VERSION := 2.11.0
+FBGEMM_VERSION := 1.6.0
+TORCHREC_VERSION := 1.6.1
+else ifeq ($(STACK),newest)
+TORCH_VERSION := 2.13.0
+FBGEMM_VERSION := 1.8.0
 TORCHREC_VERSION := 1.9.2
-STAMP := $(VENV)/.installed-$(DEVICE)
+else
+$(error STACK must be oldest or newest, not $(STACK))
+endif
+FBGEMM := $(if $(filter cuda,$(DEVICE)),fbgemm-gpu,fbgemm-gpu-cpu)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(DEVICE)-$(STACK)
 SYSTEM_PYTHON ?= python3.11
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # pip warns about every missing local package folder this machine's pip.conf names
@@ -16,12 +30,13 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 
 setup: $(STAMP)
 
-# Runs again only when pyproject.toml changes or DEVICE differs: a second `make setup` installs
-# nothing. torchrec comes last and without dependencies: its metadata asks for the CUDA build
-# of fbgemm-gpu, which would replace fbgemm-gpu-cpu (DEVICE=cuda installs that build instead).
+# Runs again only when pyproject.toml changes or DEVICE or STACK differs: a second `make setup`
+# installs nothing. torchrec comes last and without dependencies: its metadata asks for the
+# CUDA build of fbgemm-gpu, which would replace fbgemm-gpu-cpu (DEVICE=cuda installs that
+# build instead).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[dev,$(DEVICE)]" $(QUIET_PIP)
+	$(PIP) -e ".[dev]" torch==$(TORCH_VERSION) $(FBGEMM)==$(FBGEMM_VERSION) $(QUIET_PIP)
 	$(PIP) --no-deps torchrec==$(TORCHREC_VERSION) $(QUIET_PIP)
 	$(PY) -c "import torchrec, fbgemm_gpu" 2>/dev/null
 	rm -f $(VENV)/.installed-*
@@ -46,7 +61,7 @@ test: setup
 
 bench: setup
 	$(PIP) -e ".[bench]" $(QUIET_PIP)
-	@for b in $(filter-out benchmarks/common.py benchmarks/gpu_smoke.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(filter-out benchmarks/common.py benchmarks/gpu_suite.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -103,11 +103,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from ctnet_rec.training.inference import predict_checkpoint
 
+    if args.sha256 and not args.export:
+        raise ConfigError("--sha256 pins an exported artifact: it goes with --export")
     if args.export:
         from ctnet_rec.serving.export import predict_export
 
         predict_export(Path(args.export), Path(args.data), args.domain, args.period,
-                       Path(args.out), args.batch_size)
+                       Path(args.out), args.batch_size, args.sha256)
         return
     predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size,
@@ -341,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = pr.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="checkpoint folder")
     which.add_argument("--export", help="folder written by `ctnet export`")
+    pr.add_argument("--sha256", help="with --export: the artifact's digest as `ctnet export` "
+                    "printed it; refused unless the artifact has it (default: the digest "
+                    "recorded in its metadata.json)")
     pr.add_argument("--period", type=int, required=True)
     pr.add_argument("--out", required=True, help="output Parquet file")
     pr.add_argument("--batch-size", type=int, help="rows per forward pass (default: the "

@@ -15,7 +15,9 @@ CTNet's frozen source, keep the unpooled forward). On CUDA nothing changes.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import logging
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -29,6 +31,13 @@ from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding
 from torchrec.distributed.types import ShardedModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+log = logging.getLogger(__name__)
+
+# fbgemm-gpu 1.8 lets a kernel run over tensors it is given (`preallocated_host_buffers`);
+# with an older fbgemm the sequence lookups keep TorchRec's own kernel (same results, slower)
+SHARES_STATE = "preallocated_host_buffers" in inspect.signature(
+    SplitTableBatchedEmbeddingBagsCodegen.__init__).parameters
+
 STATE = {EmbOptimType.EXACT_ROWWISE_ADAGRAD: ("weights", "momentum1"),
          EmbOptimType.EXACT_SGD: ("weights",)}  # the optimisers our tables use
 
@@ -38,6 +47,10 @@ def pool_sequence_lookups(model: nn.Module) -> int:
     how many were routed. Lookups this cannot serve as it is (not on the host, another
     optimiser) keep their kernel."""
     routed = 0
+    if not SHARES_STATE:
+        log.info("fbgemm-gpu %s cannot share a kernel's state: sequence lookups keep "
+                 "TorchRec's kernel", _fbgemm_version())
+        return routed
     for sharded in model.modules():
         if not isinstance(sharded, ShardedModule):
             continue
@@ -47,6 +60,12 @@ def pool_sequence_lookups(model: nn.Module) -> int:
                     kernel.forward = OneIdBags(kernel)  # type: ignore[method-assign]
                     routed += 1
     return routed
+
+
+def _fbgemm_version() -> str:
+    import fbgemm_gpu
+
+    return getattr(fbgemm_gpu, "__version__", "?")
 
 
 def _servable(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> bool:

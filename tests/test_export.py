@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torch.package import PackageImporter
 
 from ctnet_rec.cli import main
 from ctnet_rec.data.reader import ParquetBatchReader
@@ -142,3 +143,62 @@ def test_one_table_of_model_kinds(checkpoints, towers, tmp_path):
             trainer_for(Deployment(name), towers.cfg, env)
     with pytest.raises(ConfigError, match="trained, not deployed"):
         deploy(Deployment("tower"), towers.cfg, towers.source(1), towers.target(1), tmp_path)
+
+
+def _rewritten(artifact: Path, edit) -> None:
+    """The artifact's zip with each member passed through `edit(name, data) -> data`."""
+    import zipfile
+
+    members = []
+    with zipfile.ZipFile(artifact) as z:
+        for info in z.infolist():
+            members.append((info, edit(info.filename, z.read(info))))
+    with zipfile.ZipFile(artifact, "w") as z:
+        for info, data in members:
+            z.writestr(info, data)
+
+
+def test_a_tampered_artifact_is_refused_before_it_runs(checkpoints, tiny_world, tmp_path):
+    """An artifact is code: one with an edited bundled module or a flipped byte is refused
+    before anything in it is loaded (the edit never runs), by its recorded digest or by a
+    pinned one; `ctnet predict --export` says so and exits non-zero."""
+    out = tmp_path / "x"
+    export_checkpoint(checkpoints["tower"], out)
+    recorded = json.loads((out / METADATA).read_text())["artifact_sha256"]
+    ExportedModel(out, sha256=recorded)  # intact, pinned: loads
+    marker = tmp_path / "ran"
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("ctnet_rec/modules/scorer.py"):
+            return data + f"\nopen({str(marker)!r}, 'w').close()\n".encode()
+        return data
+
+    _rewritten(out / ARTIFACT, edit)
+    with pytest.raises(CheckpointError, match="differ from those exported"):
+        ExportedModel(out)
+    assert not marker.exists()
+    proc = subprocess.run([sys.executable, "-m", "ctnet_rec.cli", "predict", "--export",
+                           str(out), "--data", str(tiny_world), "--domain", "A", "--period",
+                           "2", "--out", str(tmp_path / "p.parquet")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "differ from those exported" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    # the edit is live: opened without the check, the artifact runs it
+    PackageImporter(str(out / ARTIFACT)).load_pickle("ctnet_export", "scorer.pkl")
+    assert marker.exists()
+
+    export_checkpoint(checkpoints["tower"], out)  # a flipped byte
+    data = bytearray((out / ARTIFACT).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / ARTIFACT).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="differ from those exported"):
+        ExportedModel(out)
+
+    export_checkpoint(checkpoints["tower"], out)  # metadata replaced along with the artifact
+    with pytest.raises(CheckpointError, match="not the pinned"):
+        ExportedModel(out, sha256="0" * 64)
+    meta = json.loads((out / METADATA).read_text())
+    del meta["artifact_sha256"]
+    (out / METADATA).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="without the artifact's sha256"):
+        ExportedModel(out)

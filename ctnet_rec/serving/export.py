@@ -22,6 +22,7 @@ their size, dense layers unchanged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -112,20 +113,48 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32") -
         pe.intern("ctnet_rec.**")
         pe.save_text(PACKAGE, METADATA, text)
         pe.save_pickle(PACKAGE, RESOURCE, scorer)
+    digest = artifact_digest(tmp)
     tmp.replace(out / ARTIFACT)
-    (out / METADATA).write_text(text + "\n")
-    log.info("%s (%s, tables %s) exported to %s", ckpt, manifest.kind, table_dtype,
-             out / ARTIFACT)
+    (out / METADATA).write_text(json.dumps({**metadata, "artifact_sha256": digest}, indent=1,
+                                           sort_keys=True) + "\n")
+    log.info("%s (%s, tables %s) exported to %s (sha256 %s: pin it where the artifact is "
+             "served, e.g. `ctnet predict --export ... --sha256 %s`)", ckpt, manifest.kind,
+             table_dtype, out / ARTIFACT, digest, digest)
     return out / ARTIFACT
 
 
-class ExportedModel:
-    """An artifact opened for scoring: its `Scorer` (from the package) and its config."""
+def artifact_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
-    def __init__(self, folder: Path) -> None:
+
+class ExportedModel:
+    """An artifact opened for scoring: its `Scorer` (from the package) and its config.
+
+    An artifact is code (its modules run when it loads): it is opened only when its sha256 is
+    the one recorded at export in DIR/metadata.json, or `sha256` when given (pinning it
+    against a replaced metadata file); anything else is refused before it is read."""
+
+    def __init__(self, folder: Path, sha256: str | None = None) -> None:
         path = folder / ARTIFACT
         if not path.is_file():
             raise CheckpointError(f"{folder}: no {ARTIFACT} here (make one with `ctnet export`)")
+        try:
+            recorded = json.loads((folder / METADATA).read_text())["artifact_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{folder / METADATA}: missing or without the artifact's "
+                                  "sha256 (export it again with `ctnet export`); "
+                                  f"{ARTIFACT} not loaded (an artifact runs code)") from None
+        if sha256 is not None and sha256 != recorded:
+            raise CheckpointError(f"{folder / METADATA}: records sha256 {recorded}, not the "
+                                  f"pinned {sha256}; {ARTIFACT} not loaded")
+        if artifact_digest(path) != recorded:
+            raise CheckpointError(f"{path}: its contents differ from those exported (sha256 "
+                                  "recorded in metadata.json); not loaded (an artifact runs "
+                                  "code: load only artifacts from a trusted place)")
         importer = PackageImporter(str(path))
         self.metadata: dict[str, Any] = json.loads(importer.load_text(PACKAGE, METADATA))
         self.scorer = importer.load_pickle(PACKAGE, RESOURCE)
@@ -137,10 +166,10 @@ class ExportedModel:
 
 
 def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path,
-                   batch_size: int | None = None) -> int:
+                   batch_size: int | None = None, sha256: str | None = None) -> int:
     """`ctnet predict --export`: `ctnet predict`'s output, scored by an exported artifact in
     this process (no process group, no sharding, inference mode). Returns the row count."""
-    model = ExportedModel(folder)
+    model = ExportedModel(folder, sha256)
     cfg = model.config
     validate_periods(data, domain, [period], cfg.features)
     reader = ParquetBatchReader(data, domain, [period], cfg.features, cfg.data,
