@@ -226,3 +226,14 @@ def test_shared_feature_mapped_differently_is_refused(demo_config):
         CTNet(Tower(features, demo_config.model, device=torch.device("meta")),
               Tower(demo_config.features, demo_config.model, device=torch.device("meta")),
               CTNetConfig())
+
+
+def test_a_bucketised_numeric_with_other_boundaries_is_refused(demo_config):
+    """Same bucket count, other boundaries: the source would read the wrong buckets."""
+    features = copy.deepcopy(demo_config.features)
+    price = next(n for n in features.numeric if n.name == "price")
+    price.boundaries = [b * 2 for b in price.boundaries]
+    with pytest.raises(ValueError, match=r"feature 'price'.*bucket.*10\.0, 20\.0.*5\.0, 10\.0"):
+        CTNet(Tower(features, demo_config.model, device=torch.device("meta")),
+              Tower(demo_config.features, demo_config.model, device=torch.device("meta")),
+              CTNetConfig())

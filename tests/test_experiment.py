@@ -220,6 +220,18 @@ def test_missing_periods_are_refused_before_training(experiment, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_retention_is_refused_before_training(experiment, tmp_path):
+    """The experiment's later jobs load the source and Base runs' older checkpoints: pruning
+    them (keep_checkpoints) would fail those jobs after hours of training."""
+    from ctnet_rec.config import ConfigError
+
+    cfg = quick(load_config(DEMO_CONFIG))
+    cfg.train.keep_checkpoints = 2
+    with pytest.raises(ConfigError, match="keep_checkpoints = 2: the experiment's later jobs"):
+        run_experiment(cfg, experiment / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _parquet_rows(data, domain, periods):
     return sum(pq.ParquetFile(f).metadata.num_rows
                for t in periods for f in (data / domain / f"period={t}").glob("*.parquet"))

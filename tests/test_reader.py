@@ -156,3 +156,24 @@ def test_dense_numeric_features(tmp_path, demo_config):
                                            batch_size=64, shuffle=False))
     assert "price" not in batch.sparse.keys()
     np.testing.assert_allclose(batch.dense[:, 0].numpy(), t["price"].to_numpy(), rtol=1e-6)
+
+
+def test_two_features_reading_one_column_each_map_the_raw_ids(tmp_path, demo_config):
+    """Two id features on one column, with tables of 7 and 5 rows: each maps the raw ids
+    (the first mapping is not seen by the second)."""
+    from ctnet_rec.config import IdFeatureConfig, TableConfig
+
+    f = copy.deepcopy(demo_config.features)
+    f.tables += [TableConfig("seven", 7, 4), TableConfig("five", 5, 4)]
+    f.id_features += [IdFeatureConfig("hour_a", "seven", "hour"),
+                      IdFeatureConfig("hour_b", "five", "hour")]
+    t = valid_table(10)
+    t = t.set_column(t.schema.get_field_index("hour"), "hour",
+                     pa.array(np.arange(100, 110, dtype=np.int64)))
+    write_period(tmp_path, "B", 0, [t])
+    (batch,) = read_all(ParquetBatchReader(tmp_path, "B", [0], f, demo_config.data,
+                                           batch_size=64, shuffle=False))
+    got = batch.sparse.to_dict()
+    assert got["hour_a"].values().tolist() == [2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
+    assert got["hour_b"].values().tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert got["hour"].values().tolist() == list(range(100 % 24, 100 % 24 + 10))

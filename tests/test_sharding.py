@@ -201,6 +201,14 @@ def _local(t):
     return shards[0].tensor if shards else t
 
 
+def _shares_state() -> bool:
+    from sharding.sequence_lookup import SHARES_STATE
+
+    return SHARES_STATE
+
+
+@pytest.mark.skipif(not _shares_state(), reason="fbgemm-gpu < 1.8: the pooled shortcut is off "
+                    "(test_without_shared_kernel_state_the_lookups_keep_their_kernel)")
 @pytest.mark.parametrize("frozen", [False, True])
 def test_cpu_sequence_lookups_run_pooled_kernels_and_train_as_the_unpooled(
         towers, tiny_world, monkeypatch, frozen):
@@ -279,3 +287,20 @@ def test_a_pooled_sequence_lookup_follows_its_kernel_state_when_replaced(towers,
         torch.testing.assert_close(kernel(seen[0]), want.detach() + 1.0, atol=1e-5, rtol=0)
     pooled, unpooled = kernel(seen[0]), BatchedFusedEmbedding.forward(kernel, seen[0])
     assert torch.equal(pooled.detach(), unpooled.detach())  # after the in-place update too
+
+
+def test_without_shared_kernel_state_the_lookups_keep_their_kernel(towers, monkeypatch):
+    """An fbgemm whose kernels cannot run over given tensors (before 1.8): nothing is routed,
+    and the model keeps TorchRec's kernels."""
+    from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbedding
+
+    import sharding.sequence_lookup
+    from sharding.sequence_lookup import OneIdBags
+
+    monkeypatch.setattr(sharding.sequence_lookup, "SHARES_STATE", False)
+    tower = Tower(towers.cfg.features, towers.cfg.model, device=torch.device("meta"))
+    model = shard_model(tower, init_distributed("cpu"), 0.05)
+    assert sharding.sequence_lookup.pool_sequence_lookups(model) == 0
+    kernels = [k for m in model.modules() for lookup in getattr(m, "_lookups", [])
+               for k in lookup.modules() if isinstance(k, BatchedFusedEmbedding)]
+    assert kernels and not any(isinstance(k.forward, OneIdBags) for k in kernels)

@@ -339,10 +339,16 @@ def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_worl
 
     with pytest.raises(CheckpointError, match="both trained on domain 'A'"):
         transfer_init(towers.cfg, towers.source(1), towers.source(2), tmp_path / "x")
+    with pytest.raises(CheckpointError, match="through period 2, after the target's 1"):
+        transfer_init(towers.cfg, towers.source(2), towers.target(1), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     run = tmp_path / "run"
     shutil.copytree(deployed / INIT, run / INIT)
     with pytest.raises(CheckpointError, match=r"domain 'B'.*--domain is 'C'"):
         transfer_run(run, tiny_world, "C", [2], towers.source_run)
+    with pytest.raises(CheckpointError, match="trained on domain 'B', the target's own"):
+        transfer_run(run, tiny_world, "B", [2], towers.target_run)
+    assert not (run / "metrics.jsonl").exists()
     with pytest.raises(CheckpointError, match="trained on domain 'A'.*--allow-domain-change"):
         train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1))
     train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1),

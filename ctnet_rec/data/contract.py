@@ -263,18 +263,47 @@ def validate_periods(
     cols = list(features.required_columns())
     for t, files in period_files.items():
         rows = 0
+        users, items = [], []
         for piece in pieces_of({t: files}):
-            check_content(read_piece(piece, cols), features, str(piece.path))
+            table = read_piece(piece, cols)
+            check_content(table, features, str(piece.path))
+            users.append(raw_id_column(table, features.user_column))
+            items.append(raw_id_column(table, features.item_column))
             rows += piece.num_rows
         if rows == 0:
             raise DataError(f"{Path(root) / domain}/period={t}: empty period (0 rows)")
-        oracle = oracle_path(root, domain, t)
-        if oracle.exists():  # a synthetic world's true probabilities, row for row
-            have = pq.ParquetFile(oracle).metadata.num_rows
-            if have != rows:
-                raise DataError(f"{oracle}: {have} rows, the period has {rows}; the true "
-                                "probabilities must line up with the data row for row")
+        read_oracle(root, domain, t, np.concatenate(users), np.concatenate(items))
     return period_files
+
+
+def raw_id_column(table: pa.Table, column: str) -> np.ndarray:
+    """An id column's raw ids as int64, as training reads them (uint64 bit for bit)."""
+    return np.asarray(table.column(column).to_numpy()).astype(np.int64, copy=False)
+
+
+def read_oracle(root: str | Path, domain: str, period: int, users: np.ndarray,
+                items: np.ndarray) -> np.ndarray | None:
+    """A synthetic world's true click probabilities of a period (None without them), once
+    they are shown to line up with the period's rows: the oracle file's user_id and item_id
+    equal the period's, row for row (its row count alone would pass a shuffled file)."""
+    path = oracle_path(root, domain, period)
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    missing = sorted({"user_id", "item_id", ORACLE_COLUMN} - set(table.column_names))
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(missing)}; the true probabilities "
+                        "cannot be lined up with the data")
+    if table.num_rows != len(users):
+        raise DataError(f"{path}: {table.num_rows} rows, the period has {len(users)}; the true "
+                        "probabilities must line up with the data row for row")
+    for column, want in (("user_id", users), ("item_id", items)):
+        have = raw_id_column(table, column)
+        if len(bad := np.flatnonzero(have != want)):
+            raise DataError(f"{path}: row {bad[0]} has {column} {have[bad[0]]}, the period's "
+                            f"row {bad[0]} has {want[bad[0]]} ({len(bad)} rows differ); the "
+                            "true probabilities must line up with the data row for row")
+    return table.column(ORACLE_COLUMN).to_numpy()
 
 
 def non_null_schema(schema: pa.Schema) -> pa.Schema:

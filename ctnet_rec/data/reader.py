@@ -15,6 +15,7 @@ forever in a collective.
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import threading
@@ -145,11 +146,14 @@ class RowCodec:
         n = table.num_rows
         user_ids = np.array(table.column(f.user_column).to_numpy(), dtype=np.int64)
         item_ids = np.array(table.column(f.item_column).to_numpy(), dtype=np.int64)
-        claimed: set[str] = set()
+        # a column read by several features (each with its own table) is mapped in place at
+        # its last read only: the reads before it map copies of the raw ids
+        reads = collections.Counter([x.column for x in f.id_features] + [
+            c for s in f.sequences for c in (s.item_column, s.category_column)])
 
         def mapped(col: str, arr: pa.Array, table: str) -> np.ndarray:
-            values = _writable_int64(arr, copy=col in claimed)
-            claimed.add(col)
+            reads[col] -= 1
+            values = _writable_int64(arr, copy=reads[col] > 0)
             return map_ids_(values, f.table(table).num_embeddings, f.policy_of(table))
 
         row_index, ones = np.arange(n, dtype=np.int64), np.ones(n, np.int32)

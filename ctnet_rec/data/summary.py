@@ -12,18 +12,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ctnet_rec.config import FeatureConfig
 from ctnet_rec.data.contract import (
-    ORACLE_COLUMN,
     DataError,
     check_content,
     check_period_schemas,
     list_domains,
     list_periods,
-    oracle_path,
     pieces_of,
+    raw_id_column,
+    read_oracle,
     read_piece,
 )
 from ctnet_rec.metrics import auc, gauc
@@ -43,22 +42,11 @@ class PeriodSummary:
     oracle_gauc: float | None
 
 
-def _read_oracle(root: Path, domain: str, period: int, rows: int) -> np.ndarray | None:
-    path = oracle_path(root, domain, period)
-    if not path.exists():
-        return None
-    p = pq.read_table(path, columns=[ORACLE_COLUMN]).column(ORACLE_COLUMN).to_numpy()
-    if len(p) != rows:
-        raise DataError(f"{path}: {len(p)} oracle rows for a period of {rows} rows")
-    return p
-
-
 def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> list[PeriodSummary]:
     """Check every file of a domain (raises DataError) and summarise each period."""
     root = Path(root)
     period_files = list_periods(root, domain)
     check_period_schemas(period_files, features)
-    cols = [features.label_column, features.user_column, features.item_column]
     seen_users = seen_items = np.zeros(0, np.int64)
     out = []
     for t, files in period_files.items():
@@ -66,14 +54,16 @@ def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> l
         for piece in pieces_of({t: files}):
             table = read_piece(piece, list(features.required_columns()))
             check_content(table, features, f"{piece.path} (row group {piece.row_group})")
-            parts.append([table.column(c).to_numpy() for c in cols])
+            parts.append([table.column(features.label_column).to_numpy(),
+                          raw_id_column(table, features.user_column),
+                          raw_id_column(table, features.item_column)])
         if not parts:
             raise DataError(f"{root / domain}/period={t}: empty period (0 rows)")
         labels, users, items = (np.concatenate(x) for x in zip(*parts, strict=True))
         labels = labels.astype(np.float64)
         u_new = ~np.isin(users, seen_users)
         i_new = ~np.isin(items, seen_items)
-        oracle = _read_oracle(root, domain, t, len(labels))
+        oracle = read_oracle(root, domain, t, users, items)
         out.append(PeriodSummary(
             domain=domain,
             period=t,

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ctnet_rec.config import Config
+from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
@@ -264,6 +264,12 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     """Train and evaluate every compared model; returns their metrics (also written to
     OUT/metrics.json)."""
     e = cfg.experiment
+    if cfg.train.keep_checkpoints:
+        raise ConfigError(
+            f"train.keep_checkpoints = {cfg.train.keep_checkpoints}: the experiment's later "
+            "jobs (CTNet, fine-tuning, the deployed baselines) load the source and Base runs' "
+            "checkpoints of every period after those runs have finished; set 0 (keep all) "
+            "for `ctnet experiment` and prune its runs afterwards")
     check_periods(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))

@@ -108,9 +108,10 @@ class SourceView(nn.Module):
             if mapping[0] != mapping[1]:
                 raise ValueError(
                     f"feature {key!r}: the source maps its ids as {mapping[0]} (id policy, "
-                    f"rows), the target as {mapping[1]}; CTNet feeds the source tower the "
-                    "target's ids, so a shared feature needs the same policy and, unless "
-                    "managed, the same table size")
+                    f"rows or bucket boundaries), the target as {mapping[1]}; CTNet feeds the "
+                    "source tower the target's ids, so a shared feature needs the same policy "
+                    "and, unless managed, the same table size (a bucketised numeric: the same "
+                    "boundaries)")
         tgt_dense = target.dense_names()
         self.dense_index = [tgt_dense.index(n) if n in tgt_dense else -1
                             for n in source.dense_names()]
@@ -130,12 +131,13 @@ class SourceView(nn.Module):
         return kjt, torch.stack(cols, 1) if cols else dense.new_zeros(rows, 0)
 
 
-def _mapping_of(features: FeatureConfig, key: str) -> tuple[str, int | None]:
+def _mapping_of(features: FeatureConfig, key: str) -> tuple[str, int | tuple[float, ...] | None]:
     """(id policy, rows) of the table a sparse key looks up; rows None when managed (the
-    tower maps ids itself); a bucketised numeric's buckets are its rows."""
+    tower maps ids itself); a bucketised numeric's boundaries (same count, other values: the
+    source would read other buckets)."""
     table = features.table_of(key)
     if table is None:
-        return "bucket", next(len(n.boundaries) + 1 for n in features.numeric if n.name == key)
+        return "bucket", next(tuple(n.boundaries) for n in features.numeric if n.name == key)
     policy = features.policy_of(table)
     return policy, None if policy == "managed" else features.table(table).num_embeddings
 

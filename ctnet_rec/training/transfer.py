@@ -174,6 +174,11 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     if domains[0] is not None and domains[0] == domains[1]:
         raise CheckpointError(f"{source_ckpt} and {target_ckpt}: both trained on domain "
                               f"{domains[0]!r}; the source tower is another domain's model")
+    if source.period > target.period:
+        raise CheckpointError(
+            f"{source_ckpt}: trained through period {source.period}, after the target's "
+            f"{target.period} ({target_ckpt}); it has seen the periods CTNet is evaluated "
+            "on next. Deploy with a source checkpoint of a period <= the target's")
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)
@@ -186,11 +191,12 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     return folder
 
 
-def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config,
+def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain: str,
                     lag: int = 1) -> dict[int, Path]:
     """For each period t, the newest complete source checkpoint of a period <= t - `lag`
     (lag 1: Algorithm 1's h^S_t, see the module's docstring); refused before any training
-    when one is missing or does not fit the source tower."""
+    when one is missing, does not fit the source tower or was trained on the target
+    `domain` (the target's own run given as the source)."""
     available = complete_checkpoints(source_ckpts)
     schedule = {}
     for t in periods:
@@ -201,7 +207,10 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config,
                 f"{sorted(available) or 'none'})")
         schedule[t] = available[max(older)]
     for folder in sorted(set(schedule.values())):
-        check_tower_checkpoint(folder, cfg, "source")
+        trained_on = check_tower_checkpoint(folder, cfg, "source").metrics.get("domain")
+        if trained_on == domain:
+            raise CheckpointError(f"{folder}: trained on domain {domain!r}, the target's own; "
+                                  "--source-ckpts names the source domain's run")
     return schedule
 
 
@@ -234,7 +243,7 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     refresh = cfg.ctnet.source_refresh == "every_period"
     if refresh and source_ckpts is None:
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
-    schedule = source_schedule(source_ckpts, periods, source_cfg,
+    schedule = source_schedule(source_ckpts, periods, source_cfg, domain,
                                cfg.ctnet.source_lag) if refresh else {}
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.restore(start)
