@@ -47,3 +47,42 @@ def test_keep_checkpoints_is_validated(tmp_path):
                                  "eval_batch_size = 4096\nkeep_checkpoints = -1"))
     with pytest.raises(ConfigError, match="train.keep_checkpoints"):
         load_config(path)
+
+
+def _fake_run(root, periods):
+    for t in periods:
+        folder = root / "checkpoints" / f"period={t}"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"period": t,
+                                                          "metrics": {"train_rows": t + 1}}))
+    return root
+
+
+def test_retention_never_deletes_what_a_running_job_holds(tmp_path, caplog):
+    """A CTNet job holds the source checkpoints it chose at start (a lease in the source run)
+    until it ends; a lease left by a process that no longer runs holds nothing."""
+    import subprocess
+    import sys
+
+    from ctnet_rec.training.retention import LEASES, lease, prune_checkpoints
+
+    run = _fake_run(tmp_path / "A", [0, 1, 2])
+    with lease(run, [run / "checkpoints" / "period=0"]):
+        with caplog.at_level(logging.INFO, logger="ctnet_rec.training.retention"):
+            removed = prune_checkpoints(run, 1)
+        assert [p.name for p in removed] == ["period=1"]
+        assert any("period=0 stays, a running job holds it" in r.getMessage()
+                   for r in caplog.records)
+    assert not list((run / LEASES).iterdir())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = run / LEASES / "stale.json"
+    import socket
+    stale.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                 "checkpoints": [str((run / "checkpoints" / "period=0")
+                                                     .resolve())]}))
+    assert [p.name for p in prune_checkpoints(run, 1)] == ["period=0"]
+    assert not stale.exists()
+    pruned = [json.loads(x) for x in (run / "pruned_metrics.jsonl").read_text().splitlines()]
+    assert [m["period"] for m in pruned] == [1, 0]
+

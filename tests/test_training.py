@@ -586,3 +586,35 @@ def test_the_train_pipeline_trains_as_a_plain_loop_with_every_lookup_ahead(tower
     with torch.no_grad():
         plain.dmp.eval(), piped.dmp.eval()
         assert torch.allclose(plain.logits(b, "B"), piped.logits(b, "B"), atol=1e-5)
+
+
+def test_a_renamed_checkpoint_folder_is_refused(trained_run, tiny_world, small_config,
+                                                tmp_path):
+    """period=1 renamed to period=2 (the real period=2 removed): resuming would overwrite
+    the only period-1 checkpoint; refused, naming the folder, and nothing is changed."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "checkpoints" / "period=2")
+    (run / "checkpoints" / "period=1").rename(run / "checkpoints" / "period=2")
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=r"period=2: named period 2, its manifest records "
+                                              r"period 1"):
+        train_continual(small_config, tiny_world, "A", [0, 1, 2, 3], run, resume=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(trained_run, tiny_world, small_config,
+                                                    tmp_path, caplog):
+    """metrics.jsonl torn in its last line (a crash mid-write of an older version): resume
+    warns, goes on, and rewrites the file whole from the checkpoints."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "checkpoints" / "period=2")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    with caplog.at_level(logging.WARNING):
+        train_continual(small_config, tiny_world, "A", [2], run, resume=True, evaluate=False)
+    assert any("last line is torn" in r.getMessage() for r in caplog.records)
+    periods = [json.loads(x)["period"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert periods == [0, 1, 2]
+    assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob("*.replaced"))

@@ -25,6 +25,7 @@ from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
+from ctnet_rec.files import read_jsonl, write_atomic
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
@@ -119,8 +120,7 @@ def metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.exists():
         return {}
-    lines = path.read_text().splitlines()
-    return {m["period"]: m["eval"] for m in map(json.loads, lines) if "eval" in m}
+    return {m["period"]: m["eval"] for m in read_jsonl(path) if "eval" in m}
 
 
 def check_periods(cfg: Config, data: Path) -> None:
@@ -217,7 +217,7 @@ def samples_read(job: Job) -> dict[str, int]:
     counts: dict[str, int] = {}
     if job.run is None or not (job.run / "metrics.jsonl").exists():  # scores only, or failed
         return counts
-    for record in map(json.loads, (job.run / "metrics.jsonl").read_text().splitlines()):
+    for record in read_jsonl(job.run / "metrics.jsonl"):
         if record["period"] in job.trains:
             rows = record.get("train_rows_by_domain", {record["domain"]: record["train_rows"]})
             for domain, n in rows.items():
@@ -249,7 +249,7 @@ def _run_jobs(jobs: list[Job], data: Path, out: Path,
         usage[job.name][job.domain] = {
             k: round(before.get(k, 0.0) + v if k == "seconds" else max(before.get(k, 0.0), v), 1)
             for k, v in took.items()}
-        path.write_text(json.dumps(usage, indent=1) + "\n")
+        write_atomic(path, json.dumps(usage, indent=1) + "\n")
         progress.finished(i)
 
     runner = IsolatedRunner(preload=[__name__], workers=workers)
@@ -304,7 +304,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
                        "data": str(data), "jobs_at_a_time": e.parallel_jobs,
                        "torch_threads_per_job": torch_threads(e.parallel_jobs)},
                       models, costs, sweep)
-    (out / "metrics.json").write_text(json.dumps(results.to_json(), indent=1) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(results.to_json(), indent=1) + "\n")
     return results
 
 
@@ -334,7 +334,7 @@ def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: 
     results = {t: evaluate_checkpoint(source[t], data, domain, t + 1)
                for t in range(cfg.experiment.deploy_period, cfg.experiment.last_period() + 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
+    write_atomic(path, json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
 
 
 def finetune_sizes(cfg: Config) -> list[int]:

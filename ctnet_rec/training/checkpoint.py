@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 
 from ctnet_rec.config import Config, recorded_config
+from ctnet_rec.files import fsync_dir, write_atomic
 from ctnet_rec.modules.kinds import TOWER
 from ctnet_rec.training.errors import CheckpointError
 from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
@@ -108,12 +109,25 @@ def period_dir(run: Path, period: int) -> Path:
 
 def complete_checkpoints(run: Path) -> dict[int, Path]:
     """A run's complete checkpoints by period (partial folders are ignored). `run` is a run
-    folder or its `checkpoints` folder."""
+    folder or its `checkpoints` folder. A folder whose name and manifest name different
+    periods (renamed by hand) is refused: resuming after it would overwrite the period it
+    holds."""
     root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
     if not root.is_dir():
         return {}
-    return {int(m.group(1)): p for p in sorted(root.iterdir())
-            if (m := _DIR_RE.match(p.name)) and (p / MANIFEST).exists()}
+    out = {}
+    for p in sorted(root.iterdir()):
+        if (m := _DIR_RE.match(p.name)) and (p / MANIFEST).exists():
+            try:
+                recorded = Manifest.read(p).period
+            except CheckpointError:  # damaged: refused by name when verified
+                recorded = int(m.group(1))
+            if recorded != int(m.group(1)):
+                raise CheckpointError(
+                    f"{p}: named period {m.group(1)}, its manifest records period {recorded} "
+                    f"(a renamed folder?); rename it back to period={recorded} or remove it")
+            out[int(m.group(1))] = p
+    return out
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -126,7 +140,9 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
                     seen: dict[str, np.ndarray],
                     per_rank: dict[str, np.ndarray] | None = None) -> None:
     """Collective: every rank writes its shards (and `per_rank`, its own arrays, as
-    `rank<r>.npz`); rank 0 completes and renames."""
+    `rank<r>.npz`); rank 0 completes, fsyncs and renames: a folder being replaced is renamed
+    aside before the new one takes its name and deleted after, so a crash at any point
+    leaves the old checkpoint or the new one complete."""
     tmp = folder.with_name(folder.name + ".partial")
     rank = dist.get_rank()
     if rank == 0:
@@ -140,11 +156,19 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
     dist.barrier()
     if rank == 0:
         np.savez(tmp / SEEN_IDS, **seen)
+        for path in tmp.iterdir():  # DCP fsyncs its own files; the arrays written beside
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
         manifest.files = file_digests(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+        write_atomic(tmp / MANIFEST, json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+        aside = folder.with_name(folder.name + ".replaced")
         if folder.exists():
-            shutil.rmtree(folder)
+            if aside.exists():
+                shutil.rmtree(aside)
+            folder.rename(aside)
         tmp.rename(folder)
+        fsync_dir(folder.parent)
+        shutil.rmtree(aside, ignore_errors=True)
     dist.barrier()
 
 

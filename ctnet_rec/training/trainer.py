@@ -30,6 +30,7 @@ from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.dist_env import DistEnv
+from ctnet_rec.files import read_jsonl, write_atomic
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import (
     DUAL_EMBEDDING,
@@ -481,11 +482,11 @@ def _write_metrics(run: Path) -> None:
     lines = {}
     pruned = run / PRUNED_METRICS
     if pruned.exists():
-        lines = {json.loads(x)["period"]: x for x in pruned.read_text().splitlines()}
+        lines = {r["period"]: json.dumps(r, sort_keys=True) for r in read_jsonl(pruned)}
     for period, folder in complete_checkpoints(run).items():
         m = Manifest.read(folder)
         lines[period] = json.dumps({"period": m.period, **m.metrics}, sort_keys=True)
-    (run / "metrics.jsonl").write_text("".join(lines[t] + "\n" for t in sorted(lines)))
+    write_atomic(run / "metrics.jsonl", "".join(lines[t] + "\n" for t in sorted(lines)))
 
 
 def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
@@ -543,7 +544,7 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
         trainer.restore(init)
     if env.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     # relative to the checkpoints (all at one depth), like every lineage entry
     lineage = {"init": lineage_entry(period_dir(run, 0), init) if init else None,
                "resumed_after": start}
@@ -568,8 +569,7 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
         trainer.resume_inside(run, periods[0])
     if trainer.env.is_main and periods:
         trainer.sink = TensorBoardSink(run)
-        done = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
-            if (run / "metrics.jsonl").exists() else []
+        done = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
         trainer.rows_trained = sum(  # every domain's rows (joint learning reads two)
             sum(m.get("train_rows_by_domain", {domain: m["train_rows"]}).values())
             for m in done if m["period"] < periods[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.optim import NamedParams
+from ctnet_rec.training.retention import lease, run_of
 from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
     PeriodTrainer,
@@ -255,5 +256,7 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
             trainer.load_source(schedule[t])
         return {"resumed_from": str(start)}
 
-    with run_lock(run, held=env.is_main):
+    held = lease(run_of(source_ckpts), schedule.values()) if schedule and env.is_main \
+        else nullcontext()
+    with run_lock(run, held=env.is_main), held:
         return run_periods(trainer, data, domain, periods, run, before_period)
