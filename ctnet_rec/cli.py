@@ -21,6 +21,7 @@ from ctnet_rec.config import (
     load_config,
 )
 from ctnet_rec.data.contract import DataError, parse_periods
+from ctnet_rec.files import writable_folder, write_atomic
 from ctnet_rec.log_setup import configure_logging
 from ctnet_rec.training.checkpoint import CheckpointError
 
@@ -89,14 +90,15 @@ def _eval(args: argparse.Namespace) -> None:
     from ctnet_rec.training.evaluate import format_report
     from ctnet_rec.training.inference import evaluate_checkpoint
 
+    out = writable_file(Path(args.out or f"eval-{args.domain}-period{args.period}.json"),
+                        "--out")
     cfg = load_config(args.config) if args.config else None
     metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                                   cfg, _sharding(args, lambda: cfg.sharding if cfg else
                                                  _recorded_sharding(Path(args.ckpt))),
                                   args.zero_adapters)
     print(format_report(metrics))
-    out = Path(args.out or f"eval-{args.domain}-period{args.period}.json")
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out, json.dumps(metrics, indent=2) + "\n")
     log.info("metrics written to %s", out)
 
 
@@ -105,6 +107,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.sha256 and not args.export:
         raise ConfigError("--sha256 pins an exported artifact: it goes with --export")
+    writable_file(Path(args.out), "--out")
     if args.export:
         from ctnet_rec.serving.export import predict_export
 
@@ -117,9 +120,13 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ctnet_rec.serving.export import export_checkpoint
+    from ctnet_rec.serving.export import ARTIFACT, export_checkpoint
 
-    export_checkpoint(Path(args.ckpt), Path(args.out), args.table_dtype)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file; export writes a folder")
+    writable_file(out / ARTIFACT, "--out")
+    export_checkpoint(Path(args.ckpt), out, args.table_dtype)
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
@@ -279,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     genres.add_argument("--source-genres", nargs="+", metavar="GENRE",
                         help="movies with any of these genres form the source domain A, the "
                         "rest the target")
-    ml.add_argument("--periods", type=int, default=10)
+    ml.add_argument("--periods", type=positive_int, default=10)
     ml.add_argument("--min-rating", type=int, default=4, help="label 1 from this rating up")
     ml.set_defaults(func=_data_movielens)
 
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recorded in its metadata.json)")
     pr.add_argument("--period", type=int, required=True)
     pr.add_argument("--out", required=True, help="output Parquet file")
-    pr.add_argument("--batch-size", type=int, help="rows per forward pass (default: the "
+    pr.add_argument("--batch-size", type=positive_int, help="rows per forward pass (default: the "
                     "config's train.eval_batch_size); tested up to 65536")
     _sharding_argument(pr)
     pr.set_defaults(func=_predict)
@@ -413,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         "optimiser state and the rest. A plan that cannot fit names the tables and by how much.",
     )
     pl.add_argument("--config", required=True, help="TOML config (features, model, sharding)")
-    pl.add_argument("--world-size", type=int, required=True)
-    pl.add_argument("--local-world-size", type=int, help="ranks per host (default min(8, N))")
+    pl.add_argument("--world-size", type=positive_int, required=True)
+    pl.add_argument("--local-world-size", type=positive_int,
+                    help="ranks per host (default min(8, N))")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     pl.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank, GiB")
     pl.add_argument("--ddr-gb", type=float, default=512.0, help="host memory per rank, GiB")
@@ -446,13 +454,30 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quick", action="store_true",
                    help="a small world and 2 periods after deployment (minutes)")
     x.add_argument("--seed", type=int, default=0, help="world and training seed (the first)")
-    x.add_argument("--seeds", type=int, default=1,
+    x.add_argument("--seeds", type=positive_int, default=1,
                    help="repeat with seeds SEED, SEED+1, ...: mean and std of every number")
-    x.add_argument("--jobs", type=int, help="jobs at a time, each with cores / JOBS torch "
+    x.add_argument("--jobs", type=positive_int, help="jobs at a time, each with cores / JOBS torch "
                    "threads (default: [experiment] parallel_jobs)")
     x.set_defaults(func=_experiment)
 
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def writable_file(path: Path, option: str) -> Path:
+    """`path`, once a file can be written there (checked before the work that produces it,
+    creating nothing): not a folder, under a folder that takes new files."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: a folder; name the file to write")
+    writable_folder(path.parent, option)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         func(args)
     except (ConfigError, DataError, CheckpointError, DivergenceError, FileExistsError) as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:  # a full disk, a folder gone read-only mid-run: the cause, by file
+        log.error("%s%s", f"{e.filename}: " if e.filename else "", e.strerror or e)
         return 2
     leave_process_group_at_exit()
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,27 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class NotWritableError(OSError):
+    """A folder that cannot take new files, found before any work was done."""
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Refuse, before any work, a `folder` (or, while it does not exist, its nearest existing
+    ancestor) that cannot take a new file: tried with a real file, so a read-only mount or
+    a file in the folder's place is caught whoever runs the job."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(probe))
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise NotWritableError(f"{what} {folder}: cannot write there ({probe}: "
+                               f"{e.strerror or e})") from None
 
 
 def write_atomic(path: Path, text: str) -> None:

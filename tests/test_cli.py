@@ -115,3 +115,59 @@ print("exit code:", main(sys.argv[1:]))
         out = subprocess.run([sys.executable, "-c", script, "data", "validate", *args],
                              capture_output=True, text=True, check=True).stdout
         assert f"exit code: {code}" in out and f"joined at exit: {joined}" in out, out
+
+
+def test_messages_not_tracebacks_before_any_work(towers, tiny_world, tmp_path, caplog, capsys):
+    """Each refused before work is done (no evaluation, no training), with a message naming
+    the option or file, exit 2."""
+    ckpt = str(towers.source(1))
+    train = ["train", "--config", str(towers.config_path), "--data", str(tiny_world),
+             "--domain", "A"]
+    assert main([*train, "--periods", "0:100000000000", "--run-dir",
+                 str(tmp_path / "r")]) == 2
+    assert "--periods '0:100000000000': 100000000000 periods; at most 100,000" in caplog.text
+    assert main(["eval", "--ckpt", ckpt, "--data", str(tiny_world), "--domain", "A",
+                 "--period", "2", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: a folder" in caplog.text
+    for args in (["predict", "--ckpt", ckpt, "--data", str(tiny_world), "--domain", "A",
+                  "--period", "2", "--out", str(tmp_path / "p.parquet"), "--batch-size", "-5"],
+                 ["plan", "--config", str(towers.config_path), "--world-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        assert "must be at least 1" in capsys.readouterr().err
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(towers.config_path.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    assert main([*train[:1], "--config", str(latin), *train[3:], "--periods", "0",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert "latin.toml: not UTF-8 text" in caplog.text
+    run = tmp_path / "blocked"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the checkpoints folder goes")
+    assert main([*train, "--periods", "0", "--run-dir", str(run)]) == 2
+    assert "run folder" in caplog.text and "cannot write there" in caplog.text
+    assert not (tmp_path / "r").exists() and not list(run.glob("*.jsonl"))
+    assert "Traceback" not in caplog.text
+
+
+def test_a_failed_checkpoint_write_names_its_cause(towers, tmp_path, monkeypatch):
+    """A full disk inside torch.distributed.checkpoint: the cause, not every rank's
+    traceback."""
+    import traceback
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ctnet_rec.training.checkpoint import CheckpointError
+    from ctnet_rec.training.inference import open_checkpoint
+
+    trainer, _ = open_checkpoint(towers.source(1))
+
+    def full(*args, **kwargs):
+        raise CheckpointException("write", {0: (OSError(28, "No space left on device"),
+                                                traceback.StackSummary())})
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(CheckpointError, match=r"could not be written \(rank 0: OSError: "
+                                              r"\[Errno 28\] No space left on device\)"):
+        trainer.save(tmp_path / "period=1", 1, {})

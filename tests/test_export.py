@@ -194,6 +194,12 @@ def test_a_tampered_artifact_is_refused_before_it_runs(checkpoints, tiny_world, 
     with pytest.raises(CheckpointError, match="differ from those exported"):
         ExportedModel(out)
 
+    export_checkpoint(checkpoints["tower"], out)  # a truncated copy
+    data = (out / ARTIFACT).read_bytes()
+    (out / ARTIFACT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="differ from those exported"):
+        ExportedModel(out)
+
     export_checkpoint(checkpoints["tower"], out)  # metadata replaced along with the artifact
     with pytest.raises(CheckpointError, match="not the pinned"):
         ExportedModel(out, sha256="0" * 64)

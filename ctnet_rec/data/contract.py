@@ -87,18 +87,25 @@ def select_periods(root: str | Path, domain: str, periods: Iterable[int]) -> dic
     return chosen
 
 
+MAX_PERIODS = 100_000  # in one --periods range: 270 years of days
+
+
 def parse_periods(spec: str) -> list[int]:
     """'3' -> [3]; '0:8' -> [0..7] (Python slice, end exclusive); '1,4,6' -> [1, 4, 6].
     Periods train in time order, so the list must be non-empty and strictly increasing (a
     checkpoint of period 0 trained after period 2 would have seen the future)."""
     try:
         if ":" in spec:
-            a, b = spec.split(":")
-            periods = list(range(int(a), int(b)))
+            a, b = (int(x) for x in spec.split(":"))
+            periods = range(a, b)
         else:
             periods = [int(x) for x in spec.split(",")]
     except ValueError:
         raise DataError(f"--periods {spec!r}: use N, A:B (B exclusive) or N,M,...") from None
+    if len(periods) > MAX_PERIODS:
+        raise DataError(f"--periods {spec!r}: {len(periods)} periods; at most {MAX_PERIODS:,} "
+                        "at once")
+    periods = list(periods)
     if not periods:
         raise DataError(f"--periods {spec!r}: no periods (A:B needs A < B)")
     if any(a >= b for a, b in zip(periods, periods[1:], strict=False)):

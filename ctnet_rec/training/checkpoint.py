@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 
 from ctnet_rec.config import Config, recorded_config
@@ -152,7 +153,13 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
     dist.barrier()
     if per_rank is not None:
         np.savez(tmp / f"rank{rank}.npz", **per_rank)
-    dcp.save(state, checkpoint_id=str(tmp))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # its text is every rank's traceback: name the causes
+        causes = "; ".join(f"rank {r}: {type(x[0]).__name__}: {x[0]}"
+                           for r, x in sorted(e.failures.items()))
+        raise CheckpointError(f"{tmp}: the checkpoint could not be written ({causes})") \
+            from None
     dist.barrier()
     if rank == 0:
         np.savez(tmp / SEEN_IDS, **seen)

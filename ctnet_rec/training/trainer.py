@@ -30,7 +30,7 @@ from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.files import read_jsonl, write_atomic
+from ctnet_rec.files import read_jsonl, writable_folder, write_atomic
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import (
     DUAL_EMBEDDING,
@@ -501,6 +501,8 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
     env = init_distributed(cfg.train.device)
     if init is not None:
         Manifest.read(init).check_domain(domain, init, allow_domain_change)
+    if env.is_main:  # before any training: not after the first period
+        writable_folder(run / "checkpoints", "run folder")
     with run_lock(run, held=env.is_main):
         return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
                                 evaluate, trainer_cls, overwrite)

@@ -28,6 +28,7 @@ from ctnet_rec.config import (
     ShardingConfig,
 )
 from ctnet_rec.dist_env import DistEnv
+from ctnet_rec.files import writable_folder
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.kinds import CTNET, ModelSpec
 from ctnet_rec.training.checkpoint import (
@@ -246,6 +247,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
     schedule = source_schedule(source_ckpts, periods, source_cfg, domain,
                                cfg.ctnet.source_lag) if refresh else {}
+    if env.is_main:  # before any training: not after the first period
+        writable_folder(run / "checkpoints", "run folder")
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.restore(start)
     log.info("CTNet from %s (period %d); source refresh: %s", start, manifest.period,
