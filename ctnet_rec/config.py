@@ -581,18 +581,41 @@ class Config:
             token = 2 * dims.pop()
             _check(token % self.model.attention_heads == 0, "model.attention_heads",
                    f"must divide the behaviour token size {token} (item + category dims)")
+        _check(not self.ctnet.share_long_sequence_attention or self.model.use_sim
+               or self.model.use_eta, "ctnet.share_long_sequence_attention",
+               "the model has neither SIM nor ETA (model.use_sim, model.use_eta): no "
+               "long-sequence attention to share")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of some sections, for checkpoint manifests and caches."""
+    def _model_sections(self, *sections: str) -> dict[str, Any]:
+        """Some sections as dicts, without the settings that are not part of the model."""
         payload = {}
-        for s in sections:  # without the settings that are not part of the model
+        for s in sections:
             section = getattr(self, s)
             payload[s] = {k: v for k, v in dataclasses.asdict(section).items()
                           if k not in _NOT_MODEL.get(type(section), ())}
+        return payload
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, for checkpoint manifests and caches."""
+        payload = self._model_sections(*sections)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def section_differences(self, recorded: dict[str, Any], *sections: str) -> list[str]:
+        """Each model setting of `sections` whose value differs from `recorded` (a config as
+        a checkpoint records it), as "key: checkpoint X vs config Y"."""
+        def leaves(d: Any, key: str) -> dict[str, Any]:
+            if isinstance(d, dict):
+                return {k: v for name, sub in d.items() for k, v in leaves(sub, f"{key}.{name}")
+                        .items()}
+            return {key: d}
+
+        mine = leaves(self._model_sections(*sections), "")
+        theirs = leaves({s: recorded.get(s, {}) for s in sections}, "")
+        return [f"{k[1:]}: checkpoint {theirs.get(k)} vs config {mine.get(k)}"
+                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
 
 
 _NOT_MODEL = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}

@@ -171,3 +171,11 @@ def test_a_failed_checkpoint_write_names_its_cause(towers, tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match=r"could not be written \(rank 0: OSError: "
                                               r"\[Errno 28\] No space left on device\)"):
         trainer.save(tmp_path / "period=1", 1, {})
+
+
+def test_a_refused_job_leaves_no_run_folder(towers, tiny_world, tmp_path):
+    """Refused before it wrote anything (a period missing from the data): no empty run."""
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "--config", str(towers.config_path), "--data", str(tiny_world),
+                 "--domain", "A", "--periods", "40", "--run-dir", str(run)]) == 2
+    assert not run.exists()

@@ -92,3 +92,15 @@ def test_template_config_loads():
     cfg = load_config(DEMO_CONFIG.parent / "template.toml")
     assert cfg.features.table("item").num_embeddings == 50_000_000
     assert [s.max_len for s in cfg.features.sequences] == [50, 1000]
+
+
+def test_shared_long_sequence_attention_needs_sim_or_eta(tmp_path):
+    text = DEMO_CONFIG.read_text()
+    path = tmp_path / "c.toml"
+    path.write_text(text.replace("share_long_sequence_attention = false",
+                                 "share_long_sequence_attention = true")
+                    .replace("use_sim = true", "use_sim = false")
+                    .replace("use_eta = true", "use_eta = false"))
+    with pytest.raises(ConfigError, match="ctnet.share_long_sequence_attention: the model has "
+                                          "neither SIM nor ETA"):
+        load_config(path)

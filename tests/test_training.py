@@ -116,7 +116,8 @@ def test_mismatched_checkpoint_is_refused(trained_run, small_config):
         PeriodTrainer(cfg, env).restore(latest_checkpoint(trained_run))
     cfg = copy.deepcopy(small_config)
     cfg.model.mlp_hidden = [16]
-    with pytest.raises(CheckpointError, match="model config differs"):
+    with pytest.raises(CheckpointError, match=r"model config differs \(model\.mlp_hidden: "
+                                              r"checkpoint \[\d+(, \d+)*\] vs config \[16\]\)"):
         PeriodTrainer(cfg, env).restore(latest_checkpoint(trained_run))
 
 

@@ -195,7 +195,8 @@ def test_refusals_name_the_problem(towers, deployed, tiny_world, tmp_path):
         transfer_init(other, towers.source(1), towers.target(1), tmp_path / "x")
     deeper = copy.deepcopy(towers.cfg)
     deeper.model.mlp_hidden = [64, 32]
-    with pytest.raises(CheckpointError, match=r"source checkpoint: .*model config differs"):
+    with pytest.raises(CheckpointError, match=r"source checkpoint: .*model config differs "
+                                              r"\(model\.mlp_hidden: .* vs config \[64, 32\]\)"):
         transfer_init(towers.cfg, towers.source(1), towers.target(1), tmp_path / "x", deeper)
     assert not (tmp_path / "x").exists()
 
@@ -317,6 +318,10 @@ def test_a_moved_runs_folder_still_loads_its_source(towers, tiny_world, tmp_path
     moved, _ = open_checkpoint(new / "B-ctnet" / INIT)
     assert moved.source_ckpt == (new / "A" / "checkpoints" / "period=1").resolve()
     np.testing.assert_array_equal(moved.predict(tiny_world, "B", 2)["p"], want)
+    shutil.move(new / "A", tmp_path / "A-alone")  # the source run alone moved: named missing
+    with pytest.raises(CheckpointError, match=r"the source checkpoint its lineage names, "
+                                              r".*A/checkpoints/period=1, is missing"):
+        open_checkpoint(new / "B-ctnet" / INIT)
 
 
 def test_a_source_replaced_at_its_path_is_refused(towers, tmp_path):

@@ -90,7 +90,10 @@ class Manifest:
         return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
 
     def check_compatible(self, kind: str, config_hash: str, schema: dict[str, Any],
-                         where: Path) -> None:
+                         where: Path, cfg: Config | None = None,
+                         sections: tuple[str, ...] = ("features", "model")) -> None:
+        """Refuse a checkpoint of another kind, feature schema or model config, naming what
+        differs (the settings of `sections` against `cfg`, when given)."""
         if self.kind != kind:
             raise CheckpointError(f"{where}: holds a {self.kind!r} model, expected {kind!r}")
         if self.schema != schema:
@@ -100,8 +103,10 @@ class Manifest:
                                for k in diff)
             raise CheckpointError(f"{where}: feature schema differs from the config ({detail})")
         if self.config_hash != config_hash:
-            raise CheckpointError(
-                f"{where}: model config differs (hash {self.config_hash} vs {config_hash})")
+            differ = cfg.section_differences(self.config, *sections) if cfg else []
+            detail = "; ".join(differ[:5]) + ("; ..." if len(differ) > 5 else "") if differ \
+                else f"hash {self.config_hash} vs {config_hash}"
+            raise CheckpointError(f"{where}: model config differs ({detail})")
 
 
 def period_dir(run: Path, period: int) -> Path:
@@ -357,7 +362,7 @@ def check_tower_checkpoint(folder: Path, cfg: Config, role: str) -> Manifest:
     try:
         manifest = Manifest.read(folder)
         manifest.check_compatible(TOWER, cfg.section_hash("features", "model"),
-                                  feature_schema(cfg), folder)
+                                  feature_schema(cfg), folder, cfg)
     except CheckpointError as e:
         raise CheckpointError(f"{role} checkpoint: {e}") from None
     return manifest

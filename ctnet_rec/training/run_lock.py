@@ -21,10 +21,13 @@ LOCK = ".lock"
 def run_lock(run: Path, held: bool = True) -> Iterator[None]:
     """An exclusive lock on RUN/.lock for the block (`held`: this process writes the run; the
     other ranks of a job leave it to rank 0). A second job is refused, naming the holder; the
-    lock goes with the holder's process, so a killed job never leaves the run locked."""
+    lock goes with the holder's process, so a killed job never leaves the run locked. A run
+    folder this call created and that holds nothing else at the end (a job refused before it
+    wrote anything) is removed."""
     if not held:
         yield
         return
+    created = not run.exists()
     try:
         run.mkdir(parents=True, exist_ok=True)
         fh = open(run / LOCK, "a+")  # noqa: SIM115 (held for the block, closed below)
@@ -41,11 +44,13 @@ def run_lock(run: Path, held: bool = True) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
-        _check_room(run)
         try:
+            _check_room(run)
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+            if created and [p.name for p in run.iterdir()] == [LOCK]:
+                shutil.rmtree(run)
 
 
 def _check_room(run: Path) -> None:

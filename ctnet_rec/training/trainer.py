@@ -134,6 +134,7 @@ class PeriodTrainer:
     This one trains a single-domain tower; `CTNetTrainer` overrides what differs."""
 
     kind = TOWER
+    hashed_sections: tuple[str, ...] = ("features", "model")  # the config hash's sections
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -200,7 +201,8 @@ class PeriodTrainer:
 
     def restore(self, folder: Path) -> Manifest:
         manifest = Manifest.read(folder)
-        manifest.check_compatible(self.kind, self.config_hash, self.schema, folder)
+        manifest.check_compatible(self.kind, self.config_hash, self.schema, folder, self.cfg,
+                                  self.hashed_sections)
         state = self.state()
         self.seen = load_checkpoint(folder, state)
         self.load_state(state)

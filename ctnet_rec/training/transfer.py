@@ -74,7 +74,8 @@ class CTNetTrainer(PeriodTrainer):
         self.source_period: int | None = None
         self.source_digest: str | None = None  # of the source's contents, when recorded
         super().__init__(cfg, env)
-        self.config_hash = cfg.section_hash("features", "model", "ctnet") + \
+        self.hashed_sections = ("features", "model", "ctnet")
+        self.config_hash = cfg.section_hash(*self.hashed_sections) + \
             source_cfg.section_hash("features", "model")
         self.schema = {**feature_schema(cfg), "source": feature_schema(source_cfg)}
 
@@ -144,6 +145,11 @@ class CTNetTrainer(PeriodTrainer):
     def restore(self, folder: Path) -> Manifest:
         manifest = super().restore(folder)
         source = lineage_path(folder, manifest.lineage["source_checkpoint"])
+        if not source.exists():
+            raise CheckpointError(
+                f"{folder}: the source checkpoint its lineage names, {source}, is missing "
+                "(moved or deleted); put it back there, or move the whole runs folder "
+                "together (lineages are relative)")
         self.load_source(source)
         recorded = manifest.lineage.get("source_digest")
         if recorded and self.source_digest and recorded != self.source_digest:
