@@ -96,7 +96,7 @@ def _eval(args: argparse.Namespace) -> None:
     metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                                   cfg, _sharding(args, lambda: cfg.sharding if cfg else
                                                  _recorded_sharding(Path(args.ckpt))),
-                                  args.zero_adapters)
+                                  args.zero_adapters, args.device)
     print(format_report(metrics))
     write_atomic(out, json.dumps(metrics, indent=2) + "\n")
     log.info("metrics written to %s", out)
@@ -112,11 +112,12 @@ def _predict(args: argparse.Namespace) -> None:
         from ctnet_rec.serving.export import predict_export
 
         predict_export(Path(args.export), Path(args.data), args.domain, args.period,
-                       Path(args.out), args.batch_size, args.sha256)
+                       Path(args.out), args.batch_size, args.sha256, args.device or "cpu")
         return
     predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size,
-                       _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))))
+                       _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))),
+                       args.device)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -126,7 +127,7 @@ def _export(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file; export writes a folder")
     writable_file(out / ARTIFACT, "--out")
-    export_checkpoint(Path(args.ckpt), out, args.table_dtype)
+    export_checkpoint(Path(args.ckpt), out, args.table_dtype, args.device)
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
@@ -195,6 +196,12 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
+
+
+def _device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where the checkpoint is loaded and scored (default: the device it was "
+                   "trained on, or the CPU on a host without a GPU)")
 
 
 def _sharding_argument(p: argparse.ArgumentParser) -> None:
@@ -336,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CTNet: score with the adapters adding nothing (the target tower "
                    "alone), to see what the source contributes")
     _sharding_argument(e)
+    _device_argument(e)
     e.set_defaults(func=_eval)
 
     pr = sub.add_parser(
@@ -358,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=positive_int, help="rows per forward pass (default: the "
                     "config's train.eval_batch_size); tested up to 65536")
     _sharding_argument(pr)
+    _device_argument(pr)
     pr.set_defaults(func=_predict)
 
     ex = sub.add_parser(
@@ -373,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--table-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
                     help="tables in TorchRec's quantised inference modules (fp16, int8 per "
                     "row) or as trained (fp32, the default)")
+    _device_argument(ex)
     ex.set_defaults(func=_export)
 
     tr = sub.add_parser("transfer", help="deploy CTNet and train it continually (Algorithm 1)")

@@ -192,12 +192,20 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     if env.device.type == "cpu":
         pool_sequence_lookups(dmp)
     if env.world_size > 1:  # every rank starts from rank 0's dense weights and buffers
-        id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
-                   for b in m.buffers()}  # each rank's id map is its own shard's
-        for t in [*dense_parameters(dmp), *dmp.buffers()]:
-            if not t.is_meta and id(t) not in id_maps:
-                dist.broadcast(t.data, src=0)
+        for t in initial_sync_tensors(dmp, env.device):
+            dist.broadcast(t.data, src=0)
     return dmp
+
+
+def initial_sync_tensors(dmp: DistributedModelParallel,
+                         device: torch.device) -> list[torch.Tensor]:
+    """The dense weights and buffers every rank takes from rank 0: those on the run's device
+    (nccl moves device tensors only; what is elsewhere is fbgemm's host-side kernel metadata,
+    the same on every rank), less the managed-id maps (each rank's holds its own shard)."""
+    id_maps = {id(b) for m in dmp.modules() if isinstance(m, ManagedCollisionModule)
+               for b in m.buffers()}
+    return [t for t in [*dense_parameters(dmp), *dmp.buffers()]
+            if not t.is_meta and t.device == device and id(t) not in id_maps]
 
 
 def place_dense(model: nn.Module, device: torch.device) -> None:

@@ -304,3 +304,16 @@ def test_without_shared_kernel_state_the_lookups_keep_their_kernel(towers, monke
     kernels = [k for m in model.modules() for lookup in getattr(m, "_lookups", [])
                for k in lookup.modules() if isinstance(k, BatchedFusedEmbedding)]
     assert kernels and not any(isinstance(k.forward, OneIdBags) for k in kernels)
+
+
+def test_only_tensors_on_the_run_device_are_broadcast(towers):
+    """Ranks start from rank 0's dense weights and buffers: nccl takes device tensors only,
+    so fbgemm's host-side buffers (on the CPU in a GPU run) are never in the broadcast."""
+    from sharding.tower import dense_parameters, initial_sync_tensors
+
+    tower = Tower(towers.cfg.features, towers.cfg.model, device=torch.device("meta"))
+    dmp = shard_model(tower, init_distributed("cpu"), 0.05)
+    on_cpu = initial_sync_tensors(dmp, torch.device("cpu"))
+    dense = {id(p) for p in dense_parameters(dmp)}
+    assert dense and dense <= {id(t) for t in on_cpu}
+    assert initial_sync_tensors(dmp, torch.device("cuda")) == []

@@ -619,3 +619,35 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(trained_run, tiny_world, sma
     periods = [json.loads(x)["period"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert periods == [0, 1, 2]
     assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob("*.replaced"))
+
+
+def test_a_gpu_trained_checkpoint_is_scored_on_a_cpu_host(trained_run, tiny_world, tmp_path,
+                                                          caplog):
+    """A checkpoint whose config records device "cuda" (here: a CPU-trained one, so
+    recorded): eval, predict and export run on a host without a GPU, on the CPU with a
+    warning or with --device cpu; --device cuda there is refused with a message."""
+    from ctnet_rec.cli import main
+    from ctnet_rec.training.inference import evaluate_checkpoint
+
+    ckpt = tmp_path / "period=2"
+    shutil.copytree(latest_checkpoint(trained_run), ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["config"]["train"]["device"] = "cuda"
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    want = evaluate_checkpoint(latest_checkpoint(trained_run), tiny_world, "A", 3)["auc"]
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_checkpoint(ckpt, tiny_world, "A", 3)["auc"] == want
+    assert "trained on cuda; this host has no GPU" in caplog.text
+    common = ["--data", str(tiny_world), "--domain", "A", "--period", "3"]
+    assert main(["eval", "--ckpt", str(ckpt), *common, "--device", "cpu",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["auc"] == want
+    assert main(["predict", "--ckpt", str(ckpt), *common, "--out",
+                 str(tmp_path / "p.parquet")]) == 0
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x")]) == 0
+    assert main(["predict", "--export", str(tmp_path / "x"), *common, "--out",
+                 str(tmp_path / "q.parquet"), "--device", "cpu"]) == 0
+    if not torch.cuda.is_available():
+        assert main(["eval", "--ckpt", str(ckpt), *common, "--device", "cuda",
+                     "--out", str(tmp_path / "f.json")]) == 2
+        assert "sees no GPU" in caplog.text

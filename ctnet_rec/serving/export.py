@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.package import PackageExporter, PackageImporter
 from torchrec.modules.mc_modules import ManagedCollisionModule
 
-from ctnet_rec.config import Config, config_from_dict
+from ctnet_rec.config import Config, ConfigError, config_from_dict
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.training.checkpoint import CheckpointError
@@ -77,10 +77,11 @@ def unsharded_state(state: dict[str, Any], source: str) -> dict[str, torch.Tenso
     return out
 
 
-def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32") -> Path:
+def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
+                      device: str | None = None) -> Path:
     """`ckpt` as the artifact DIR/model.pt (with DIR/metadata.json beside it, also inside).
     Refuses, naming why, a checkpoint that does not load or that it cannot export."""
-    trainer, manifest = open_checkpoint(ckpt)
+    trainer, manifest = open_checkpoint(ckpt, device=device)
     if trainer.env.world_size != 1:
         raise CheckpointError(f"{ckpt}: export runs in one process (launched with "
                               f"{trainer.env.world_size}); the checkpoint loads under any "
@@ -166,10 +167,15 @@ class ExportedModel:
 
 
 def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path,
-                   batch_size: int | None = None, sha256: str | None = None) -> int:
+                   batch_size: int | None = None, sha256: str | None = None,
+                   device: str = "cpu") -> int:
     """`ctnet predict --export`: `ctnet predict`'s output, scored by an exported artifact in
-    this process (no process group, no sharding, inference mode). Returns the row count."""
+    this process on `device` (no process group, no sharding, inference mode). Returns the
+    row count."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch sees no GPU")
     model = ExportedModel(folder, sha256)
+    model.scorer.to(device)
     cfg = model.config
     validate_periods(data, domain, [period], cfg.features)
     reader = ParquetBatchReader(data, domain, [period], cfg.features, cfg.data,
@@ -178,7 +184,8 @@ def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path
     parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
     start = time.perf_counter()
     for batch in reader:
-        parts["p"].append(model(batch.sparse, batch.dense).double().numpy())
+        on = batch.to(device)
+        parts["p"].append(model(on.sparse, on.dense).double().cpu().numpy())
         parts["labels"].append(batch.labels.double().numpy())
         parts["users"].append(batch.user_ids.numpy())
         parts["items"].append(batch.item_ids.numpy())

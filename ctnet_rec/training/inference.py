@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from ctnet_rec.config import Config, ConfigError, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
@@ -26,14 +27,29 @@ from ctnet_rec.training.trainer import (
 log = logging.getLogger(__name__)
 
 
+def scoring_device(recorded: str, folder: Path) -> str:
+    """Where a checkpoint trained on `recorded` is scored when no device is asked for: there,
+    or on the CPU when this host has no GPU (scoring a GPU-trained model on a CPU host)."""
+    if recorded == "cuda" and not torch.cuda.is_available():
+        log.warning("%s: trained on cuda; this host has no GPU, so it is scored on the CPU "
+                    "(--device chooses)", folder)
+        return "cpu"
+    return recorded
+
+
 def open_checkpoint(folder: Path, cfg: Config | None = None,
-                    sharding: ShardingConfig | None = None) -> tuple[PeriodTrainer, Manifest]:
-    """The checkpoint's model, restored, on the device its config names (`cfg` overrides the
-    recorded config of a tower checkpoint; `sharding` the plan it was trained under)."""
+                    sharding: ShardingConfig | None = None,
+                    device: str | None = None) -> tuple[PeriodTrainer, Manifest]:
+    """The checkpoint's model, restored, on `device` (default: the device its config names,
+    `scoring_device`); `cfg` overrides the recorded config of a tower checkpoint, `sharding`
+    the plan it was trained under."""
     manifest = Manifest.read(folder)
     cfg = cfg or config_of(manifest, folder)
     if sharding is not None:
         cfg = dataclasses.replace(cfg, sharding=sharding)
+    device = device or scoring_device(cfg.train.device, folder)
+    if device != cfg.train.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     deployment = Deployment(
         manifest.kind, config_of(manifest, folder, source=True) if manifest.kind == CTNET
         else None, manifest.lineage.get("source_domain"))
@@ -47,10 +63,11 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
 
 def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Path,
                        batch_size: int | None = None,
-                       sharding: ShardingConfig | None = None) -> int:
+                       sharding: ShardingConfig | None = None,
+                       device: str | None = None) -> int:
     """The `ctnet predict` job: one score per row of the period, in file order, with its ids
     and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
-    trainer, _ = open_checkpoint(ckpt, sharding=sharding)
+    trainer, _ = open_checkpoint(ckpt, sharding=sharding, device=device)
     validate_periods(data, domain, [period], trainer.cfg.features)
     start = time.perf_counter()
     pred = trainer.predict(data, domain, period, batch_size)
@@ -75,7 +92,8 @@ def write_scores(pred: dict[str, np.ndarray], out: Path, elapsed: float) -> None
 def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
                         cfg: Config | None = None,
                         sharding: ShardingConfig | None = None,
-                        zero_adapters: bool = False) -> dict[str, Any]:
+                        zero_adapters: bool = False,
+                        device: str | None = None) -> dict[str, Any]:
     """The `ctnet eval` job: a checkpoint's metrics on one period, with cold-start slices
     relative to the ids the checkpoint had seen in training. `zero_adapters` (CTNet only):
     the same model with its adapters adding nothing."""
@@ -83,7 +101,7 @@ def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
     if zero_adapters and manifest.kind != CTNET:
         raise CheckpointError(f"{ckpt}: --zero-adapters needs a CTNet checkpoint, this one "
                               f"holds a {manifest.kind!r} model")
-    trainer, manifest = open_checkpoint(ckpt, cfg, sharding)
+    trainer, manifest = open_checkpoint(ckpt, cfg, sharding, device)
     if zero_adapters:
         trainer.dmp.module.use_adapters = False
     validate_periods(data, domain, [period], trainer.cfg.features)
