@@ -464,9 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quick", action="store_true",
                    help="a small world and 2 periods after deployment (minutes)")
     x.add_argument("--seed", type=int, default=0, help="world and training seed (the first)")
-    x.add_argument("--seeds", type=positive_int, default=1,
+    x.add_argument("--seeds", type=int, default=1,
                    help="repeat with seeds SEED, SEED+1, ...: mean and std of every number")
-    x.add_argument("--jobs", type=positive_int, help="jobs at a time, each with cores / JOBS torch "
+    x.add_argument("--jobs", type=int, help="jobs at a time, each with cores / JOBS torch "
                    "threads (default: [experiment] parallel_jobs)")
     x.set_defaults(func=_experiment)
 

@@ -44,9 +44,10 @@ def writable_folder(folder: Path, what: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """`path` holds its old contents or `text`, whatever happens: a temporary file beside it,
-    fsynced, renamed over it, the folder fsynced."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`path` holds its old contents or `text`, whatever happens: a temporary file beside it
+    (one per process: ranks writing the same file do not share it), fsynced, renamed over
+    it, the folder fsynced."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

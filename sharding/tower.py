@@ -25,6 +25,10 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
+from torchrec.distributed.train_pipeline import (
+    PrefetchTrainPipelineSparseDist,
+    TrainPipelineSparseDist,
+)
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingType
 from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
 from torchrec.modules.mc_modules import ManagedCollisionModule, MCHManagedCollisionModule
@@ -136,7 +140,8 @@ def table_constraints(model: nn.Module, sharding: ShardingConfig,
     def cache(table: str) -> CacheParams | None:
         if sharding.kernel_of(table) != "fused_uvm_caching":
             return None
-        return CacheParams(load_factor=sharding.cache_load_factor)
+        # the train pipeline fills the cache a batch ahead (`pipeline_class`)
+        return CacheParams(load_factor=sharding.cache_load_factor, prefetch_pipeline=True)
 
     return {t: ParameterConstraints(sharding_types=[sharding.type_of(t, managed)],
                                     compute_kernels=[sharding.kernel_of(t)],
@@ -243,3 +248,15 @@ def dense_parameters(dmp: DistributedModelParallel) -> list[torch.Tensor]:
     """Parameters not updated by a fused optimiser (the dense layers)."""
     return [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())
             if p.requires_grad]
+
+
+def pipeline_class(device: torch.device, sharding: ShardingConfig,
+                   tables: list[str]) -> type[TrainPipelineSparseDist]:
+    """TorchRec's train pipeline for a model: the prefetch pipeline when a table keeps its
+    rows in host memory behind a GPU cache (`fused_uvm_caching`), so that each next batch's
+    rows are brought into the cache on their own stream while the current batch trains;
+    else the sparse-dist pipeline (copies and input distribution overlapped)."""
+    if device.type == "cuda" and any(sharding.kernel_of(t) == "fused_uvm_caching"
+                                     for t in tables):
+        return PrefetchTrainPipelineSparseDist
+    return TrainPipelineSparseDist

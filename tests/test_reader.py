@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from ctnet_rec.data.reader import ParquetBatchReader, batch_sizes
 
@@ -177,3 +178,33 @@ def test_two_features_reading_one_column_each_map_the_raw_ids(tmp_path, demo_con
     assert got["hour_a"].values().tolist() == [2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
     assert got["hour_b"].values().tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
     assert got["hour"].values().tolist() == list(range(100 % 24, 100 % 24 + 10))
+
+
+def test_pinned_batches_and_copies_one_ahead(dataset, features, demo_config, monkeypatch):
+    """`pin_memory` pins every batch in the producer (a CUDA run's reader); `on_device` hands
+    out each host batch with its device copy, in order, the next copy issued ahead."""
+    from ctnet_rec.data.batch import Batch, on_device
+
+    root, _ = dataset
+    pinned = []
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: pinned.append(len(self)) or self)
+    reader = ParquetBatchReader(root, "B", [0, 1], features, demo_config.data, batch_size=50,
+                                shuffle=False, pin_memory=True)
+    batches = read_all(reader)
+    assert pinned == [len(b) for b in batches]
+    plain = read_all(ParquetBatchReader(root, "B", [0, 1], features, demo_config.data,
+                                        batch_size=50, shuffle=False))
+    assert len(pinned) == len(plain)
+    pulled = []
+
+    def source():
+        for b in plain:
+            pulled.append(len(pulled))
+            yield b
+
+    seen = 0
+    for i, (host, dev) in enumerate(on_device(source(), torch.device("cpu"))):
+        assert host is plain[i] and torch.equal(dev.sparse.values(), host.sparse.values())
+        assert len(pulled) == min(i + 2, len(plain))  # the next batch is already fetched
+        seen += 1
+    assert seen == len(plain)

@@ -317,3 +317,32 @@ def test_only_tensors_on_the_run_device_are_broadcast(towers):
     dense = {id(p) for p in dense_parameters(dmp)}
     assert dense and dense <= {id(t) for t in on_cpu}
     assert initial_sync_tensors(dmp, torch.device("cuda")) == []
+
+
+def test_a_gpu_cached_table_trains_under_the_prefetch_pipeline():
+    """fused_uvm_caching on CUDA: TorchRec's prefetch pipeline, with the cache told so
+    (`prefetch_pipeline`); otherwise, and on the CPU, the sparse-dist pipeline."""
+    from torchrec.distributed.train_pipeline import (
+        PrefetchTrainPipelineSparseDist,
+        TrainPipelineSparseDist,
+    )
+
+    from sharding.tower import pipeline_class
+
+    cached = ShardingConfig(kernels={"item": "fused_uvm_caching"})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pipeline_class(cuda, cached, ["user", "item"]) is PrefetchTrainPipelineSparseDist
+    assert pipeline_class(cuda, ShardingConfig(), ["user", "item"]) is TrainPipelineSparseDist
+    assert pipeline_class(cpu, cached, ["user", "item"]) is TrainPipelineSparseDist
+    assert pipeline_class(cuda, cached, ["user"]) is TrainPipelineSparseDist
+
+
+def test_cached_tables_are_planned_for_prefetching(demo_config):
+    from sharding.tower import table_constraints
+
+    cached = ShardingConfig(kernels={"item": "fused_uvm_caching"})
+    tower = Tower(demo_config.features, demo_config.model, device=torch.device("meta"))
+    constraints = table_constraints(tower, cached)
+    assert constraints["item"].cache_params.prefetch_pipeline is True
+    assert constraints["item"].cache_params.load_factor == cached.cache_load_factor
+    assert constraints["user"].cache_params is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,3 +63,30 @@ class Batch(Pipelineable):
         params = inspect.signature(model.forward).parameters
         return {name: PHWithMeta(ph_key=name) if name in MODEL_INPUTS else p.default
                 for name, p in params.items()}
+
+
+def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[tuple[Batch, Batch]]:
+    """Each host batch with its copy on `device`, the next batch's copy issued as the current
+    one is handed out: on CUDA on a side stream (from pinned memory, non-blocking), so that
+    it overlaps the current batch's compute; nothing but the copies (no host sync). For the
+    loops that score without a train pipeline (evaluation, predict)."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(b: Batch | None) -> Batch | None:
+        if b is None or stream is None:
+            return None if b is None else b.to(device)
+        with torch.cuda.stream(stream):
+            return b.to(device, non_blocking=True)
+
+    it = iter(batches)
+    host = next(it, None)
+    dev = copy(host)
+    while host is not None and dev is not None:
+        if stream is not None:  # this batch's copy is done before its compute starts
+            current = torch.cuda.current_stream(device)
+            current.wait_stream(stream)
+            dev.record_stream(current)
+        nxt = next(it, None)
+        nxt_dev = copy(nxt)
+        yield host, dev
+        host, dev = nxt, nxt_dev

@@ -306,12 +306,16 @@ class ParquetBatchReader:
         world_size: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.features, self.data = features, data
         self.batch_size = batch_size or data.batch_size
         self.shuffle, self.seed, self.rank, self.epoch = shuffle, seed, rank, 0
+        # batches in page-locked memory (CUDA runs): their copies to the GPU can then run
+        # asynchronously and overlap compute; pinned by the producer thread
+        self.pin_memory = pin_memory
         self.period_files = select_periods(root, domain, periods)
         check_period_schemas(self.period_files, features)
         pieces = pieces_of(self.period_files)
@@ -396,6 +400,8 @@ class ParquetBatchReader:
             batches = self._batches()
             try:
                 for b in batches:
+                    if self.pin_memory:
+                        b = b.pin_memory()
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)

@@ -37,6 +37,7 @@ from torch.package import PackageExporter, PackageImporter
 from torchrec.modules.mc_modules import ManagedCollisionModule
 
 from ctnet_rec.config import Config, ConfigError, config_from_dict
+from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.training.checkpoint import CheckpointError
@@ -180,11 +181,10 @@ def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path
     validate_periods(data, domain, [period], cfg.features)
     reader = ParquetBatchReader(data, domain, [period], cfg.features, cfg.data,
                                 batch_size=batch_size or cfg.train.eval_batch_size,
-                                shuffle=False)
+                                shuffle=False, pin_memory=device == "cuda")
     parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
     start = time.perf_counter()
-    for batch in reader:
-        on = batch.to(device)
+    for batch, on in on_device(reader, torch.device(device)):
         parts["p"].append(model(on.sparse, on.dense).double().cpu().numpy())
         parts["labels"].append(batch.labels.double().numpy())
         parts["users"].append(batch.user_ids.numpy())

@@ -26,7 +26,7 @@ from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSpar
 from tqdm import tqdm
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
-from ctnet_rec.data.batch import Batch
+from ctnet_rec.data.batch import Batch, on_device
 from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.dist_env import DistEnv
@@ -57,7 +57,7 @@ from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
 from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
 from ctnet_rec.training.run_lock import run_lock
-from sharding.tower import dense_parameters, shard_model
+from sharding.tower import dense_parameters, pipeline_class, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ class PeriodTrainer:
             batch_size=None if train else batch_size or self.cfg.train.eval_batch_size,
             rank=self.env.rank, world_size=self.env.world_size, shuffle=train,
             seed=self.cfg.train.seed * 1_000_003 + period,
+            pin_memory=self.env.device.type == "cuda",
         )
 
     def features_read(self) -> FeatureConfig:
@@ -248,8 +249,10 @@ class PeriodTrainer:
         """TorchRec's train pipeline over this trainer's model, for one pass: each step's
         batch is copied to the device and its lookups' input distribution started while
         the steps before it train (`loss_of(batch)`: the loss and what the step returns)."""
-        return TrainPipelineSparseDist(self.dmp, self.dense_opt, self.env.device,
-                                       custom_model_fwd=loss_of, pipeline_postproc=True)
+        tables = [t.name for t in self.cfg.features.tables]
+        pipeline = pipeline_class(self.env.device, self.cfg.sharding, tables)
+        return pipeline(self.dmp, self.dense_opt, self.env.device, custom_model_fwd=loss_of,
+                        pipeline_postproc=True)
 
     def logits(self, batch: Batch, domain: str) -> torch.Tensor:
         """The model's logits for a batch of `domain` (a single-domain model ignores it)."""
@@ -438,16 +441,19 @@ class PeriodTrainer:
         no_grad, not inference_mode: on CPU, fbgemm's fused table lookup is registered only
         behind the autograd dispatch key, and inference_mode skips that key."""
         self.dmp.eval()
-        parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
-        for batch in self._reader(root, domain, period, train=False, batch_size=batch_size):
-            batch = batch.to(self.env.device)
-            parts["p"].append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits).cpu()
-                              .double().numpy())
-            parts["labels"].append(batch.labels.cpu().double().numpy())
-            parts["users"].append(batch.user_ids.cpu().numpy())
-            parts["items"].append(batch.item_ids.cpu().numpy())
-        return gather_to_main({k: np.concatenate(v) for k, v in parts.items()},
-                              self.env.device)
+        scores: list[torch.Tensor] = []  # on the device, brought back once at the end
+        parts: dict[str, list[torch.Tensor]] = {"labels": [], "users": [], "items": []}
+        reader = self._reader(root, domain, period, train=False, batch_size=batch_size)
+        for host, batch in on_device(reader, self.env.device):
+            scores.append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits))
+            parts["labels"].append(host.labels)  # ids and labels from the host copy
+            parts["users"].append(host.user_ids)
+            parts["items"].append(host.item_ids)
+        pred = {"p": torch.cat(scores).double().cpu().numpy(),
+                "labels": torch.cat(parts["labels"]).double().numpy(),
+                "users": torch.cat(parts["users"]).numpy(),
+                "items": torch.cat(parts["items"]).numpy()}
+        return gather_to_main(pred, self.env.device)
 
     def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
         """The period's metrics, computed on rank 0 and returned on every rank."""
@@ -503,8 +509,6 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
     env = init_distributed(cfg.train.device)
     if init is not None:
         Manifest.read(init).check_domain(domain, init, allow_domain_change)
-    if env.is_main:  # before any training: not after the first period
-        writable_folder(run / "checkpoints", "run folder")
     with run_lock(run, held=env.is_main):
         return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
                                 evaluate, trainer_cls, overwrite)
@@ -514,6 +518,8 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
                      env: DistEnv, init: Path | None, resume: bool, evaluate: bool,
                      trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
                      overwrite: bool) -> list[dict[str, Any]]:
+    if env.is_main:  # before any training: not after the first period
+        writable_folder(run / "checkpoints", "run folder")
     existing = sorted(complete_checkpoints(run))
     inside = (run / "checkpoints" / MID_PERIOD / "manifest.json").exists()
     if resume and existing and max(periods, default=-1) <= existing[-1] and \
