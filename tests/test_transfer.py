@@ -23,6 +23,8 @@ from ctnet_rec.training.checkpoint import (
 from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
+from .conftest import two_rank_cli
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     shards = t.local_shards() if hasattr(t, "local_shards") else None
@@ -358,3 +360,18 @@ def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_worl
         train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1))
     train_continual(towers.cfg, tiny_world, "B", [2], tmp_path / "ft", init=towers.source(1),
                     allow_domain_change=True, evaluate=False)
+
+
+def test_the_source_stays_bit_identical_at_two_ranks(towers, deployed, tiny_world, tmp_path):
+    """At 2 ranks the target's batch-norm statistics are averaged at each period end; the
+    frozen source's are not touched (averaging equal values still moves their last bits):
+    after a period, every source tensor equals the source checkpoint's, bit for bit."""
+    run = tmp_path / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    two_rank_cli("transfer", "run", "--run-dir", str(run), "--data", str(tiny_world), "--domain",
+                 "B", "--periods", "2", "--source-ckpts", str(towers.source_run))
+    after, _ = open_checkpoint(complete_checkpoints(run)[2])
+    source, _ = open_checkpoint(towers.source(1))
+    got, want = _tensors(after.dmp.state_dict(), "source."), _tensors(source.dmp.state_dict())
+    assert any("running_mean" in k for k in got)
+    assert _equal(got, want)

@@ -299,22 +299,47 @@ def load_mapped(folder: Path, state: dict[str, Any], key_of: Callable[[str], str
     key k taking the checkpoint's key `key_of(k)` (None: left as is), in one dcp.load. `state`
     holds "model" and optionally "optim" (a fused optimiser's state dict, whose entries are
     keyed by table, e.g. `user.momentum1`: `table_key_of` renames those) and "dense_optim"
-    (keyed by parameter name). Returns how many model entries were loaded."""
+    (keyed by parameter name). Several state keys may take one checkpoint key (PLE's shared
+    experts and a task's own expert all start as one tower layer): the first is loaded, the
+    others copy it. Returns how many model entries were loaded."""
 
-    def mapped(d: dict[str, Any]) -> dict[str, Any]:
-        return {key_of(k): v for k, v in d.items() if key_of(k) is not None}
+    def mapped(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """The request (one state entry per checkpoint key) and, per checkpoint key, every
+        state key taking it, the requested one first."""
+        takers: dict[str, list[str]] = {}
+        for k in d:
+            if (saved := key_of(k)) is not None:
+                takers.setdefault(saved, []).append(k)
+        return {saved: d[keys[0]] for saved, keys in takers.items()}, takers
 
-    request: dict[str, Any] = {"model": mapped(state["model"])}
+    request: dict[str, Any] = {}
+    request["model"], takers = mapped(state["model"])
     if not request["model"]:
         return 0
+    copies = [(state["model"], takers)]
     if "optim" in state:
         rename = table_key_of or (lambda k: k)
+        entries, _ = mapped(state["optim"]["state"])
         request["optim"] = {"state": {k: {rename(i): t for i, t in v.items()}
-                                      for k, v in mapped(state["optim"]["state"]).items()}}
+                                      for k, v in entries.items()}}
     if "dense_optim" in state:
-        request["dense_optim"] = mapped(state["dense_optim"])
+        request["dense_optim"], dense_takers = mapped(state["dense_optim"])
+        copies.append((state["dense_optim"], dense_takers))
     dcp_load(request, folder)
-    return len(request["model"])
+    for d, by_saved in copies:
+        for keys in by_saved.values():
+            for k in keys[1:]:
+                d[k] = _copy_of(d[keys[0]], d[k])
+    return sum(len(keys) for keys in takers.values())
+
+
+def _copy_of(loaded: Any, into: Any) -> Any:
+    """`into` (a tensor, or a dict of them) with `loaded`'s values."""
+    if isinstance(into, dict):
+        return {k: _copy_of(loaded[k], v) for k, v in into.items()}
+    if isinstance(into, torch.Tensor):
+        return into.copy_(loaded)
+    return loaded
 
 
 def load_widened(folder: Path, state: dict[str, Any], key: str, saved_key: str,

@@ -376,8 +376,14 @@ class PeriodTrainer:
             **{f"bn/{k}": v.cpu().numpy() for k, v in self._batchnorm_statistics().items()}})
 
     def _batchnorm_statistics(self) -> dict[str, torch.Tensor]:
+        """The running statistics of the batch norms that train (a frozen part's, CTNet's
+        source tower, never move: averaging them across ranks would still move their last
+        bits)."""
+        frozen = frozen_part(self.dmp.module)
+        fixed = {id(m) for m in frozen.modules()} if frozen is not None else set()
         return {f"{name}.{b}": buf for name, m in self.dmp.named_modules()
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                and id(m) not in fixed
                 for b, buf in m.named_buffers(recurse=False)}
 
     def resume_inside(self, run: Path, period: int) -> None:
