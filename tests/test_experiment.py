@@ -19,6 +19,7 @@ from ctnet_rec.experiment.runner import (
     CTNET_VARIANTS,
     DIN,
     DUAL,
+    LATE_FUSION,
     ORACLE,
     PRETRAIN_FINETUNE,
     SOURCE,
@@ -75,7 +76,7 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     metrics = json.loads((experiment / "metrics.json").read_text())
     last = str(metrics["settings"]["trained_periods"][-1])
     models = metrics["models"]
-    assert list(models) == [SOURCE, BASE, DIN, *JOINT, *PRETRAIN_FINETUNE, DUAL,
+    assert list(models) == [SOURCE, BASE, DIN, *JOINT, *PRETRAIN_FINETUNE, DUAL, LATE_FUSION,
                             *CTNET_VARIANTS, ORACLE]
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
@@ -429,3 +430,40 @@ def test_joint_training_keeps_the_target_task(experiment):
         auc = np.mean([metrics[name]["B"][t]["auc"] for t in ("2", "3")])
         assert auc > base - 0.03, (name, auc, base)
         assert metrics[name]["B"]["2"]["auc"] != metrics[BASE]["B"]["2"]["auc"], name
+
+
+def test_late_fusion_is_base_plus_a_weight_chosen_before_the_test(experiment):
+    """The late-fusion row: Base's logit + w x the source tower's (the one CTNet reads), w
+    1.0 on the first test and then the best weight on the previous test's rows."""
+    from ctnet_rec.experiment.late_fusion import best_weight, fused
+    from ctnet_rec.metrics import auc
+    from ctnet_rec.training.inference import open_checkpoint
+
+    metrics = json.loads((experiment / "metrics.json").read_text())
+    lag = metrics["settings"]["config"]["ctnet"]["source_lag"]
+    periods = metrics["settings"]["trained_periods"]
+    base = complete_checkpoints(experiment / "B" / "base")
+    source = complete_checkpoints(experiment / "A")
+    previous = None
+    for t in periods:
+        b = open_checkpoint(base[t])[0].predict(experiment / "data", "B", t + 1)
+        s = open_checkpoint(source[t - lag])[0].predict(experiment / "data", "B", t + 1)
+        row = metrics["models"][LATE_FUSION]["B"][str(t)]
+        want = 1.0 if previous is None else best_weight(*previous)
+        assert row["fusion_weight"] == want
+        assert row["auc"] == pytest.approx(auc(b["labels"], fused(b["p"], s["p"], want)),
+                                           abs=1e-9)
+        previous = (b["labels"], b["p"], s["p"])
+
+
+def test_fusion_weights_on_a_known_mixture():
+    from ctnet_rec.experiment.late_fusion import best_weight, fused, logit
+
+    rng = np.random.default_rng(0)
+    a, c = rng.normal(size=20_000), rng.normal(size=20_000)
+    labels = (rng.random(20_000) < 1 / (1 + np.exp(-(a + 0.6 * c)))).astype(float)
+    base, source = 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-c))
+    np.testing.assert_allclose(fused(base, source, 0.0), base, rtol=1e-6)
+    np.testing.assert_allclose(logit(fused(base, source, 0.5)), a + 0.5 * c, atol=1e-6)
+    assert 0.4 <= best_weight(labels, base, source) <= 0.8
+    assert best_weight(labels, base, 1 - source) == 0.0  # a harmful source gets no weight

@@ -25,6 +25,7 @@ from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.data.contract import DataError, list_periods
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
+from ctnet_rec.experiment.late_fusion import run_late_fusion
 from ctnet_rec.files import read_jsonl, write_atomic
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
@@ -55,6 +56,8 @@ CTNET_VARIANTS: dict[str, dict[str, Any]] = {
 WARM_UP, SOURCE_TOWER = "warm-up", "source tower"
 FOUNDATIONS = (SOURCE_TOWER, WARM_UP, "Base")  # jobs whose failure ends the experiment
 DIN, DIN_WARM_UP = "DIN", "DIN warm-up"
+# Base's logit + w x the source tower's, w chosen on the previous test (`late_fusion`)
+LATE_FUSION, LATE_FUSION_FILE = "Late fusion (Base + w x Source)", "late-fusion.json"
 
 
 def din_config(cfg: Config) -> Config:
@@ -177,6 +180,9 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                         trains=window, scores=scored, run=din_run, needs=((DIN_WARM_UP, d),)))
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored, needs=(source_tower,)))
+        jobs.append(Job(LATE_FUSION, d, partial(run_late_fusion, cfg, data, d, source_run, base,
+                                                out / d / LATE_FUSION_FILE),
+                        scores=scored, needs=deployed))
         if DUAL in transfer_baselines(cfg):
             run = out / d / slug(DUAL)
             jobs.append(Job(DUAL, d, partial(_deployed, cfg, Deployment(DUAL_EMBEDDING), data,
@@ -282,14 +288,16 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             "target_samples": sum(read.get(d, 0) for d in e.target_domains),
             "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
     compared = [DIN, *e.joint_baselines, *transfer_baselines(cfg), *CTNET_VARIANTS]
-    models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {
-        name: {} for name in (SOURCE, BASE, *compared, ORACLE)}  # the report's order
+    models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {  # the report's order
+        name: {} for name in (SOURCE, BASE, *compared[:-len(CTNET_VARIANTS)], LATE_FUSION,
+                              *CTNET_VARIANTS, ORACLE)}
     for d in e.target_domains:
         base = metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
-        direct = out / d / "source-direct.json"
-        models[SOURCE][d] = {int(t): m for t, m in json.loads(direct.read_text()).items()} \
-            if direct.exists() else {}
+        for name, file in ((SOURCE, "source-direct.json"), (LATE_FUSION, LATE_FUSION_FILE)):
+            path = out / d / file
+            models[name][d] = {int(t): m for t, m in json.loads(path.read_text()).items()} \
+                if path.exists() else {}
         for name in compared:
             models[name][d] = {t: m for t, m in metrics_by_period(out / d / slug(name)).items()
                                if t in trained}
