@@ -163,14 +163,16 @@ def planner_for(topology: Topology, constraints: dict[str, ParameterConstraints]
 
 def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
                 frozen: nn.Module | None = None,
-                sharding: ShardingConfig | None = None) -> DistributedModelParallel:
+                sharding: ShardingConfig | None = None,
+                find_unused_parameters: bool = False) -> DistributedModelParallel:
     """Fused row-wise AdaGrad on every table (TorchRec keeps its state sharded with the
     table), tables placed by the planner with the sharding types of `sharding` (default:
     table-wise). Dense layers are replicated under DMP's data-parallel wrapper (DDP): their
     gradients are averaged across ranks in buckets that overlap the backward pass.
 
-    DDP runs with a dynamic graph and `find_unused_parameters`: a joint-learning model's step
-    trains one domain's task tower and leaves the other's without gradients. (DMP's default,
+    DDP runs with a dynamic graph, searching for parameters without a gradient after each
+    backward only when `find_unused_parameters` (a joint-learning model's step trains one
+    domain's task tower and leaves the other's without gradients). (DMP's default,
     a static graph, was measured here on CPU/gloo not to average the dense gradients at all:
     ranks' weights drifted apart from the first step; tests/test_training.py checks that two
     ranks keep one model.) A single process has nothing to average and no wrapper.
@@ -191,8 +193,8 @@ def shard_model(model: nn.Module, env: DistEnv, sparse_lr: float,
     dmp = DistributedModelParallel(
         model, device=env.device, plan=plan, sharders=module_sharders,
         init_data_parallel=env.world_size > 1,
-        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False,
-                                                         find_unused_parameters=True))
+        data_parallel_wrapper=DefaultDataParallelWrapper(
+            static_graph=False, find_unused_parameters=find_unused_parameters))
     check_placement(dmp, env.device)
     if env.device.type == "cpu":
         pool_sequence_lookups(dmp)

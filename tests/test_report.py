@@ -52,6 +52,9 @@ def test_paired_interval_is_students_t():
     iv = paired_interval([0.01, 0.02, 0.03])
     half = t975(2) * 0.01 / math.sqrt(3)
     assert iv["mean"] == pytest.approx(0.02) and iv["low"] == pytest.approx(0.02 - half)
+    # by hand: sd 0.01, se 0.01 / sqrt(3) = 0.0057735; t(0.975, 2) = 4.303, t(0.80, 2) = 1.061
+    assert iv["high"] == pytest.approx(0.02 + 4.303 * 0.0057735, abs=1e-6)
+    assert iv["detectable"] == pytest.approx((4.303 + 1.061) * 0.0057735, abs=1e-6)
     assert math.isnan(paired_interval([0.01])["low"])
     assert paired_interval([float("nan"), 0.01, 0.03])["n"] == 2
 
@@ -62,14 +65,18 @@ def test_hanley_mcneil_standard_error():
     assert math.isnan(auc_standard_error(0.7, 0, 10))
 
 
-def test_several_seeds_pair_over_seeds_and_periods():
+def test_several_seeds_the_unit_is_a_seed():
+    """Each seed's gain is its mean over the test periods; the interval is t over the seeds
+    (K - 1 degrees of freedom), not over seeds x periods."""
     runs = [_results(s, 0.01) for s in range(3)]
     iv = gain_interval(runs, "CTNet", BASE, "B")
-    diffs = [r.models["CTNet"]["B"][t]["auc"] - r.models[BASE]["B"][t]["auc"]
-             for r in runs for t in (6, 7, 8)]
-    assert iv == paired_interval(diffs) and iv["n"] == 9
+    per_seed = [sum(r.models["CTNet"]["B"][t]["auc"] - r.models[BASE]["B"][t]["auc"]
+                    for t in (6, 7, 8)) / 3 for r in runs]
+    assert iv == paired_interval(per_seed) and iv["n"] == 3
     assert iv["low"] > 0  # a clear gain is marked
     table = significance_table(runs, "B")
+    assert "over K = 3 seeds" in table.note and "2 degrees of freedom" in table.note
+    assert "smallest gain over Base these intervals detect" in table.note
     ctnet = next(r for r in table.rows if r[0] == "CTNet")
     assert ctnet[4].endswith("]+")
     aucs = [r.models["CTNet"]["B"][t]["auc"] for r in runs for t in (6, 7, 8)]
@@ -82,9 +89,11 @@ def test_one_seed_uses_the_test_rows():
     iv = gain_interval([run], "CTNet", BASE, "B")
     ses = [auc_standard_error(run.models[n]["B"][t]["auc"], 1200, 2800)
            for t in (6, 7, 8) for n in ("CTNet", BASE)]
-    assert iv["high"] - iv["mean"] == pytest.approx(1.959964 * math.sqrt(sum(x * x for x in ses))
-                                                    / 3)
+    se = math.sqrt(sum(x * x for x in ses)) / 3
+    assert iv["high"] - iv["mean"] == pytest.approx(1.959964 * se)
+    assert iv["detectable"] == pytest.approx((1.959964 + 0.841621) * se)
     assert "not distinguishable from Base" in standing([run])
+    assert "one training run: training noise not included" in significance_table([run], "B").note
 
 
 def test_report_survives_empty_slices_one_class_periods_and_failed_models(tmp_path):

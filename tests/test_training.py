@@ -651,3 +651,19 @@ def test_a_gpu_trained_checkpoint_is_scored_on_a_cpu_host(trained_run, tiny_worl
         assert main(["eval", "--ckpt", str(ckpt), *common, "--device", "cuda",
                      "--out", str(tmp_path / "f.json")]) == 2
         assert "sees no GPU" in caplog.text
+
+
+def test_only_steps_that_leave_parameters_unused_make_ddp_search_for_them(small_config):
+    """DDP's unused-parameter search (a graph traversal after every backward) only for the
+    models whose steps can leave parameters without a gradient: joint models (a step trains
+    one task) and CTNet with shared long-sequence attention (the target's own SIM/ETA)."""
+    from ctnet_rec.training.joint import JointTrainer
+    from ctnet_rec.training.transfer import CTNetTrainer
+
+    env = init_distributed("cpu")
+    shared = copy.deepcopy(small_config)
+    shared.ctnet.share_long_sequence_attention = True
+    assert not PeriodTrainer(small_config, env).steps_leave_parameters_unused()
+    assert not CTNetTrainer(small_config, small_config, env).steps_leave_parameters_unused()
+    assert CTNetTrainer(shared, shared, env).steps_leave_parameters_unused()
+    assert JointTrainer(small_config, env, "Share Bottom", "A").steps_leave_parameters_unused()

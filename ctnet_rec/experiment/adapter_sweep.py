@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,12 @@ def summarise(by_seed: dict[int, dict[str, Any]], candidates: list[str]) -> list
             for metric in ("auc", "gauc"):
                 for what, pick in (("ctnet", lambda m: m),
                                    ("without_adapters", lambda m: m["without_adapters"])):
-                    diffs = [pick(res[d][name][t])[metric] - res[d]["Base"][t][metric]
-                             for res in by_seed.values() for t in res[d]["Base"]]
-                    row[f"{what}_{metric}"] = paired_interval(diffs)
+                    # the unit is a seed: its gain is the mean over its test periods
+                    per_seed = [statistics.fmean(pick(res[d][name][t])[metric]
+                                                 - res[d]["Base"][t][metric]
+                                                 for t in res[d]["Base"])
+                                for res in by_seed.values()]
+                    row[f"{what}_{metric}"] = paired_interval(per_seed)
             worst = min(res[d][name][t]["auc"] - res[d]["Base"][t]["auc"]
                         for res in by_seed.values() for t in res[d]["Base"])
             row["worst_period_auc"] = worst

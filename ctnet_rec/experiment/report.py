@@ -31,6 +31,7 @@ from ctnet_rec.experiment.runner import (  # noqa: E402
     sweep_name,
 )
 from ctnet_rec.experiment.significance import (  # noqa: E402
+    Z80,
     Z975,
     auc_standard_error,
     mark,
@@ -227,13 +228,19 @@ def cost_table(res: Results) -> Table:
 def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
                   periods: Sequence[int] | None = None) -> dict[str, float]:
     """The mean AUC gain of `name` over `ref` on domain d across the test periods (or those
-    given), with its 95% interval: paired over (seed, period) with several seeds; with one,
-    from each period's test rows (the AUCs' standard errors, combined over the periods)."""
+    given), with its 95% interval: with several seeds, t over the seeds' gains (each seed's
+    mean over the periods); with one, from each period's test rows (the AUCs' standard
+    errors, combined over the periods)."""
     periods = list(periods if periods is not None else runs[0].settings["trained_periods"])
     if len(runs) > 1:
-        return paired_interval([g for r in runs for t in periods
-                                if (g := gain(metric(r, name, d, t), metric(r, ref, d, t)))
-                                is not None])
+        per_seed = []
+        for r in runs:
+            gains = [g for t in periods
+                     if (g := gain(metric(r, name, d, t), metric(r, ref, d, t))) is not None
+                     and not math.isnan(g)]
+            if gains:
+                per_seed.append(statistics.fmean(gains))
+        return paired_interval(per_seed)
     res, gains, var = runs[0], [], 0.0
     for t in periods:
         a, b = metric(res, name, d, t), metric(res, ref, d, t)
@@ -243,8 +250,9 @@ def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
         var += sum(_auc_se(res, n, d, t, v) ** 2 for n, v in ((name, a), (ref, b)))
     if not gains:
         return paired_interval([])
-    mean, half = statistics.fmean(gains), Z975 * math.sqrt(var) / len(gains)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(gains)}
+    mean, se = statistics.fmean(gains), math.sqrt(var) / len(gains)
+    return {"mean": mean, "low": mean - Z975 * se, "high": mean + Z975 * se, "n": len(gains),
+            "detectable": (Z975 + Z80) * se}
 
 
 def _auc_se(res: Results, name: str, d: str, t: int, auc: float) -> float:
@@ -275,8 +283,15 @@ def significance_table(runs: Sequence[Results], d: str) -> Table:
         rows.append([name, *means,
                      *(_interval_text(gain_interval(runs, name, ref, d)) if name != ref else ""
                        for ref in (BASE, CTNET))])
-    how = ("paired over seeds x test periods (Student's t)" if len(runs) > 1 else
-           "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil)")
+    how = (f"over K = {len(runs)} seeds (each seed's gain its mean over the test periods; "
+           f"Student's t, {len(runs) - 1} degrees of freedom)" if len(runs) > 1 else
+           "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil); "
+           "one training run: training noise not included")
+    detectable = [iv["detectable"] for name in runs[0].models if name != BASE
+                  if not math.isnan((iv := gain_interval(runs, name, BASE, d))["detectable"])]
+    if detectable:
+        how += (f". The smallest gain over Base these intervals detect (5% level, 80% power): "
+                f"{statistics.fmean(detectable):.4f} on average over the rows")
     return Table(["model", "mean AUC", "mean GAUC", "mean NE", "AUC gain over Base [95%]",
                   "AUC gain over CTNet [95%]"], rows,
                  f"Intervals {how}. + / -: the whole interval is above / below zero. NE: "

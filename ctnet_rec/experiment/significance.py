@@ -1,12 +1,15 @@
-"""Intervals for the report's gains: paired over (seed, period) when there are several, from
-the test rows of one period otherwise.
+"""Intervals for the report's gains. The unit is a seed (a world and a training run): the test
+periods of one run share its training and are not independent.
 
-- Several seeds: the gain of a row over a reference is one difference per (seed, period); the
-  95% interval is Student's t over those paired differences (periods and seeds share the
-  world and the test rows, so pairing removes what they have in common).
+- Several seeds (K): a row's gain over a reference is, per seed, its mean over the test
+  periods; the 95% interval is Student's t over those K gains (K - 1 degrees of freedom).
 - One seed: each AUC's standard error from its test rows (Hanley & McNeil, 1982); a mean
   difference of two models over P periods has standard error sqrt(sum of se1^2 + se2^2) / P,
-  conservative since the two models score the same rows (their errors correlate).
+  conservative since the two models score the same rows (their errors correlate). One
+  training run: the training's own noise (another seed, another float order) is not in it.
+
+Each interval also says the smallest gain it would detect (`detectable`: two-sided 5% level,
+80% power, for the spread measured).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 Z975 = 1.959964
+# Student's t 0.80 quantile (power 80%), for 1..30 degrees of freedom
+_T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873,
+        0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857,
+        0.856, 0.856, 0.855, 0.855, 0.854, 0.854]
+Z80 = 0.841621
 
 
 def t975(df: int) -> float:
@@ -26,20 +34,29 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else Z975 + 2.4 / df
 
 
+def t80(df: int) -> float:
+    """The 0.80 quantile of Student's t (beyond 30 degrees of freedom, the normal's)."""
+    return _T80[df - 1] if df <= len(_T80) else Z80
+
+
 def paired_interval(diffs: Sequence[float]) -> dict[str, float]:
-    """Mean of the paired differences with its 95% t-interval; NaN bounds with one pair or
-    none (an interval needs at least two). NaN differences (a metric that could not be
-    computed) are left out."""
+    """Mean of the paired differences with its 95% t-interval and the smallest mean gain
+    detectable (5% two-sided, 80% power) at their spread; NaN bounds with one pair or none
+    (an interval needs at least two). NaN differences (a metric that could not be computed)
+    are left out."""
     xs = [x for x in diffs if not math.isnan(x)]
     n = len(xs)
     if n == 0:
-        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0,
+                "detectable": math.nan}
     mean = sum(xs) / n
     if n == 1:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t975(n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1,
+                "detectable": math.nan}
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+    half = t975(n - 1) * se
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n,
+            "detectable": (t975(n - 1) + t80(n - 1)) * se}
 
 
 def auc_standard_error(auc: float, positives: int, negatives: int) -> float:

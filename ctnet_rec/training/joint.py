@@ -70,6 +70,9 @@ class JointTrainer(PeriodTrainer):
     def scorer(self, module: torch.nn.Module) -> Scorer:
         return Scorer(module, task=TARGET)  # a joint model's run is its target domain's
 
+    def steps_leave_parameters_unused(self) -> bool:
+        return True  # a step trains one domain's task; the other task's tower has no gradient
+
     def train_pipeline(self, loss_of: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]],
                        ) -> TrainPipeline:
         """TorchRec's base pipeline (the next batch's copy to the device overlaps the step):

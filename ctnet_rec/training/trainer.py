@@ -164,7 +164,14 @@ class PeriodTrainer:
     def build_model(self) -> DistributedModelParallel:
         net = self.build_module(torch.device("meta"))
         return shard_model(net, self.env, self.cfg.train.tables.lr, frozen=frozen_part(net),
-                           sharding=self.cfg.sharding)
+                           sharding=self.cfg.sharding,
+                           find_unused_parameters=self.steps_leave_parameters_unused())
+
+    def steps_leave_parameters_unused(self) -> bool:
+        """Whether a training step can leave some dense parameters without a gradient (then
+        DDP must search for them after every backward, which costs a graph traversal a
+        step). A tower's step uses all of them."""
+        return False
 
     def scorer(self, module: torch.nn.Module) -> Scorer:
         """`module` (this trainer's, unsharded) as it scores this trainer's domain."""

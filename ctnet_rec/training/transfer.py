@@ -82,6 +82,11 @@ class CTNetTrainer(PeriodTrainer):
     def model_spec(self) -> ModelSpec:
         return ModelSpec(CTNET, self.cfg, self.source_cfg)
 
+    def steps_leave_parameters_unused(self) -> bool:
+        """With shared long-sequence attention the target tower's own SIM/ETA units are
+        never used (it reads the source's outputs)."""
+        return self.cfg.ctnet.share_long_sequence_attention
+
     def parameter_groups(self, dense: NamedParams) -> dict[str, tuple[NamedParams,
                                                                        OptimizerConfig]]:
         """The adapters train with their own optimiser settings (`[ctnet.adapter_optimizer]`),
