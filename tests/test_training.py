@@ -667,3 +667,29 @@ def test_only_steps_that_leave_parameters_unused_make_ddp_search_for_them(small_
     assert not CTNetTrainer(small_config, small_config, env).steps_leave_parameters_unused()
     assert CTNetTrainer(shared, shared, env).steps_leave_parameters_unused()
     assert JointTrainer(small_config, env, "Share Bottom", "A").steps_leave_parameters_unused()
+
+
+def test_a_checkpoint_file_is_hashed_once_per_process(trained_run, tmp_path, monkeypatch):
+    """Files are verified as they are read, each hashed once per process while unchanged
+    (a CTNet source loaded again at a later refresh is not hashed again); a file changed
+    since is hashed again and refused."""
+    import ctnet_rec.training.checkpoint as ck
+    from ctnet_rec.training.inference import open_checkpoint
+
+    folder = tmp_path / "period=2"
+    shutil.copytree(latest_checkpoint(trained_run), folder)
+    hashed = []
+    real = ck.file_digest
+    monkeypatch.setattr(ck, "file_digest", lambda p: hashed.append(p.name) or real(p))
+    open_checkpoint(folder)
+    assert hashed and len(hashed) == len(set(hashed))
+    assert set(hashed) <= set(ck.Manifest.read(folder).files)
+    before = len(hashed)
+    open_checkpoint(folder)
+    assert len(hashed) == before
+    shard = next(p for p in sorted(folder.iterdir()) if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[-200] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: damaged"):
+        open_checkpoint(folder)

@@ -160,18 +160,29 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
         np.savez(tmp / f"rank{rank}.npz", **per_rank)
     try:
         dcp.save(state, checkpoint_id=str(tmp))
-    except CheckpointException as e:  # its text is every rank's traceback: name the causes
-        causes = "; ".join(f"rank {r}: {type(x[0]).__name__}: {x[0]}"
-                           for r, x in sorted(e.failures.items()))
-        raise CheckpointError(f"{tmp}: the checkpoint could not be written ({causes})") \
+    except CheckpointException as e:
+        raise CheckpointError(f"{tmp}: the checkpoint could not be written ({_causes(e)})") \
             from None
     dist.barrier()
+    # each rank digests the files it wrote (its shards, its arrays), side by side
+    mine = [p for p in tmp.iterdir() if p.name.startswith(f"__{rank}_")
+            or p.name == f"rank{rank}.npz"]
+    written: dict[str, str] = {}
+    for path in mine:
+        with path.open("rb") as fh:  # DCP fsyncs its own files; the arrays written beside
+            os.fsync(fh.fileno())
+        written[path.name] = file_digest(path)
+    everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, written)
     if rank == 0:
         np.savez(tmp / SEEN_IDS, **seen)
-        for path in tmp.iterdir():  # DCP fsyncs its own files; the arrays written beside
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-        manifest.files = file_digests(tmp)
+        digests = {name: d for part in everyone if part for name, d in part.items()}
+        for path in sorted(tmp.iterdir()):  # what no rank digested: the metadata, seen ids
+            if path.name not in digests and path.name != MANIFEST:
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                digests[path.name] = file_digest(path)
+        manifest.files = dict(sorted(digests.items()))
         write_atomic(tmp / MANIFEST, json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
         aside = folder.with_name(folder.name + ".replaced")
         if folder.exists():
@@ -184,54 +195,82 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
     dist.barrier()
 
 
+def _causes(e: CheckpointException) -> str:
+    """What failed on each rank (DCP's own text is every rank's traceback)."""
+    return "; ".join(f"rank {r}: {type(x[0]).__name__}: {x[0]}"
+                     for r, x in sorted(e.failures.items()))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint folder but its manifest, by name."""
-    out = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        out[path.name] = h.hexdigest()
-    return out
-
-
-def verify_checkpoint(folder: Path) -> Manifest:
-    """The manifest, once every file it records is there with the contents it was written
-    with; a missing or damaged file is refused by name. Verified once per process."""
-    stamp = (folder / MANIFEST).stat().st_mtime_ns if (folder / MANIFEST).exists() else 0
-    return _verified(folder.resolve(), stamp)
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != MANIFEST}
 
 
 @functools.cache
-def _verified(folder: Path, stamp: int) -> Manifest:
+def _digest_once(path: Path, size: int, mtime_ns: int) -> str:
+    return file_digest(path)
+
+
+def verify_file(path: Path, digest: str) -> None:
+    """Refuse `path` unless it has `digest`; a file is hashed once per process while it is
+    unchanged (a CTNet source loaded again at a later refresh is not read twice for it)."""
+    st = path.stat()
+    if _digest_once(path.resolve(), st.st_size, st.st_mtime_ns) != digest:
+        raise CheckpointError(f"{path}: damaged (its contents differ from those the "
+                              "checkpoint was written with)")
+
+
+def check_files(folder: Path) -> Manifest:
+    """The manifest, once it records a digest for every file of the folder and every file
+    it records is there (contents are checked as files are read: `verify_file`)."""
     manifest = Manifest.read(folder)
     if not manifest.files:
         raise CheckpointError(f"{folder}: its manifest records no file digests (written by an "
                               "earlier version, or edited); not loaded unverified")
-    have = file_digests(folder)
-    for name in sorted(set(have) - set(manifest.files)):
+    have = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    for name in sorted(have - set(manifest.files)):
         raise CheckpointError(f"{folder / name}: not recorded in the checkpoint's manifest; "
                               "not loaded")
+    for name in sorted(set(manifest.files) - have):
+        raise CheckpointError(f"{folder / name}: missing from the checkpoint")
+    return manifest
+
+
+def verify_checkpoint(folder: Path) -> Manifest:
+    """The manifest, once every file it records is there with the contents it was written
+    with (all of them read); a missing or damaged file is refused by name."""
+    manifest = check_files(folder)
     for name, digest in manifest.files.items():
-        if name not in have:
-            raise CheckpointError(f"{folder / name}: missing from the checkpoint")
-        if have[name] != digest:
-            raise CheckpointError(f"{folder / name}: damaged (its contents differ from "
-                                  "those the checkpoint was written with)")
+        verify_file(folder / name, digest)
     return manifest
 
 
 def latest_intact_checkpoint(run: Path) -> Path | None:
     """The newest complete checkpoint of a run whose files are intact; a damaged newer one
-    is skipped with a warning (resume then repeats its period)."""
-    for period, folder in sorted(complete_checkpoints(run).items(), reverse=True):
-        try:
-            verify_checkpoint(folder)
-            return folder
-        except CheckpointError as e:
-            log.warning("period %d skipped: %s", period, e)
-    return None
+    is skipped with a warning (resume then repeats its period). Collective where a process
+    group of several ranks exists: rank 0 reads the files, the others take its answer."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    found: list[Path | None] = [None]
+    if not several or dist.get_rank() == 0:
+        for period, folder in sorted(complete_checkpoints(run).items(), reverse=True):
+            try:
+                verify_checkpoint(folder)
+                found = [folder]
+                break
+            except CheckpointError as e:
+                log.warning("period %d skipped: %s", period, e)
+    if several:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -244,10 +283,17 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
 def dcp_load(state: STATE_DICT_TYPE, folder: Path) -> None:
     """torch.distributed.checkpoint.load of `folder` into `state` in place (resharding as
     needed), reading nothing that could run code (`safe_load`)."""
-    verify_checkpoint(folder)
-    reader = SafeReader(str(folder))
+    manifest = check_files(folder)
+    reader = SafeReader(str(folder), manifest.files)  # verifies each file it reads
     reader.read_metadata()  # refused here with its own message, not wrapped by DCP's
-    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    except CheckpointException as e:  # a file refused as it was read: its own message
+        refused = [x[0] for _, x in sorted(e.failures.items())
+                   if isinstance(x[0], CheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise CheckpointError(f"{folder}: could not be read ({_causes(e)})") from None
 
 
 def saved_entries(folder: Path) -> dict[str, Any]:
@@ -270,6 +316,8 @@ def lineage_path(folder: Path, recorded: str) -> Path:
 
 
 def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
+    manifest = check_files(folder)
+    verify_file(folder / SEEN_IDS, manifest.files.get(SEEN_IDS, ""))
     try:
         with np.load(folder / SEEN_IDS) as z:
             return {k: z[k] for k in z.files}

@@ -18,7 +18,8 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from ctnet_rec.training.errors import CheckpointError
 
@@ -61,7 +62,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(FileSystemReader):
-    """A FileSystemReader whose metadata is unpickled with the types DCP writes only."""
+    """A FileSystemReader whose metadata is unpickled with the types DCP writes only. Given
+    the checkpoint's file `digests`, each file is verified before it is read: a rank checks
+    the files its shards are in, not every file of the checkpoint."""
+
+    def __init__(self, path: str, digests: dict[str, str] | None = None) -> None:
+        super().__init__(path)
+        self.digests = digests
+
+    def _verify(self, path: Path) -> None:
+        if self.digests is not None:
+            from ctnet_rec.training.checkpoint import verify_file
+
+            verify_file(path, self.digests.get(path.name, ""))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
@@ -69,6 +82,7 @@ class SafeReader(FileSystemReader):
             path = Path(self._get_metadata_path(kwargs["rank"]))
         if not path.exists():
             raise CheckpointError(f"{path.parent}: no checkpoint metadata ({path.name})")
+        self._verify(path)  # before it is unpickled
         with path.open("rb") as fh:
             metadata = _MetadataUnpickler(fh, path).load()
         if not isinstance(metadata, Metadata):
@@ -77,6 +91,12 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for name in sorted({self.storage_data[item.storage_index].relative_path
+                            for item in plan.items}):
+            self._verify(Path(self.path) / name)
+        return super().read_data(plan, planner)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -50,6 +50,7 @@ from ctnet_rec.training.checkpoint import (
     load_checkpoint,
     period_dir,
     save_checkpoint,
+    verify_file,
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.evaluate import evaluate_predictions
@@ -407,7 +408,9 @@ class PeriodTrainer:
                         period, self.env.world_size)
             return
         self.restore(folder)
-        with np.load(folder / f"rank{self.env.rank}.npz") as z:
+        mine = folder / f"rank{self.env.rank}.npz"
+        verify_file(mine, Manifest.read(folder).files.get(mine.name, ""))
+        with np.load(mine) as z:
             self.position = Position(
                 period, int(z["steps"]), int(z["rows_trained"]),
                 {str(d): (float(x), int(n)) for d, x, n in zip(z["domains"], z["loss"], z["rows"],
