@@ -244,8 +244,8 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     data = experiment / "data"
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in report.split("## Cost", 1)[1].splitlines() if line.startswith("| ")][1:]
-    # the source tower, then per target domain two warm-ups, 13 compared jobs and the joint
-    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * (15 + len(JOINT))
+    # the source tower, then per target domain two warm-ups, 14 compared jobs and the joint
+    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * (16 + len(JOINT))
     for name, domain, target, source, seconds, peak, above in rows:
         c = costs[name][domain]
         assert [int(target), int(source), int(peak)] == [
@@ -266,6 +266,7 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
             assert costs[name][d]["target_samples"] == window, (name, d)
         assert costs["DIN warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
         assert costs[SOURCE][d]["target_samples"] == 0  # it only scores
+        assert costs[LATE_FUSION][d]["target_samples"] == 0  # so does the fusion
         assert costs["Pre-train & Fine-tune sweep (4 periods)"][d]["target_samples"] == \
             _parquet_rows(data, d, range(4))
 

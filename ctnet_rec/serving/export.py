@@ -22,7 +22,6 @@ their size, dense layers unchanged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -40,6 +39,7 @@ from ctnet_rec.config import Config, ConfigError, config_from_dict
 from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.files import file_digest
 from ctnet_rec.training.checkpoint import CheckpointError
 from ctnet_rec.training.inference import open_checkpoint, write_scores
 
@@ -115,7 +115,7 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
         pe.intern("ctnet_rec.**")
         pe.save_text(PACKAGE, METADATA, text)
         pe.save_pickle(PACKAGE, RESOURCE, scorer)
-    digest = artifact_digest(tmp)
+    digest = file_digest(tmp)
     tmp.replace(out / ARTIFACT)
     (out / METADATA).write_text(json.dumps({**metadata, "artifact_sha256": digest}, indent=1,
                                            sort_keys=True) + "\n")
@@ -123,14 +123,6 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
              "served, e.g. `ctnet predict --export ... --sha256 %s`)", ckpt, manifest.kind,
              table_dtype, out / ARTIFACT, digest, digest)
     return out / ARTIFACT
-
-
-def artifact_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ExportedModel:
@@ -153,7 +145,7 @@ class ExportedModel:
         if sha256 is not None and sha256 != recorded:
             raise CheckpointError(f"{folder / METADATA}: records sha256 {recorded}, not the "
                                   f"pinned {sha256}; {ARTIFACT} not loaded")
-        if artifact_digest(path) != recorded:
+        if file_digest(path) != recorded:
             raise CheckpointError(f"{path}: its contents differ from those exported (sha256 "
                                   "recorded in metadata.json); not loaded (an artifact runs "
                                   "code: load only artifacts from a trusted place)")

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 
 from ctnet_rec.config import Config, recorded_config
-from ctnet_rec.files import fsync_dir, write_atomic
+from ctnet_rec.files import file_digest, fsync_dir, write_atomic
 from ctnet_rec.modules.kinds import TOWER
 from ctnet_rec.training.errors import CheckpointError
 from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
@@ -199,14 +199,6 @@ def _causes(e: CheckpointException) -> str:
     """What failed on each rank (DCP's own text is every rank's traceback)."""
     return "; ".join(f"rank {r}: {type(x[0]).__name__}: {x[0]}"
                      for r, x in sorted(e.failures.items()))
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, str]:
