@@ -487,6 +487,9 @@ class TrainConfig:
     # also checkpoint inside a period every this many rows (all ranks together; 0: at period
     # ends only): a job killed mid-period resumes there (`--resume`) instead of at its start
     checkpoint_every_rows: int = 0
+    # keep each evaluation's scores (RUN/scores/period=<t>.npy, the period's rows in file
+    # order, as scored): paired tests between models on the same rows (`ctnet experiment`)
+    save_scores: bool = False
 
     def validate(self, key: str) -> None:
         self.tables.validate(f"{key}.tables")

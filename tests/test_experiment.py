@@ -468,3 +468,21 @@ def test_fusion_weights_on_a_known_mixture():
     np.testing.assert_allclose(logit(fused(base, source, 0.5)), a + 0.5 * c, atol=1e-6)
     assert 0.4 <= best_weight(labels, base, source) <= 0.8
     assert best_weight(labels, base, 1 - source) == 0.0  # a harmful source gets no weight
+
+
+def test_rows_are_paired_with_base_and_ctnet_on_the_same_rows(experiment):
+    """Every evaluation keeps its scores; each row's gain over Base (and CTNet) carries the
+    standard error of DeLong's paired test on the same rows; the source row, scored by
+    `ctnet eval`, has none (its interval falls back to Hanley & McNeil)."""
+    metrics = json.loads((experiment / "metrics.json").read_text())
+    models = metrics["models"]
+    for d in ("B", "C"):
+        for t in map(str, metrics["settings"]["trained_periods"]):
+            assert (experiment / d / "ctnet" / "scores" / f"period={int(t) + 1}.npy").exists()
+            for name in ("CTNet", DUAL, LATE_FUSION, DIN):
+                paired = models[name][d][t]["paired"][BASE]
+                assert paired["gain"] == pytest.approx(  # the report's AUCs: float32 sums
+                    models[name][d][t]["auc"] - models[BASE][d][t]["auc"], abs=1e-6)
+                assert 0 < paired["se"] < 0.05
+            assert "CTNet" in models[DUAL][d][t]["paired"]
+            assert "paired" not in models[SOURCE][d][t]

@@ -119,3 +119,38 @@ def test_report_survives_empty_slices_one_class_periods_and_failed_models(tmp_pa
         table5 = report.split("## Table 5", 1)[1].split("##", 1)[0]
         assert "| - |" in table5
         assert "failed" in report.split("## Cost", 1)[1]
+
+
+def test_delong_matches_a_hand_computation():
+    """DeLong's paired test by midranks against its definition (the pairwise kernel psi,
+    structural components, their covariances), ties included."""
+    from ctnet_rec.experiment.significance import delong_difference
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    first = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounded: ties
+    second = np.round(0.5 * first + rng.normal(0, 1.0, 60), 1)
+    pos, neg = labels == 1, labels == 0
+    m, n = pos.sum(), neg.sum()
+
+    def components(s):
+        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        return psi.mean(), psi.mean(axis=1), psi.mean(axis=0)
+
+    (a1, v10a, v01a), (a2, v10b, v01b) = components(first), components(second)
+    d10, d01 = v10a - v10b, v01a - v01b
+    var = d10.var(ddof=1) / m + d01.var(ddof=1) / n
+    gain, se = delong_difference(labels, first, second)
+    assert gain == pytest.approx(a1 - a2, abs=1e-12)
+    assert se == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert math.isnan(delong_difference(np.ones(5), first[:5], second[:5])[1])
+
+
+def test_one_seed_uses_delong_where_scores_were_kept():
+    run = _results(0, 0.0)
+    for t in (6, 7, 8):
+        run.models["CTNet"]["B"][t]["paired"] = {BASE: {"gain": 0.0, "se": 0.001 * (t - 5)}}
+    iv = gain_interval([run], "CTNet", BASE, "B")
+    se = math.sqrt(0.001 ** 2 + 0.002 ** 2 + 0.003 ** 2) / 3
+    assert iv["high"] - iv["mean"] == pytest.approx(1.959964 * se)
+    assert "DeLong's paired test" in significance_table([run], "B").note

@@ -22,6 +22,7 @@ from ctnet_rec.metrics import auc
 from ctnet_rec.training.checkpoint import CheckpointError, complete_checkpoints
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.inference import open_checkpoint
+from ctnet_rec.training.trainer import SCORES
 
 WEIGHTS = np.round(np.arange(0.0, 2.01, 0.1), 1)  # the weights w is chosen from
 FIRST_WEIGHT = 1.0  # the first test's (nothing earlier to choose on)
@@ -53,8 +54,9 @@ def _scores(ckpt: Path, data: Path, domain: str, period: int) -> tuple[dict[str,
 
 
 def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
-                periods: list[int]) -> dict[int, dict[str, Any]]:
-    """Per trained period t, the fusion's metrics on period t + 1 (with `fusion_weight`)."""
+                periods: list[int], scores: Path | None = None) -> dict[int, dict[str, Any]]:
+    """Per trained period t, the fusion's metrics on period t + 1 (with `fusion_weight`);
+    its scores written to `scores`/period=<t + 1>.npy when given."""
     base, source = complete_checkpoints(base_run), complete_checkpoints(source_run)
     lag = cfg.ctnet.source_lag
     results: dict[int, dict[str, Any]] = {}
@@ -69,6 +71,9 @@ def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run
         s, _ = _scores(source[t - lag], data, domain, t + 1)
         w = FIRST_WEIGHT if previous is None else best_weight(*previous)
         p = fused(b["p"], s["p"], w)
+        if scores is not None:
+            scores.mkdir(parents=True, exist_ok=True)
+            np.save(scores / f"period={t + 1}.npy", p)
         oracle = read_oracle(data, domain, t + 1, b["users"], b["items"])
         results[t] = {**evaluate_predictions(b["labels"], p, b["users"], b["items"], seen,
                                              oracle), "fusion_weight": w}
@@ -78,11 +83,14 @@ def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run
 
 def run_late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
                     out: Path) -> None:
-    """The experiment's job: `late_fusion` over its trained periods, written to `out` once."""
-    if out.exists():
+    """The experiment's job: `late_fusion` over its trained periods, written to `out` once
+    (OUT/metrics.json; its scores in OUT/scores/ with `[train] save_scores`)."""
+    if (out / "metrics.json").exists():
         return
     e = cfg.experiment
     results = late_fusion(cfg, data, domain, source_run, base_run,
-                          list(range(e.deploy_period, e.last_period() + 1)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")
+                          list(range(e.deploy_period, e.last_period() + 1)),
+                          out / SCORES if cfg.train.save_scores else None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "metrics.json",
+                 json.dumps({str(t): m for t, m in results.items()}, indent=1) + "\n")

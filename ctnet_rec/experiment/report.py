@@ -247,7 +247,11 @@ def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
         if a is None or b is None:
             continue
         gains.append(a - b)
-        var += sum(_auc_se(res, n, d, t, v) ** 2 for n, v in ((name, a), (ref, b)))
+        paired = res.models[name][d][t].get("paired", {}).get(ref)
+        if paired is not None and not math.isnan(paired["se"]):  # DeLong, on the same rows
+            var += paired["se"] ** 2
+        else:
+            var += sum(_auc_se(res, n, d, t, v) ** 2 for n, v in ((name, a), (ref, b)))
     if not gains:
         return paired_interval([])
     mean, se = statistics.fmean(gains), math.sqrt(var) / len(gains)
@@ -285,8 +289,9 @@ def significance_table(runs: Sequence[Results], d: str) -> Table:
                        for ref in (BASE, CTNET))])
     how = (f"over K = {len(runs)} seeds (each seed's gain its mean over the test periods; "
            f"Student's t, {len(runs) - 1} degrees of freedom)" if len(runs) > 1 else
-           "from the test rows of each period (the AUCs' standard errors, Hanley & McNeil); "
-           "one training run: training noise not included")
+           "from the test rows of each period (DeLong's paired test where both models' scores "
+           "were kept, else the AUCs' standard errors, Hanley & McNeil); one training run: "
+           "training noise not included")
     detectable = [iv["detectable"] for name in runs[0].models if name != BASE
                   if not math.isnan((iv := gain_interval(runs, name, BASE, d))["detectable"])]
     if detectable:

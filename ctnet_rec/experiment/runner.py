@@ -16,23 +16,28 @@ import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ctnet_rec.config import Config, ConfigError
-from ctnet_rec.data.contract import DataError, list_periods
+import numpy as np
+import pyarrow.parquet as pq
+
+from ctnet_rec.config import Config, ConfigError, FeatureConfig
+from ctnet_rec.data.contract import DataError, list_periods, select_periods
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
 from ctnet_rec.experiment.late_fusion import run_late_fusion
+from ctnet_rec.experiment.significance import delong_difference
 from ctnet_rec.files import read_jsonl, write_atomic
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
 from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.trainer import SCORES, train_continual
 from ctnet_rec.training.transfer import INIT, transfer_run
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ PRETRAIN_FINETUNE: dict[str, Depth] = {
     "Pre-train & Fine-tune (all parameters)": "all",
 }
 FINETUNE_PERIODS = (1, 2, 4)  # Table 4: periods of fine-tuning data, plus "all of them"
+CTNET_ROW = "CTNet"
 CTNET_VARIANTS: dict[str, dict[str, Any]] = {
     "CTNet transfer-once": {"source_refresh": "once"},
     "CTNet w/o GLU": {"adapter": "linear"},
@@ -57,7 +63,7 @@ WARM_UP, SOURCE_TOWER = "warm-up", "source tower"
 FOUNDATIONS = (SOURCE_TOWER, WARM_UP, "Base")  # jobs whose failure ends the experiment
 DIN, DIN_WARM_UP = "DIN", "DIN warm-up"
 # Base's logit + w x the source tower's, w chosen on the previous test (`late_fusion`)
-LATE_FUSION, LATE_FUSION_FILE = "Late fusion (Base + w x Source)", "late-fusion.json"
+LATE_FUSION, LATE_FUSION_DIR = "Late fusion (Base + w x Source)", "late-fusion"
 
 
 def din_config(cfg: Config) -> Config:
@@ -181,8 +187,8 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
         jobs.append(Job(SOURCE, d, partial(_source_direct, cfg, data, d, source_run, out),
                         scores=scored, needs=(source_tower,)))
         jobs.append(Job(LATE_FUSION, d, partial(run_late_fusion, cfg, data, d, source_run, base,
-                                                out / d / LATE_FUSION_FILE),
-                        scores=scored, needs=deployed))
+                                                out / d / LATE_FUSION_DIR),
+                        scores=scored, run=out / d / LATE_FUSION_DIR, needs=deployed))
         if DUAL in transfer_baselines(cfg):
             run = out / d / slug(DUAL)
             jobs.append(Job(DUAL, d, partial(_deployed, cfg, Deployment(DUAL_EMBEDDING), data,
@@ -278,6 +284,8 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             "for `ctnet experiment` and prune its runs afterwards")
     check_periods(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
+    # every evaluation keeps its scores: the report pairs the models on the same rows
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_scores=True))
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
     jobs = plan(cfg, data, out)
     usage = _run_jobs(jobs, data, out, e.parallel_jobs)
@@ -294,7 +302,8 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     for d in e.target_domains:
         base = metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
-        for name, file in ((SOURCE, "source-direct.json"), (LATE_FUSION, LATE_FUSION_FILE)):
+        for name, file in ((SOURCE, "source-direct.json"),
+                           (LATE_FUSION, f"{LATE_FUSION_DIR}/metrics.json")):
             path = out / d / file
             models[name][d] = {int(t): m for t, m in json.loads(path.read_text()).items()} \
                 if path.exists() else {}
@@ -305,6 +314,12 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
             models[ORACLE][d] = {t: base[t]["oracle"] for t in trained}
     if not models[ORACLE]:
         del models[ORACLE]
+    runs = {(j.name, j.domain): j.run for j in jobs if j.run is not None}
+    for d in e.target_domains:
+        for t in trained:
+            pair_on_rows(models, d, t, lambda name, t=t, d=d: _kept_scores(runs.get((name, d)),
+                                                                             t + 1),
+                         lambda d=d, t=t: period_labels(data, d, t + 1, cfg.features))
     sweep = {d: {k: metrics_by_period(out / d / "finetune-sweep" / f"last-{k}").get(
         e.last_period(), {}) for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,
@@ -314,6 +329,38 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
                       models, costs, sweep)
     write_atomic(out / "metrics.json", json.dumps(results.to_json(), indent=1) + "\n")
     return results
+
+
+def _kept_scores(run: Path | None, period: int) -> np.ndarray | None:
+    path = run / SCORES / f"period={period}.npy" if run is not None else None
+    return np.load(path) if path is not None and path.exists() else None
+
+
+def period_labels(data: Path, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
+    """A period's labels in file order (the order every model's kept scores are in)."""
+    files = select_periods(data, domain, [period])[period]
+    return np.concatenate([pq.read_table(f, columns=[features.label_column])
+                           .column(features.label_column).to_numpy() for f in files])
+
+
+def pair_on_rows(models: dict[str, dict[str, dict[int, dict[str, Any]]]], d: str, t: int,
+                 scores_of: Callable[[str], np.ndarray | None],
+                 labels_of: Callable[[], np.ndarray]) -> None:
+    """Each row's AUC gain over Base and over CTNet on test period t + 1 with the standard
+    error of DeLong's paired test (`paired` in its metrics), where both models' scores were
+    kept."""
+    labels = None
+    for ref in (BASE, CTNET_ROW):
+        theirs = scores_of(ref)
+        if theirs is None:
+            continue
+        for name, per in models.items():
+            mine = scores_of(name) if name != ref and t in per.get(d, {}) else None
+            if mine is None or len(mine) != len(theirs):
+                continue
+            labels = labels_of() if labels is None else labels
+            gain, se = delong_difference(labels, mine, theirs)
+            per[d][t].setdefault("paired", {})[ref] = {"gain": gain, "se": se}
 
 
 def slug(name: str) -> str:

@@ -3,10 +3,12 @@ periods of one run share its training and are not independent.
 
 - Several seeds (K): a row's gain over a reference is, per seed, its mean over the test
   periods; the 95% interval is Student's t over those K gains (K - 1 degrees of freedom).
-- One seed: each AUC's standard error from its test rows (Hanley & McNeil, 1982); a mean
-  difference of two models over P periods has standard error sqrt(sum of se1^2 + se2^2) / P,
-  conservative since the two models score the same rows (their errors correlate). One
-  training run: the training's own noise (another seed, another float order) is not in it.
+- One seed: per period, the paired DeLong test on the rows both models scored (DeLong,
+  DeLong & Clarke-Pearson, 1988; computed with midranks, Sun & Xu, 2014), where the run kept
+  both models' scores; otherwise each AUC's standard error from its test rows (Hanley &
+  McNeil, 1982), conservative since the two models score the same rows. A mean over P periods
+  has standard error sqrt(sum of the periods' variances) / P. One training run: the
+  training's own noise (another seed, another float order) is not in it.
 
 Each interval also says the smallest gain it would detect (`detectable`: two-sided 5% level,
 80% power, for the spread measured).
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 # Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -74,3 +78,31 @@ def mark(interval: dict[str, float]) -> str:
     if math.isnan(interval["low"]) or math.isnan(interval["high"]):
         return ""
     return "+" if interval["low"] > 0 else "-" if interval["high"] < 0 else ""
+
+
+def midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x`, tied values sharing their mean rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def delong_difference(labels: np.ndarray, first: np.ndarray,
+                      second: np.ndarray) -> tuple[float, float]:
+    """AUC(first) - AUC(second) on the same rows, and that difference's standard error by
+    DeLong's paired test (the two models' errors on shared rows correlate, which the unpaired
+    standard errors ignore). NaN for a period with one class."""
+    pos = np.asarray(labels) == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    if m == 0 or n == 0:
+        return math.nan, math.nan
+    v10, v01 = [], []
+    for scores in (np.asarray(first, np.float64), np.asarray(second, np.float64)):
+        whole = midranks(scores)
+        v10.append((whole[pos] - midranks(scores[pos])) / n)  # per positive: negatives below
+        v01.append(1.0 - (whole[~pos] - midranks(scores[~pos])) / m)  # per negative
+    c = np.array([1.0, -1.0])
+    s10 = np.cov(np.vstack(v10)) if m > 1 else np.zeros((2, 2))
+    s01 = np.cov(np.vstack(v01)) if n > 1 else np.zeros((2, 2))
+    var = float(c @ s10 @ c) / m + float(c @ s01 @ c) / n
+    return float(v10[0].mean() - v10[1].mean()), math.sqrt(max(var, 0.0))

@@ -111,6 +111,7 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
+SCORES = "scores"  # RUN/scores/period=<t>.npy: an evaluation's scores, with `save_scores`
 MID_PERIOD = "mid-period"  # RUN/checkpoints/mid-period: the newest checkpoint inside a period
 
 
@@ -471,11 +472,16 @@ class PeriodTrainer:
                 "items": torch.cat(parts["items"]).numpy()}
         return gather_to_main(pred, self.env.device)
 
-    def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
-        """The period's metrics, computed on rank 0 and returned on every rank."""
+    def evaluate(self, root: Path, domain: str, period: int,
+                 scores: Path | None = None) -> dict[str, Any]:
+        """The period's metrics, computed on rank 0 and returned on every rank; the scores
+        (file order) written to `scores` (.npy) when given."""
         pred = self.predict(root, domain, period)
         metrics = None
         if pred is not None:
+            if scores is not None:
+                scores.parent.mkdir(parents=True, exist_ok=True)
+                np.save(scores, pred["p"])
             oracle = None
             opath = oracle_path(root, domain, period)
             if opath.exists():  # ranks read contiguous shares in file order: rows line up
@@ -617,7 +623,9 @@ def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[
         metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
         if evaluate and t + 1 in available:  # validated before training
             metrics["eval_period"] = t + 1
-            metrics["eval"] = trainer.evaluate(data, domain, t + 1)
+            scores = run / SCORES / f"period={t + 1}.npy" if trainer.cfg.train.save_scores \
+                else None
+            metrics["eval"] = trainer.evaluate(data, domain, t + 1, scores)
         trainer.save(period_dir(run, t), t, metrics, lineage)
         if trainer.sink is not None:
             trainer.sink.period(t, metrics)

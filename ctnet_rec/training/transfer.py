@@ -138,10 +138,11 @@ class CTNetTrainer(PeriodTrainer):
         self.seen = read_seen_ids(folder)
         return manifest
 
-    def evaluate(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+    def evaluate(self, root: Path, domain: str, period: int,
+                 scores: Path | None = None) -> dict[str, Any]:
         """The metrics, and beside them (`without_adapters`) those of the same model with
         its adapters adding nothing: whether the source is used, and whether it helps."""
-        metrics = super().evaluate(root, domain, period)
+        metrics = super().evaluate(root, domain, period, scores)
         with adapters_off(self.dmp.module):
             bare = super().evaluate(root, domain, period)
         metrics["without_adapters"] = {k: v for k, v in bare.items() if k != "oracle"}
