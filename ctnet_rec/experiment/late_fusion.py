@@ -1,4 +1,4 @@
-"""The late-fusion row: Base's logit plus w times the Source model's, no training.
+"""The late-fusion row: Base's logit plus w times the Source model's (centred), no training.
 
 The floor any transfer from the source tower must beat: a model that reads the whole source
 tower through adapters should at least match a one-weight fusion of the two towers' outputs.
@@ -34,8 +34,12 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def fused(base: np.ndarray, source: np.ndarray, w: float) -> np.ndarray:
-    """Click probabilities of Base's logit + w x the source's (both given as probabilities)."""
-    return 1.0 / (1.0 + np.exp(-(logit(base) + w * logit(source))))
+    """Click probabilities of Base's logit + w x the source's (both given as probabilities),
+    the source's logit centred on its mean over the scored rows: a constant, so the ranking
+    (AUC, GAUC) is that of Base + w x Source, while the click rate stays Base's instead of
+    taking w times the source's intercept too (no labels are read)."""
+    centred = logit(source) - logit(source).mean()
+    return 1.0 / (1.0 + np.exp(-(logit(base) + w * centred)))
 
 
 def best_weight(labels: np.ndarray, base: np.ndarray, source: np.ndarray) -> float:
