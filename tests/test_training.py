@@ -464,8 +464,13 @@ def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> Non
 
 
 def _inside_period(run: Path, period: int) -> bool:
+    """Whether the run's mid-period checkpoint is of `period` (False while it is being
+    replaced: the old folder renamed aside, the new one not yet in its place)."""
     manifest = run / "checkpoints" / "mid-period" / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text())["period"] == period
+    try:
+        return json.loads(manifest.read_text())["period"] == period
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _every_rows(config: Path, tmp_path: Path, rows: int) -> Path:

@@ -73,6 +73,9 @@ class Manifest:
             return Manifest(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise CheckpointError(f"{path}: damaged ({e})") from None
+        except FileNotFoundError:  # replaced or removed while being read
+            raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})") \
+                from None
 
     def check_domain(self, domain: str, where: Path, allowed: bool = False) -> None:
         """Refuse a checkpoint trained on another domain than `domain` (a swapped source and
