@@ -75,11 +75,11 @@ class Scale:
 
     def __init__(self, small: bool) -> None:
         self.small = small
-        self.batch_sizes = [64, 256] if small else [512, 4096, 16384]
+        self.batch_sizes = [128] if small else [512, 4096, 16384]
         self.rows_a = 4000 if small else 40_000  # domain A impressions a period
         self.short_steps, self.long_steps = (3, 8) if small else (6, 36)
         self.score_steps = 4 if small else 30
-        self.placement_steps = 5 if small else 50
+        self.placement_steps = 3 if small else 50
         self.big_rows = 100_000 if small else 1_000_000_000
         self.big_dim, self.big_steps, self.big_batch, self.big_pooling = \
             (16, 10, 512, 4) if small else (32, 100, 16384, 8)
