@@ -1,5 +1,6 @@
-"""Crash-safe files: a run's records are replaced whole or not at all, and a torn last line
-(a crash in the middle of an append, or a file from an older version) does not stop a resume."""
+"""Files a run can rely on: records replaced whole or not at all, a torn last line (a crash in
+the middle of an append, or a file from an older version) that does not stop a resume, a
+folder's writability checked before any work, and file digests."""
 
 from __future__ import annotations
 

@@ -311,8 +311,9 @@ def lineage_path(folder: Path, recorded: str) -> Path:
 
 
 def read_seen_ids(folder: Path) -> dict[str, np.ndarray]:
-    manifest = check_files(folder)
-    verify_file(folder / SEEN_IDS, manifest.files.get(SEEN_IDS, ""))
+    """The ids a checkpoint had seen, once its file has the digest the manifest records (the
+    folder's files were listed against the manifest when it was loaded: `dcp_load`)."""
+    verify_file(folder / SEEN_IDS, Manifest.read(folder).files.get(SEEN_IDS, ""))
     try:
         with np.load(folder / SEEN_IDS) as z:
             return {k: z[k] for k in z.files}

@@ -46,12 +46,13 @@ def lease(run: Path, folders: Iterable[Path]) -> Iterator[None]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (signal 0: checks only; another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
