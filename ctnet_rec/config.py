@@ -415,6 +415,10 @@ class CTNetConfig:
     # source finishes its period first). How it trains, not the model: not in the hash.
     source_lag: int = field(default=1, metadata={"model": False})
     share_long_sequence_attention: bool = False
+    # the source's logit joins the served output, logit = target + w (source - c), w fitted
+    # on each period's rows before they are trained on (the towers train as without it;
+    # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model
+    output_fusion: bool = False
     # how the adapters train (not part of the model: a checkpoint loads under other settings)
     adapter_optimizer: OptimizerConfig = field(default_factory=_adapter_optimizer,
                                                metadata={"model": False})

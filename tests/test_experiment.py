@@ -436,9 +436,10 @@ def test_joint_training_keeps_the_target_task(experiment):
 def test_late_fusion_is_base_plus_a_weight_chosen_before_the_test(experiment):
     """The late-fusion row: Base's logit + w x the source tower's (the one CTNet reads), w
     1.0 on the first test and then the best weight on the previous test's rows."""
-    from ctnet_rec.experiment.late_fusion import best_weight, fused
+    from ctnet_rec.experiment.late_fusion import fused
     from ctnet_rec.metrics import auc
     from ctnet_rec.training.inference import open_checkpoint
+    from ctnet_rec.training.output_fusion import best_weight, logit
 
     metrics = json.loads((experiment / "metrics.json").read_text())
     lag = metrics["settings"]["config"]["ctnet"]["source_lag"]
@@ -454,11 +455,12 @@ def test_late_fusion_is_base_plus_a_weight_chosen_before_the_test(experiment):
         assert row["fusion_weight"] == want
         assert row["auc"] == pytest.approx(auc(b["labels"], fused(b["p"], s["p"], want)),
                                            abs=1e-9)
-        previous = (b["labels"], b["p"], s["p"])
+        previous = (b["labels"], logit(b["p"]), logit(s["p"]))
 
 
 def test_fusion_weights_on_a_known_mixture():
-    from ctnet_rec.experiment.late_fusion import best_weight, fused, logit
+    from ctnet_rec.experiment.late_fusion import fused
+    from ctnet_rec.training.output_fusion import best_weight, logit
 
     rng = np.random.default_rng(0)
     a, c = rng.normal(size=20_000), rng.normal(size=20_000)
@@ -467,8 +469,10 @@ def test_fusion_weights_on_a_known_mixture():
     np.testing.assert_allclose(fused(base, source, 0.0), base, rtol=1e-6)
     np.testing.assert_allclose(logit(fused(base, source, 0.5)), a + 0.5 * (c - c.mean()),
                                atol=1e-6)
-    assert 0.4 <= best_weight(labels, base, source) <= 0.8
-    assert best_weight(labels, base, 1 - source) == 0.0  # a harmful source gets no weight
+    assert 0.4 <= best_weight(labels, a, c) <= 0.8
+    assert best_weight(labels, a, -c) == 0.0  # a harmful source gets no weight
+    assert best_weight(labels, a, rng.normal(size=20_000)) <= 0.1  # nor does noise, nearly
+    assert best_weight(np.ones(20_000), a, c) == 0.0  # one class: nothing to choose on
 
 
 def test_rows_are_paired_with_base_and_ctnet_on_the_same_rows(experiment):

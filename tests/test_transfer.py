@@ -375,3 +375,41 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, deployed, tiny_worl
     got, want = _tensors(after.dmp.state_dict(), "source."), _tensors(source.dmp.state_dict())
     assert any("running_mean" in k for k in got)
     assert _equal(got, want)
+
+
+def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
+        towers, tiny_world, tmp_path):
+    """`[ctnet] output_fusion`: w = 0 at deployment (CTNet scores as the target model), then
+    per period w and c fitted on that period's rows by the model before it trains on them,
+    and the served score is sigmoid(target + w (source - c))."""
+    from ctnet_rec.training.output_fusion import best_weight
+
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.ctnet.output_fusion = True
+    run = tmp_path / "run"
+    transfer_init(cfg, towers.source(1), towers.target(1), run)
+    init, _ = open_checkpoint(run / INIT)
+    base, _ = open_checkpoint(towers.target(1))
+    assert float(init.dmp.module.fusion_weight) == 0.0
+    assert np.abs(init.predict(tiny_world, "B", 2)["p"]
+                  - base.predict(tiny_world, "B", 2)["p"]).max() < 1e-4
+    # what the first period's fit sees: period 2's rows, scored before any training on them
+    net = init.dmp.module
+    before = init.predict(tiny_world, "B", 2,
+                          outputs=lambda b: net.output_parts(b.sparse, b.dense))
+    offset = before["p"][:, 1].mean()
+    want = best_weight(before["labels"], before["p"][:, 0], before["p"][:, 1] - offset)
+
+    transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["fusion_weight"] == want
+    assert first["fusion_offset"] == pytest.approx(offset, abs=1e-6)
+    last, _ = open_checkpoint(run / "checkpoints" / "period=3")
+    net = last.dmp.module
+    w, c = float(net.fusion_weight), float(net.fusion_offset)
+    parts = last.predict(tiny_world, "B", 3, outputs=lambda b: net.output_parts(b.sparse,
+                                                                                b.dense))
+    served = last.predict(tiny_world, "B", 3)["p"]
+    np.testing.assert_allclose(served, 1 / (1 + np.exp(-(parts["p"][:, 0]
+                                                           + w * (parts["p"][:, 1] - c)))),
+                               atol=1e-6)

@@ -3,9 +3,9 @@
 The floor any transfer from the source tower must beat: a model that reads the whole source
 tower through adapters should at least match a one-weight fusion of the two towers' outputs.
 For the test of period t + 1, Base is its checkpoint of period t and the source tower the one
-CTNet reads when it trains on t (period t - `source_lag`); w is the weight in `WEIGHTS` with the
-best AUC on the previous test (period t's rows, scored by the checkpoints of t - 1), 1.0 for
-the first test, so it is never chosen on the rows it is scored on."""
+CTNet reads when it trains on t (period t - `source_lag`); w is the weight with the best AUC
+(`output_fusion.best_weight`) on the previous test (period t's rows, scored by the checkpoints
+of t - 1), 1.0 for the first test, so it is never chosen on the rows it is scored on."""
 
 from __future__ import annotations
 
@@ -18,19 +18,13 @@ import numpy as np
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import read_oracle
 from ctnet_rec.files import write_atomic
-from ctnet_rec.metrics import auc
 from ctnet_rec.training.checkpoint import CheckpointError, complete_checkpoints
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.inference import open_checkpoint
+from ctnet_rec.training.output_fusion import best_weight, logit
 from ctnet_rec.training.trainer import SCORES
 
-WEIGHTS = np.round(np.arange(0.0, 2.01, 0.1), 1)  # the weights w is chosen from
 FIRST_WEIGHT = 1.0  # the first test's (nothing earlier to choose on)
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
 
 
 def fused(base: np.ndarray, source: np.ndarray, w: float) -> np.ndarray:
@@ -40,12 +34,6 @@ def fused(base: np.ndarray, source: np.ndarray, w: float) -> np.ndarray:
     taking w times the source's intercept too (no labels are read)."""
     centred = logit(source) - logit(source).mean()
     return 1.0 / (1.0 + np.exp(-(logit(base) + w * centred)))
-
-
-def best_weight(labels: np.ndarray, base: np.ndarray, source: np.ndarray) -> float:
-    """The weight of `WEIGHTS` with the best AUC (the smallest among ties)."""
-    scores = [auc(labels, fused(base, source, float(w))) for w in WEIGHTS]
-    return float(WEIGHTS[int(np.nanargmax(scores))])
 
 
 def _scores(ckpt: Path, data: Path, domain: str, period: int) -> tuple[dict[str, np.ndarray],
@@ -81,7 +69,7 @@ def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run
         oracle = read_oracle(data, domain, t + 1, b["users"], b["items"])
         results[t] = {**evaluate_predictions(b["labels"], p, b["users"], b["items"], seen,
                                              oracle), "fusion_weight": w}
-        previous = (b["labels"], b["p"], s["p"])
+        previous = (b["labels"], logit(b["p"]), logit(s["p"]))
     return results
 
 

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -154,9 +154,22 @@ def transfer_baselines(cfg: Config) -> list[str]:
     return [*PRETRAIN_FINETUNE, DUAL]
 
 
-def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
+def plan(cfg: Config, data: Path, out: Path, rows: Collection[str] | None = None,
+         variants: dict[str, dict[str, Any]] = CTNET_VARIANTS) -> list[Job]:
     """Every job of the experiment, in the order they start: the source tower, then per target
-    domain its warm-up and each compared model; each names the jobs it needs (all earlier)."""
+    domain its warm-up and each compared model; each names the jobs it needs (all earlier).
+    `rows`: only those compared rows (with the jobs they need); `variants`: the CTNet rows,
+    name -> changes to `[ctnet]`."""
+    jobs = _every_job(cfg, data, out, variants)
+    if rows is None:
+        return jobs
+    keep = {*rows, *FOUNDATIONS, *([DIN_WARM_UP] if DIN in rows else [])}
+    return [j for j in jobs if j.name in keep
+            or (FINETUNE_SWEEP in keep and j.name.startswith(FINETUNE_SWEEP))]
+
+
+def _every_job(cfg: Config, data: Path, out: Path,
+               variants: dict[str, dict[str, Any]]) -> list[Job]:
     e = cfg.experiment
     t0, last = e.deploy_period, e.last_period()
     window, everything = range(t0, last + 1), range(last + 1)
@@ -206,7 +219,7 @@ def plan(cfg: Config, data: Path, out: Path) -> list[Job]:
                                              run),
                             trains=window, scores=scored, run=run,
                             also_reads=e.source_domain, needs=deployed))
-        for name, overrides in CTNET_VARIANTS.items():
+        for name, overrides in variants.items():
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(run_ctnet, cfg, overrides, data, d, source_run, base,
                                              run),
@@ -272,9 +285,10 @@ def _run_jobs(jobs: list[Job], data: Path, out: Path,
     return usage
 
 
-def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
-    """Train and evaluate every compared model; returns their metrics (also written to
-    OUT/metrics.json)."""
+def run_experiment(cfg: Config, data: Path, out: Path, rows: Collection[str] | None = None,
+                   variants: dict[str, dict[str, Any]] = CTNET_VARIANTS) -> Results:
+    """Train and evaluate every compared model (or those of `rows`, see `plan`); returns their
+    metrics (also written to OUT/metrics.json)."""
     e = cfg.experiment
     if cfg.train.keep_checkpoints:
         raise ConfigError(
@@ -287,7 +301,7 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
     # every evaluation keeps its scores: the report pairs the models on the same rows
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_scores=True))
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
-    jobs = plan(cfg, data, out)
+    jobs = plan(cfg, data, out, rows, variants)
     usage = _run_jobs(jobs, data, out, e.parallel_jobs)
     costs: dict[str, dict[str, dict[str, float]]] = {}
     for job in jobs:
@@ -295,16 +309,23 @@ def run_experiment(cfg: Config, data: Path, out: Path) -> Results:
         costs.setdefault(job.name, {})[job.domain] = {
             "target_samples": sum(read.get(d, 0) for d in e.target_domains),
             "source_samples": read.get(e.source_domain, 0), **usage[job.name][job.domain]}
-    compared = [DIN, *e.joint_baselines, *transfer_baselines(cfg), *CTNET_VARIANTS]
+    def chosen(names: list[str]) -> list[str]:
+        return [n for n in names if rows is None or n in rows]
+
+    baselines = chosen([DIN, *e.joint_baselines, *transfer_baselines(cfg)])
+    ctnets = chosen([*variants])
+    compared = [*baselines, *ctnets]
     models: dict[str, dict[str, dict[int, dict[str, Any]]]] = {  # the report's order
-        name: {} for name in (SOURCE, BASE, *compared[:-len(CTNET_VARIANTS)], LATE_FUSION,
-                              *CTNET_VARIANTS, ORACLE)}
+        name: {} for name in (*chosen([SOURCE]), BASE, *baselines, *chosen([LATE_FUSION]),
+                              *ctnets, ORACLE)}
     for d in e.target_domains:
         base = metrics_by_period(out / d / "base")
         models[BASE][d] = {t: base[t] for t in trained}
         for name, file in ((SOURCE, "source-direct.json"),
                            (LATE_FUSION, f"{LATE_FUSION_DIR}/metrics.json")):
             path = out / d / file
+            if name not in models:
+                continue
             models[name][d] = {int(t): m for t, m in json.loads(path.read_text()).items()} \
                 if path.exists() else {}
         for name in compared:

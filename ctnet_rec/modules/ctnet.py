@@ -47,9 +47,12 @@ class CTNet(nn.Module):
             for t, out in zip(self.taps, tgt_dims, strict=True)
         )
         self.view = SourceView(source.features, target.features)
-        # off: the adapters add nothing, as if zeroed (what the source contributes is the
-        # difference); for evaluation, not a model setting
+        # off: the adapters add nothing, as if zeroed, and no source logit is fused (what the
+        # source contributes is the difference); for evaluation, not a model setting
         self.use_adapters = True
+        if cfg.output_fusion:  # w and c of the fused output, set by the trainer (0: none)
+            self.register_buffer("fusion_weight", torch.zeros(()))
+            self.register_buffer("fusion_offset", torch.zeros(()))
         if cfg.share_long_sequence_attention:
             mine = [m is not None for m in (target.sim, target.eta)]
             theirs = [m is not None for m in (source.sim, source.eta)]
@@ -73,14 +76,28 @@ class CTNet(nn.Module):
             src = self.source(viewed[0], viewed[1])
         return joined(self, src, sparse, dense, self.target.embeddings(sparse))
 
+    def output_parts(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """Per row, [the target tower's logit (adapters included), the source's logit]: what
+        the fused output's weight is fitted on."""
+        viewed = self.view(sparse, dense)
+        with torch.no_grad():
+            src = self.source(viewed[0], viewed[1])
+        out = self.from_source(src, sparse, dense, self.target.embeddings(sparse), fuse=False)
+        return torch.stack([out.logits, src.logits], dim=1)
+
     def from_source(self, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                    looked_up: LookedUp) -> TowerOutput:
-        """The target tower on its embeddings `looked_up`, with the adapters reading `src`."""
+                    looked_up: LookedUp, fuse: bool = True) -> TowerOutput:
+        """The target tower on its embeddings `looked_up`, with the adapters reading `src`.
+        With `output_fusion`, in eval mode (what is scored and served), plus w (source's
+        logit - c); training fits the towers without it (w is fitted apart, out of sample)."""
         states = [src.inputs, *src.hidden]
         adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)] \
             if self.use_adapters else None
         shared = src.long_interest if self.cfg.share_long_sequence_attention else None
-        return self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up)
+        out = self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up)
+        if self.cfg.output_fusion and fuse and self.use_adapters and not self.training:
+            out.logits = out.logits + self.fusion_weight * (src.logits - self.fusion_offset)
+        return out
 
 
 @torch.fx.wrap

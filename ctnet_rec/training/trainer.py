@@ -450,10 +450,12 @@ class PeriodTrainer:
                 buf /= self.env.world_size
 
     @torch.no_grad()
-    def predict(self, root: Path, domain: str, period: int,
-                batch_size: int | None = None) -> dict[str, np.ndarray] | None:
+    def predict(self, root: Path, domain: str, period: int, batch_size: int | None = None,
+                outputs: Callable[[Batch], torch.Tensor] | None = None,
+                ) -> dict[str, np.ndarray] | None:
         """Scores of a period's rows in file order, in eval mode: each rank scores a
-        contiguous share, gathered on rank 0 (None on the other ranks).
+        contiguous share, gathered on rank 0 (None on the other ranks). "p" holds the click
+        probabilities, or what `outputs(device batch)` returns per row.
 
         no_grad, not inference_mode: on CPU, fbgemm's fused table lookup is registered only
         behind the autograd dispatch key, and inference_mode skips that key."""
@@ -462,7 +464,8 @@ class PeriodTrainer:
         parts: dict[str, list[torch.Tensor]] = {"labels": [], "users": [], "items": []}
         reader = self._reader(root, domain, period, train=False, batch_size=batch_size)
         for host, batch in on_device(reader, self.env.device):
-            scores.append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits))
+            scores.append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits)
+                          if outputs is None else outputs(batch))
             parts["labels"].append(host.labels)  # ids and labels from the host copy
             parts["users"].append(host.user_ids)
             parts["items"].append(host.item_ids)

@@ -47,12 +47,14 @@ from ctnet_rec.training.checkpoint import (
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.optim import NamedParams
+from ctnet_rec.training.output_fusion import best_weight
 from ctnet_rec.training.retention import lease, run_of
 from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
     PeriodTrainer,
     evaluation_periods,
     feature_schema,
+    from_main,
     run_periods,
 )
 
@@ -137,6 +139,36 @@ class CTNetTrainer(PeriodTrainer):
         self.load_state(state)
         self.seen = read_seen_ids(folder)
         return manifest
+
+    def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+        """With `output_fusion`, the fused output's weight is fitted on the period's rows
+        first, before the towers train on them (kept when resuming inside the period)."""
+        net = self.dmp.module
+        if not self.cfg.ctnet.output_fusion:
+            return super().train_period(root, domain, period)
+        if self.position is None or self.position.period != period:
+            self.fit_output_fusion(root, domain, period)
+        fusion = {"fusion_weight": round(float(net.fusion_weight), 4),  # a float32 buffer
+                  "fusion_offset": round(float(net.fusion_offset), 6)}
+        return {**super().train_period(root, domain, period), **fusion}
+
+    def fit_output_fusion(self, root: Path, domain: str, period: int) -> None:
+        """w and c of logit = target + w (source - c) from the period's rows, scored by the
+        model as it stands (neither tower has trained on them): c the source logit's mean
+        (the click rate stays the target's), w the AUC-best weight (`best_weight`)."""
+        net = self.dmp.module
+        parts = self.predict(root, domain, period,
+                             outputs=lambda b: net.output_parts(b.sparse, b.dense))
+        fit = None
+        if parts is not None:  # rank 0
+            target, source = parts["p"][:, 0], parts["p"][:, 1]
+            offset = float(source.mean())
+            fit = best_weight(parts["labels"], target, source - offset), offset
+        weight, offset = from_main(fit)
+        net.fusion_weight.fill_(weight)
+        net.fusion_offset.fill_(offset)
+        log.info("%s period %d: output fusion weight %.1f (source logit offset %.4f), fitted "
+                 "on the period's rows before training on them", domain, period, weight, offset)
 
     def evaluate(self, root: Path, domain: str, period: int,
                  scores: Path | None = None) -> dict[str, Any]:

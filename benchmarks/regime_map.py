@@ -1,0 +1,252 @@
+"""When transfer helps: the regime map. Synthetic worlds of every `[synth] domain_gap` in GAPS
+times target rows a period in SCALES (of the config's), each with K seeds (a world and a
+training run each); per world, each transfer row's gain over Base (AUC, GAUC, new users'
+and new items' AUC) with Student's t interval over the seeds (`significance`). The CTNet
+design candidates are chosen among by RULE, written down before the map is run.
+
+    python benchmarks/regime_map.py                     # the whole map: 8 worlds x 5 seeds
+    python benchmarks/regime_map.py --seeds 2 --gaps 0.5 1.0 --scales 1
+
+Resumable: each (world, seed) is an experiment folder under OUT that resumes where it
+stopped; OUT/regime_map.json and OUT/regime_map.md are rewritten after each one (seeds are
+the outer loop, so an interrupted map has every world at the seeds done so far), and
+OUT/regime_map.png plots the AUC gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ctnet_rec.config import Config, load_config  # noqa: E402
+from ctnet_rec.data.synth import synthesize  # noqa: E402
+from ctnet_rec.experiment.runner import (  # noqa: E402
+    BASE,
+    DUAL,
+    LATE_FUSION,
+    SOURCE,
+    Results,
+    quick,
+    run_experiment,
+)
+from ctnet_rec.experiment.significance import mark, paired_interval  # noqa: E402
+from ctnet_rec.files import write_atomic  # noqa: E402
+
+log = logging.getLogger("regime_map")
+
+GAPS = (0.2, 0.5, 0.8, 1.0)
+SCALES = (1.0, 0.25)  # target rows a period, as a share of the config's
+FINETUNE_ALL = "Pre-train & Fine-tune (all parameters)"
+BASELINES = (SOURCE, LATE_FUSION, DUAL, FINETUNE_ALL, "DDTCDR")
+# the CTNet designs compared (name -> changes to [ctnet]); the first is today's default
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "CTNet": {},
+    "CTNet + output fusion": {"output_fusion": True},
+    "CTNet, adapters on E^S": {"adapter_tap": "previous_layer"},
+    "CTNet, source_lag 0": {"source_lag": 0},
+    "CTNet + output fusion, source_lag 0": {"output_fusion": True, "source_lag": 0},
+}
+METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
+           "new items AUC": ("slices", "new_items", "auc")}
+RULE = """\
+The default CTNet design is the candidate that
+1. passes the no-harm tests (`make test`: CTNet starts within 1e-4 of the target model, and
+   the output fusion's weight is 0 at deployment);
+2. is on no map world below Base beyond noise: no 95% interval (t over the seeds) of its AUC
+   gain over Base entirely below 0 (the same on MovieLens-1M, run apart with
+   `ctnet experiment examples/movielens.toml --seeds 5`);
+3. has, among those, the largest mean AUC gain over Base averaged over the map worlds where
+   the late fusion is above Base (its interval entirely above 0; all worlds if there is
+   none). An exact tie goes to the candidate listed first."""
+
+
+def world_config(cfg: Config, gap: float, scale: float, seed: int, target: list[str]) -> Config:
+    """The config's world at `gap`, its target domains' rows a period times `scale`, the
+    synthetic periods cut to those the experiment reads, only the joint row DDTCDR."""
+    w = copy.deepcopy(cfg)
+    e = w.experiment
+    domains = {name: dataclasses.replace(d, impressions_per_period=max(
+        1, round(d.impressions_per_period * scale)) if name in target else
+        d.impressions_per_period) for name, d in w.synth.domains.items()}
+    w.synth = dataclasses.replace(w.synth, domain_gap=gap, domains=domains,
+                                  periods=min(w.synth.periods, e.last_period() + 2))
+    w.experiment = dataclasses.replace(e, target_domains=target, joint_baselines=["DDTCDR"])
+    w.train.seed = seed
+    w.validate()
+    return w
+
+
+def world_name(gap: float, scale: float) -> str:
+    return f"gap={gap:g}/rows={scale:g}"
+
+
+def run_world(cfg: Config, out: Path) -> Results:
+    """One (world, seed): the experiment's rows of the map, resumed if begun."""
+    done = out / "metrics.json"
+    if done.exists():
+        return Results.from_json(json.loads(done.read_text()))
+    data = out / "data"
+    if not (data / "world.json").exists():
+        synthesize(cfg.synth, data, seed=cfg.train.seed)
+    return run_experiment(cfg, data, out, rows=[*BASELINES, *CANDIDATES], variants=CANDIDATES)
+
+
+def _value(m: dict[str, Any], path: tuple[str, ...]) -> float:
+    for key in path:
+        if not isinstance(m, dict) or key not in m:
+            return math.nan
+        m = m[key]
+    return float(m)
+
+
+def seed_gains(results: Results, domain: str) -> dict[str, dict[str, float]]:
+    """Per row and metric: the seed's gain over Base, its mean over the test periods (NaN
+    where a period's slice is empty for either)."""
+    base = results.models[BASE][domain]
+    gains: dict[str, dict[str, float]] = {}
+    for row, per in results.models.items():
+        if row == BASE or domain not in per:
+            continue
+        gains[row] = {}
+        for name, path in METRICS.items():
+            diffs = [_value(per[domain][t], path) - _value(base[t], path)
+                     for t in base if t in per[domain]]
+            diffs = [d for d in diffs if not math.isnan(d)]
+            gains[row][name] = statistics.fmean(diffs) if diffs else math.nan
+    return gains
+
+
+def summarise(by_world: dict[str, dict[str, dict[str, dict[str, float]]]],
+              ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Per world, row and metric: the interval over the seeds of the per-seed gains."""
+    return {world: {row: {metric: paired_interval([g[row][metric] for g in seeds.values()
+                                                   if row in g])
+                          for metric in METRICS}
+                    for row in dict.fromkeys(r for g in seeds.values() for r in g)}
+            for world, seeds in by_world.items()}
+
+
+def choose(summary: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+    """RULE's points 2 and 3 on the map (point 1 is the test suite's; MovieLens-1M apart)."""
+    worlds = list(summary)
+    fused = [w for w in worlds if mark(summary[w][LATE_FUSION]["AUC"]) == "+"] or worlds
+    verdict: dict[str, Any] = {"worlds_where_late_fusion_helps": fused, "candidates": {}}
+    for name in CANDIDATES:
+        harmed = [w for w in worlds if mark(summary[w].get(name, {}).get(
+            "AUC", {"low": math.nan, "high": math.nan})) == "-"]
+        gains = [summary[w][name]["AUC"]["mean"] for w in fused if name in summary[w]]
+        verdict["candidates"][name] = {
+            "below_base_on": harmed,
+            "mean_auc_gain": statistics.fmean(gains) if gains else math.nan}
+    eligible = [n for n, v in verdict["candidates"].items()
+                if not v["below_base_on"] and not math.isnan(v["mean_auc_gain"])]
+    verdict["winner"] = max(eligible, key=lambda n: verdict["candidates"][n]["mean_auc_gain"]) \
+        if eligible else None  # max keeps the first of equal gains
+    return verdict
+
+
+def cell(iv: dict[str, float]) -> str:
+    if iv["n"] == 0:
+        return "-"
+    if iv["n"] == 1:
+        return f"{iv['mean']:+.4f}"
+    return f"{iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]{mark(iv)}"
+
+
+def markdown(summary: dict[str, dict[str, dict[str, dict[str, float]]]], metric: str) -> str:
+    worlds = list(summary)
+    rows = [r for r in (*BASELINES, *CANDIDATES) if any(r in summary[w] for w in worlds)]
+    lines = ["| row | " + " | ".join(worlds) + " |", "|---|" + "---|" * len(worlds)]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(
+            cell(summary[w][r][metric]) if r in summary[w] else "-" for w in worlds) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict[str, dict[str, dict[str, float]]]], scales: list[float],
+         path: Path) -> None:
+    """AUC gain over Base against domain_gap, a panel per target-row scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scales), figsize=(6 * len(scales), 4.5), squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
+        worlds = [w for w in summary if w.endswith(f"rows={scale:g}")]
+        gaps = [float(w.split("/")[0].split("=")[1]) for w in worlds]
+        for r in (*BASELINES, *CANDIDATES):
+            ivs = [summary[w].get(r, {}).get("AUC") for w in worlds]
+            if r == SOURCE or not all(ivs):
+                continue
+            means = [iv["mean"] for iv in ivs]
+            errs = [0.0 if math.isnan(iv["low"]) else iv["mean"] - iv["low"] for iv in ivs]
+            ax.errorbar(gaps, means, yerr=errs, marker="o", capsize=3, label=r)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"target rows x{scale:g}", xlabel="domain_gap",
+               ylabel="AUC gain over Base (95% over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
+    p.add_argument("--gaps", type=float, nargs="+", default=list(GAPS))
+    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--target", nargs="+", default=["B"], help="target domains (default B)")
+    p.add_argument("--jobs", type=int, help="jobs at a time (default: the config's)")
+    p.add_argument("--quick", action="store_true", help="the small world of --quick")
+    p.add_argument("--out", default=str(ROOT / "runs" / "regime-map"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config)
+    if args.quick:
+        cfg = quick(cfg)
+    if args.jobs:
+        cfg.experiment.parallel_jobs = args.jobs
+    out = Path(args.out)
+    worlds = [(g, s) for s in args.scales for g in args.gaps]
+    by_world: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    seconds: dict[str, float] = {}
+    for seed in range(args.seeds):
+        for gap, scale in worlds:
+            name = world_name(gap, scale)
+            start = time.perf_counter()
+            results = run_world(world_config(cfg, gap, scale, seed, args.target),
+                                out / name / f"seed={seed}")
+            seconds[f"{name}/seed={seed}"] = round(time.perf_counter() - start, 1)
+            for d in args.target:
+                by_world.setdefault(f"{name} {d}" if len(args.target) > 1 else name, {})[
+                    str(seed)] = seed_gains(results, d)
+            summary = summarise(by_world)
+            report = {"config": args.config, "seeds_done": seed + 1, "rule": RULE,
+                      "candidates": CANDIDATES, "seconds": seconds, "summary": summary,
+                      "by_world": by_world, "choice": choose(summary)}
+            write_atomic(out / "regime_map.json", json.dumps(report, indent=1) + "\n")
+            text = "\n\n".join(f"### {m} gain over Base\n\n{markdown(summary, m)}"
+                               for m in METRICS)
+            write_atomic(out / "regime_map.md", text + "\n")
+            log.info("%s seed %d done in %.0f s", name, seed, seconds[f"{name}/seed={seed}"])
+    plot(summary, args.scales, out / "regime_map.png")
+    print(text)
+    print(json.dumps(report["choice"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
