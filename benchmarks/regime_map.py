@@ -6,6 +6,11 @@ design candidates are chosen among by RULE, written down before the map is run.
 
     python benchmarks/regime_map.py                     # the whole map: 8 worlds x 5 seeds
     python benchmarks/regime_map.py --seeds 2 --gaps 0.5 1.0 --scales 1
+    python benchmarks/regime_map.py --real examples/movielens.toml runs/movielens/data
+    python benchmarks/regime_map.py --scales --real ...   # the real dataset only
+
+`--real CONFIG DATA` adds a real dataset (`make movielens`) as one more world, with the same
+rows and seeds (training runs on the same data); RULE's point 2 reads it, point 3 does not.
 
 Resumable: each (world, seed) is an experiment folder under OUT that resumes where it
 stopped; OUT/regime_map.json and OUT/regime_map.md are rewritten after each one (seeds are
@@ -92,14 +97,26 @@ def world_name(gap: float, scale: float) -> str:
     return f"gap={gap:g}/rows={scale:g}"
 
 
-def run_world(cfg: Config, out: Path) -> Results:
-    """One (world, seed): the experiment's rows of the map, resumed if begun."""
+def real_config(path: str, seed: int, jobs: int | None) -> Config:
+    """A real dataset's config with the map's rows: only the joint row DDTCDR."""
+    cfg = load_config(path)
+    cfg.experiment = dataclasses.replace(cfg.experiment, joint_baselines=["DDTCDR"],
+                                         parallel_jobs=jobs or cfg.experiment.parallel_jobs)
+    cfg.train.seed = seed
+    cfg.validate()
+    return cfg
+
+
+def run_world(cfg: Config, out: Path, data: Path | None = None) -> Results:
+    """One (world, seed): the experiment's rows of the map on `data` (default: the config's
+    synthetic world of the seed, made in OUT/data), resumed if begun."""
     done = out / "metrics.json"
     if done.exists():
         return Results.from_json(json.loads(done.read_text()))
-    data = out / "data"
-    if not (data / "world.json").exists():
-        synthesize(cfg.synth, data, seed=cfg.train.seed)
+    if data is None:
+        data = out / "data"
+        if not (data / "world.json").exists():
+            synthesize(cfg.synth, data, seed=cfg.train.seed)
     return run_experiment(cfg, data, out, rows=[*BASELINES, *CANDIDATES], variants=CANDIDATES)
 
 
@@ -138,11 +155,15 @@ def summarise(by_world: dict[str, dict[str, dict[str, dict[str, float]]]],
             for world, seeds in by_world.items()}
 
 
-def choose(summary: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
-    """RULE's points 2 and 3 on the map (point 1 is the test suite's; MovieLens-1M apart)."""
+def choose(summary: dict[str, dict[str, dict[str, dict[str, float]]]],
+           real: list[str]) -> dict[str, Any]:
+    """RULE's points 2 and 3 (point 1 is the test suite's); `real`: the worlds that are real
+    datasets, read by point 2 only."""
     worlds = list(summary)
-    fused = [w for w in worlds if mark(summary[w][LATE_FUSION]["AUC"]) == "+"] or worlds
+    synthetic = [w for w in worlds if w not in real]
+    fused = [w for w in synthetic if mark(summary[w][LATE_FUSION]["AUC"]) == "+"]
     verdict: dict[str, Any] = {"worlds_where_late_fusion_helps": fused, "candidates": {}}
+    fused = fused or synthetic
     for name in CANDIDATES:
         harmed = [w for w in worlds if mark(summary[w].get(name, {}).get(
             "AUC", {"low": math.nan, "high": math.nan})) == "-"]
@@ -206,13 +227,16 @@ def plot(summary: dict[str, dict[str, dict[str, dict[str, float]]]], scales: lis
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
-    p.add_argument("--gaps", type=float, nargs="+", default=list(GAPS))
-    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    p.add_argument("--gaps", type=float, nargs="*", default=list(GAPS))
+    p.add_argument("--scales", type=float, nargs="*", default=list(SCALES))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--target", nargs="+", default=["B"], help="target domains (default B)")
     p.add_argument("--jobs", type=int, help="jobs at a time (default: the config's)")
     p.add_argument("--quick", action="store_true", help="the small world of --quick")
     p.add_argument("--out", default=str(ROOT / "runs" / "regime-map"))
+    p.add_argument("--real", nargs=2, metavar=("CONFIG", "DATA"),
+                   help="a real dataset as one more world (e.g. examples/movielens.toml "
+                   "runs/movielens/data)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.config)
@@ -223,29 +247,54 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     worlds = [(g, s) for s in args.scales for g in args.gaps]
     by_world: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    seconds: dict[str, float] = {}
+    real = [Path(args.real[0]).stem] if args.real else []
+    before = out / "regime_map.json"  # each (world, seed)'s seconds, as first run
+    seconds: dict[str, float] = json.loads(before.read_text())["seconds"] \
+        if before.exists() else {}
+
+    def timed(name: str, seed: int, config: Config, data: Path | None = None) -> Results:
+        folder = out / name / f"seed={seed}"
+        start, cached = time.perf_counter(), (folder / "metrics.json").exists()
+        results = run_world(config, folder, data)
+        if not cached:
+            seconds[f"{name}/seed={seed}"] = round(time.perf_counter() - start, 1)
+            log.info("%s seed %d done in %.0f s", name, seed, seconds[f"{name}/seed={seed}"])
+        return results
+
     for seed in range(args.seeds):
         for gap, scale in worlds:
             name = world_name(gap, scale)
-            start = time.perf_counter()
-            results = run_world(world_config(cfg, gap, scale, seed, args.target),
-                                out / name / f"seed={seed}")
-            seconds[f"{name}/seed={seed}"] = round(time.perf_counter() - start, 1)
+            results = timed(name, seed, world_config(cfg, gap, scale, seed, args.target))
             for d in args.target:
                 by_world.setdefault(f"{name} {d}" if len(args.target) > 1 else name, {})[
                     str(seed)] = seed_gains(results, d)
-            summary = summarise(by_world)
-            report = {"config": args.config, "seeds_done": seed + 1, "rule": RULE,
-                      "candidates": CANDIDATES, "seconds": seconds, "summary": summary,
-                      "by_world": by_world, "choice": choose(summary)}
-            write_atomic(out / "regime_map.json", json.dumps(report, indent=1) + "\n")
-            text = "\n\n".join(f"### {m} gain over Base\n\n{markdown(summary, m)}"
-                               for m in METRICS)
-            write_atomic(out / "regime_map.md", text + "\n")
-            log.info("%s seed %d done in %.0f s", name, seed, seconds[f"{name}/seed={seed}"])
-    plot(summary, args.scales, out / "regime_map.png")
-    print(text)
+            report = write_map(out, args, by_world, seconds, seed, real)
+        if args.real:
+            config, data = args.real
+            name = Path(config).stem
+            rcfg = real_config(config, seed, args.jobs)
+            results = timed(name, seed, rcfg, Path(data))
+            for d in rcfg.experiment.target_domains:
+                by_world.setdefault(name, {})[str(seed)] = seed_gains(results, d)
+            report = write_map(out, args, by_world, seconds, seed, real)
+    plot({w: v for w, v in report["summary"].items() if w not in real}, args.scales,
+         out / "regime_map.png")
+    print((out / "regime_map.md").read_text())
     print(json.dumps(report["choice"], indent=1))
+
+
+def write_map(out: Path, args: argparse.Namespace,
+              by_world: dict[str, dict[str, dict[str, dict[str, float]]]],
+              seconds: dict[str, float], seed: int, real: list[str]) -> dict[str, Any]:
+    """OUT/regime_map.json and OUT/regime_map.md from the seeds done so far."""
+    summary = summarise(by_world)
+    report = {"config": args.config, "real": args.real, "seeds_done": seed + 1, "rule": RULE,
+              "candidates": CANDIDATES, "seconds": seconds, "summary": summary,
+              "by_world": by_world, "choice": choose(summary, real)}
+    write_atomic(out / "regime_map.json", json.dumps(report, indent=1) + "\n")
+    text = "\n\n".join(f"### {m} gain over Base\n\n{markdown(summary, m)}" for m in METRICS)
+    write_atomic(out / "regime_map.md", text + "\n")
+    return report
 
 
 if __name__ == "__main__":
