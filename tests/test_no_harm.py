@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from ctnet_rec.config import Config, OptimizerConfig
@@ -20,6 +21,7 @@ from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.data.synth import synthesize
 from ctnet_rec.experiment.runner import metrics_by_period, run_ctnet
 from ctnet_rec.experiment.significance import auc_standard_error
+from ctnet_rec.files import read_jsonl
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.trainer import train_continual
 from ctnet_rec.training.transfer import adapters_off, transfer_init
@@ -91,9 +93,11 @@ def _shuffled_source_world(cfg: Config, root: Path) -> Path:
     return world
 
 
-def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"output_fusion": True}], ids=["ctnet", "fusion"])
+def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path, overrides):
     """Over 4 periods CTNet's mean next-period AUC >= Base's - 0.002 and no period below
-    Base by more than 2 standard errors of Base's AUC (3,000 test rows a period)."""
+    Base by more than 2 standard errors of Base's AUC (3,000 test rows a period); with the
+    output fusion, the source's logit gets (almost) no weight."""
     cfg = dataclasses.replace(towers.cfg, experiment=dataclasses.replace(
         towers.cfg.experiment, deploy_period=3, periods=4, target_domains=["B"]))
     world = _shuffled_source_world(cfg, tmp_path)
@@ -101,7 +105,7 @@ def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path):
     train_continual(cfg, world, "A", range(8), tmp_path / "A", evaluate=False)
     base = tmp_path / "B" / "base"
     train_continual(cfg, world, "B", range(7), base)
-    run_ctnet(cfg, {}, world, "B", tmp_path / "A", base, tmp_path / "B" / "ctnet")
+    run_ctnet(cfg, overrides, world, "B", tmp_path / "A", base, tmp_path / "B" / "ctnet")
     b, c = metrics_by_period(base), metrics_by_period(tmp_path / "B" / "ctnet")
     periods = range(3, 7)
     gains = [c[t]["auc"] - b[t]["auc"] for t in periods]
@@ -110,3 +114,7 @@ def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path):
         positives = round(b[t]["rows"] * b[t]["ctr_true"])
         se = auc_standard_error(b[t]["auc"], positives, b[t]["rows"] - positives)
         assert g >= -2 * se, (t, g, se)
+    if overrides:
+        weights = [m["fusion_weight"] for m in read_jsonl(tmp_path / "B" / "ctnet"
+                                                          / "metrics.jsonl")]
+        assert len(weights) == 4 and max(weights) <= 0.3, weights
