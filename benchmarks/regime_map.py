@@ -78,15 +78,15 @@ The default CTNet design is the candidate that
 
 
 def world_config(cfg: Config, gap: float, scale: float, seed: int, target: list[str]) -> Config:
-    """The config's world at `gap`, its target domains' rows a period times `scale`, the
-    synthetic periods cut to those the experiment reads, only the joint row DDTCDR."""
+    """The config's world at `gap`, its target domains' rows a period times `scale` (all
+    else as the config's: at scale 1 and the config's gap, the config's own world), only the
+    joint row DDTCDR."""
     w = copy.deepcopy(cfg)
     e = w.experiment
     domains = {name: dataclasses.replace(d, impressions_per_period=max(
         1, round(d.impressions_per_period * scale)) if name in target else
         d.impressions_per_period) for name, d in w.synth.domains.items()}
-    w.synth = dataclasses.replace(w.synth, domain_gap=gap, domains=domains,
-                                  periods=min(w.synth.periods, e.last_period() + 2))
+    w.synth = dataclasses.replace(w.synth, domain_gap=gap, domains=domains)
     w.experiment = dataclasses.replace(e, target_domains=target, joint_baselines=["DDTCDR"])
     w.train.seed = seed
     w.validate()
