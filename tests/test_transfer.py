@@ -377,15 +377,17 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, deployed, tiny_worl
     assert _equal(got, want)
 
 
+@pytest.mark.parametrize("lag", [1, 0])
 def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
-        towers, tiny_world, tmp_path):
-    """`[ctnet] output_fusion`: w = 0 at deployment (CTNet scores as the target model), then
-    per period w and c fitted on that period's rows by the model before it trains on them,
-    and the served score is sigmoid(target + w (source - c))."""
+        towers, tiny_world, tmp_path, lag):
+    """`[ctnet] output_fusion`: w = 0 at deployment (CTNet scores as the target model); then
+    per period t, w and c fitted on t's rows before anything trains on them, by the model as
+    it stands with the source of period t - 1 (with source_lag 0 not t's own, which has seen
+    period t); the served score is sigmoid(target + w (source - c))."""
     from ctnet_rec.training.output_fusion import best_weight
 
     cfg = copy.deepcopy(towers.cfg)
-    cfg.ctnet.output_fusion = True
+    cfg.ctnet.output_fusion, cfg.ctnet.source_lag = True, lag
     run = tmp_path / "run"
     transfer_init(cfg, towers.source(1), towers.target(1), run)
     init, _ = open_checkpoint(run / INIT)
@@ -393,17 +395,19 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
     assert float(init.dmp.module.fusion_weight) == 0.0
     assert np.abs(init.predict(tiny_world, "B", 2)["p"]
                   - base.predict(tiny_world, "B", 2)["p"]).max() < 1e-4
-    # what the first period's fit sees: period 2's rows, scored before any training on them
-    net = init.dmp.module
-    before = init.predict(tiny_world, "B", 2,
-                          outputs=lambda b: net.output_parts(b.sparse, b.dense))
-    offset = before["p"][:, 1].mean()
-    want = best_weight(before["labels"], before["p"][:, 0], before["p"][:, 1] - offset)
-
     transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)
-    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["fusion_weight"] == want
-    assert first["fusion_offset"] == pytest.approx(offset, abs=1e-6)
+    recorded = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for t, before, got in zip([2, 3], [run / INIT, run / "checkpoints" / "period=2"], recorded,
+                              strict=True):
+        trainer, _ = open_checkpoint(before)
+        trainer.load_source(towers.source(t - 1))
+        net = trainer.dmp.module
+        parts = trainer.predict(tiny_world, "B", t,
+                                outputs=lambda b, net=net: net.output_parts(b.sparse, b.dense))
+        offset = parts["p"][:, 1].mean()
+        assert got["fusion_offset"] == pytest.approx(offset, abs=1e-5), t
+        assert got["fusion_weight"] == best_weight(parts["labels"], parts["p"][:, 0],
+                                                   parts["p"][:, 1] - offset), t
     last, _ = open_checkpoint(run / "checkpoints" / "period=3")
     net = last.dmp.module
     w, c = float(net.fusion_weight), float(net.fusion_offset)

@@ -276,8 +276,8 @@ class PeriodTrainer:
         set_period(self.dmp, period)
         users, items = [], []
         sums: dict[str, list[Any]] = {}  # per domain: loss sum (a device tensor), rows
-        done, self.position = (self.position, None) if self.position is not None and \
-            self.position.period == period else (None, self.position)
+        done, self.position = (self.position, None) if self.resumes_inside(period) \
+            else (None, self.position)
         if done is not None:  # a mid-period checkpoint's pass so far
             users, items, self.rows_trained = [done.users], [done.items], done.rows_trained
             sums = {d: [torch.tensor(loss, dtype=torch.float64, device=self.env.device), n]
@@ -358,6 +358,10 @@ class PeriodTrainer:
             metrics["train_rows_by_domain"] = {d: n for d, (_, n) in by_domain.items()}
             metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
         return metrics
+
+    def resumes_inside(self, period: int) -> bool:
+        """Whether the next pass over `period` continues a mid-period checkpoint's."""
+        return self.position is not None and self.position.period == period
 
     def mid_period_steps(self) -> int:
         """Steps between mid-period checkpoints (0: none): `checkpoint_every_rows` over the

@@ -141,21 +141,20 @@ class CTNetTrainer(PeriodTrainer):
         return manifest
 
     def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
-        """With `output_fusion`, the fused output's weight is fitted on the period's rows
-        first, before the towers train on them (kept when resuming inside the period)."""
-        net = self.dmp.module
-        if not self.cfg.ctnet.output_fusion:
-            return super().train_period(root, domain, period)
-        if self.position is None or self.position.period != period:
-            self.fit_output_fusion(root, domain, period)
-        fusion = {"fusion_weight": round(float(net.fusion_weight), 4),  # a float32 buffer
-                  "fusion_offset": round(float(net.fusion_offset), 6)}
-        return {**super().train_period(root, domain, period), **fusion}
+        """With `output_fusion`, the metrics record the fused output's weight and offset
+        (fitted before the period: `fit_output_fusion`)."""
+        metrics = super().train_period(root, domain, period)
+        if self.cfg.ctnet.output_fusion:
+            net = self.dmp.module
+            metrics["fusion_weight"] = round(float(net.fusion_weight), 4)  # a float32 buffer
+            metrics["fusion_offset"] = round(float(net.fusion_offset), 6)
+        return metrics
 
     def fit_output_fusion(self, root: Path, domain: str, period: int) -> None:
         """w and c of logit = target + w (source - c) from the period's rows, scored by the
-        model as it stands (neither tower has trained on them): c the source logit's mean
-        (the click rate stays the target's), w the AUC-best weight (`best_weight`)."""
+        model as it stands, before anything trains on them: c the source logit's mean (the
+        click rate stays the target's), w the AUC-best weight (`best_weight`). Out of sample
+        only if the source held has not seen the period either (see `transfer_run`)."""
         net = self.dmp.module
         parts = self.predict(root, domain, period,
                              outputs=lambda b: net.output_parts(b.sparse, b.dense))
@@ -299,8 +298,17 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
              cfg.ctnet.source_refresh)
 
     def before_period(t: int) -> dict[str, Any]:
+        # the output fusion's weight is fitted on t's rows with the source of period t - 1,
+        # the newest that has not trained on period t: with source_lag 0 the one held until
+        # now (t's own has seen the same users' clicks of the same period in its domain, and
+        # would look more useful on t's rows than it is on t + 1's), with lag 1 the next
+        fit = cfg.ctnet.output_fusion and not trainer.resumes_inside(t)
+        if fit and cfg.ctnet.source_lag == 0:
+            trainer.fit_output_fusion(data, domain, t)
         if refresh and schedule[t].resolve() != trainer.source_ckpt:
             trainer.load_source(schedule[t])
+        if fit and cfg.ctnet.source_lag == 1:
+            trainer.fit_output_fusion(data, domain, t)
         return {"resumed_from": str(start)}
 
     held = lease(run_of(source_ckpts), schedule.values()) if schedule and env.is_main \
