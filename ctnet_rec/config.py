@@ -593,17 +593,10 @@ class Config:
                "the model has neither SIM nor ETA (model.use_sim, model.use_eta): no "
                "long-sequence attention to share")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def _model_sections(self, *sections: str) -> dict[str, Any]:
-        """Some sections as dicts, without the settings that are not part of the model."""
-        payload = {}
-        for s in sections:
-            section = getattr(self, s)
-            payload[s] = {k: v for k, v in dataclasses.asdict(section).items()
-                          if k not in _NOT_MODEL.get(type(section), ())}
-        return payload
+        """Some sections as dicts, with their model settings only (`_model_settings`)."""
+        return {s: _model_settings(s, dataclasses.asdict(getattr(self, s)),
+                                   type(getattr(self, s))) for s in sections}
 
     def section_hash(self, *sections: str) -> str:
         """A stable hash of some sections, for checkpoint manifests and caches."""
@@ -620,13 +613,28 @@ class Config:
             return {key: d}
 
         mine = leaves(self._model_sections(*sections), "")
-        theirs = leaves({s: recorded.get(s, {}) for s in sections}, "")
+        theirs = leaves({s: _model_settings(s, recorded.get(s, {}), type(getattr(self, s)))
+                         for s in sections}, "")
         return [f"{k[1:]}: checkpoint {theirs.get(k)} vs config {mine.get(k)}"
                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
 
 
 _NOT_MODEL = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}
               for cls in (CTNetConfig,)}
+
+# Model settings added after checkpoints recording their section were written: (section, key)
+# -> the value that behaves as before the key existed. Left out of the config hash at that
+# value, so a checkpoint of an older version still loads (and its hash is unchanged).
+ADDED_LATER: dict[tuple[str, str], Any] = {("ctnet", "output_fusion"): False}
+_ABSENT = object()
+
+
+def _model_settings(section: str, values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """A section's settings that are part of the model: not how it trains (`_NOT_MODEL`), and
+    not a setting added later at the value that behaves as before it existed (`ADDED_LATER`),
+    so that a config and an older checkpoint's record of it compare equal."""
+    return {k: v for k, v in values.items() if k not in _NOT_MODEL.get(cls, ())
+            and ADDED_LATER.get((section, k), _ABSENT) != v}
 
 # Keys that moved, and where to: refused with the new name rather than "unknown key".
 RENAMED = {"train.sparse_lr": "train.tables.lr", "train.dense_lr": "train.dense.lr"}

@@ -104,3 +104,28 @@ def test_shared_long_sequence_attention_needs_sim_or_eta(tmp_path):
     with pytest.raises(ConfigError, match="ctnet.share_long_sequence_attention: the model has "
                                           "neither SIM nor ETA"):
         load_config(path)
+
+
+def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_config):
+    """An older checkpoint's config has no `ctnet.output_fusion`: off, the hash is the one it
+    recorded, and only model settings are named when a hash differs."""
+    import copy
+    import dataclasses
+    import hashlib
+    import json
+
+    older = {s: dataclasses.asdict(getattr(demo_config, s)) for s in ("model", "ctnet")}
+    del older["ctnet"]["output_fusion"]
+    for key in ("source_lag", "adapter_optimizer"):  # how it trains: never hashed
+        del older["ctnet"][key]
+    recorded = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    assert demo_config.section_hash("model", "ctnet") == recorded
+    on = copy.deepcopy(demo_config)
+    on.ctnet.output_fusion = True
+    assert on.section_hash("model", "ctnet") != recorded
+    as_written = dataclasses.asdict(demo_config)
+    as_written["ctnet"].pop("output_fusion")
+    as_written["ctnet"]["source_lag"] = 0
+    assert demo_config.section_differences(as_written, "model", "ctnet") == []
+    assert on.section_differences(as_written, "model", "ctnet") == [
+        "ctnet.output_fusion: checkpoint None vs config True"]
