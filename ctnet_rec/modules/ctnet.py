@@ -24,8 +24,9 @@ class CTNet(nn.Module):
     - "previous_layer": z^S_{l-1}, so the first adapter reads the source input E^S (the paper
       also names z^S_0 = E^S), giving the target the source's embeddings directly.
 
-    The default is the paper's equation, and it measured at least as well: on the demo world
-    (B, 3 periods after deployment) next-period AUC 0.631/0.640/0.639 vs 0.626/0.626/0.639."""
+    With `output_fusion`, the served logit also adds w (source's logit - c), w and c set by
+    the trainer on rows neither tower has trained on (`training/output_fusion.py`). The
+    designs are compared in docs/experiment.md, "When transfer helps"."""
 
     def __init__(self, source: Tower, target: Tower, cfg: CTNetConfig) -> None:
         super().__init__()

@@ -85,8 +85,6 @@ class TowerEmbeddings(nn.Module):
                             data_type=data_type)
             for t in features.tables if t.name in shared
         ]
-        self.layout = EmbeddingLayout.of(features)
-
         def mine(tables: list, is_managed: bool) -> list:
             return [t for t in tables if (t.name in managed) == is_managed]
 

@@ -62,7 +62,7 @@ from sharding.tower import dense_parameters, pipeline_class, shard_model
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY_STEPS = 50  # the bar's and TensorBoard's loss and speed: the one host sync
+LOG_EVERY_STEPS = 50  # steps between progress updates (loss, speed): each reads the loss back
 
 
 class _NoStreamWarning(logging.Filter):
