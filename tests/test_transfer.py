@@ -21,6 +21,7 @@ from ctnet_rec.training.checkpoint import (
     lineage_path,
 )
 from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
+from ctnet_rec.training.output_fusion import best_weight
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
 from .conftest import two_rank_cli
@@ -362,12 +363,15 @@ def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_worl
                     allow_domain_change=True, evaluate=False)
 
 
-def test_the_source_stays_bit_identical_at_two_ranks(towers, deployed, tiny_world, tmp_path):
+def test_the_source_stays_bit_identical_at_two_ranks(towers, tiny_world, tmp_path):
     """At 2 ranks the target's batch-norm statistics are averaged at each period end; the
     frozen source's are not touched (averaging equal values still moves their last bits):
-    after a period, every source tensor equals the source checkpoint's, bit for bit."""
+    after a period, every source tensor equals the source checkpoint's, bit for bit. The
+    output fusion's weight, fitted from both ranks' shares of the period, is the one rank's."""
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.ctnet.output_fusion = True
     run = tmp_path / "run"
-    shutil.copytree(deployed / INIT, run / INIT)
+    transfer_init(cfg, towers.source(1), towers.target(1), run)
     two_rank_cli("transfer", "run", "--run-dir", str(run), "--data", str(tiny_world), "--domain",
                  "B", "--periods", "2", "--source-ckpts", str(towers.source_run))
     after, _ = open_checkpoint(complete_checkpoints(run)[2])
@@ -375,6 +379,15 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, deployed, tiny_worl
     got, want = _tensors(after.dmp.state_dict(), "source."), _tensors(source.dmp.state_dict())
     assert any("running_mean" in k for k in got)
     assert _equal(got, want)
+    init, _ = open_checkpoint(run / INIT)
+    net = init.dmp.module
+    parts = init.predict(tiny_world, "B", 2, outputs=lambda b: net.output_parts(b.sparse,
+                                                                                b.dense))
+    offset = parts["p"][:, 1].mean()
+    fitted = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert fitted["fusion_offset"] == pytest.approx(offset, abs=1e-5)
+    assert fitted["fusion_weight"] == best_weight(parts["labels"], parts["p"][:, 0],
+                                                  parts["p"][:, 1] - offset)
 
 
 @pytest.mark.parametrize("lag", [1, 0])
@@ -384,8 +397,6 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
     per period t, w and c fitted on t's rows before anything trains on them, by the model as
     it stands with the source of period t - 1 (with source_lag 0 not t's own, which has seen
     period t); the served score is sigmoid(target + w (source - c))."""
-    from ctnet_rec.training.output_fusion import best_weight
-
     cfg = copy.deepcopy(towers.cfg)
     cfg.ctnet.output_fusion, cfg.ctnet.source_lag = True, lag
     run = tmp_path / "run"
