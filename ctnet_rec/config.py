@@ -726,8 +726,12 @@ def recorded_config(raw: dict[str, Any]) -> Config:
     were renamed since are carried over (an earlier run's single dense lr also trained its
     adapters, from accumulator 0), so a run resumes as it was trained. The synthetic world's
     per-domain `specific_weight`, replaced by `synth.domain_gap`, is dropped (the world is
-    data, not part of the model)."""
+    data, not part of the model). A model setting added since (`ADDED_LATER`) takes the value
+    that behaves as before it existed, whatever today's default."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for (section, key), before in ADDED_LATER.items():
+        if isinstance(raw.get(section), dict):
+            raw[section].setdefault(key, before)
     synth = raw.get("synth", {})
     if "domains" in synth:
         synth["domains"] = {name: {k: v for k, v in d.items() if k != "specific_weight"}

@@ -129,3 +129,6 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     assert demo_config.section_differences(as_written, "model", "ctnet") == []
     assert on.section_differences(as_written, "model", "ctnet") == [
         "ctnet.output_fusion: checkpoint None vs config True"]
+    # read back from such a record, the setting is off whatever today's default
+    from ctnet_rec.config import recorded_config
+    assert recorded_config(as_written).ctnet.output_fusion is False
