@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from ctnet_rec import __version__
 from ctnet_rec.config import (
     ConfigError,
     JointBaseline,
@@ -31,7 +32,7 @@ log = logging.getLogger("ctnet")
 def _data_validate(args: argparse.Namespace) -> None:
     from ctnet_rec.data.summary import format_summary, summary_records, validate_dataset
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     rows = validate_dataset(args.root, cfg.features, args.domain or None)
     print(format_summary(rows))
     if args.json:
@@ -42,7 +43,7 @@ def _data_validate(args: argparse.Namespace) -> None:
 def _data_synth(args: argparse.Namespace) -> None:
     from ctnet_rec.data.synth import synthesize
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     if args.quick:
         from ctnet_rec.experiment.runner import quick
 
@@ -67,7 +68,7 @@ def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
     from ctnet_rec.training.trainer import train_continual
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
     init = Path(args.init) if args.init else None
     deployment = Deployment("tower")
@@ -92,7 +93,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     out = writable_file(Path(args.out or f"eval-{args.domain}-period{args.period}.json"),
                         "--out")
-    cfg = load_config(args.config) if args.config else None
+    if args.set and not args.config:
+        raise ConfigError("--set changes a config given with --config (the checkpoint's own "
+                          "recorded config is read as it is)")
+    cfg = load_config(args.config, args.set) if args.config else None
     metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
                                   cfg, _sharding(args, lambda: cfg.sharding if cfg else
                                                  _recorded_sharding(Path(args.ckpt))),
@@ -133,8 +137,8 @@ def _export(args: argparse.Namespace) -> None:
 def _transfer_init(args: argparse.Namespace) -> None:
     from ctnet_rec.training.transfer import transfer_init
 
-    transfer_init(load_config(args.config), Path(args.source_ckpt), Path(args.target_ckpt),
-                  Path(args.run),
+    transfer_init(load_config(args.config, args.set), Path(args.source_ckpt),
+                  Path(args.target_ckpt), Path(args.run),
                   load_config(args.source_config) if args.source_config else None)
 
 
@@ -152,7 +156,7 @@ def _transfer_run(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from sharding.plan import format_plan, plan_tables
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
     kind = "ctnet" if args.ctnet else args.kind
     source = (load_config(args.source_config) if args.source_config else cfg) \
@@ -169,7 +173,7 @@ def _experiment(args: argparse.Namespace) -> None:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: repeat at least once")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     if args.quick:
         cfg = quick(cfg)
     if args.jobs is not None:
@@ -239,12 +243,20 @@ def _run_argument(p: argparse.ArgumentParser) -> None:
                    "it --run-dir (torchrun's own parser takes --run for its --run-path)")
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set a key of CONFIG, e.g. train.seed=3 or "
+                        "ctnet.output_fusion=true (a TOML value; repeatable; recorded with "
+                        "the run's config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctnet",
         description="Continual cross-domain CTR prediction with CTNet on TorchRec.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="check, summarise or synthesise datasets")
@@ -258,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("root", help="dataset root: ROOT/<domain>/period=<int>/*.parquet")
     v.add_argument("--config", required=True, help="TOML config with a [features] section")
+    _add_set(v)
     v.add_argument("--domain", action="append", help="only this domain (repeatable)")
     v.add_argument("--json", help="also write the summary as JSON to this file")
     v.set_defaults(func=_data_validate)
@@ -269,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data contract, with the true click probabilities under OUT/_oracle.",
     )
     s.add_argument("--config", required=True, help="TOML config with a [synth] section")
+    _add_set(s)
     s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     s.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     s.add_argument("--quick", action="store_true", help="the small world of `ctnet experiment "
@@ -305,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate on the next period and rewrite RUN/metrics.jsonl.",
     )
     t.add_argument("--config", required=True, help="TOML config")
+    _add_set(t)
     _data_arguments(t)
     t.add_argument("--periods", required=True, help=PERIODS_HELP)
     _run_argument(t)
@@ -336,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_arguments(e)
     e.add_argument("--config", help="override the config the checkpoint records (towers)")
+    _add_set(e)
     e.add_argument("--ckpt", required=True, help="checkpoint folder (RUN/checkpoints/period=t)")
     e.add_argument("--period", type=int, required=True)
     e.add_argument("--out", help="JSON output (default eval-<domain>-period<p>.json)")
@@ -398,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--target-ckpt", required=True, help="target-domain tower checkpoint")
     ti.add_argument("--config", required=True,
                     help="TOML config of the target tower, with the [ctnet] section")
+    _add_set(ti)
     ti.add_argument("--source-config",
                     help="the source tower's config (default: the one its checkpoint records)")
     _run_argument(ti)
@@ -430,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "optimiser state and the rest. A plan that cannot fit names the tables and by how much.",
     )
     pl.add_argument("--config", required=True, help="TOML config (features, model, sharding)")
+    _add_set(pl)
     pl.add_argument("--world-size", type=positive_int, required=True)
     pl.add_argument("--local-world-size", type=positive_int,
                     help="ranks per host (default min(8, N))")
@@ -458,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG plots. Re-running resumes: finished models are not trained again.",
     )
     x.add_argument("config", help="TOML config (features, model, synth, experiment)")
+    _add_set(x)
     x.add_argument("--data", help="dataset root in the data contract (default: a synthetic "
                    "world generated into OUT/data)")
     x.add_argument("--out", help="output folder (default runs/<config name>[-quick])")

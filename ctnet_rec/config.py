@@ -11,6 +11,7 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -753,8 +754,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate a TOML config; every problem is reported with the file and key."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load and validate a TOML config, with `overrides` ("section.key=value", the value as
+    TOML, e.g. `train.seed=3`, `ctnet.output_fusion=true`; a bare word is a string) set over
+    the file's keys; every problem is reported with the file and key."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -766,7 +769,29 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") \
             from None
+    for item in overrides:
+        set_key(raw, item)
     try:
         return config_from_dict(raw)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        given = f" with --set {' '.join(overrides)}" if overrides else ""
+        raise ConfigError(f"{path}{given}: {e}") from None
+
+
+def set_key(raw: dict[str, Any], item: str) -> None:
+    """One "section.key=value" override into a config's raw TOML tables (validated with the
+    rest by `config_from_dict`). Entries of a [[...]] list are not addressable."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.seed=3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    table = raw
+    for i, part in enumerate(parts[:-1]):
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a table")
+    table[parts[-1]] = value

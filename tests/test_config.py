@@ -132,3 +132,34 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     # read back from such a record, the setting is off whatever today's default
     from ctnet_rec.config import recorded_config
     assert recorded_config(as_written).ctnet.output_fusion is False
+
+
+def test_set_overrides_keys_as_toml_values_and_refuses_what_the_file_would():
+    cfg = load_config(DEMO_CONFIG, ["train.seed=3", "ctnet.output_fusion=true",
+                                    "train.device=cpu", "data.batch_size = 128",
+                                    "model.mlp_hidden=[64, 32]", "train.dense.lr=0.05"])
+    assert (cfg.train.seed, cfg.ctnet.output_fusion, cfg.data.batch_size) == (3, True, 128)
+    assert cfg.model.mlp_hidden == [64, 32] and cfg.train.dense.lr == 0.05
+    assert load_config(DEMO_CONFIG).train.seed == 0  # the file itself is untouched
+    with pytest.raises(ConfigError, match=r"--set train\.sed=3.*train\.sed"):
+        load_config(DEMO_CONFIG, ["train.sed=3"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_config(DEMO_CONFIG, ["data.batch_size=-1"])
+    with pytest.raises(ConfigError, match=r"expected SECTION\.KEY=VALUE"):
+        load_config(DEMO_CONFIG, ["train.seed"])
+    with pytest.raises(ConfigError, match=r"train\.seed is not a table"):
+        load_config(DEMO_CONFIG, ["train.seed.x=1"])
+
+
+def test_the_command_line_sets_keys_and_says_its_version(capsys):
+    from ctnet_rec import __version__
+    from ctnet_rec.cli import main
+
+    assert main(["plan", "--config", str(DEMO_CONFIG), "--world-size", "2",
+                 "--set", "sharding.sharding_type=row_wise"]) == 0
+    assert "row_wise" in capsys.readouterr().out
+    assert main(["plan", "--config", str(DEMO_CONFIG), "--world-size", "2",
+                 "--set", "sharding.sharding_type=diagonal"]) == 2
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"ctnet {__version__}"
