@@ -93,20 +93,29 @@ def _shuffled_source_world(cfg: Config, root: Path) -> Path:
     return world
 
 
+@pytest.fixture(scope="module")
+def knows_nothing(towers, tmp_path_factory) -> tuple[Config, Path]:
+    """A source tower trained on a world whose source labels are shuffled, and B's Base run
+    on the same world: (config, folder holding the world, A and B/base)."""
+    cfg = dataclasses.replace(towers.cfg, experiment=dataclasses.replace(
+        towers.cfg.experiment, deploy_period=3, periods=4, target_domains=["B"]))
+    root = tmp_path_factory.mktemp("knows-nothing")
+    world = _shuffled_source_world(cfg, root)
+    torch.manual_seed(0)
+    train_continual(cfg, world, "A", range(8), root / "A", evaluate=False)
+    train_continual(cfg, world, "B", range(7), root / "B" / "base")
+    return cfg, root
+
+
 @pytest.mark.parametrize("overrides", [{}, {"output_fusion": True}], ids=["ctnet", "fusion"])
-def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path, overrides):
+def test_a_source_that_knows_nothing_costs_no_auc(knows_nothing, tmp_path, overrides):
     """Over 4 periods CTNet's mean next-period AUC >= Base's - 0.002 and no period below
     Base by more than 2 standard errors of Base's AUC (3,000 test rows a period); with the
     output fusion, the source's logit gets (almost) no weight."""
-    cfg = dataclasses.replace(towers.cfg, experiment=dataclasses.replace(
-        towers.cfg.experiment, deploy_period=3, periods=4, target_domains=["B"]))
-    world = _shuffled_source_world(cfg, tmp_path)
-    torch.manual_seed(0)
-    train_continual(cfg, world, "A", range(8), tmp_path / "A", evaluate=False)
-    base = tmp_path / "B" / "base"
-    train_continual(cfg, world, "B", range(7), base)
-    run_ctnet(cfg, overrides, world, "B", tmp_path / "A", base, tmp_path / "B" / "ctnet")
-    b, c = metrics_by_period(base), metrics_by_period(tmp_path / "B" / "ctnet")
+    cfg, root = knows_nothing
+    base, run = root / "B" / "base", tmp_path / "ctnet"
+    run_ctnet(cfg, overrides, root / "world", "B", root / "A", base, run)
+    b, c = metrics_by_period(base), metrics_by_period(run)
     periods = range(3, 7)
     gains = [c[t]["auc"] - b[t]["auc"] for t in periods]
     assert np.mean(gains) >= -0.002, gains
@@ -115,6 +124,5 @@ def test_a_source_that_knows_nothing_costs_no_auc(towers, tmp_path, overrides):
         se = auc_standard_error(b[t]["auc"], positives, b[t]["rows"] - positives)
         assert g >= -2 * se, (t, g, se)
     if overrides:
-        weights = [m["fusion_weight"] for m in read_jsonl(tmp_path / "B" / "ctnet"
-                                                          / "metrics.jsonl")]
+        weights = [m["fusion_weight"] for m in read_jsonl(run / "metrics.jsonl")]
         assert len(weights) == 4 and max(weights) <= 0.3, weights
