@@ -251,13 +251,16 @@ def plot(summary: dict[str, dict[str, dict[str, dict[str, float]]]], scales: lis
     for ax, scale in zip(axes[0], scales, strict=True):
         worlds = [w for w in summary if w.endswith(f"rows={scale:g}")]
         gaps = [float(w.split("/")[0].split("=")[1]) for w in worlds]
-        for r in (*BASELINES, *CANDIDATES):
+        shown = [r for r in (*BASELINES, *CANDIDATES) if r != SOURCE]
+        for i, r in enumerate(shown):
             ivs = [summary[w].get(r, {}).get("AUC") for w in worlds]
-            if r == SOURCE or not all(ivs):
+            if not all(ivs):
                 continue
             means = [iv["mean"] for iv in ivs]
             errs = [0.0 if math.isnan(iv["low"]) else iv["mean"] - iv["low"] for iv in ivs]
-            ax.errorbar(gaps, means, yerr=errs, marker="o", capsize=3, label=r)
+            shift = (i - len(shown) / 2) * 0.008  # side by side at each gap
+            ax.errorbar([g + shift for g in gaps], means, yerr=errs, marker="o", capsize=2,
+                        lw=1, ms=4, label=r)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=f"target rows x{scale:g}", xlabel="domain_gap",
                ylabel="AUC gain over Base (95% over seeds)")
