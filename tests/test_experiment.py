@@ -297,9 +297,23 @@ def test_jobs_refusals_come_back_from_their_process(tmp_path):
         with pytest.raises(DataError, match="domain folder not found"):
             runner.submit(partial(list_periods, tmp_path, "X"), "job").result()
         took = runner.submit(partial(list_periods, tmp_path.parent, tmp_path.name), "job")
-        assert took.result()["peak_rss_mb"] > 0
+        small = took.result()
+        # each job's peak memory is its own process's: a job holding 300 MB shows them, the
+        # next job (a fresh process) does not
+        big = runner.submit(partial(_hold_mb, 300), "job").result()
+        assert big["peak_rss_mb"] - big["start_rss_mb"] >= 290
+        after = runner.submit(partial(list_periods, tmp_path.parent, tmp_path.name),
+                              "job").result()
+        assert after["peak_rss_mb"] < big["peak_rss_mb"] - 250
+        assert abs(after["peak_rss_mb"] - small["peak_rss_mb"]) < 50
     finally:
         runner.close()
+
+
+def _hold_mb(mb: int) -> None:
+    """Touch `mb` megabytes (every page), so that they count in the process's peak RSS."""
+    block = np.ones(mb * 1024 * 1024 // 8)
+    assert block.sum() == block.size
 
 
 def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):

@@ -36,8 +36,11 @@ def test_retention_keeps_the_newest_and_every_checkpoint_a_lineage_names(
     metrics = [json.loads(x) for x in (root / "A" / "metrics.jsonl").read_text().splitlines()]
     assert [m["period"] for m in metrics] == [0, 1, 2, 3]
     assert all(m["train_rows"] > 0 for m in metrics)
-    # the deployed CTNet still finds its source
-    assert evaluate_checkpoint(root / "B-ctnet" / INIT, tiny_world, "B", 2)["auc"] > 0
+    # the deployed CTNet still finds its source, and scores as the target it was deployed on
+    ctnet = evaluate_checkpoint(root / "B-ctnet" / INIT, tiny_world, "B", 2)
+    target = evaluate_checkpoint(towers.target(1), tiny_world, "B", 2)
+    assert ctnet["auc"] == pytest.approx(target["auc"], abs=1e-3)
+    assert ctnet["rows"] == target["rows"] > 0
 
 
 def test_keep_checkpoints_is_validated(tmp_path):
