@@ -237,3 +237,26 @@ def test_a_bucketised_numeric_with_other_boundaries_is_refused(demo_config):
         CTNet(Tower(features, demo_config.model, device=torch.device("meta")),
               Tower(demo_config.features, demo_config.model, device=torch.device("meta")),
               CTNetConfig())
+
+
+def test_the_source_view_maps_dense_columns_by_name(demo_config, batches):
+    """The source reads the target's dense columns by name: a column only the target has is
+    dropped, one only the source has arrives as zeros, shared ones in the source's order."""
+    from ctnet_rec.config import NumericFeatureConfig
+    from ctnet_rec.modules.ctnet import SourceView
+
+    source, target = copy.deepcopy(demo_config.features), copy.deepcopy(demo_config.features)
+    source.numeric += [NumericFeatureConfig(name="age"), NumericFeatureConfig(name="income")]
+    target.numeric += [NumericFeatureConfig(name="income"), NumericFeatureConfig(name="clicks"),
+                       NumericFeatureConfig(name="age")]
+    view = SourceView(source, target)
+    assert not view.identity and view.dense_index == [2, 0]
+    b = batches[0]
+    dense = torch.arange(len(b) * 3, dtype=torch.float32).reshape(len(b), 3)  # income, clicks, age
+    kjt, got = view(b.sparse, dense)
+    torch.testing.assert_close(got, torch.stack([dense[:, 2], dense[:, 0]], 1))
+    assert kjt.keys() == source.sparse_keys()
+    only_source = copy.deepcopy(source)
+    only_source.numeric += [NumericFeatureConfig(name="tenure")]
+    _, got = SourceView(only_source, target)(b.sparse, dense)
+    assert got.shape == (len(b), 3) and torch.equal(got[:, 2], torch.zeros(len(b)))
