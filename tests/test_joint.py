@@ -171,3 +171,32 @@ def test_ple_gates_start_routed_and_stay_trainable():
             assert shared[0] < 1e-5  # the source task's expert
         assert all(p.requires_grad for g in (*level.task_gates, level.shared_gate)
                    if g is not None for p in g.parameters())
+
+
+def test_the_orthogonal_map_is_orthogonal_and_its_inverse_maps_back():
+    """DDTCDR's and DASL's map: the identity at deployment; once trained (any skew part),
+    still orthogonal, so distances are kept and X^T undoes X."""
+    from ctnet_rec.modules.joint.orthogonal import OrthogonalMap
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    m = OrthogonalMap(16)
+    torch.testing.assert_close(m(x), x)
+    with torch.no_grad():
+        m.skew.normal_(0, 0.5)
+    y = m(x)
+    assert (y - x).abs().max() > 0.1  # it moves the embeddings
+    eye = torch.eye(16)
+    torch.testing.assert_close(m(eye).T @ m(eye), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.norm(dim=1), x.norm(dim=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m(y, inverse=True), x, atol=1e-5, rtol=0)
+
+
+def test_own_or_other_starts_at_own_and_mixes_by_its_learned_weight():
+    own, other = torch.randn(8, 4), torch.randn(8, 4)
+    mix = OwnOrOther(["user", "item"])
+    assert torch.equal(mix("user", own, other), own)
+    with torch.no_grad():
+        mix.weight.copy_(torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(mix("user", own, other), 0.75 * own + 0.25 * other)
+    assert torch.equal(mix("item", own, other), own)  # a weight per table
