@@ -107,9 +107,11 @@ def real_config(path: str, seed: int, jobs: int | None) -> Config:
     return cfg
 
 
-def run_world(cfg: Config, out: Path, data: Path | None = None) -> Results:
-    """One (world, seed): the experiment's rows of the map on `data` (default: the config's
-    synthetic world of the seed, made in OUT/data), resumed if begun."""
+def run_world(cfg: Config, out: Path, data: Path | None = None,
+              rows: tuple[str, ...] = BASELINES,
+              candidates: dict[str, dict[str, Any]] = CANDIDATES) -> Results:
+    """One (world, seed): the experiment's `rows` and CTNet `candidates` on `data` (default:
+    the config's synthetic world of the seed, made in OUT/data), resumed if begun."""
     done = out / "metrics.json"
     if done.exists():
         return Results.from_json(json.loads(done.read_text()))
@@ -117,7 +119,7 @@ def run_world(cfg: Config, out: Path, data: Path | None = None) -> Results:
         data = out / "data"
         if not (data / "world.json").exists():
             synthesize(cfg.synth, data, seed=cfg.train.seed)
-    return run_experiment(cfg, data, out, rows=[*BASELINES, *CANDIDATES], variants=CANDIDATES)
+    return run_experiment(cfg, data, out, rows=[*rows, *candidates], variants=candidates)
 
 
 DEMO_RULE = """\
@@ -283,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", nargs=2, metavar=("CONFIG", "DATA"),
                    help="a real dataset as one more world (e.g. examples/movielens.toml "
                    "runs/movielens/data)")
+    p.add_argument("--rows", nargs="*", choices=BASELINES, default=list(BASELINES),
+                   help="the baseline rows (default: all)")
+    p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES),
+                   default=list(CANDIDATES), help="the CTNet designs (default: all)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST .. FIRST + SEEDS - 1 (another range: other worlds)")
     p.add_argument("--demo-rule", action="store_true",
                    help="only DEMO_RULE, on the map's worlds done so far (adds target C's "
                    "Source and Base rows)")
@@ -306,16 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     seconds: dict[str, float] = json.loads(before.read_text())["seconds"] \
         if before.exists() else {}
 
+    rows, candidates = tuple(args.rows), {c: CANDIDATES[c] for c in args.candidates}
+
     def timed(name: str, seed: int, config: Config, data: Path | None = None) -> Results:
         folder = out / name / f"seed={seed}"
         start, cached = time.perf_counter(), (folder / "metrics.json").exists()
-        results = run_world(config, folder, data)
+        results = run_world(config, folder, data, rows, candidates)
         if not cached:
             seconds[f"{name}/seed={seed}"] = round(time.perf_counter() - start, 1)
             log.info("%s seed %d done in %.0f s", name, seed, seconds[f"{name}/seed={seed}"])
         return results
 
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for gap, scale in worlds:
             name = world_name(gap, scale)
             results = timed(name, seed, world_config(cfg, gap, scale, seed, args.target))
@@ -342,7 +352,8 @@ def write_map(out: Path, args: argparse.Namespace,
               seconds: dict[str, float], seed: int, real: list[str]) -> dict[str, Any]:
     """OUT/regime_map.json and OUT/regime_map.md from the seeds done so far."""
     summary = summarise(by_world)
-    report = {"config": args.config, "real": args.real, "seeds_done": seed + 1, "rule": RULE,
+    report = {"config": args.config, "real": args.real,
+              "seeds_done": seed + 1 - args.first_seed, "rule": RULE,
               "candidates": CANDIDATES, "seconds": seconds, "summary": summary,
               "by_world": by_world, "choice": choose(summary, real)}
     write_atomic(out / "regime_map.json", json.dumps(report, indent=1) + "\n")
