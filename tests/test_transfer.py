@@ -428,3 +428,47 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
     np.testing.assert_allclose(served, 1 / (1 + np.exp(-(parts["p"][:, 0]
                                                            + w * (parts["p"][:, 1] - c)))),
                                atol=1e-6)
+
+
+def test_ctnet_with_output_fusion_resumes_inside_a_period_as_if_never_stopped(
+        towers, tiny_world, tmp_path, monkeypatch):
+    """Stopped right after a mid-period checkpoint of its second period, CTNet resumes inside
+    that period (the fused output's weight restored with the model, not fitted again on rows
+    it has half trained on) and ends with the uninterrupted run's metrics, to 1e-6."""
+    from ctnet_rec.training.transfer import CTNetTrainer
+
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.ctnet.output_fusion = True
+    cfg.train.checkpoint_every_rows = 512
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    for run in (whole, stopped):
+        transfer_init(cfg, towers.source(1), towers.target(1), run)
+    transfer_run(whole, tiny_world, "B", [2, 3], towers.source_run)
+
+    save = CTNetTrainer._save_position
+
+    def stop_inside_period_3(self, period, *args):
+        save(self, period, *args)
+        if period == 3:
+            raise KeyboardInterrupt  # as a kill right after the checkpoint
+
+    monkeypatch.setattr(CTNetTrainer, "_save_position", stop_inside_period_3)
+    with pytest.raises(KeyboardInterrupt):
+        transfer_run(stopped, tiny_world, "B", [2, 3], towers.source_run)
+    monkeypatch.undo()
+    assert sorted(complete_checkpoints(stopped)) == [2]
+    assert Manifest.read(stopped / "checkpoints" / "mid-period").period == 3
+    fits = []
+    monkeypatch.setattr(CTNetTrainer, "fit_output_fusion",
+                        lambda self, *a: fits.append(a))  # must not be called
+    transfer_run(stopped, tiny_world, "B", [2, 3], towers.source_run)
+    assert fits == []
+    got, want = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+                 for r in (stopped, whole))
+    assert [m["period"] for m in got] == [2, 3]
+    for g, w in zip(got, want, strict=True):
+        for key in ("train_loss", "fusion_weight", "fusion_offset"):
+            assert g[key] == pytest.approx(w[key], abs=1e-6), key
+        assert g.get("eval", {}).get("auc") == pytest.approx(w.get("eval", {}).get("auc"),
+                                                              abs=1e-6)
+    assert "eval" in got[0]  # the tiny world ends at period 3: only period 2 is tested
