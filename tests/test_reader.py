@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader, batch_sizes
 
 from .conftest import valid_table, write_period
@@ -208,3 +209,40 @@ def test_pinned_batches_and_copies_one_ahead(dataset, features, demo_config, mon
         assert len(pulled) == min(i + 2, len(plain))  # the next batch is already fetched
         seen += 1
     assert seen == len(plain)
+
+
+def test_narrow_integer_and_large_list_columns_read_as_int64_lists(tmp_path, features,
+                                                                   demo_config):
+    """The contract takes any integer id type and list or large_list sequences: such a file
+    gives the same batches as its int64 / list<int64> twin."""
+    import pyarrow.compute as pc
+
+    t = valid_table(50, seed=4)
+    for col in ("item_id", "category_id", "hist_item_ids", "hist_category_ids",
+                "long_hist_item_ids"):  # ids that fit 16 bits
+        arr = t[col].combine_chunks()
+        small = pc.bit_wise_and(arr.flatten() if pa.types.is_list(arr.type) else arr, 0x7FFF)
+        if pa.types.is_list(arr.type):
+            small = pa.ListArray.from_arrays(arr.offsets, small)
+        t = t.set_column(t.schema.get_field_index(col), col, small)
+    narrow = t
+    for col, typ in [("item_id", pa.int32()), ("category_id", pa.int16()), ("hour", pa.uint8()),
+                     ("hist_item_ids", pa.large_list(pa.int64())),
+                     ("hist_category_ids", pa.large_list(pa.int32())),
+                     ("long_hist_item_ids", pa.list_(pa.int32()))]:
+        narrow = narrow.set_column(narrow.schema.get_field_index(col), col,
+                                   narrow[col].cast(typ))
+    assert narrow.schema.field("hist_item_ids").type == pa.large_list(pa.int64())
+    write_period(tmp_path / "wide", "B", 0, [t])
+    write_period(tmp_path / "narrow", "B", 0, [narrow])
+    validate_periods(tmp_path / "narrow", "B", [0], features)  # the contract takes it
+    wide_batch, narrow_batch = (
+        next(iter(ParquetBatchReader(tmp_path / name, "B", [0], features, demo_config.data,
+                                     batch_size=64, shuffle=False)))
+        for name in ("wide", "narrow"))
+    for key in features.sparse_keys():
+        a, b = wide_batch.sparse[key], narrow_batch.sparse[key]
+        assert b.values().dtype == torch.int64, key
+        assert torch.equal(a.values(), b.values()) and torch.equal(a.lengths(), b.lengths()), key
+    assert torch.equal(wide_batch.labels, narrow_batch.labels)
+    assert torch.equal(wide_batch.item_ids, narrow_batch.item_ids)
