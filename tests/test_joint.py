@@ -200,3 +200,36 @@ def test_own_or_other_starts_at_own_and_mixes_by_its_learned_weight():
         mix.weight.copy_(torch.tensor([0.25, 0.0]))
     torch.testing.assert_close(mix("user", own, other), 0.75 * own + 0.25 * other)
     assert torch.equal(mix("item", own, other), own)  # a weight per table
+
+
+def test_ple_gates_start_routed_mix_by_softmax_and_stay_trainable():
+    """PLE's level: the source task's gate starts on its own expert, the shared gate away
+    from it (e^-12 of the mix elsewhere), the target's even; each output is the softmax-
+    weighted sum of its experts; and the routing is a bias, so gradients reach it."""
+    from ctnet_rec.modules.joint.ple import ExtractionLayer
+
+    torch.manual_seed(0)
+    layer = ExtractionLayer(in_dim=6, width=4, shared=2, per_task=1, top=False, slope=0.1)
+    layer.eval()
+    xs = [torch.randn(5, 6) for _ in range(3)]  # source task's, target task's, shared
+    experts = {name: [e(xs[i]) for e in group] for name, i, group in
+               [("source", SOURCE, layer.task_experts[SOURCE]),
+                ("target", TARGET, layer.task_experts[TARGET]),
+                ("shared", 2, layer.shared_experts)]}
+    out = layer(xs, SOURCE)
+    torch.testing.assert_close(out[SOURCE], experts["source"][0], atol=1e-4, rtol=0)
+    want_shared = (experts["target"][0] + experts["shared"][0] + experts["shared"][1]) / 3
+    torch.testing.assert_close(out[2], want_shared, atol=1e-4, rtol=0)
+    want_target = sum([experts["target"][0], *experts["shared"]]) / 3
+    torch.testing.assert_close(out[TARGET], want_target, atol=1e-6, rtol=0)
+    # a gate that has learnt to prefer an expert mixes by the softmax of its logits
+    with torch.no_grad():
+        layer.task_gates[TARGET].bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    w = torch.softmax(torch.tensor([1.0, 0.0, -1.0]), 0)
+    got = layer(xs, TARGET)[TARGET]
+    torch.testing.assert_close(got, w[0] * experts["target"][0] + w[1] * experts["shared"][0]
+                               + w[2] * experts["shared"][1], atol=1e-6, rtol=0)
+    layer.train()
+    layer.reset_gates()
+    layer(xs, SOURCE)[2].sum().backward()
+    assert layer.shared_gate.bias.grad.abs().sum() > 0
