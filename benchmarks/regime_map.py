@@ -357,9 +357,33 @@ def write_map(out: Path, args: argparse.Namespace,
               "candidates": CANDIDATES, "seconds": seconds, "summary": summary,
               "by_world": by_world, "choice": choose(summary, real)}
     write_atomic(out / "regime_map.json", json.dumps(report, indent=1) + "\n")
-    text = "\n\n".join(f"### {m} gain over Base\n\n{markdown(summary, m)}" for m in METRICS)
+    text = "\n\n".join([*(f"### {m} gain over Base\n\n{markdown(summary, m)}"
+                           for m in METRICS), verdict_markdown(report)])
     write_atomic(out / "regime_map.md", text + "\n")
     return report
+
+
+def verdict_markdown(report: dict[str, Any]) -> str:
+    """The rule's verdict and what the map cost, as the docs quote them."""
+    choice, seconds = report["choice"], report["seconds"]
+    helps = choice["worlds_where_late_fusion_helps"]
+    ranked = ", ".join(helps) if helps else "none, so all synthetic worlds rank"
+    lines = ["### The rule's verdict", "",
+             f"Seeds per world: {report['seeds_done']}. Worlds where the late fusion is above "
+             f"Base (those that rank): {ranked}.", "",
+             "| candidate | below Base beyond noise on | mean AUC gain over the ranking worlds |",
+             "|---|---|---|"]
+    for name, v in choice["candidates"].items():
+        lines.append(f"| {name} | {', '.join(v['below_base_on']) or 'no world'} | "
+                     f"{v['mean_auc_gain']:+.4f} |")
+    lines += ["", f"Winner: {choice['winner'] or 'none'}.", ""]
+    by_world: dict[str, list[float]] = {}
+    for key, s in seconds.items():
+        by_world.setdefault(key.rsplit("/seed=", 1)[0], []).append(s)
+    lines.append("Cost (wall seconds per seed, two jobs at a time, this machine): " + "; ".join(
+        f"{w} {statistics.fmean(v):.0f}" for w, v in by_world.items())
+                 + f"; in all {sum(seconds.values()) / 3600:.1f} h.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
