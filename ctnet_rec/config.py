@@ -418,8 +418,9 @@ class CTNetConfig:
     share_long_sequence_attention: bool = False
     # the source's logit joins the served output, logit = target + w (source - c), w fitted
     # on each period's rows before they are trained on (the towers train as without it;
-    # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model
-    output_fusion: bool = False
+    # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model.
+    # The default by the regime map's rule (docs/experiment.md, "When transfer helps")
+    output_fusion: bool = True
     # how the adapters train (not part of the model: a checkpoint loads under other settings)
     adapter_optimizer: OptimizerConfig = field(default_factory=_adapter_optimizer,
                                                metadata={"model": False})

@@ -114,19 +114,21 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     import hashlib
     import json
 
-    older = {s: dataclasses.asdict(getattr(demo_config, s)) for s in ("model", "ctnet")}
+    off = copy.deepcopy(demo_config)
+    off.ctnet.output_fusion = False  # as every CTNet was before the setting existed
+    older = {s: dataclasses.asdict(getattr(off, s)) for s in ("model", "ctnet")}
     del older["ctnet"]["output_fusion"]
     for key in ("source_lag", "adapter_optimizer"):  # how it trains: never hashed
         del older["ctnet"][key]
     recorded = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
-    assert demo_config.section_hash("model", "ctnet") == recorded
+    assert off.section_hash("model", "ctnet") == recorded
     on = copy.deepcopy(demo_config)
     on.ctnet.output_fusion = True
     assert on.section_hash("model", "ctnet") != recorded
-    as_written = dataclasses.asdict(demo_config)
+    as_written = dataclasses.asdict(off)
     as_written["ctnet"].pop("output_fusion")
     as_written["ctnet"]["source_lag"] = 0
-    assert demo_config.section_differences(as_written, "model", "ctnet") == []
+    assert off.section_differences(as_written, "model", "ctnet") == []
     assert on.section_differences(as_written, "model", "ctnet") == [
         "ctnet.output_fusion: checkpoint None vs config True"]
     # read back from such a record, the setting is off whatever today's default
