@@ -55,12 +55,13 @@ GAPS = (0.2, 0.5, 0.8, 1.0)
 SCALES = (1.0, 0.25)  # target rows a period, as a share of the config's
 FINETUNE_ALL = "Pre-train & Fine-tune (all parameters)"
 BASELINES = (SOURCE, LATE_FUSION, DUAL, FINETUNE_ALL, "DDTCDR")
-# the CTNet designs compared (name -> changes to [ctnet]); the first is today's default
+# the CTNet designs compared (name -> changes to [ctnet], each pinned, whatever the defaults):
+# the paper's adapters alone first; the output fusion won the map and is now the default
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "CTNet": {},
+    "CTNet": {"output_fusion": False},
     "CTNet + output fusion": {"output_fusion": True},
-    "CTNet, adapters on E^S": {"adapter_tap": "previous_layer"},
-    "CTNet, source_lag 0": {"source_lag": 0},
+    "CTNet, adapters on E^S": {"adapter_tap": "previous_layer", "output_fusion": False},
+    "CTNet, source_lag 0": {"source_lag": 0, "output_fusion": False},
     "CTNet + output fusion, source_lag 0": {"output_fusion": True, "source_lag": 0},
 }
 METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
