@@ -56,7 +56,7 @@ SCALES = (1.0, 0.25)  # target rows a period, as a share of the config's
 FINETUNE_ALL = "Pre-train & Fine-tune (all parameters)"
 BASELINES = (SOURCE, LATE_FUSION, DUAL, FINETUNE_ALL, "DDTCDR")
 # the CTNet designs compared (name -> changes to [ctnet], each pinned, whatever the defaults):
-# the paper's adapters alone first; the output fusion won the map and is now the default
+# the paper's adapters alone first; the output fusion won the map and is the default
 CANDIDATES: dict[str, dict[str, Any]] = {
     "CTNet": {"output_fusion": False},
     "CTNet + output fusion": {"output_fusion": True},

@@ -58,8 +58,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def candidate_config(cfg: Config, name: str) -> Config:
     net, opt = CANDIDATES[name]
     out = copy.deepcopy(cfg)
-    out.ctnet = dataclasses.replace(
-        out.ctnet, **net,
+    out.ctnet = dataclasses.replace(  # the adapters alone: what their optimiser changes
+        out.ctnet, **{"output_fusion": False, **net},
         adapter_optimizer=dataclasses.replace(OptimizerConfig(), **opt))
     out.validate()
     return out
