@@ -342,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
             for d in rcfg.experiment.target_domains:
                 by_world.setdefault(name, {})[str(seed)] = seed_gains(results, d)
             report = write_map(out, args, by_world, seconds, seed, real)
-    plot({w: v for w, v in report["summary"].items() if w not in real}, args.scales,
-         out / "regime_map.png")
+    if args.scales:  # no synthetic world (`--scales` alone with --real): nothing to plot
+        plot({w: v for w, v in report["summary"].items() if w not in real}, args.scales,
+             out / "regime_map.png")
     print((out / "regime_map.md").read_text())
     print(json.dumps(report["choice"], indent=1))
 
