@@ -63,6 +63,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "CTNet, adapters on E^S": {"adapter_tap": "previous_layer", "output_fusion": False},
     "CTNet, source_lag 0": {"source_lag": 0, "output_fusion": False},
     "CTNet + output fusion, source_lag 0": {"output_fusion": True, "source_lag": 0},
+    # the adapters' designs, each on top of the output fusion
+    "CTNet + output fusion, both taps": {"output_fusion": True, "adapter_tap": "both"},
+    "CTNet + output fusion, adapter lr 0.3": {"output_fusion": True,
+                                              "adapter_optimizer": {"lr": 0.3}},
+    "CTNet + output fusion, adapter lr 1": {"output_fusion": True,
+                                            "adapter_optimizer": {"lr": 1.0}},
+    "CTNet + output fusion, gated adapters": {"output_fusion": True, "adapter_gate": True},
+    "CTNet + output fusion, normalised source states": {"output_fusion": True,
+                                                        "adapter_input_norm": True},
+    "CTNet + output fusion, prequential adapter pass": {"output_fusion": True,
+                                                        "adapter_prequential_pass": True},
 }
 METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
            "new items AUC": ("slices", "new_items", "auc")}

@@ -407,8 +407,12 @@ class CTNetConfig:
     the source tower's SIM/ETA outputs, so the long-sequence work is done once."""
 
     adapter: Literal["glu", "linear"] = "glu"
-    adapter_tap: Literal["same_layer", "previous_layer"] = "same_layer"
+    adapter_tap: Literal["same_layer", "previous_layer", "both"] = "same_layer"
     adapter_init_scale: float = 1e-5
+    # a learned scalar per adapter, starting at 1, multiplying what it adds
+    adapter_gate: bool = False
+    # the source states the adapters read are layer-normalised (no affine): every tap at scale 1
+    adapter_input_norm: bool = False
     source_refresh: Literal["every_period", "once"] = "every_period"
     # training on period t uses the newest source checkpoint of a period <= t - source_lag:
     # 1 is Algorithm 1 (the source in service while t's data arrives; CTNet and transfer-once
@@ -421,6 +425,10 @@ class CTNetConfig:
     # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model.
     # The default by the regime map's rule (docs/experiment.md, "When transfer helps")
     output_fusion: bool = True
+    # before each period's training, one pass over its rows that trains the adapters alone
+    # (the target tower frozen: its tables, dense layers and batch-norm statistics): the
+    # adapters fit rows the target has not fitted yet, where the source's knowledge shows
+    adapter_prequential_pass: bool = field(default=False, metadata={"model": False})
     # how the adapters train (not part of the model: a checkpoint loads under other settings)
     adapter_optimizer: OptimizerConfig = field(default_factory=_adapter_optimizer,
                                                metadata={"model": False})
@@ -627,7 +635,9 @@ _NOT_MODEL = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.ge
 # Model settings added after checkpoints recording their section were written: (section, key)
 # -> the value that behaves as before the key existed. Left out of the config hash at that
 # value, so a checkpoint of an older version still loads (and its hash is unchanged).
-ADDED_LATER: dict[tuple[str, str], Any] = {("ctnet", "output_fusion"): False}
+ADDED_LATER: dict[tuple[str, str], Any] = {("ctnet", "output_fusion"): False,
+                                           ("ctnet", "adapter_gate"): False,
+                                           ("ctnet", "adapter_input_norm"): False}
 _ABSENT = object()
 
 

@@ -260,3 +260,56 @@ def test_the_source_view_maps_dense_columns_by_name(demo_config, batches):
     only_source.numeric += [NumericFeatureConfig(name="tenure")]
     _, got = SourceView(only_source, target)(b.sparse, dense)
     assert got.shape == (len(b), 3) and torch.equal(got[:, 2], torch.zeros(len(b)))
+
+
+def test_both_taps_gates_and_normalised_states_by_hand(demo_config, batches):
+    """`adapter_tap = "both"`: layer l adds g_l(z^S_l) + h_l(z^S_{l-1}); `adapter_input_norm`
+    layer-normalises each state first; `adapter_gate` scales each adapter by its own learned
+    scalar. Fresh, it predicts as the target; by hand with every weight far from its start."""
+    torch.manual_seed(1)
+    src_model = copy.deepcopy(demo_config.model)
+    src_model.mlp_hidden = [48, 40, 24]
+    source = Tower(demo_config.features, src_model).eval()
+    torch.manual_seed(2)
+    target = Tower(demo_config.features, demo_config.model).eval()
+    cfg = CTNetConfig(adapter_tap="both", adapter_gate=True, adapter_input_norm=True)
+    net = CTNet(source, target, cfg).eval()
+    b = batches[0]
+    with torch.no_grad():
+        fresh = net(b.sparse, b.dense).logits
+        assert (torch.sigmoid(fresh) - torch.sigmoid(target(b.sparse, b.dense).logits)
+                ).abs().max() < 1e-4
+    names = {n for n, _ in net.named_parameters() if not n.startswith(("source.", "target."))}
+    assert {"adapters.0.scale", "input_adapters.2.scale", "input_adapters.0.value.weight"} <= names
+    assert [a.value.in_features for a in net.input_adapters][1:] == [48, 40]
+    torch.manual_seed(3)
+    for p in [*net.adapters.parameters(), *net.input_adapters.parameters()]:
+        torch.nn.init.normal_(p, std=0.3)
+
+    def g(a, x):
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        return a.scale * a.value(x) * torch.sigmoid(a.gate(x))
+
+    with torch.no_grad():
+        src = source(b.sparse, b.dense)
+        states = [src.inputs, *src.hidden]
+        z, _ = target.embed(b.sparse, b.dense)
+        mlp = target.mlp
+        for layer, (lin, bn) in enumerate(zip(mlp.linears, mlp.norms, strict=True)):
+            add = g(net.adapters[layer], states[layer + 1]) + \
+                g(net.input_adapters[layer], states[layer])
+            z = mlp.act(bn(lin(z)) + add)
+        torch.testing.assert_close(net(b.sparse, b.dense).logits, mlp.out(z).squeeze(-1),
+                                   rtol=0, atol=1e-5)
+
+
+def test_the_default_adapters_keep_their_parameter_names(demo_config):
+    """Checkpoints of CTNets made before the gate and the second tap existed load as they
+    are: the default model has exactly the adapter parameters it always had."""
+    source, target = _towers(demo_config)
+    net = CTNet(source, target, CTNetConfig())
+    names = [n for n, _ in net.named_parameters() if not n.startswith(("source.", "target."))]
+    layers = len(demo_config.model.mlp_hidden)
+    assert names == [f"adapters.{i}.{lin}.{p}" for i in range(layers)
+                     for lin in ("value", "gate") for p in ("weight", "bias")]
+    assert net.input_adapters is None

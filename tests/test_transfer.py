@@ -473,3 +473,42 @@ def test_ctnet_with_output_fusion_resumes_inside_a_period_as_if_never_stopped(
         assert g.get("eval", {}).get("auc") == pytest.approx(w.get("eval", {}).get("auc"),
                                                               abs=1e-6)
     assert "eval" in got[0]  # the tiny world ends at period 3: only period 2 is tested
+
+
+def test_the_prequential_pass_trains_the_adapters_and_nothing_else(towers, deployed,
+                                                                   tiny_world):
+    """`adapter_pass`: after a pass over a period, every target tensor (tables, dense
+    layers, batch-norm statistics) and the tables' optimiser state are bit-identical; the
+    adapters and their optimiser state have moved."""
+    trainer, _ = open_checkpoint(deployed / INIT)
+    before = _tensors(trainer.dmp.state_dict())
+    optim_before = _optim_tensors(trainer)
+    trainer.adapter_pass(tiny_world, "B", 2)
+    after = _tensors(trainer.dmp.state_dict())
+    optim_after = _optim_tensors(trainer)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("adapters.") for k in moved), sorted(moved)
+    assert "adapters.0.value.weight" in moved
+    optim_moved = {k for k in optim_before if not torch.equal(optim_before[k], optim_after[k])}
+    assert optim_moved and all(k.startswith("dense/adapters.") for k in optim_moved), \
+        sorted(optim_moved)
+    assert trainer.dmp.module.target.training  # back in train mode for the period's pass
+
+
+def test_ctnet_candidates_train_end_to_end(towers, tiny_world, tmp_path):
+    """Both taps, gates, normalised states and the prequential pass together, through
+    `transfer_run`: trains, saves, and restores into the same model."""
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.ctnet.adapter_tap, cfg.ctnet.adapter_gate = "both", True
+    cfg.ctnet.adapter_input_norm, cfg.ctnet.adapter_prequential_pass = True, True
+    run = tmp_path / "run"
+    transfer_init(cfg, towers.source(1), towers.target(1), run)
+    init, _ = open_checkpoint(run / INIT)
+    assert init.predict(tiny_world, "B", 3)["p"] == pytest.approx(
+        open_checkpoint(towers.target(1))[0].predict(tiny_world, "B", 3)["p"], abs=1e-4)
+    transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)
+    assert sorted(complete_checkpoints(run)) == [2, 3]
+    last, _ = open_checkpoint(run / "checkpoints" / "period=3")
+    state = last.dmp.state_dict()
+    for key in ("adapters.0.scale", "input_adapters.1.value.weight"):
+        assert not torch.equal(init.dmp.state_dict()[key], state[key]), key

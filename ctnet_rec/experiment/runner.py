@@ -447,7 +447,10 @@ def run_ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str,
     """Deploy CTNet from the warm-up checkpoints of period t0 - 1 and run it to the end."""
     e = cfg.experiment
     variant = copy.deepcopy(cfg)
-    variant.ctnet = dataclasses.replace(variant.ctnet, **overrides)
+    # a dict changes keys of a nested section, e.g. {"adapter_optimizer": {"lr": 0.3}}
+    variant.ctnet = dataclasses.replace(variant.ctnet, **{
+        k: dataclasses.replace(getattr(variant.ctnet, k), **v) if isinstance(v, dict) else v
+        for k, v in overrides.items()})
     if not (run / INIT).exists():
         deploy(Deployment(CTNET), variant, period_dir(source_run, e.deploy_period - 1),
                period_dir(base_run, e.deploy_period - 1), run)

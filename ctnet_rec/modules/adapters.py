@@ -3,35 +3,60 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class GLUAdapter(nn.Module):
-    """g(x) = (U1 x) * sigmoid(U2 x): the gated linear unit of CTNet (Eq. 5).
+class Adapter(nn.Module):
+    """What one target layer adds from one source state: the subclass's `transform` of the
+    state, layer-normalised first (no affine) with `normalise`, times a learned scalar
+    `scale` (starting at 1) with `gated`.
 
     Weights start at N(0, init_scale^2) and biases at zero, so at deployment the adapter adds
     (almost) nothing and CTNet predicts as the target model did."""
 
-    def __init__(self, in_dim: int, out_dim: int, init_scale: float) -> None:
+    def __init__(self, normalise: bool = False, gated: bool = False) -> None:
         super().__init__()
-        self.value = nn.Linear(in_dim, out_dim)
-        self.gate = nn.Linear(in_dim, out_dim)
-        for lin in (self.value, self.gate):
-            nn.init.normal_(lin.weight, std=init_scale)
-            nn.init.zeros_(lin.bias)
+        self.normalise = normalise
+        self.scale = nn.Parameter(torch.ones(())) if gated else None
+
+    @staticmethod
+    def linear(in_dim: int, out_dim: int, init_scale: float) -> nn.Linear:
+        lin = nn.Linear(in_dim, out_dim)
+        nn.init.normal_(lin.weight, std=init_scale)
+        nn.init.zeros_(lin.bias)
+        return lin
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalise:
+            x = F.layer_norm(x, x.shape[-1:])
+        out = self.transform(x)
+        return out * self.scale if self.scale is not None else out
+
+
+class GLUAdapter(Adapter):
+    """g(x) = (U1 x) * sigmoid(U2 x): the gated linear unit of CTNet (Eq. 5)."""
+
+    def __init__(self, in_dim: int, out_dim: int, init_scale: float, normalise: bool = False,
+                 gated: bool = False) -> None:
+        super().__init__(normalise, gated)
+        self.value = self.linear(in_dim, out_dim, init_scale)
+        self.gate = self.linear(in_dim, out_dim, init_scale)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.value(x) * torch.sigmoid(self.gate(x))
 
 
-class LinearAdapter(nn.Module):
+class LinearAdapter(Adapter):
     """g(x) = U x: the "CTNet w/o GLU" ablation of the paper."""
 
-    def __init__(self, in_dim: int, out_dim: int, init_scale: float) -> None:
-        super().__init__()
-        self.value = nn.Linear(in_dim, out_dim)
-        nn.init.normal_(self.value.weight, std=init_scale)
-        nn.init.zeros_(self.value.bias)
+    def __init__(self, in_dim: int, out_dim: int, init_scale: float, normalise: bool = False,
+                 gated: bool = False) -> None:
+        super().__init__(normalise, gated)
+        self.value = self.linear(in_dim, out_dim, init_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.value(x)

@@ -3,6 +3,8 @@ layer, z_l = psi(BN(W_l z_{l-1}) + g_l(z^S)) (the paper's Eq. 4, with the tower'
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
@@ -22,7 +24,8 @@ class CTNet(nn.Module):
 
     - "same_layer" (default, Eq. 4): z^S_l, the source's hidden state of the same depth;
     - "previous_layer": z^S_{l-1}, so the first adapter reads the source input E^S (the paper
-      also names z^S_0 = E^S), giving the target the source's embeddings directly.
+      also names z^S_0 = E^S), giving the target the source's embeddings directly;
+    - "both": one adapter on each, their outputs added.
 
     With `output_fusion`, the served logit also adds w (source's logit - c), w and c set by
     the trainer on rows neither tower has trained on (`training/output_fusion.py`). The
@@ -35,7 +38,7 @@ class CTNet(nn.Module):
         self.source.eval()
         src_dims = [source.mlp.linears[0].in_features, *source.model_cfg.mlp_hidden]
         tgt_dims = target.model_cfg.mlp_hidden
-        offset = 1 if cfg.adapter_tap == "same_layer" else 0
+        offset = 0 if cfg.adapter_tap == "previous_layer" else 1
         self.taps = [layer + offset for layer in range(len(tgt_dims))]
         if self.taps[-1] >= len(src_dims):
             raise ValueError(
@@ -43,14 +46,23 @@ class CTNet(nn.Module):
                 f"{len(tgt_dims)}: {cfg.adapter_tap!r} adapters need source states "
                 f"{self.taps}, counting E^S as 0")
         cls = GLUAdapter if cfg.adapter == "glu" else LinearAdapter
-        self.adapters = nn.ModuleList(
-            cls(src_dims[t], out, cfg.adapter_init_scale)
-            for t, out in zip(self.taps, tgt_dims, strict=True)
-        )
+
+        def one_per_layer(taps: list[int]) -> nn.ModuleList:
+            return nn.ModuleList(cls(src_dims[t], out, cfg.adapter_init_scale,
+                                     cfg.adapter_input_norm, cfg.adapter_gate)
+                                 for t, out in zip(taps, tgt_dims, strict=True))
+
+        self.adapters = one_per_layer(self.taps)
+        # "both": a second adapter per layer reads the state one below (E^S for the first)
+        self.input_adapters = one_per_layer([t - 1 for t in self.taps]) \
+            if cfg.adapter_tap == "both" else None
         self.view = SourceView(source.features, target.features)
         # off: the adapters add nothing, as if zeroed, and no source logit is fused (what the
         # source contributes is the difference); for evaluation, not a model setting
         self.use_adapters = True
+        # the target's lookups without gradients (its tables, whose optimisers are fused
+        # into the backward pass, stay as they are): for passes that train the adapters alone
+        self.target_lookups_frozen = False
         if cfg.output_fusion:  # w and c of the fused output, set by the trainer (0: none)
             self.register_buffer("fusion_weight", torch.zeros(()))
             self.register_buffer("fusion_offset", torch.zeros(()))
@@ -75,7 +87,9 @@ class CTNet(nn.Module):
         viewed = self.view(sparse, dense)
         with torch.no_grad():
             src = self.source(viewed[0], viewed[1])
-        return joined(self, src, sparse, dense, self.target.embeddings(sparse))
+        with torch.no_grad() if self.target_lookups_frozen else nullcontext():
+            looked_up = self.target.embeddings(sparse)
+        return joined(self, src, sparse, dense, looked_up)
 
     def output_parts(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Per row, [the target tower's logit (adapters included), the source's logit]: what
@@ -92,8 +106,12 @@ class CTNet(nn.Module):
         With `output_fusion`, in eval mode (what is scored and served), plus w (source's
         logit - c); training fits the towers without it (w is fitted apart, out of sample)."""
         states = [src.inputs, *src.hidden]
-        adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)] \
-            if self.use_adapters else None
+        adds = None
+        if self.use_adapters:
+            adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)]
+            if self.input_adapters is not None:
+                adds = [x + a(states[t - 1]) for x, a, t in zip(adds, self.input_adapters,
+                                                               self.taps, strict=True)]
         shared = src.long_interest if self.cfg.share_long_sequence_attention else None
         out = self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up)
         if self.cfg.output_fusion and fuse and self.use_adapters and not self.training:

@@ -41,8 +41,11 @@ class GroupOptimizer:
         for _, _, opt in self.groups.values():
             opt.zero_grad()
 
-    def step(self) -> None:
+    def step(self, only: str | None = None) -> None:
+        """Every group's optimiser steps, or the group `only`'s."""
         for g, (_, cfg, opt) in self.groups.items():
+            if only is not None and g != only:
+                continue
             if cfg.warmup_steps:
                 scale = min(1.0, (self.steps_taken(g) + 1) / cfg.warmup_steps)
                 for group in opt.param_groups:

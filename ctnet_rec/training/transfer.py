@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.nn.functional as F
 
 from ctnet_rec.config import (
     Config,
     OptimizerConfig,
     ShardingConfig,
 )
+from ctnet_rec.data.batch import on_device
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.files import writable_folder
 from ctnet_rec.modules.ctnet import CTNet
+from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import CTNET, ModelSpec
 from ctnet_rec.training.checkpoint import (
     INIT,
@@ -60,7 +63,7 @@ from ctnet_rec.training.trainer import (
 
 log = logging.getLogger(__name__)
 
-SOURCE, TARGET, ADAPTERS = "source.", "target.", "adapters."
+SOURCE, TARGET, ADAPTERS = "source.", "target.", ("adapters.", "input_adapters.")
 
 
 class CTNetTrainer(PeriodTrainer):
@@ -168,6 +171,34 @@ class CTNetTrainer(PeriodTrainer):
         net.fusion_offset.fill_(offset)
         log.info("%s period %d: output fusion weight %.1f (source logit offset %.4f), fitted "
                  "on the period's rows before training on them", domain, period, weight, offset)
+
+    def adapter_pass(self, root: Path, domain: str, period: int) -> None:
+        """`adapter_prequential_pass`: one pass over the period's rows that trains the
+        adapters alone, before the period's training. The target tower is frozen for it: its
+        lookups run without gradients (the fused table optimisers never see one), its batch
+        norm reads its running statistics without moving them, and only the adapters'
+        optimiser steps (the target's dense gradients are dropped)."""
+        net = self.dmp.module
+        set_period(self.dmp, period)
+        self.dmp.train()
+        net.target.eval()
+        net.target_lookups_frozen = True
+        steps = 0
+        try:
+            reader = self._reader(root, domain, period, train=True)
+            for _, batch in on_device(reader, self.env.device):
+                loss = F.binary_cross_entropy_with_logits(
+                    self.dmp(batch.sparse, batch.dense).logits, batch.labels)
+                self.dense_opt.zero_grad()
+                loss.backward()
+                self.dense_opt.step(only="adapters")
+                steps += 1
+        finally:
+            self.dense_opt.zero_grad()
+            net.target_lookups_frozen = False
+            self.dmp.train()
+        log.info("%s period %d: adapters trained alone on the period's rows first (%d steps)",
+                 domain, period, steps)
 
     def evaluate(self, root: Path, domain: str, period: int,
                  scores: Path | None = None) -> dict[str, Any]:
@@ -309,6 +340,9 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
             trainer.load_source(schedule[t])
         if fit and cfg.ctnet.source_lag == 1:
             trainer.fit_output_fusion(data, domain, t)
+        # after the fusion's fit: that one scores rows nothing has trained on
+        if cfg.ctnet.adapter_prequential_pass and not trainer.resumes_inside(t):
+            trainer.adapter_pass(data, domain, t)
         return {"resumed_from": str(start)}
 
     held = lease(run_of(source_ckpts), schedule.values()) if schedule and env.is_main \
