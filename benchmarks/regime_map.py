@@ -202,6 +202,30 @@ def seed_gains(results: Results, domain: str) -> dict[str, dict[str, float]]:
     return gains
 
 
+def merged(by_world: dict[str, dict[str, dict[str, dict[str, float]]]],
+           earlier: dict[str, dict[str, dict[str, dict[str, float]]]],
+           ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """`by_world` with the rows only `earlier` (another map run's `by_world`) has, for the
+    worlds and seeds both have. The two must be runs of the same worlds and training: every
+    row both have (e.g. the late fusion) must agree to 1e-9 per seed and metric, or refused."""
+    out = copy.deepcopy(by_world)
+    for world, seeds in out.items():
+        for seed, rows in seeds.items():
+            old = earlier.get(world, {}).get(seed)
+            if old is None:
+                continue
+            for row in rows.keys() & old.keys():
+                for metric, value in rows[row].items():
+                    other = old[row].get(metric, math.nan)
+                    if not (math.isnan(value) and math.isnan(other)) and \
+                            not abs(value - other) <= 1e-9:
+                        raise ValueError(
+                            f"{world} seed {seed}: {row} {metric} is {value} here and {other} "
+                            "in the earlier run: not the same worlds or training")
+            rows.update({r: v for r, v in old.items() if r not in rows})
+    return out
+
+
 def summarise(by_world: dict[str, dict[str, dict[str, dict[str, float]]]],
               ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """Per world, row and metric: the interval over the seeds of the per-seed gains."""
@@ -303,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
                    default=list(CANDIDATES), help="the CTNet designs (default: all)")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds FIRST .. FIRST + SEEDS - 1 (another range: other worlds)")
+    p.add_argument("--with", dest="earlier", metavar="REGIME_MAP_JSON",
+                   help="an earlier run of the same worlds and seeds (its regime_map.json): "
+                   "its other rows join this run's table and verdict, checked equal on the "
+                   "rows both have")
     p.add_argument("--demo-rule", action="store_true",
                    help="only DEMO_RULE, on the map's worlds done so far (adds target C's "
                    "Source and Base rows)")
@@ -327,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         if before.exists() else {}
 
     rows, candidates = tuple(args.rows), {c: CANDIDATES[c] for c in args.candidates}
+    earlier = json.loads(Path(args.earlier).read_text())["by_world"] if args.earlier else {}
 
     def timed(name: str, seed: int, config: Config, data: Path | None = None) -> Results:
         folder = out / name / f"seed={seed}"
@@ -344,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             for d in args.target:
                 by_world.setdefault(f"{name} {d}" if len(args.target) > 1 else name, {})[
                     str(seed)] = seed_gains(results, d)
-            report = write_map(out, args, by_world, seconds, seed, real)
+            report = write_map(out, args, merged(by_world, earlier), seconds, seed, real)
         if args.real:
             config, data = args.real
             name = Path(config).stem
@@ -352,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             results = timed(name, seed, rcfg, Path(data))
             for d in rcfg.experiment.target_domains:
                 by_world.setdefault(name, {})[str(seed)] = seed_gains(results, d)
-            report = write_map(out, args, by_world, seconds, seed, real)
+            report = write_map(out, args, merged(by_world, earlier), seconds, seed, real)
     if args.scales:  # no synthetic world (`--scales` alone with --real): nothing to plot
         plot({w: v for w, v in report["summary"].items() if w not in real}, args.scales,
              out / "regime_map.png")

@@ -95,3 +95,20 @@ def test_a_map_world_changes_only_the_gap_and_the_target_rows(tmp_path):
                                   variants=regime_map.CANDIDATES)}
     assert names == {"source tower", "warm-up", BASE, *regime_map.BASELINES,
                      *regime_map.CANDIDATES}
+
+
+def test_an_earlier_runs_rows_join_only_when_the_shared_rows_agree():
+    nan = math.nan
+    now = {"w": {"0": {LATE_FUSION: {"AUC": 0.01, "new users AUC": nan},
+                       "new": {"AUC": 0.02, "new users AUC": nan}}}}
+    earlier = {"w": {"0": {LATE_FUSION: {"AUC": 0.01, "new users AUC": nan},
+                           "old": {"AUC": 0.03, "new users AUC": 0.1}},
+                     "1": {"old": {"AUC": 0.5}}},
+               "other world": {"0": {"old": {"AUC": 0.5}}}}
+    both = regime_map.merged(now, earlier)
+    assert set(both) == {"w"} and set(both["w"]) == {"0"}  # this run's worlds and seeds only
+    assert both["w"]["0"]["old"] == {"AUC": 0.03, "new users AUC": 0.1}
+    assert both["w"]["0"]["new"]["AUC"] == 0.02 and "old" not in now["w"]["0"]
+    earlier["w"]["0"][LATE_FUSION]["AUC"] = 0.0100001
+    with pytest.raises(ValueError, match="w seed 0: Late fusion .* AUC is 0.01 here"):
+        regime_map.merged(now, earlier)
