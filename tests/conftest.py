@@ -180,3 +180,8 @@ def two_rank_cli(*args: str, timeout: int = 300) -> str:
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
     return text
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from this run, printing what changed")

@@ -1,0 +1,93 @@
+"""Golden curves: per-period training loss and next-period AUC of a tower, CTNet and a
+joint row on the tiny world at 1 rank, against `tests/golden/curves.json`. Training is
+deterministic on one process, so any change to what a step computes (the loss, an optimiser,
+the reader's order, an initialisation, the output fusion's fit) moves a number here.
+
+A change that is meant to move them: `python -m pytest tests/test_golden.py --update-golden`
+rewrites the file and prints every value that changed; commit it with the change."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctnet_rec.files import read_jsonl
+from ctnet_rec.training.joint import JointTrainer, joint_init
+from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.transfer import transfer_init, transfer_run
+
+GOLDEN = Path(__file__).parent / "golden" / "curves.json"
+TOLERANCE = 1e-5  # float summation order across BLAS builds; a real change moves far more
+KEYS = ("train_loss", "auc", "gauc", "fusion_weight")
+
+
+def _curve(run: Path) -> list[dict[str, Any]]:
+    """Per trained period: its loss, the next period's AUC and GAUC, the fusion weight."""
+    out = []
+    for m in read_jsonl(run / "metrics.jsonl"):
+        row = {"period": m["period"], "train_loss": m["train_loss"]}
+        row |= {k: m["eval"][k] for k in ("auc", "gauc") if m.get("eval")}
+        if "fusion_weight" in m:
+            row["fusion_weight"] = m["fusion_weight"]
+        out.append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def curves(towers, tiny_world, tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("golden")
+    ctnet = root / "ctnet"
+    transfer_init(towers.cfg, towers.source(1), towers.target(1), ctnet)
+    transfer_run(ctnet, tiny_world, "B", [2, 3], towers.source_run)
+    joint = root / "joint"
+    init = joint_init(towers.cfg, "Share Bottom", "A", towers.source(1), towers.target(1),
+                      joint)
+    train_continual(towers.cfg, tiny_world, "B", [2, 3], joint, init=init,
+                    trainer_cls=functools.partial(JointTrainer, model="Share Bottom",
+                                                  source_domain="A"))
+    return {"tower A": _curve(towers.source_run), "tower B": _curve(towers.target_run),
+            "CTNet B": _curve(ctnet), "Share Bottom B": _curve(joint)}
+
+
+def differences(want: dict[str, list[dict[str, Any]]],
+                got: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Every value that differs by more than TOLERANCE, and every row or key missing."""
+    out = []
+    for name in sorted(want.keys() | got.keys()):
+        w, g = want.get(name, []), got.get(name, [])
+        if [r["period"] for r in w] != [r["period"] for r in g]:
+            out.append(f"{name}: periods {[r['period'] for r in w]} -> "
+                       f"{[r['period'] for r in g]}")
+            continue
+        for rw, rg in zip(w, g, strict=True):
+            for key in KEYS:
+                a, b = rw.get(key), rg.get(key)
+                if (a is None) != (b is None) or (a is not None and not (
+                        math.isclose(a, b, rel_tol=0, abs_tol=TOLERANCE))):
+                    out.append(f"{name} period {rw['period']} {key}: {a} -> {b}")
+    return out
+
+
+def test_training_curves_match_the_golden_ones(curves, request):
+    if request.config.getoption("--update-golden"):
+        before = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        print("\n".join(differences(before, curves)) or "golden curves unchanged")
+        GOLDEN.write_text(json.dumps(curves, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert differences(want, curves) == []
+    assert all(len(rows) >= 2 for rows in curves.values())
+
+
+def test_the_comparison_catches_a_moved_value():
+    curve = {"x": [{"period": 2, "train_loss": 0.5, "auc": 0.6}]}
+    moved = {"x": [{"period": 2, "train_loss": 0.5, "auc": 0.6 + 2 * TOLERANCE}]}
+    assert differences(curve, curve) == []
+    assert differences(curve, moved) == [f"x period 2 auc: 0.6 -> {0.6 + 2 * TOLERANCE}"]
+    assert differences(curve, {"x": []}) == ["x: periods [2] -> []"]
+    assert differences(curve, {"x": [{"period": 2, "train_loss": 0.5}]}) == [
+        "x period 2 auc: 0.6 -> None"]
