@@ -8,6 +8,7 @@ probabilities are present, the oracle AUC/GAUC (the best any model can reach) is
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from ctnet_rec.data.contract import (
     read_piece,
 )
 from ctnet_rec.metrics import auc, gauc
+from ctnet_rec.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,9 +53,13 @@ def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> l
     check_period_schemas(period_files, features)
     seen_users = seen_items = np.zeros(0, np.int64)
     out = []
-    for t, files in period_files.items():
+    pieces = {t: pieces_of({t: files}) for t, files in period_files.items()}
+    progress = Progress(sum(len(p) for p in pieces.values()), f"validating {root / domain}",
+                        log, unit="row group")
+    for t in period_files:
         parts = []
-        for piece in pieces_of({t: files}):
+        for piece in pieces[t]:
+            progress.tick()
             table = read_piece(piece, list(features.required_columns()))
             check_content(table, features, f"{piece.path} (row group {piece.row_group})")
             parts.append([table.column(features.label_column).to_numpy(),
@@ -78,6 +86,7 @@ def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> l
         ))
         seen_users = np.union1d(seen_users, users)
         seen_items = np.union1d(seen_items, items)
+    progress.close()
     return out
 
 

@@ -40,6 +40,7 @@ from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.files import file_digest
+from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import CheckpointError
 from ctnet_rec.training.inference import open_checkpoint, write_scores
 
@@ -176,11 +177,14 @@ def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path
                                 shuffle=False, pin_memory=device == "cuda")
     parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
     start = time.perf_counter()
+    progress = Progress(len(reader), f"{domain} period {period}: scoring with {folder}", log)
     for batch, on in on_device(reader, torch.device(device)):
+        progress.tick(len(batch))
         parts["p"].append(model(on.sparse, on.dense).double().cpu().numpy())
         parts["labels"].append(batch.labels.double().numpy())
         parts["users"].append(batch.user_ids.numpy())
         parts["items"].append(batch.item_ids.numpy())
+    progress.close()
     pred = {k: np.concatenate(v) for k, v in parts.items()}
     write_scores(pred, out, time.perf_counter() - start)
     return len(pred["p"])

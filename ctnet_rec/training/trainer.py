@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSparseDist
-from tqdm import tqdm
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch, on_device
@@ -40,6 +38,7 @@ from ctnet_rec.modules.kinds import (
     frozen_part,
 )
 from ctnet_rec.modules.scorer import Scorer
+from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
@@ -299,8 +298,8 @@ class PeriodTrainer:
             return loss, loss.detach()
 
         start = time.perf_counter()
-        bar = tqdm(total=total, initial=skip, desc=f"{domain} period {period}", unit="batch",
-                   disable=not (self.env.is_main and sys.stderr.isatty()), leave=False)
+        progress = Progress(total, f"{domain} period {period}", log, initial=skip,
+                            enabled=self.env.is_main)
         pipeline = self.train_pipeline(loss_of)
         batches = fetch()
         try:
@@ -310,7 +309,7 @@ class PeriodTrainer:
                 except StopIteration:
                     break
                 step_domain, host_batch = pending.popleft()
-                bar.update()
+                progress.update(len(host_batch))
                 acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
                                                                 device=self.env.device), 0])
                 acc[0] += loss.double() * len(host_batch)  # on the device: no sync per step
@@ -318,14 +317,15 @@ class PeriodTrainer:
                 if step_domain == domain:  # raw ids from the host copy of the batch
                     users.append(host_batch.user_ids.numpy())
                     items.append(host_batch.item_ids.numpy())
-                if step % LOG_EVERY_STEPS == 0 and (self.sink or not bar.disable):
-                    self._log_progress(bar, sums.get(domain, acc), sums, start)
+                if (step % LOG_EVERY_STEPS == 0 and (self.sink or progress.tty)) or \
+                        progress.due():
+                    self._log_progress(progress, sums.get(domain, acc), sums, start)
                 if every and (step + 1) % every == 0 and step + 1 < total:
                     self._save_position(period, step + 1, sums, users, items)
         finally:
             if isinstance(pipeline, TrainPipelineSparseDist):
                 pipeline.detach()  # the lookups' own forwards back, for evaluation
-            bar.close()
+            progress.close()
         self._average_batchnorm_statistics()
         # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
         seen = gather_to_main({"users": np.unique(np.concatenate(users)),
@@ -426,14 +426,13 @@ class PeriodTrainer:
                     buf.copy_(torch.from_numpy(z[f"bn/{key}"]))
         log.info("resuming inside period %d after %d of its steps", period, self.position.steps)
 
-    def _log_progress(self, bar: tqdm, acc: list[Any], sums: dict[str, list[Any]],
+    def _log_progress(self, progress: Progress, acc: list[Any], sums: dict[str, list[Any]],
                       start: float) -> None:
-        """The period's running loss (of the trained domain) and speed, to the bar and to
-        TensorBoard."""
+        """The period's running loss (of the trained domain) and speed, to the progress bar
+        or log line and to TensorBoard."""
         rows = sum(n for _, n in sums.values())
         loss, speed = float(acc[0]) / acc[1], rows / (time.perf_counter() - start)
-        if not bar.disable:
-            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{speed:.0f}")
+        progress.show(loss=f"{loss:.4f}")
         if self.sink is not None:
             lrs = {"tables": self.cfg.train.tables.lr,
                    **{g: self.dense_opt.lr(g) for g in self.dense_opt.groups}}
@@ -467,12 +466,16 @@ class PeriodTrainer:
         scores: list[torch.Tensor] = []  # on the device, brought back once at the end
         parts: dict[str, list[torch.Tensor]] = {"labels": [], "users": [], "items": []}
         reader = self._reader(root, domain, period, train=False, batch_size=batch_size)
+        progress = Progress(len(reader), f"{domain} period {period}: scoring", log,
+                            enabled=self.env.is_main)
         for host, batch in on_device(reader, self.env.device):
+            progress.tick(len(host))
             scores.append(torch.sigmoid(self.dmp(batch.sparse, batch.dense).logits)
                           if outputs is None else outputs(batch))
             parts["labels"].append(host.labels)  # ids and labels from the host copy
             parts["users"].append(host.user_ids)
             parts["items"].append(host.item_ids)
+        progress.close()
         pred = {"p": torch.cat(scores).double().cpu().numpy(),
                 "labels": torch.cat(parts["labels"]).double().numpy(),
                 "users": torch.cat(parts["users"]).numpy(),
