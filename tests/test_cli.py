@@ -179,3 +179,17 @@ def test_a_refused_job_leaves_no_run_folder(towers, tiny_world, tmp_path):
     assert main(["train", "--config", str(towers.config_path), "--data", str(tiny_world),
                  "--domain", "A", "--periods", "40", "--run-dir", str(run)]) == 2
     assert not run.exists()
+
+
+def test_one_version_and_a_clear_error_without_torchrec():
+    import importlib.metadata
+
+    import ctnet_rec
+
+    assert importlib.metadata.version("ctnet-rec") == ctnet_rec.__version__
+    assert 'dynamic = ["version"]' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torchrec'] = None; "
+                          "import ctnet_rec"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "ctnet-rec needs torchrec, not installed" in out.stderr
+    assert "pip install --no-deps torchrec==" in out.stderr
