@@ -249,11 +249,15 @@ def choose(summary: dict[str, dict[str, dict[str, dict[str, float]]]],
         harmed = [w for w in worlds if mark(summary[w].get(name, {}).get(
             "AUC", {"low": math.nan, "high": math.nan})) == "-"]
         gains = [summary[w][name]["AUC"]["mean"] for w in fused if name in summary[w]]
+        # ranked only when run at every world's seeds (the late fusion's count there)
+        complete = all(summary[w].get(name, {}).get("AUC", {}).get("n") ==
+                       summary[w][LATE_FUSION]["AUC"]["n"] for w in worlds)
         verdict["candidates"][name] = {
-            "below_base_on": harmed,
+            "below_base_on": harmed, "every_world_and_seed": complete,
             "mean_auc_gain": statistics.fmean(gains) if gains else math.nan}
     eligible = [n for n, v in verdict["candidates"].items()
-                if not v["below_base_on"] and not math.isnan(v["mean_auc_gain"])]
+                if not v["below_base_on"] and v["every_world_and_seed"]
+                and not math.isnan(v["mean_auc_gain"])]
     verdict["winner"] = max(eligible, key=lambda n: verdict["candidates"][n]["mean_auc_gain"]) \
         if eligible else None  # max keeps the first of equal gains
     return verdict
@@ -416,8 +420,12 @@ def verdict_markdown(report: dict[str, Any]) -> str:
              "| candidate | below Base beyond noise on | mean AUC gain over the ranking worlds |",
              "|---|---|---|"]
     for name, v in choice["candidates"].items():
-        lines.append(f"| {name} | {', '.join(v['below_base_on']) or 'no world'} | "
-                     f"{v['mean_auc_gain']:+.4f} |")
+        if math.isnan(v["mean_auc_gain"]):
+            continue  # not in this run
+        gain = f"{v['mean_auc_gain']:+.4f}" + (
+            "" if v.get("every_world_and_seed", True) else " (not every world and seed: "
+            "not ranked)")
+        lines.append(f"| {name} | {', '.join(v['below_base_on']) or 'no world'} | {gain} |")
     lines += ["", f"Winner: {choice['winner'] or 'none'}.", ""]
     by_world: dict[str, list[float]] = {}
     for key, s in seconds.items():

@@ -57,6 +57,10 @@ def test_the_rule_excludes_harm_anywhere_and_ranks_where_the_late_fusion_helps()
     verdict = regime_map.choose(summary, real=["real"])
     assert verdict["candidates"][b]["below_base_on"] == ["real"] and verdict["winner"] == a
     assert math.isnan(verdict["candidates"][list(regime_map.CANDIDATES)[3]]["mean_auc_gain"])
+    # one run on fewer seeds than the map's somewhere is reported, never ranked
+    summary["w3"][a]["AUC"] = {**summary["w3"][a]["AUC"], "n": 2}
+    verdict = regime_map.choose(summary, real=["real"])
+    assert not verdict["candidates"][a]["every_world_and_seed"] and verdict["winner"] is None
 
 
 def test_a_seed_gain_is_its_mean_over_test_periods_and_the_interval_is_over_seeds():
