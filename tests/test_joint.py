@@ -233,3 +233,41 @@ def test_ple_gates_start_routed_mix_by_softmax_and_stay_trainable():
     layer.reset_gates()
     layer(xs, SOURCE)[2].sum().backward()
     assert layer.shared_gate.bias.grad.abs().sum() > 0
+
+
+def test_minet_weighs_each_interest_by_exp_of_its_score(demo_config, batch, monkeypatch):
+    """MiNet's interest-level attention: the long-term (user), target short-term and recent
+    cross-domain interests reach the tower scaled by exp(g_i), each its own; the tower's
+    other interests (SIM, ETA) unscaled. With g's last layer at zero weight and bias log k,
+    each weight is exactly k."""
+    import math
+
+    from ctnet_rec.modules.joint.minet import MiNetTower
+    from ctnet_rec.modules.tower import Tower
+
+    torch.manual_seed(0)
+    model = JOINT_MODELS["MiNet"](demo_config.features, demo_config.model).eval()
+    tower = model.towers[TARGET]
+    assert isinstance(tower, MiNetTower)
+    seen: list[tuple[dict, list]] = []
+    combine = Tower.combine
+
+    def spy(self, pooled, emb, target, interests):
+        seen.append(({k: v.clone() for k, v in pooled.items()}, [x.clone() for x in interests]))
+        return combine(self, pooled, emb, target, interests)
+
+    monkeypatch.setattr(Tower, "combine", spy)
+    with torch.no_grad():
+        model(batch.sparse, batch.dense, TARGET)  # every weight exp(0) = 1
+        for g, k in zip(tower.scores, (2.0, 3.0, 0.5), strict=True):
+            g[-1].bias.fill_(math.log(k))
+        model(batch.sparse, batch.dense, TARGET)
+    (pooled1, interests1), (pooled2, interests2) = seen
+    user = tower.user_key
+    torch.testing.assert_close(pooled2[user], 2.0 * pooled1[user])
+    assert all(torch.equal(pooled1[k], pooled2[k]) for k in pooled1 if k != user)
+    torch.testing.assert_close(interests2[0], 3.0 * interests1[0])  # target short-term
+    torch.testing.assert_close(interests2[-1], 0.5 * interests1[-1])  # recent, both domains
+    assert len(interests1) >= 3  # SIM and ETA between them, as they were
+    assert all(torch.equal(a, b) for a, b in zip(interests1[1:-1], interests2[1:-1],
+                                                  strict=True))
