@@ -127,6 +127,35 @@ def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers
     return Towers(cfg, path, root / "A", root / "B")
 
 
+@pytest.fixture(scope="session")
+def deployed(towers: Towers, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CTNet deployed from the tiny world's towers of period 1 (`ctnet transfer init`)."""
+    from ctnet_rec.cli import main
+
+    run = tmp_path_factory.mktemp("ctnet") / "run"
+    rc = main(["transfer", "init", "--source-ckpt", str(towers.source(1)), "--target-ckpt",
+               str(towers.target(1)), "--config", str(towers.config_path), "--run", str(run)])
+    assert rc == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def transferred(towers: Towers, deployed: Path, tiny_world: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CTNet trained on B periods 2 and 3 with the source refreshed from A's run."""
+    import shutil
+
+    from ctnet_rec.cli import main
+    from ctnet_rec.training.transfer import INIT
+
+    run = tmp_path_factory.mktemp("ctnet") / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    rc = main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain", "B",
+               "--periods", "2:4", "--source-ckpts", str(towers.source_run)])
+    assert rc == 0
+    return run
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid`."""
     parents = {}

@@ -19,7 +19,6 @@ import pytest
 from ctnet_rec.files import read_jsonl
 from ctnet_rec.training.joint import JointTrainer, joint_init
 from ctnet_rec.training.trainer import train_continual
-from ctnet_rec.training.transfer import transfer_init, transfer_run
 
 GOLDEN = Path(__file__).parent / "golden" / "curves.json"
 TOLERANCE = 1e-5  # float summation order across BLAS builds; a real change moves far more
@@ -39,19 +38,16 @@ def _curve(run: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def curves(towers, tiny_world, tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    root = tmp_path_factory.mktemp("golden")
-    ctnet = root / "ctnet"
-    transfer_init(towers.cfg, towers.source(1), towers.target(1), ctnet)
-    transfer_run(ctnet, tiny_world, "B", [2, 3], towers.source_run)
-    joint = root / "joint"
+def curves(towers, transferred, tiny_world, tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
+    """The towers' and CTNet's runs of the shared fixtures; Share Bottom trained here."""
+    joint = tmp_path_factory.mktemp("golden") / "joint"
     init = joint_init(towers.cfg, "Share Bottom", "A", towers.source(1), towers.target(1),
                       joint)
     train_continual(towers.cfg, tiny_world, "B", [2, 3], joint, init=init,
                     trainer_cls=functools.partial(JointTrainer, model="Share Bottom",
                                                   source_domain="A"))
     return {"tower A": _curve(towers.source_run), "tower B": _curve(towers.target_run),
-            "CTNet B": _curve(ctnet), "Share Bottom B": _curve(joint)}
+            "CTNet B": _curve(transferred), "Share Bottom B": _curve(joint)}
 
 
 def differences(want: dict[str, list[dict[str, Any]]],

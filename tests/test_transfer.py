@@ -53,26 +53,6 @@ def _optim_tensors(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def deployed(towers, tmp_path_factory):
-    run = tmp_path_factory.mktemp("ctnet") / "run"
-    rc = main(["transfer", "init", "--source-ckpt", str(towers.source(1)), "--target-ckpt",
-               str(towers.target(1)), "--config", str(towers.config_path), "--run", str(run)])
-    assert rc == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def transferred(towers, deployed, tiny_world, tmp_path_factory):
-    """CTNet trained on B periods 2 and 3 with the source refreshed from A's run."""
-    run = tmp_path_factory.mktemp("ctnet") / "run"
-    shutil.copytree(deployed / INIT, run / INIT)
-    rc = main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain", "B",
-               "--periods", "2:4", "--source-ckpts", str(towers.source_run)])
-    assert rc == 0
-    return run
-
-
 def test_deployed_ctnet_predicts_as_the_target(towers, deployed, tiny_world):
     ctnet, manifest = open_checkpoint(deployed / INIT)
     base, _ = open_checkpoint(towers.target(1))
