@@ -63,8 +63,10 @@ bench: setup
 	$(PIP) -e ".[bench]" $(QUIET_PIP)
 	@for b in $(filter-out benchmarks/common.py benchmarks/gpu_suite.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# ruff, and mypy strict on ctnet_rec/ and sharding/ (pyproject.toml, [tool.mypy])
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -57,7 +57,7 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
     summary = import_movielens(Path(args.src), Path(args.out), args.target_genres,
                                args.source_genres, args.periods, args.min_rating)
-    rows = summary["rows"]
+    rows = typing.cast(dict[str, list[int]], summary["rows"])
     log.info("MovieLens written to %s: %s", args.out,
              ", ".join(f"{d} {sum(n):,} rows ({min(n):,}-{max(n):,} a period)"
                        for d, n in rows.items()))
@@ -143,8 +143,8 @@ def _transfer_init(args: argparse.Namespace) -> None:
 
 
 def _transfer_run(args: argparse.Namespace) -> None:
-    from ctnet_rec.training.checkpoint import latest_checkpoint
-    from ctnet_rec.training.transfer import INIT, transfer_run
+    from ctnet_rec.training.checkpoint import INIT, latest_checkpoint
+    from ctnet_rec.training.transfer import transfer_run
 
     transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
                  Path(args.source_ckpts) if args.source_ckpts else None,

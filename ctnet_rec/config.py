@@ -629,8 +629,9 @@ class Config:
                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
 
 
-_NOT_MODEL = {cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}
-              for cls in (CTNetConfig,)}
+_NOT_MODEL: dict[type, set[str]] = {
+    cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}
+    for cls in (CTNetConfig,)}
 
 # Model settings added after checkpoints recording their section were written: (section, key)
 # -> the value that behaves as before the key existed. Left out of the config hash at that
@@ -664,7 +665,7 @@ def _type_name(tp: Any) -> str:
 def _build(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"expected a table, got {type(value).__name__}")
         return _build_dataclass(tp, value, key)
     if origin is list:

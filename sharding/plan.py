@@ -167,8 +167,9 @@ def plan_tables(cfg: Config, world_size: int, device: str, hbm_gb: float, ddr_gb
     id_map_bytes = _id_map_bytes_per_row(model)
     plan = Plan(world_size, device, capacity, ranks=[RankMemory() for _ in range(world_size)])
     for option in best.options:
+        rows, dim = option.tensor.shape
         plan.tables.append(Placement(
-            option.path, option.name, *option.tensor.shape, option.sharding_type,
+            option.path, option.name, rows, dim, option.sharding_type,
             option.compute_kernel, sorted({s.rank for s in option.shards if s.rank is not None}),
             id(option.tensor) in frozen_tables))
         for shard in option.shards:

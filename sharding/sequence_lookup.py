@@ -57,7 +57,7 @@ def pool_sequence_lookups(model: nn.Module) -> int:
         for lookup in getattr(sharded, "_lookups", []):  # a plain list: not in modules()
             for kernel in lookup.modules():
                 if isinstance(kernel, BatchedFusedEmbedding) and _servable(kernel.emb_module):
-                    kernel.forward = OneIdBags(kernel)  # type: ignore[method-assign]
+                    kernel.forward = OneIdBags(kernel)
                     routed += 1
     return routed
 

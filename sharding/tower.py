@@ -4,6 +4,7 @@ Model code stays unsharded; this is the one place where parallelism is applied."
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -113,7 +114,7 @@ def bucket_managed_ids(model: nn.Module, world_size: int) -> None:
 
 def _table_names(ec: nn.Module) -> list[str]:
     configs = ec.embedding_bag_configs() if isinstance(ec, EmbeddingBagCollection) \
-        else ec.embedding_configs()
+        else typing.cast(EmbeddingCollection, ec).embedding_configs()
     return [c.name for c in configs]
 
 

@@ -97,15 +97,15 @@ def parse_periods(spec: str) -> list[int]:
     try:
         if ":" in spec:
             a, b = (int(x) for x in spec.split(":"))
-            periods = range(a, b)
+            span: range | list[int] = range(a, b)
         else:
-            periods = [int(x) for x in spec.split(",")]
+            span = [int(x) for x in spec.split(",")]
     except ValueError:
         raise DataError(f"--periods {spec!r}: use N, A:B (B exclusive) or N,M,...") from None
-    if len(periods) > MAX_PERIODS:
-        raise DataError(f"--periods {spec!r}: {len(periods)} periods; at most {MAX_PERIODS:,} "
+    if len(span) > MAX_PERIODS:
+        raise DataError(f"--periods {spec!r}: {len(span)} periods; at most {MAX_PERIODS:,} "
                         "at once")
-    periods = list(periods)
+    periods = list(span)
     if not periods:
         raise DataError(f"--periods {spec!r}: no periods (A:B needs A < B)")
     if any(a >= b for a, b in zip(periods, periods[1:], strict=False)):

@@ -19,7 +19,8 @@ import collections
 import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+import typing
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +364,7 @@ class ParquetBatchReader:
         for fut in futures:
             yield from fut.result()
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> Generator[Batch, None, None]:
         """Fill a window of at least `shuffle_buffer` rows, draw batches from it in random order;
         rows left over when it runs short are carried into the next window. Decoding and batch
         assembly share one pool of `decode_threads` workers; batches come out in order."""
@@ -392,7 +393,7 @@ class ParquetBatchReader:
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches produced by a background thread, at most `prefetch_batches` ahead."""
-        q: queue.Queue = queue.Queue(maxsize=self.data.prefetch_batches)
+        q: queue.Queue[object] = queue.Queue(maxsize=self.data.prefetch_batches)
         stop = threading.Event()
         done = object()
 
@@ -425,7 +426,7 @@ class ParquetBatchReader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield typing.cast(Batch, item)
         finally:
             stop.set()
             while thread.is_alive():

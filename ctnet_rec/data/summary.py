@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,5 +114,5 @@ def format_summary(rows: list[PeriodSummary]) -> str:
     return "\n".join(lines)
 
 
-def summary_records(rows: list[PeriodSummary]) -> list[dict]:
+def summary_records(rows: list[PeriodSummary]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]

@@ -319,7 +319,8 @@ class SyntheticWorld:
         rank = _zipf_rank(self.rng, counts[cats].astype(np.float64), self.cfg.zipf_exponent)
         return flat[starts[cats] + rank]
 
-    def _logits(self, domain: str, users: np.ndarray, items: np.ndarray, ts: np.ndarray):
+    def _logits(self, domain: str, users: np.ndarray, items: np.ndarray,
+                ts: np.ndarray) -> np.ndarray:
         cfg, dom = self.cfg, self.cfg.domains[domain]
         u, v = self.u[users], self.item_v[items]
         shared = np.einsum("nd,nd->n", u, v)

@@ -38,7 +38,7 @@ class Job:
 
     name: str
     domain: str
-    fn: Callable[[], None]  # picklable: a functools.partial of a module-level function
+    fn: Callable[[], object]  # picklable: a functools.partial of a module-level function
     trains: Sequence[int] = ()  # periods it trains on (in `domain`'s data)
     scores: Sequence[int] = ()  # periods it scores
     run: Path | None = None  # where its metrics.jsonl is, for the samples it read
@@ -77,7 +77,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measured(fn: Callable[[], None], label: str, threads: int | None) -> dict[str, float]:
+def _measured(fn: Callable[[], object], label: str, threads: int | None) -> dict[str, float]:
     """Wall time and memory of `fn` in this (fresh) process: the RSS it starts with (the
     imported libraries) and its peak. Its log lines carry `label` (jobs may run side by side);
     `threads`: torch's intra-op threads, None for torch's default."""
@@ -115,7 +115,7 @@ class IsolatedRunner:
             max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
             initializer=_child_init, initargs=(_logging_levels(),))
 
-    def submit(self, fn: Callable[[], None], label: str) -> Future[dict[str, float]]:
+    def submit(self, fn: Callable[[], object], label: str) -> Future[dict[str, float]]:
         return self.pool.submit(_measured, fn, label, self.threads)
 
     def close(self) -> None:
@@ -128,7 +128,7 @@ def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, starting: Callable
     finished (succeeded or failed), the earliest in `jobs` first (one at a time: exactly in
     order). `finished(i, usage or the exception)` may raise, which stops the scheduling (the
     jobs running then are waited for)."""
-    waiting, running = list(range(len(jobs))), {}
+    waiting, running = list(range(len(jobs))), dict[Future[dict[str, float]], int]()
     ended: set[Key] = set()
     while waiting or running:
         for i in list(waiting):

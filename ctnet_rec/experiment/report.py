@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def pooled(tables: Sequence[Table]) -> Table:
     return Table(first.head, rows, notes[0] if notes else "")
 
 
-def _number(v: Cell) -> bool:
+def _number(v: Cell) -> typing.TypeGuard[int | float]:
     return isinstance(v, int | float) and not math.isnan(v)
 
 
@@ -235,13 +236,14 @@ def gain_interval(runs: Sequence[Results], name: str, ref: str, d: str,
     if len(runs) > 1:
         per_seed = []
         for r in runs:
-            gains = [g for t in periods
+            seed_gains = [g for t in periods
                      if (g := gain(metric(r, name, d, t), metric(r, ref, d, t))) is not None
                      and not math.isnan(g)]
-            if gains:
-                per_seed.append(statistics.fmean(gains))
+            if seed_gains:
+                per_seed.append(statistics.fmean(seed_gains))
         return paired_interval(per_seed)
-    res, gains, var = runs[0], [], 0.0
+    res, var = runs[0], 0.0
+    gains: list[float] = []
     for t in periods:
         a, b = metric(res, name, d, t), metric(res, ref, d, t)
         if a is None or b is None:
@@ -331,7 +333,8 @@ def standing(runs: Sequence[Results]) -> str:
         if math.isnan(vs_base["mean"]):
             lines.append(f"- Target {d}: CTNet has no result (its job failed).")
             continue
-        above, level = [], []
+        above: list[str] = []
+        level: list[str] = []
         for name in runs[0].models:
             if name in (CTNET, ORACLE):
                 continue

@@ -34,11 +34,11 @@ from ctnet_rec.experiment.significance import delong_difference
 from ctnet_rec.files import read_jsonl, write_atomic
 from ctnet_rec.modules.dual_embedding import dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
-from ctnet_rec.training.checkpoint import complete_checkpoints, period_dir
+from ctnet_rec.training.checkpoint import INIT, complete_checkpoints, period_dir
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
 from ctnet_rec.training.trainer import SCORES, train_continual
-from ctnet_rec.training.transfer import INIT, transfer_run
+from ctnet_rec.training.transfer import transfer_run
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +338,11 @@ def run_experiment(cfg: Config, data: Path, out: Path, rows: Collection[str] | N
     runs = {(j.name, j.domain): j.run for j in jobs if j.run is not None}
     for d in e.target_domains:
         for t in trained:
-            pair_on_rows(models, d, t, lambda name, t=t, d=d: _kept_scores(runs.get((name, d)),
-                                                                             t + 1),
-                         lambda d=d, t=t: period_labels(data, d, t + 1, cfg.features))
+            def scores_of(name: str, t: int = t, d: str = d) -> np.ndarray | None:
+                return _kept_scores(runs.get((name, d)), t + 1)
+
+            pair_on_rows(models, d, t, scores_of,
+                         partial(period_labels, data, d, t + 1, cfg.features))
     sweep = {d: {k: metrics_by_period(out / d / "finetune-sweep" / f"last-{k}").get(
         e.last_period(), {}) for k in finetune_sizes(cfg)} for d in e.target_domains}
     results = Results({"deploy_period": t0, "trained_periods": trained,

@@ -5,6 +5,8 @@ recent" are the first k kept positions."""
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +99,7 @@ class DINAttention(nn.Module):
         """target (B, D); keys (N, D), row i's behaviours the next lengths[i] of them."""
         rows = torch.repeat_interleave(torch.arange(len(target), device=target.device),
                                        lengths.long(), output_size=len(keys))
-        first, rest = self.unit[0], self.unit[1:]
+        first, rest = typing.cast(nn.Linear, self.unit[0]), self.unit[1:]
         # first(pairs) with W = [W_k, W_q, W_d, W_p] on [k, q, k - q, k * q] equals
         # (W_k + W_d) k + W_p (k * q) + ((W_q - W_d) q + b): the query's part is computed once
         # per row, not once per behaviour (the same function, half the work)
@@ -254,6 +256,8 @@ class SimHash(nn.Module):
     # torch platform), gathers byte i's bit into bit 56 + i: only the products of byte i with
     # the term 2^(56 - 7i) land in the top byte
     GATHER_BYTES = 0x0102040810204080
+    planes: torch.Tensor  # buffers
+    byte_shifts: torch.Tensor
 
     def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
         super().__init__()

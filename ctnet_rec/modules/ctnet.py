@@ -31,12 +31,15 @@ class CTNet(nn.Module):
     the trainer on rows neither tower has trained on (`training/output_fusion.py`). The
     designs are compared in docs/experiment.md, "When transfer helps"."""
 
+    fusion_weight: torch.Tensor  # buffers, with `output_fusion`
+    fusion_offset: torch.Tensor
+
     def __init__(self, source: Tower, target: Tower, cfg: CTNetConfig) -> None:
         super().__init__()
         self.source, self.target, self.cfg = source, target, cfg
         self.source.requires_grad_(False)
         self.source.eval()
-        src_dims = [source.mlp.linears[0].in_features, *source.model_cfg.mlp_hidden]
+        src_dims = [source.mlp.in_dim, *source.model_cfg.mlp_hidden]
         tgt_dims = target.model_cfg.mlp_hidden
         offset = 0 if cfg.adapter_tap == "previous_layer" else 1
         self.taps = [layer + offset for layer in range(len(tgt_dims))]
@@ -87,6 +90,7 @@ class CTNet(nn.Module):
         viewed = self.view(sparse, dense)
         with torch.no_grad():
             src = self.source(viewed[0], viewed[1])
+        assert self.target.embeddings is not None  # a tower with its own tables
         with torch.no_grad() if self.target_lookups_frozen else nullcontext():
             looked_up = self.target.embeddings(sparse)
         return joined(self, src, sparse, dense, looked_up)
@@ -97,6 +101,7 @@ class CTNet(nn.Module):
         viewed = self.view(sparse, dense)
         with torch.no_grad():
             src = self.source(viewed[0], viewed[1])
+        assert self.target.embeddings is not None
         out = self.from_source(src, sparse, dense, self.target.embeddings(sparse), fuse=False)
         return torch.stack([out.logits, src.logits], dim=1)
 

@@ -47,7 +47,7 @@ class DualEmbeddingTower(Tower):
                                feature_names=[name])
             for name, table in pairs], device=device)
         extra = sum(features.table(table).embedding_dim for _, table in pairs)
-        width = self.mlp.linears[0].in_features
+        width = self.mlp.in_dim
         self.new_columns = slice(width, width + extra)  # the dual embeddings, after E
         self.mlp = TowerMLP(width + extra, model.mlp_hidden, model.leaky_relu_slope)
 

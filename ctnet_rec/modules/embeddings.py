@@ -1,6 +1,7 @@
 """The tower's ID embeddings, built from the feature config."""
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,10 +86,10 @@ class TowerEmbeddings(nn.Module):
                             data_type=data_type)
             for t in features.tables if t.name in shared
         ]
-        def mine(tables: list, is_managed: bool) -> list:
+        def mine(tables: list[Any], is_managed: bool) -> list[Any]:
             return [t for t in tables if (t.name in managed) == is_managed]
 
-        def lookup(tables: list, bag: bool, is_managed: bool) -> nn.Module | None:
+        def lookup(tables: list[Any], bag: bool, is_managed: bool) -> nn.Module | None:
             tables = mine(tables, is_managed)
             if not tables:
                 return None
@@ -114,7 +115,7 @@ class TowerEmbeddings(nn.Module):
 
 
 @torch.fx.wrap
-def by_key(outputs: list) -> LookedUp:
+def by_key(outputs: list[Any]) -> LookedUp:
     """The four collections' outputs (pooled, managed pooled, sequence, managed sequence; None
     where absent) as embeddings by key. An opaque call to torch.fx: the train pipeline's
     trace stops at the lookups."""

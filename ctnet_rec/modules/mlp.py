@@ -15,6 +15,7 @@ class TowerMLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: list[int], slope: float) -> None:
         super().__init__()
+        self.in_dim = in_dim  # E's width
         dims = [in_dim, *hidden]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False))
         self.norms = nn.ModuleList(nn.BatchNorm1d(h) for h in hidden)

@@ -93,19 +93,23 @@ class Tower(nn.Module):
         """The MLP input E, and its long-sequence part. Given `long_interest` (another tower's
         A_SIM, A_ETA), the long-sequence work is skipped and those are used instead; given
         `looked_up`, the embeddings are those instead of this tower's tables'."""
-        pooled, emb = looked_up if looked_up is not None else self.embeddings(sparse)
+        if looked_up is None:
+            assert self.embeddings is not None, "a tower without tables is given `looked_up`"
+            looked_up = self.embeddings(sparse)
+        pooled, emb = looked_up
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
         interests = []
         if self.short is not None:
-            s = self.short
+            s, ta = self.short, self.ta
+            assert ta is not None  # built with the short sequence
             tokens = self.behaviours(emb, s)
             if isinstance(self.ta, DINAttention):  # on the jagged behaviours
-                interests.append(self.ta(target, tokens.values(), tokens.lengths()))
+                interests.append(ta(target, tokens.values(), tokens.lengths()))
             else:
                 padded, mask = self.encoder(tokens.values(), tokens.offsets(), s.max_len) \
                     if self.encoder is not None else pad(tokens, s.max_len)
-                interests.append(self.ta(target, padded, mask))
+                interests.append(ta(target, padded, mask))
         if long_interest is None:
             long_interest = self.long_sequence_interest(sparse, emb, target)
         parts = self.combine(pooled, emb, target, interests + long_interest)
@@ -120,7 +124,7 @@ class Tower(nn.Module):
         with the world size and plan), the target, the attention units' interests."""
         return [*(pooled[k] for k in self.layout.pooled_keys), target, *interests]
 
-    def long_sequence_interest(self, sparse: KeyedJaggedTensor, emb: dict,
+    def long_sequence_interest(self, sparse: KeyedJaggedTensor, emb: dict[str, JaggedTensor],
                                target: torch.Tensor) -> list[torch.Tensor]:
         """[A_SIM, A_ETA] (those switched on): the long sequence's retrieval + attention."""
         out: list[torch.Tensor] = []
@@ -142,7 +146,7 @@ class Tower(nn.Module):
                 idx, valid = sim_select(ids, sparse[cat_key].values(), mask,
                                         self.model_cfg.sim_top_k)
                 out.append(attend(self.sim, idx, valid))
-            if self.eta is not None:
+            if self.eta is not None and self.simhash is not None:  # built together
                 with torch.no_grad():
                     distance = simhash_distance(
                         self.simhash(items.values()), items,
@@ -156,6 +160,7 @@ class Tower(nn.Module):
                 long_interest: list[torch.Tensor] | None = None,
                 looked_up: LookedUp | None = None) -> TowerOutput:
         if looked_up is None:
+            assert self.embeddings is not None, "a tower without tables is given `looked_up`"
             looked_up = self.embeddings(sparse)
         return after_lookups(self, sparse, dense, looked_up, adds, long_interest)
 

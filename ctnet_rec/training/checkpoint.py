@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE
 
 from ctnet_rec.config import Config, recorded_config
 from ctnet_rec.files import file_digest, fsync_dir, write_atomic
@@ -160,7 +160,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
         tmp.mkdir(parents=True)
     dist.barrier()
     if per_rank is not None:
-        np.savez(tmp / f"rank{rank}.npz", **per_rank)
+        np.savez(tmp / f"rank{rank}.npz", **typing.cast(dict[str, Any], per_rank))
     try:
         dcp.save(state, checkpoint_id=str(tmp))
     except CheckpointException as e:
@@ -178,7 +178,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], manifest: Manifest,
     everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, written)
     if rank == 0:
-        np.savez(tmp / SEEN_IDS, **seen)
+        np.savez(tmp / SEEN_IDS, **typing.cast(dict[str, Any], seen))
         digests = {name: d for part in everyone if part for name, d in part.items()}
         for path in sorted(tmp.iterdir()):  # what no rank digested: the metadata, seen ids
             if path.name not in digests and path.name != MANIFEST:
@@ -275,7 +275,7 @@ def load_checkpoint(folder: Path, state: dict[str, Any]) -> dict[str, np.ndarray
     return read_seen_ids(folder)
 
 
-def dcp_load(state: STATE_DICT_TYPE, folder: Path) -> None:
+def dcp_load(state: dict[str, Any], folder: Path) -> None:
     """torch.distributed.checkpoint.load of `folder` into `state` in place (resharding as
     needed), reading nothing that could run code (`safe_load`)."""
     manifest = check_files(folder)
@@ -397,7 +397,7 @@ def load_widened(folder: Path, state: dict[str, Any], key: str, saved_key: str,
              if v.shape == weight.shape}
     start, stop = new_columns.start, new_columns.stop
     saved_shape = (weight.shape[0], weight.shape[1] - (stop - start))
-    request = {"model": {saved_key: torch.empty(saved_shape)},
+    request: dict[str, Any] = {"model": {saved_key: torch.empty(saved_shape)},
                "dense_optim": {saved_key: {k: torch.empty(saved_shape) for k in optim}}}
     dcp_load(request, folder)
     pairs = [(weight, request["model"][saved_key]),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +50,8 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
         cfg = dataclasses.replace(cfg, sharding=sharding)
     device = device or scoring_device(cfg.train.device, folder)
     if device != cfg.train.device:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, device=typing.cast(Literal["cpu", "cuda"], device)))
     deployment = Deployment(
         manifest.kind, config_of(manifest, folder, source=True) if manifest.kind == CTNET
         else None, manifest.lineage.get("source_domain"))

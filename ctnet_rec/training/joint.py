@@ -126,7 +126,7 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
         saved = saved_entries(ckpt)
         widened = net.widened_inputs(task)
 
-        def key_of(key: str, task: int = task, saved: dict = saved) -> str | None:
+        def key_of(key: str, task: int = task, saved: dict[str, Any] = saved) -> str | None:
             """The tower's key, where it has this entry in the same shape."""
             found = net.warm_start_key(key, shared_from)
             if found is None or found[0] != task:

@@ -5,6 +5,7 @@ source and a target tower checkpoint (RUN/init). Its module is built from
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.dist_env import DistEnv
@@ -72,18 +73,31 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
 Trainer = Callable[[Config, DistEnv, Deployment], PeriodTrainer]
 Deploy = Callable[[Config, Deployment, Path, Path, Path], Path]
 
+T = TypeVar("T")
+
+
+def recorded(value: T | None, kind: str) -> T:
+    """What a kind's deployment needs besides its config (CTNet's source config, a joint
+    model's source domain), which its manifest records."""
+    if value is None:
+        raise ConfigError(f"a {kind} model needs its source tower's config (CTNet) or source "
+                          "domain (a joint model); its manifest records them")
+    return value
+
+
 # kind -> (its trainer, how RUN/init deploys it from a source and a target tower checkpoint)
 KINDS: dict[str, tuple[Trainer, Deploy | None]] = {
     TOWER: (lambda cfg, env, d: PeriodTrainer(cfg, env), None),
-    CTNET: (lambda cfg, env, d: CTNetTrainer(cfg, d.source_cfg, env),
+    CTNET: (lambda cfg, env, d: CTNetTrainer(cfg, recorded(d.source_cfg, d.kind), env),
             lambda cfg, d, source, target, run: transfer_init(cfg, source, target, run,
                                                               d.source_cfg)),
     DUAL_EMBEDDING: (lambda cfg, env, d: DualEmbeddingTrainer(cfg, env),
                      lambda cfg, d, source, target, run: dual_embedding_init(
                          cfg, source, target, run)),
-    JOINT: (lambda cfg, env, d: JointTrainer(cfg, env, d.joint_model, d.source_domain),
+    JOINT: (lambda cfg, env, d: JointTrainer(cfg, env, d.joint_model,
+                                             recorded(d.source_domain, d.kind)),
             lambda cfg, d, source, target, run: joint_init(
-                cfg, d.joint_model, d.source_domain, source, target, run)),
+                cfg, d.joint_model, recorded(d.source_domain, d.kind), source, target, run)),
 }
 
 

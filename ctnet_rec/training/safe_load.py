@@ -87,9 +87,9 @@ class SafeReader(FileSystemReader):
             metadata = _MetadataUnpickler(fh, path).load()
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: not a checkpoint's metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        meta.load_id = self.load_id
+        metadata.storage_meta = meta
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:

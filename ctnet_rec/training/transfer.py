@@ -42,6 +42,7 @@ from ctnet_rec.training.checkpoint import (
     check_tower_checkpoint,
     complete_checkpoints,
     config_of,
+    feature_schema,
     latest_intact_checkpoint,
     lineage_entry,
     lineage_path,
@@ -56,7 +57,6 @@ from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import (
     PeriodTrainer,
     evaluation_periods,
-    feature_schema,
     from_main,
     run_periods,
 )
@@ -320,7 +320,7 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
     if refresh and source_ckpts is None:
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
     schedule = source_schedule(source_ckpts, periods, source_cfg, domain,
-                               cfg.ctnet.source_lag) if refresh else {}
+                               cfg.ctnet.source_lag) if refresh and source_ckpts else {}
     if env.is_main:  # before any training: not after the first period
         writable_folder(run / "checkpoints", "run folder")
     trainer = CTNetTrainer(cfg, source_cfg, env)
@@ -345,7 +345,8 @@ def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
             trainer.adapter_pass(data, domain, t)
         return {"resumed_from": str(start)}
 
-    held = lease(run_of(source_ckpts), schedule.values()) if schedule and env.is_main \
+    held = lease(run_of(source_ckpts), schedule.values()) \
+        if schedule and source_ckpts and env.is_main \
         else nullcontext()
     with run_lock(run, held=env.is_main), held:
         return run_periods(trainer, data, domain, periods, run, before_period)

@@ -34,10 +34,10 @@ class DASL(TaskTowers):
         tables = {f.table for f in features.id_features
                   if f.column in (features.user_column, features.item_column,
                                   features.category_column)} | features.sequence_tables()
-        table_of = {k: features.table_of(k) for k in features.sparse_keys()}
-        keys = [k for k, t in table_of.items() if t in tables]
-        super().__init__(features, model, set(), device, cross=keys)
-        self.table_of = {k: table_of[k] for k in keys}
+        table_of = {k: t for k in features.sparse_keys()
+                    if (t := features.table_of(k)) is not None and t in tables}
+        super().__init__(features, model, set(), device, cross=list(table_of))
+        self.table_of = table_of
         self.maps = nn.ModuleDict({t: OrthogonalMap(features.table(t).embedding_dim, device)
                                    for t in sorted(tables)})
         self.mix = OwnOrOther(sorted(tables), device)

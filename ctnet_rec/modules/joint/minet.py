@@ -17,6 +17,8 @@ starts exactly as its domain's tower. Every table is shared (see `JointModel`)."
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -47,14 +49,15 @@ class MiNetTower(Tower):
         (table,) = user_tables(features)
         user = features.table(table).embedding_dim
         self.recent = TargetAttention(token, model.attention_heads)
+        lasts = [nn.Linear(SCORE_HIDDEN, 1) for _ in range(3)]
+        for last in lasts:  # weights start at exp(0) = 1: the tower's own interests
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.scores = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim + token + user, SCORE_HIDDEN), nn.ReLU(),
-                          nn.Linear(SCORE_HIDDEN, 1))
-            for dim in (user, token, token))  # long-term, target short-term, recent
-        for g in self.scores:  # weights start at exp(0) = 1: the tower's own interests
-            nn.init.zeros_(g[-1].weight)
-            nn.init.zeros_(g[-1].bias)
-        width = self.mlp.linears[0].in_features
+            nn.Sequential(nn.Linear(dim + token + user, SCORE_HIDDEN), nn.ReLU(), last)
+            for dim, last in zip((user, token, token), lasts, strict=True))
+        # long-term, target short-term, recent
+        width = self.mlp.in_dim
         # E: the tower's parts, the recent interest, then the dense features
         start = width - len(features.dense_names())
         self.new_columns = slice(start, start + token)
@@ -62,8 +65,9 @@ class MiNetTower(Tower):
 
     def combine(self, pooled: dict[str, torch.Tensor], emb: dict[str, JaggedTensor],
                 target: torch.Tensor, interests: list[torch.Tensor]) -> list[torch.Tensor]:
-        s = self.recent_of
-        tokens, mask = pad(self.behaviours(emb, s), self.short.max_len)
+        s, short = self.recent_of, self.short
+        assert short is not None  # refused at construction otherwise
+        tokens, mask = pad(self.behaviours(emb, s), short.max_len)
         recent = self.recent(target, tokens, mask)
         user = pooled[self.user_key]
         vectors = [user, interests[0], recent]
@@ -82,4 +86,4 @@ class MiNet(TaskTowers):
                          tower=MiNetTower)
 
     def widened_inputs(self, task: int) -> slice | None:
-        return self.towers[task].new_columns
+        return typing.cast(MiNetTower, self.towers[task]).new_columns

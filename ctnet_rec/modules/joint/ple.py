@@ -18,6 +18,8 @@ target's layer on the target's path. The target task then scores as the target m
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
@@ -74,7 +76,7 @@ class ExtractionLayer(nn.Module):
                 nn.init.zeros_(gate.bias)
             # a gate's experts: its task's own first, then the shared; the shared gate's:
             # each task's own in task order, then the shared
-            self.task_gates[SOURCE].bias[: self.per_task] = ROUTE
+            typing.cast(nn.Linear, self.task_gates[SOURCE]).bias[: self.per_task] = ROUTE
             if self.shared_gate is not None:
                 start = SOURCE * self.per_task
                 self.shared_gate.bias[start: start + self.per_task] = -ROUTE
@@ -82,7 +84,8 @@ class ExtractionLayer(nn.Module):
     def forward(self, xs: list[torch.Tensor | None], task: int) -> list[torch.Tensor | None]:
         shared = [e(xs[SHARED]) for e in self.shared_experts]
         needed = range(len(SUFFIXES)) if self.shared_gate is not None else [task]
-        own = {t: [e(xs[t]) for e in self.task_experts[t]] for t in needed}
+        own = {t: [e(xs[t]) for e in typing.cast(nn.ModuleList, self.task_experts[t])]
+               for t in needed}
         out: list[torch.Tensor | None] = [None] * (len(SUFFIXES) + 1)
         out[task] = _mix(self.task_gates[task](xs[task]), own[task] + shared)
         if self.shared_gate is not None:
@@ -104,8 +107,8 @@ class PLE(JointModel):
                              f"{len(model.mlp_hidden)} MLP layers")
         self.embeddings = JointEmbeddings(features, {t.name for t in features.tables}, device)
         self.bottom = Tower(features, model, device, lookups=False)
-        dims = [self.bottom.mlp.linears[0].in_features, *model.mlp_hidden]
-        self.bottom.mlp = None  # the experts and the task towers take its place
+        dims = [self.bottom.mlp.in_dim, *model.mlp_hidden]
+        del self.bottom.mlp  # the experts and the task towers take its place
         slope = model.leaky_relu_slope
         self.levels = nn.ModuleList(
             ExtractionLayer(dims[k], dims[k + 1], shared_experts, task_experts,
