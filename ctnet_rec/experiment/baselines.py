@@ -25,7 +25,6 @@ from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.training.checkpoint import (
     check_tower_checkpoint,
     load_into_submodule,
-    save_init,
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.trainer import PeriodTrainer
@@ -80,6 +79,6 @@ def pretrain_finetune_init(cfg: Config, depth: Depth, source_ckpt: Path, target_
     state = trainer.state()
     load_into_submodule(source_ckpt, state, "", _selector(replaced_tables(cfg, depth)))
     trainer.load_state(state)
-    return save_init(trainer, run, source_ckpt, target_ckpt, replaced=depth)
+    return trainer.save_init(run, source_ckpt, target_ckpt, replaced=depth)
 
 

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +36,6 @@ from ctnet_rec.files import file_digest, fsync_dir, write_atomic
 from ctnet_rec.modules.kinds import TOWER
 from ctnet_rec.training.errors import CheckpointError
 from ctnet_rec.training.safe_load import SafeLoadPlanner, SafeReader
-
-if TYPE_CHECKING:
-    from ctnet_rec.training.trainer import PeriodTrainer
 
 __all__ = ["CheckpointError"]  # raised here; defined with the other errors users act on
 
@@ -442,14 +439,3 @@ def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
     if not raw:
         raise CheckpointError(f"{folder}: the manifest records no config; pass one explicitly")
     return recorded_config(raw)
-
-
-def save_init(trainer: PeriodTrainer, run: Path, source_ckpt: Path, target_ckpt: Path,
-              **lineage: Any) -> Path:
-    """RUN/init of a model built from a source and a target tower checkpoint: saved as of the
-    target's period, with both checkpoints in its lineage."""
-    folder = run / INIT
-    trainer.save(folder, Manifest.read(target_ckpt).period, {}, {
-        "target_checkpoint": lineage_entry(folder, target_ckpt),
-        "source_checkpoint": lineage_entry(folder, source_ckpt), **lineage})
-    return folder

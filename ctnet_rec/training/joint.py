@@ -36,7 +36,6 @@ from ctnet_rec.training.checkpoint import (
     load_mapped,
     load_widened,
     read_seen_ids,
-    save_init,
     saved_entries,
 )
 from ctnet_rec.training.distributed import init_distributed
@@ -145,5 +144,5 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
     log.info("%s: %d of %d state entries from the warm-up towers", model, loaded,
              len(state["model"]))
     trainer.seen = read_seen_ids(target_ckpt)
-    return save_init(trainer, run, source_ckpt, target_ckpt)
+    return trainer.save_init(run, source_ckpt, target_ckpt)
 

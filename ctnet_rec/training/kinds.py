@@ -18,7 +18,6 @@ from ctnet_rec.training.checkpoint import (
     load_into_submodule,
     load_widened,
     read_seen_ids,
-    save_init,
 )
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.joint import JointTrainer, joint_init
@@ -67,7 +66,7 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     dcp_load({"model": request}, source_ckpt)
     trainer.load_state(state)
     trainer.seen = read_seen_ids(target_ckpt)
-    return save_init(trainer, run, source_ckpt, target_ckpt)
+    return trainer.save_init(run, source_ckpt, target_ckpt)
 
 
 Trainer = Callable[[Config, DistEnv, Deployment], PeriodTrainer]

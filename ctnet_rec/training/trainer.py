@@ -40,6 +40,7 @@ from ctnet_rec.modules.kinds import (
 from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import (
+    INIT,
     CheckpointError,
     Manifest,
     complete_checkpoints,
@@ -206,6 +207,16 @@ class PeriodTrainer:
              per_rank: dict[str, np.ndarray] | None = None) -> None:
         save_checkpoint(folder, self.state(), self.manifest(period, metrics, lineage or {}),
                         self.seen, per_rank)
+
+    def save_init(self, run: Path, source_ckpt: Path, target_ckpt: Path,
+                  **lineage: Any) -> Path:
+        """RUN/init of a model built from a source and a target tower checkpoint: saved as of
+        the target's period, with both checkpoints in its lineage."""
+        folder = run / INIT
+        self.save(folder, Manifest.read(target_ckpt).period, {}, {
+            "target_checkpoint": lineage_entry(folder, target_ckpt),
+            "source_checkpoint": lineage_entry(folder, source_ckpt), **lineage})
+        return folder
 
     def restore(self, folder: Path) -> Manifest:
         manifest = Manifest.read(folder)

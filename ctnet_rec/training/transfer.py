@@ -258,10 +258,7 @@ def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)
-    folder = run / INIT
-    trainer.save(folder, target.period, {}, {"target_checkpoint": lineage_entry(folder,
-                                                                                  target_ckpt),
-                                             "target_domain": domains[1]})
+    folder = trainer.save_init(run, source_ckpt, target_ckpt, target_domain=domains[1])
     log.info("CTNet deployed in %s: target %s (period %d) + source %s", folder, target_ckpt,
              target.period, source_ckpt)
     return folder
