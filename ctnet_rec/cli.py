@@ -65,7 +65,7 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT
-    from ctnet_rec.training.kinds import Deployment, deploy, trainer_for
+    from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
     from ctnet_rec.training.trainer import train_continual
 
     cfg = load_config(args.config, args.set)

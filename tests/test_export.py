@@ -18,8 +18,8 @@ from ctnet_rec.cli import main
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.serving.export import ARTIFACT, METADATA, ExportedModel, export_checkpoint
 from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.deployments import dual_embedding_init
 from ctnet_rec.training.joint import joint_init
-from ctnet_rec.training.kinds import dual_embedding_init
 from ctnet_rec.training.transfer import INIT, transfer_init
 
 KINDS = ["tower", "ctnet", "dual embedding", "joint (PLE)"]
@@ -132,9 +132,9 @@ def test_one_table_of_model_kinds(checkpoints, towers, tmp_path):
     from ctnet_rec.config import ConfigError
     from ctnet_rec.modules.kinds import kind_names
     from ctnet_rec.training.checkpoint import Manifest
+    from ctnet_rec.training.deployments import KINDS, Deployment, deploy, trainer_for
     from ctnet_rec.training.distributed import init_distributed
     from ctnet_rec.training.inference import open_checkpoint
-    from ctnet_rec.training.kinds import KINDS, Deployment, deploy, trainer_for
 
     assert {k.split(":", 1)[0] for k in kind_names()} == set(KINDS)
     for ckpt in checkpoints.values():

@@ -1,6 +1,6 @@
 """Pre-train & Fine-tune, the transfer baseline the paper compares CTNet with that reuses a
 tower checkpoint as another domain's (Dual Embedding is a model kind of its own:
-`ctnet_rec/training/kinds.py`).
+`ctnet_rec/training/deployments.py`).
 
 The "ID embeddings" are the tables `[experiment] id_embedding_tables` names (the paper's
 footnote 3: user, item, category and seller ids).

@@ -1,6 +1,7 @@
-"""Every model kind a run trains, in one table: its trainer, and how it is deployed from a
-source and a target tower checkpoint (RUN/init). Its module is built from
-`ctnet_rec/modules/kinds.py` (below sharding/, so planning builds it too)."""
+"""How each model kind trains and deploys, in one table: its trainer, and how RUN/init is
+made from a source and a target tower checkpoint. The kinds themselves and how each one's
+module is built live in `ctnet_rec/modules/kinds.py` (below sharding/, so planning builds
+them too)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
