@@ -27,6 +27,16 @@ def _towers(demo_config, source_hidden=None):
     return Tower(demo_config.features, source_model), Tower(demo_config.features, demo_config.model)
 
 
+def _different_towers(demo_config):
+    """A source and a target tower of other seeds and other MLP widths, in eval mode."""
+    torch.manual_seed(1)
+    src_model = copy.deepcopy(demo_config.model)
+    src_model.mlp_hidden = [48, 40, 24]
+    source = Tower(demo_config.features, src_model).eval()
+    torch.manual_seed(2)
+    return source, Tower(demo_config.features, demo_config.model).eval()
+
+
 def test_fresh_ctnet_predicts_as_the_target(demo_config, batches):
     source, target = _towers(demo_config)
     target.eval()
@@ -55,12 +65,7 @@ def test_eq4_and_eq5_by_hand_with_different_towers(demo_config, batches, tap, ad
     computed step by step from the two towers' own outputs. The towers differ (other seeds,
     other widths), so an adapter wired to the target's states, to another layer, or with
     the gate on the wrong branch gives other logits."""
-    torch.manual_seed(1)
-    src_model = copy.deepcopy(demo_config.model)
-    src_model.mlp_hidden = [48, 40, 24]
-    source = Tower(demo_config.features, src_model).eval()
-    torch.manual_seed(2)
-    target = Tower(demo_config.features, demo_config.model).eval()
+    source, target = _different_towers(demo_config)
     net = CTNet(source, target, CTNetConfig(adapter=adapter, adapter_tap=tap)).eval()
     torch.manual_seed(3)
     for p in net.adapters.parameters():  # far from the near-zero start: every term counts
@@ -266,12 +271,7 @@ def test_both_taps_gates_and_normalised_states_by_hand(demo_config, batches):
     """`adapter_tap = "both"`: layer l adds g_l(z^S_l) + h_l(z^S_{l-1}); `adapter_input_norm`
     layer-normalises each state first; `adapter_gate` scales each adapter by its own learned
     scalar. Fresh, it predicts as the target; by hand with every weight far from its start."""
-    torch.manual_seed(1)
-    src_model = copy.deepcopy(demo_config.model)
-    src_model.mlp_hidden = [48, 40, 24]
-    source = Tower(demo_config.features, src_model).eval()
-    torch.manual_seed(2)
-    target = Tower(demo_config.features, demo_config.model).eval()
+    source, target = _different_towers(demo_config)
     cfg = CTNetConfig(adapter_tap="both", adapter_gate=True, adapter_input_norm=True)
     net = CTNet(source, target, cfg).eval()
     b = batches[0]
