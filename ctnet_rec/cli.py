@@ -243,6 +243,10 @@ def _run_argument(p: argparse.ArgumentParser) -> None:
                    "it --run-dir (torchrun's own parser takes --run for its --run-path)")
 
 
+if typing.TYPE_CHECKING:  # what `add_subparsers` returns: each command adds its parser to it
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set a key of CONFIG, e.g. train.seed=3 or "
@@ -250,15 +254,8 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         "the run's config)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctnet",
-        description="Continual cross-domain CTR prediction with CTNet on TorchRec.",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _data_command(sub: Subcommands) -> None:
+    """`ctnet data`: its parser and arguments."""
     data = sub.add_parser("data", help="check, summarise or synthesise datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     v = dsub.add_parser(
@@ -311,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--min-rating", type=int, default=4, help="label 1 from this rating up")
     ml.set_defaults(func=_data_movielens)
 
+
+def _train_command(sub: Subcommands) -> None:
+    """`ctnet train`: its parser and arguments."""
     t = sub.add_parser(
         "train",
         help="train a single-domain tower continually, period by period",
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sharding_argument(t)
     t.set_defaults(func=_train)
 
+
+def _eval_command(sub: Subcommands) -> None:
+    """`ctnet eval`: its parser and arguments."""
     e = sub.add_parser(
         "eval",
         help="evaluate a checkpoint on one period",
@@ -362,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_argument(e)
     e.set_defaults(func=_eval)
 
+
+def _predict_command(sub: Subcommands) -> None:
+    """`ctnet predict`: its parser and arguments."""
     pr = sub.add_parser(
         "predict",
         help="score one period with a checkpoint or an exported artifact",
@@ -385,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_argument(pr)
     pr.set_defaults(func=_predict)
 
+
+def _export_command(sub: Subcommands) -> None:
+    """`ctnet export`: its parser and arguments."""
     ex = sub.add_parser(
         "export",
         help="a checkpoint as one self-contained inference artifact",
@@ -401,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_argument(ex)
     ex.set_defaults(func=_export)
 
+
+def _transfer_command(sub: Subcommands) -> None:
+    """`ctnet transfer`: its parser and arguments."""
     tr = sub.add_parser("transfer", help="deploy CTNet and train it continually (Algorithm 1)")
     tsub = tr.add_subparsers(dest="transfer_command", required=True, metavar="SUBCOMMAND")
     ti = tsub.add_parser(
@@ -438,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_argument(trun)
     trun.set_defaults(func=_transfer_run)
 
+
+def _plan_command(sub: Subcommands) -> None:
+    """`ctnet plan`: its parser and arguments."""
     pl = sub.add_parser(
         "plan",
         help="plan the tables' sharding for a cluster, without one",
@@ -466,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sharding_argument(pl)
     pl.set_defaults(func=_plan)
 
+
+def _experiment_command(sub: Subcommands) -> None:
+    """`ctnet experiment`: its parser and arguments."""
     x = sub.add_parser(
         "experiment",
         help="run the paper's comparison end to end and write a report",
@@ -489,6 +507,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "threads (default: [experiment] parallel_jobs)")
     x.set_defaults(func=_experiment)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctnet",
+        description="Continual cross-domain CTR prediction with CTNet on TorchRec.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_command(sub)
+    _train_command(sub)
+    _eval_command(sub)
+    _predict_command(sub)
+    _export_command(sub)
+    _transfer_command(sub)
+    _plan_command(sub)
+    _experiment_command(sub)
     return p
 
 
