@@ -21,8 +21,7 @@ class Adapter(nn.Module):
         self.scale = nn.Parameter(torch.ones(())) if gated else None
 
     @staticmethod
-    def linear(in_dim: int, out_dim: int, init_scale: float) -> nn.Linear:
-        lin = nn.Linear(in_dim, out_dim)
+    def near_zero(lin: nn.Linear, init_scale: float) -> nn.Linear:
         nn.init.normal_(lin.weight, std=init_scale)
         nn.init.zeros_(lin.bias)
         return lin
@@ -43,8 +42,10 @@ class GLUAdapter(Adapter):
     def __init__(self, in_dim: int, out_dim: int, init_scale: float, normalise: bool = False,
                  gated: bool = False) -> None:
         super().__init__(normalise, gated)
-        self.value = self.linear(in_dim, out_dim, init_scale)
-        self.gate = self.linear(in_dim, out_dim, init_scale)
+        # both built before either is initialised: the random draws of every earlier version
+        self.value, self.gate = nn.Linear(in_dim, out_dim), nn.Linear(in_dim, out_dim)
+        for lin in (self.value, self.gate):
+            self.near_zero(lin, init_scale)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.value(x) * torch.sigmoid(self.gate(x))
@@ -56,7 +57,7 @@ class LinearAdapter(Adapter):
     def __init__(self, in_dim: int, out_dim: int, init_scale: float, normalise: bool = False,
                  gated: bool = False) -> None:
         super().__init__(normalise, gated)
-        self.value = self.linear(in_dim, out_dim, init_scale)
+        self.value = self.near_zero(nn.Linear(in_dim, out_dim), init_scale)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.value(x)
