@@ -19,7 +19,8 @@ LOG_SECONDS = 30.0
 
 class Progress:
     """`update` after each unit of work; `due` says when a log line is next owed (so that a
-    caller reads a device loss back only then), `show` gives the line its figures.
+    caller reads a device loss back only then), `show` gives the bar its figures and, when
+    due, the log its line.
     `enabled=False` (ranks other than 0): silent."""
 
     def __init__(self, total: int, desc: str, log: logging.Logger, unit: str = "batch",
@@ -43,14 +44,15 @@ class Progress:
         return self.logs and self.clock() - self.last >= LOG_SECONDS
 
     def show(self, **figures: Any) -> None:
-        """On the bar, `figures` as its postfix; in the log, a line with them."""
+        """On the bar, `figures` as its postfix; in the log, a line with them if one is due
+        (callers may show more often, e.g. for TensorBoard: still one line a LOG_SECONDS)."""
         now = self.clock()
         elapsed = max(now - self.start, 1e-9)
         if self.rows:
             figures = {"samples/s": f"{self.rows / elapsed:,.0f}", **figures}
         if self.tty:
             self.bar.set_postfix(figures)
-        if not self.logs:
+        if not self.due():
             return
         self.last = now
         rate = (self.done - self.start_done) / elapsed

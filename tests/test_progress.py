@@ -21,6 +21,7 @@ def test_a_log_line_every_interval_with_rows_speed_figures_and_eta(caplog):
             p.update(rows=100)
             if p.due():
                 p.show(loss="0.5000")
+        p.show(loss="0.5000")  # shown more often (TensorBoard's points): no line before due
         assert caplog.messages == []  # 20 s: nothing owed yet
         for _ in range(2):
             now[0] += 5.0
