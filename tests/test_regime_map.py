@@ -116,3 +116,12 @@ def test_an_earlier_runs_rows_join_only_when_the_shared_rows_agree():
     earlier["w"]["0"][LATE_FUSION]["AUC"] = 0.0100001
     with pytest.raises(ValueError, match="w seed 0: Late fusion .* AUC is 0.01 here"):
         regime_map.merged(now, earlier)
+    # a row run again by a newer version replaces the earlier one; the others are still checked
+    earlier["w"]["0"][LATE_FUSION]["AUC"] = 0.01
+    earlier["w"]["0"]["new"] = {"AUC": 0.5}
+    with pytest.raises(ValueError, match="new AUC is 0.02 here"):
+        regime_map.merged(now, earlier)
+    assert regime_map.merged(now, earlier, frozenset({"new"}))["w"]["0"]["new"]["AUC"] == 0.02
+    earlier["w"]["0"][LATE_FUSION]["AUC"] = 0.0100001
+    with pytest.raises(ValueError, match="Late fusion"):
+        regime_map.merged(now, earlier, frozenset({"new"}))
