@@ -75,7 +75,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "CTNet + output fusion, prequential adapter pass": {"output_fusion": True,
                                                         "adapter_prequential_pass": True},
 }
-for _changes in CANDIDATES.values():  # whatever the default, each candidate says whether it runs the pass
+# whatever the default, each candidate says whether it runs the prequential pass
+for _changes in CANDIDATES.values():
     _changes.setdefault("adapter_prequential_pass", False)
 METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
            "new items AUC": ("slices", "new_items", "auc")}
