@@ -103,7 +103,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    from ctnet_rec.training.trainer import train_continual
+    from ctnet_rec.training.loop import train_continual
 
     with tempfile.TemporaryDirectory() as tmp:
         data, run = Path(tmp) / "data", Path(tmp) / "run"

@@ -66,7 +66,7 @@ def _data_movielens(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT
     from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
-    from ctnet_rec.training.trainer import train_continual
+    from ctnet_rec.training.loop import train_continual
 
     cfg = load_config(args.config, args.set)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding

@@ -113,7 +113,7 @@ class Towers:
 
 @pytest.fixture(scope="session")
 def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers:
-    from ctnet_rec.training.trainer import train_continual
+    from ctnet_rec.training.loop import train_continual
 
     root = tmp_path_factory.mktemp("towers")
     path = root / "small.toml"

@@ -18,7 +18,7 @@ import pytest
 
 from ctnet_rec.files import read_jsonl
 from ctnet_rec.training.joint import JointTrainer, joint_init
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.loop import train_continual
 
 GOLDEN = Path(__file__).parent / "golden" / "curves.json"
 TOLERANCE = 1e-5  # float summation order across BLAS builds; a real change moves far more

@@ -19,7 +19,7 @@ from ctnet_rec.modules.joint.common import OwnOrOther, joint_features
 from ctnet_rec.training.checkpoint import complete_checkpoints
 from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.joint import JointTrainer, joint_init
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.loop import train_continual
 
 from .conftest import two_rank_cli
 

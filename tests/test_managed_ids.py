@@ -24,7 +24,8 @@ from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.checkpoint import latest_checkpoint, lineage_path
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.inference import open_checkpoint
-from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+from ctnet_rec.training.loop import train_continual
+from ctnet_rec.training.trainer import PeriodTrainer
 from sharding.tower import check_sharding_types
 
 from .conftest import DEMO_CONFIG, two_rank_cli

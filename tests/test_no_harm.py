@@ -23,7 +23,7 @@ from ctnet_rec.experiment.runner import metrics_by_period, run_ctnet
 from ctnet_rec.experiment.significance import auc_standard_error
 from ctnet_rec.files import read_jsonl
 from ctnet_rec.training.inference import open_checkpoint
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.loop import train_continual
 from ctnet_rec.training.transfer import adapters_off, transfer_init
 
 from .conftest import tiny_synth

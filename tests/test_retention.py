@@ -12,7 +12,7 @@ import pytest
 from ctnet_rec.config import ConfigError, load_config
 from ctnet_rec.training.checkpoint import complete_checkpoints
 from ctnet_rec.training.inference import evaluate_checkpoint
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.loop import train_continual
 from ctnet_rec.training.transfer import INIT, transfer_init
 
 from .conftest import DEMO_CONFIG

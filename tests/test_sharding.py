@@ -358,7 +358,8 @@ def test_column_wise_tables_train_as_table_wise_and_reload_under_another_plan(
     import numpy as np
 
     from ctnet_rec.training.inference import open_checkpoint
-    from ctnet_rec.training.trainer import PeriodTrainer, train_continual
+    from ctnet_rec.training.loop import train_continual
+    from ctnet_rec.training.trainer import PeriodTrainer
 
     runs = {}
     for plan in ("table_wise", "column_wise"):

@@ -28,7 +28,8 @@ from ctnet_rec.training.checkpoint import (
     latest_checkpoint,
 )
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import DivergenceError, PeriodTrainer, train_continual
+from ctnet_rec.training.loop import train_continual
+from ctnet_rec.training.trainer import DivergenceError, PeriodTrainer
 
 from .conftest import DEMO_CONFIG, kill_family, two_rank_cli, two_rank_process
 
@@ -395,7 +396,7 @@ def test_evaluation_at_two_ranks_equals_one_rank(towers, tiny_world, tmp_path):
 def _gather_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from ctnet_rec.training.trainer import from_main, gather_to_main
+    from ctnet_rec.training.collectives import from_main, gather_to_main
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

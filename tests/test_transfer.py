@@ -323,7 +323,7 @@ def test_a_source_replaced_at_its_path_is_refused(towers, tmp_path):
 def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_world, tmp_path):
     """Source and target given the wrong way round, a CTNet trained for another --domain, a
     tower started from another domain's model: refused, unless said to be meant."""
-    from ctnet_rec.training.trainer import train_continual
+    from ctnet_rec.training.loop import train_continual
 
     with pytest.raises(CheckpointError, match="both trained on domain 'A'"):
         transfer_init(towers.cfg, towers.source(1), towers.source(2), tmp_path / "x")

@@ -36,7 +36,7 @@ from ctnet_rec.experiment.runner import (
     slug,
 )
 from ctnet_rec.experiment.significance import paired_interval
-from ctnet_rec.training.trainer import train_continual
+from ctnet_rec.training.loop import train_continual
 
 log = logging.getLogger(__name__)
 

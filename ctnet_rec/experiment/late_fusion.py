@@ -21,8 +21,8 @@ from ctnet_rec.files import write_atomic
 from ctnet_rec.training.checkpoint import CheckpointError, complete_checkpoints
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.inference import open_checkpoint
+from ctnet_rec.training.loop import SCORES
 from ctnet_rec.training.output_fusion import best_weight, logit
-from ctnet_rec.training.trainer import SCORES
 
 FIRST_WEIGHT = 1.0  # the first test's (nothing earlier to choose on)
 

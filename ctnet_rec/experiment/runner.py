@@ -37,7 +37,7 @@ from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT
 from ctnet_rec.training.checkpoint import INIT, complete_checkpoints, period_dir
 from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
 from ctnet_rec.training.inference import evaluate_checkpoint
-from ctnet_rec.training.trainer import SCORES, train_continual
+from ctnet_rec.training.loop import SCORES, train_continual
 from ctnet_rec.training.transfer import transfer_run
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,10 @@ from ctnet_rec.config import Config, ConfigError, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
 from ctnet_rec.modules.kinds import CTNET
 from ctnet_rec.training.checkpoint import CheckpointError, Manifest, config_of
+from ctnet_rec.training.collectives import from_main
 from ctnet_rec.training.deployments import Deployment, trainer_for
 from ctnet_rec.training.distributed import init_distributed
-from ctnet_rec.training.trainer import (
-    PeriodTrainer,
-    from_main,
-)
+from ctnet_rec.training.trainer import PeriodTrainer
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,13 @@
-"""Continual single-domain training: for each period, start from the previous period's
-checkpoint, train one pass on that period, save, evaluate on the next period."""
+"""The period trainer: a model under DistributedModelParallel with its optimisers, one pass
+over a period at a time (TorchRec's train pipeline), scoring, checkpoints of its state, and
+the position inside a period where a mid-period checkpoint resumes. `loop.py` drives it."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,10 +24,9 @@ from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSpar
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch, on_device
-from ctnet_rec.data.contract import ORACLE_COLUMN, list_periods, oracle_path, validate_periods
+from ctnet_rec.data.contract import ORACLE_COLUMN, oracle_path
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.files import read_jsonl, writable_folder, write_atomic
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import (
     DUAL_EMBEDDING,
@@ -41,23 +39,18 @@ from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import (
     INIT,
-    CheckpointError,
     Manifest,
-    complete_checkpoints,
     feature_schema,
-    latest_intact_checkpoint,
     lineage_entry,
     load_checkpoint,
-    period_dir,
     save_checkpoint,
     verify_file,
 )
-from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.collectives import from_main, gather_to_main
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import GroupOptimizer, NamedParams
-from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
-from ctnet_rec.training.run_lock import run_lock
+from ctnet_rec.training.pass_state import PassTally, Position
 from sharding.tower import dense_parameters, pipeline_class, shard_model
 
 log = logging.getLogger(__name__)
@@ -77,54 +70,7 @@ class _NoStreamWarning(logging.Filter):
 logging.getLogger("torchrec.distributed.train_pipeline.postproc").addFilter(_NoStreamWarning())
 
 
-def gather_to_main(arrays: dict[str, np.ndarray],
-                   device: torch.device) -> dict[str, np.ndarray] | None:
-    """Every rank's arrays, each concatenated in rank order, on rank 0; None on the others.
-    Each rank sends its rows once, as tensors (nothing pickled), and only rank 0 ever holds
-    them all: evaluation's memory grows with the period on rank 0 alone."""
-    world = dist.get_world_size()
-    if world == 1:
-        return arrays
-    main = dist.get_rank() == 0
-    out = {}
-    for key, array in arrays.items():
-        local = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([len(local)], device=device))
-        counts = [int(s) for s in sizes]
-        padded = local.new_zeros((max(counts), *local.shape[1:]))
-        padded[: len(local)] = local
-        parts = [torch.empty_like(padded) for _ in range(world)] if main else None
-        dist.gather(padded, parts, dst=0)
-        if parts is not None:
-            out[key] = np.concatenate([p[:n].cpu().numpy() for p, n in zip(parts, counts,
-                                                                           strict=True)])
-    return out if main else None
-
-
-def from_main(value: Any) -> Any:
-    """Rank 0's `value` (a small object: metrics, a count) on every rank."""
-    if dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-SCORES = "scores"  # RUN/scores/period=<t>.npy: an evaluation's scores, with `save_scores`
 MID_PERIOD = "mid-period"  # RUN/checkpoints/mid-period: the newest checkpoint inside a period
-
-
-@dataclasses.dataclass
-class Position:
-    """How far a period's pass had got at its mid-period checkpoint, on this rank."""
-
-    period: int
-    steps: int  # steps taken (every rank takes as many)
-    rows_trained: int  # the run's rows before the period (TensorBoard's axis)
-    sums: dict[str, tuple[float, int]]  # per domain: loss sum, rows
-    users: np.ndarray  # the ids seen so far in the period
-    items: np.ndarray
 
 
 class DivergenceError(ValueError):
@@ -284,16 +230,35 @@ class PeriodTrainer:
         (joint learning), each domain's rows and loss too."""
         self.dmp.train()
         set_period(self.dmp, period)
-        users, items = [], []
-        sums: dict[str, list[Any]] = {}  # per domain: loss sum (a device tensor), rows
-        done, self.position = (self.position, None) if self.resumes_inside(period) \
+        resumed, self.position = (self.position, None) if self.resumes_inside(period) \
             else (None, self.position)
-        if done is not None:  # a mid-period checkpoint's pass so far
-            users, items, self.rows_trained = [done.users], [done.items], done.rows_trained
-            sums = {d: [torch.tensor(loss, dtype=torch.float64, device=self.env.device), n]
-                    for d, (loss, n) in done.sums.items()}
-        every = self.mid_period_steps()
-        skip = done.steps if done is not None else 0  # trained before the checkpoint
+        if resumed is not None:  # a mid-period checkpoint's pass so far
+            self.rows_trained = resumed.rows_trained
+        tally = PassTally(domain, self.env.device, resumed)
+        start = time.perf_counter()
+        self._pass(steps, total, period, tally, start)
+        self._average_batchnorm_statistics()
+        # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
+        seen = gather_to_main(tally.seen(), self.env.device)
+        if seen is not None:
+            self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
+        elapsed = time.perf_counter() - start
+        by_domain = tally.reduced()
+        self.rows_trained += sum(n for _, n in by_domain.values())
+        self._refuse_divergence(by_domain, domain, period)
+        metrics: dict[str, Any] = {"train_loss": by_domain[domain][0],
+                                   "train_rows": by_domain[domain][1],
+                                   "train_seconds": round(elapsed, 3)}
+        if len(by_domain) > 1:
+            metrics["train_rows_by_domain"] = {d: n for d, (_, n) in by_domain.items()}
+            metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
+        return metrics
+
+    def _pass(self, steps: Iterable[tuple[str, Batch]], total: int, period: int,
+              tally: PassTally, start: float) -> None:
+        """The steps themselves, through TorchRec's train pipeline, from where `tally`
+        stands: each step's loss into the tally, progress shown, mid-period checkpoints."""
+        skip, every = tally.steps, self.mid_period_steps()  # steps trained before a checkpoint
         # (domain, host batch) of the batches the pipeline has fetched and not yet trained:
         # it trains them in the order it fetches them, a few steps behind
         pending: deque[tuple[str, Batch]] = deque()
@@ -308,49 +273,32 @@ class PeriodTrainer:
                                                       batch.labels)
             return loss, loss.detach()
 
-        start = time.perf_counter()
-        progress = Progress(total, f"{domain} period {period}", log, initial=skip,
+        progress = Progress(total, f"{tally.domain} period {period}", log, initial=skip,
                             enabled=self.env.is_main)
         pipeline = self.train_pipeline(loss_of)
         batches = fetch()
         try:
-            for step in itertools.count(skip):
+            while True:
                 try:
                     loss = pipeline.progress(batches)
                 except StopIteration:
                     break
                 step_domain, host_batch = pending.popleft()
                 progress.update(len(host_batch))
-                acc = sums.setdefault(step_domain, [torch.zeros((), dtype=torch.float64,
-                                                                device=self.env.device), 0])
-                acc[0] += loss.double() * len(host_batch)  # on the device: no sync per step
-                acc[1] += len(host_batch)
-                if step_domain == domain:  # raw ids from the host copy of the batch
-                    users.append(host_batch.user_ids.numpy())
-                    items.append(host_batch.item_ids.numpy())
-                if (step % LOG_EVERY_STEPS == 0 and (self.sink or progress.tty)) or \
-                        progress.due():
-                    self._log_progress(progress, sums.get(domain, acc), sums, start)
-                if every and (step + 1) % every == 0 and step + 1 < total:
-                    self._save_position(period, step + 1, sums, users, items)
+                tally.add(step_domain, host_batch, loss)
+                if ((tally.steps - 1) % LOG_EVERY_STEPS == 0 and (self.sink or progress.tty)) \
+                        or progress.due():
+                    self._log_progress(progress, tally, start)
+                if every and tally.steps % every == 0 and tally.steps < total:
+                    self._save_position(period, tally)
         finally:
             if isinstance(pipeline, TrainPipelineSparseDist):
                 pipeline.detach()  # the lookups' own forwards back, for evaluation
             progress.close()
-        self._average_batchnorm_statistics()
-        # the ids seen, kept by rank 0 (which scores evaluations and writes checkpoints)
-        seen = gather_to_main({"users": np.unique(np.concatenate(users)),
-                               "items": np.unique(np.concatenate(items))}, self.env.device)
-        if seen is not None:
-            self.seen = {k: np.union1d(self.seen[k], v) for k, v in seen.items()}
-        elapsed = time.perf_counter() - start
-        domains = sorted(sums)  # the same on every rank: every rank reads every domain
-        stats = torch.stack([torch.stack([sums[d][0], sums[d][0].new_tensor(sums[d][1])])
-                             for d in domains])  # on the device: nccl reduces those only
-        dist.all_reduce(stats)
-        by_domain = {d: (float(loss / n), int(n))
-                     for d, (loss, n) in zip(domains, stats, strict=True)}
-        self.rows_trained += sum(n for _, n in by_domain.values())
+
+    def _refuse_divergence(self, by_domain: dict[str, tuple[float, int]], domain: str,
+                           period: int) -> None:
+        """A non-finite loss (or dense weight) stops every rank before anything is saved."""
         diverged: dict[str, Any] = {d: x for d, (x, _) in by_domain.items()
                                     if not math.isfinite(x)}
         # a non-finite gradient in the last steps shows in the weights before the loss (dense
@@ -362,13 +310,6 @@ class PeriodTrainer:
                 f"{domain} period {period}: the training loss became {diverged} (domain: mean "
                 "loss); this period is not saved. Lower the learning rates ([train.tables] lr, "
                 "[train.dense] lr) or check the data.")
-        metrics: dict[str, Any] = {"train_loss": by_domain[domain][0],
-                                   "train_rows": by_domain[domain][1],
-                                   "train_seconds": round(elapsed, 3)}
-        if len(domains) > 1:
-            metrics["train_rows_by_domain"] = {d: n for d, (_, n) in by_domain.items()}
-            metrics["train_loss_by_domain"] = {d: x for d, (x, _) in by_domain.items()}
-        return metrics
 
     def resumes_inside(self, period: int) -> bool:
         """Whether the next pass over `period` continues a mid-period checkpoint's."""
@@ -382,22 +323,15 @@ class PeriodTrainer:
             return 0
         return max(1, math.ceil(rows / (self.cfg.data.batch_size * self.env.world_size)))
 
-    def _save_position(self, period: int, steps: int, sums: dict[str, list[Any]],
-                       users: list[np.ndarray], items: list[np.ndarray]) -> None:
-        """A checkpoint inside `period` after `steps` steps (collective), with each rank's
-        pass so far: its loss sums and rows per domain, the ids it has seen."""
+    def _save_position(self, period: int, tally: PassTally) -> None:
+        """A checkpoint inside `period` (collective), with each rank's pass so far: its loss
+        sums and rows per domain, the ids it has seen."""
         assert self.run is not None
-        names = sorted(sums)
-        empty = np.zeros(0, np.int64)
-        self.save(self.run / "checkpoints" / MID_PERIOD, period, {"steps": steps}, per_rank={
-            "steps": np.array(steps), "rows_trained": np.array(self.rows_trained),
-            "domains": np.array(names), "loss": np.array([float(sums[d][0]) for d in names]),
-            "rows": np.array([sums[d][1] for d in names], dtype=np.int64),
-            "users": np.concatenate(users) if users else empty,
-            "items": np.concatenate(items) if items else empty,
-            # each rank's own batch-norm statistics (averaged only at the period's end; the
-            # checkpoint's model holds rank 0's)
-            **{f"bn/{k}": v.cpu().numpy() for k, v in self._batchnorm_statistics().items()}})
+        # each rank's own batch-norm statistics too (averaged only at the period's end; the
+        # checkpoint's model holds rank 0's)
+        bn = {f"bn/{k}": v.cpu().numpy() for k, v in self._batchnorm_statistics().items()}
+        self.save(self.run / "checkpoints" / MID_PERIOD, period, {"steps": tally.steps},
+                  per_rank={**tally.arrays(), "rows_trained": np.array(self.rows_trained), **bn})
 
     def _batchnorm_statistics(self) -> dict[str, torch.Tensor]:
         """The running statistics of the batch norms that train (a frozen part's, CTNet's
@@ -427,28 +361,22 @@ class PeriodTrainer:
         mine = folder / f"rank{self.env.rank}.npz"
         verify_file(mine, Manifest.read(folder).files.get(mine.name, ""))
         with np.load(mine) as z:
-            self.position = Position(
-                period, int(z["steps"]), int(z["rows_trained"]),
-                {str(d): (float(x), int(n)) for d, x, n in zip(z["domains"], z["loss"], z["rows"],
-                                                                strict=True)},
-                z["users"], z["items"])
+            self.position = Position.from_arrays(period, z)
             with torch.no_grad():
                 for key, buf in self._batchnorm_statistics().items():
                     buf.copy_(torch.from_numpy(z[f"bn/{key}"]))
         log.info("resuming inside period %d after %d of its steps", period, self.position.steps)
 
-    def _log_progress(self, progress: Progress, acc: list[Any], sums: dict[str, list[Any]],
-                      start: float) -> None:
+    def _log_progress(self, progress: Progress, tally: PassTally, start: float) -> None:
         """The period's running loss (of the trained domain) and speed, to the progress bar
         or log line and to TensorBoard."""
-        rows = sum(n for _, n in sums.values())
-        loss, speed = float(acc[0]) / acc[1], rows / (time.perf_counter() - start)
+        loss, speed = tally.running_loss(), tally.rows / (time.perf_counter() - start)
         progress.show(loss=f"{loss:.4f}")
         if self.sink is not None:
             lrs = {"tables": self.cfg.train.tables.lr,
                    **{g: self.dense_opt.lr(g) for g in self.dense_opt.groups}}
             # every rank reads as many rows: the run's rows so far, all ranks together
-            self.sink.training(self.rows_trained + rows * self.env.world_size, loss,
+            self.sink.training(self.rows_trained + tally.rows * self.env.world_size, loss,
                                speed * self.env.world_size, lrs)
 
     @torch.no_grad()
@@ -524,140 +452,3 @@ class DualEmbeddingTrainer(PeriodTrainer):
 
     def dual_tables(self) -> list[str]:
         return self.cfg.experiment.id_tables(self.cfg.features)
-
-
-
-def _write_metrics(run: Path) -> None:
-    """metrics.jsonl, rebuilt from the checkpoints' manifests (crash-safe: a line exists
-    exactly when its checkpoint is complete) and the lines of periods retention pruned."""
-    lines = {}
-    pruned = run / PRUNED_METRICS
-    if pruned.exists():
-        lines = {r["period"]: json.dumps(r, sort_keys=True) for r in read_jsonl(pruned)}
-    for period, folder in complete_checkpoints(run).items():
-        m = Manifest.read(folder)
-        lines[period] = json.dumps({"period": m.period, **m.metrics}, sort_keys=True)
-    write_atomic(run / "metrics.jsonl", "".join(lines[t] + "\n" for t in sorted(lines)))
-
-
-def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
-                    init: Path | None = None, resume: bool = False, evaluate: bool = True,
-                    trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
-                    overwrite: bool = False, allow_domain_change: bool = False,
-                    ) -> list[dict[str, Any]]:
-    """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
-    metrics of the periods trained by this call. A run that holds checkpoints is continued
-    (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time.
-    A checkpoint of another domain is refused as `init` unless `allow_domain_change`."""
-    env = init_distributed(cfg.train.device)
-    if init is not None:
-        Manifest.read(init).check_domain(domain, init, allow_domain_change)
-    with run_lock(run, held=env.is_main):
-        return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
-                                evaluate, trainer_cls, overwrite)
-
-
-def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], run: Path,
-                     env: DistEnv, init: Path | None, resume: bool, evaluate: bool,
-                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
-                     overwrite: bool) -> list[dict[str, Any]]:
-    if env.is_main:  # before any training: not after the first period
-        writable_folder(run / "checkpoints", "run folder")
-    existing = sorted(complete_checkpoints(run))
-    inside = (run / "checkpoints" / MID_PERIOD / "manifest.json").exists()
-    if resume and existing and max(periods, default=-1) <= existing[-1] and \
-            latest_intact_checkpoint(run) == period_dir(run, existing[-1]) and \
-            Manifest.read(period_dir(run, existing[-1])).config == \
-            json.loads(json.dumps(dataclasses.asdict(cfg))):
-        log.info("%s: already trained through period %d", run, existing[-1])
-        return []  # nothing to train, intact, the same config: no model is built
-    if (existing or inside) and not resume:
-        if not overwrite:
-            raise CheckpointError(
-                f"{run}: holds checkpoints of periods {existing}"
-                f"{' and one inside a period' if inside else ''}; --resume continues after "
-                "them, --overwrite replaces them")
-        if env.is_main:
-            shutil.rmtree(run / "checkpoints")
-            (run / "metrics.jsonl").unlink(missing_ok=True)
-            (run / PRUNED_METRICS).unlink(missing_ok=True)
-        dist.barrier()
-    trainer = trainer_cls(cfg, env)
-    for read in trainer.domains_read(domain):  # refuse bad data before training
-        validate_periods(data, read, periods, cfg.features)
-    if evaluate:  # and the periods scored after them
-        validate_periods(data, domain, evaluation_periods(data, domain, periods), cfg.features)
-    start = None
-    if resume and (latest := latest_intact_checkpoint(run)) is not None:
-        Manifest.read(latest).check_domain(domain, latest)
-        start = trainer.restore(latest).period
-        periods = [t for t in periods if t > start]
-        log.info("resuming after period %d", start)
-    elif init is not None:
-        trainer.restore(init)
-    if env.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_atomic(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    # relative to the checkpoints (all at one depth), like every lineage entry
-    lineage = {"init": lineage_entry(period_dir(run, 0), init) if init else None,
-               "resumed_after": start}
-    return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
-
-
-def evaluation_periods(data: Path, domain: str, periods: list[int]) -> list[int]:
-    """The periods `run_periods` will score: each trained period's next, where it exists."""
-    available = list_periods(data, domain)
-    return sorted({t + 1 for t in periods if t + 1 in available} - set(periods))
-
-
-def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int], run: Path,
-                before_period: Callable[[int], dict[str, Any]],
-                evaluate: bool = True) -> list[dict[str, Any]]:
-    """The continual loop: for each period, `before_period(t)` (which returns the lineage to
-    record), train one pass, evaluate on t + 1 when it exists (and `evaluate`), checkpoint,
-    rewrite metrics.jsonl. Returns the periods' metrics."""
-    available = list_periods(data, domain)
-    trainer.run = run
-    if periods:
-        trainer.resume_inside(run, periods[0])
-    if trainer.env.is_main and periods:
-        trainer.sink = TensorBoardSink(run)
-        done = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-        trainer.rows_trained = sum(  # every domain's rows (joint learning reads two)
-            sum(m.get("train_rows_by_domain", {domain: m["train_rows"]}).values())
-            for m in done if m["period"] < periods[0])
-    try:
-        return _run_periods(trainer, data, domain, periods, run, before_period, evaluate,
-                            available)
-    finally:
-        if trainer.sink is not None:
-            trainer.sink.close()
-            trainer.sink = None
-
-
-def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int],
-                 run: Path, before_period: Callable[[int], dict[str, Any]], evaluate: bool,
-                 available: dict[int, list[Path]]) -> list[dict[str, Any]]:
-    results = []
-    for t in periods:
-        lineage = before_period(t)
-        metrics: dict[str, Any] = {"domain": domain, **trainer.train_period(data, domain, t)}
-        if evaluate and t + 1 in available:  # validated before training
-            metrics["eval_period"] = t + 1
-            scores = run / SCORES / f"period={t + 1}.npy" if trainer.cfg.train.save_scores \
-                else None
-            metrics["eval"] = trainer.evaluate(data, domain, t + 1, scores)
-        trainer.save(period_dir(run, t), t, metrics, lineage)
-        if trainer.sink is not None:
-            trainer.sink.period(t, metrics)
-        if trainer.env.is_main:
-            shutil.rmtree(run / "checkpoints" / MID_PERIOD, ignore_errors=True)
-            prune_checkpoints(run, trainer.cfg.train.keep_checkpoints)
-            _write_metrics(run)
-            ev = metrics.get("eval", {})
-            log.info("period %d: %d rows, %.0f samples/s, loss %.4f, next-period AUC %s GAUC %s",
-                     t, metrics["train_rows"],
-                     metrics["train_rows"] / max(metrics["train_seconds"], 1e-9),
-                     metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
-        results.append(metrics)
-    return results

@@ -49,17 +49,14 @@ from ctnet_rec.training.checkpoint import (
     load_into_submodule,
     read_seen_ids,
 )
+from ctnet_rec.training.collectives import from_main
 from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.loop import evaluation_periods, run_periods
 from ctnet_rec.training.optim import NamedParams
 from ctnet_rec.training.output_fusion import best_weight
 from ctnet_rec.training.retention import lease, run_of
 from ctnet_rec.training.run_lock import run_lock
-from ctnet_rec.training.trainer import (
-    PeriodTrainer,
-    evaluation_periods,
-    from_main,
-    run_periods,
-)
+from ctnet_rec.training.trainer import PeriodTrainer
 
 log = logging.getLogger(__name__)
 
