@@ -141,7 +141,9 @@ def test_transfer_on_two_ranks_with_torchx_local_cwd(towers, tiny_world, two_ran
     order of the sums) differ; the two are equally good trainings, not the same one. The AUC's
     standard error on the tiny world's 2,000 test rows is about 0.015, and the 1-rank run
     alone moved by 0.028 when only the order of a kernel's sums changed (adaptive optimisers
-    from a zero accumulator turn float noise in near-zero gradients into whole steps)."""
+    from a zero accumulator turn float noise in near-zero gradients into whole steps). The
+    exact check, two ranks as one process where the math allows, is test_training's
+    `test_two_ranks_on_halves_train_as_one_process_on_the_whole`."""
     import shutil
 
     ckpts = complete_checkpoints(two_rank_transfer)

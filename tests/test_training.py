@@ -464,6 +464,105 @@ def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> Non
         dist.destroy_process_group()
 
 
+STEPS, HALF = 3, 64  # the equivalence test's steps, and each rank's share of a step's batch
+
+
+class _BatchNormFrozen(PeriodTrainer):
+    """A trainer whose batch norms read their running statistics while training: batch
+    statistics of half a batch differ from the whole batch's, the rest of a step does not."""
+
+    def logits(self, batch, domain):
+        for m in self.dmp.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return super().logits(batch, domain)
+
+
+def _same_rows_two_ways(world: Path, root: Path) -> tuple[Path, Path]:
+    """B's period 1 cut to 2 x STEPS x HALF rows, written twice: in its order ("split": rank r
+    of 2 reads half r, HALF rows a step) and with step k's halves side by side ("joined":
+    one process, 2 x HALF rows a step, reads in step k what the two ranks read together);
+    period 2 as it is, to score."""
+    import pyarrow.parquet as pq
+
+    from ctnet_rec.data.contract import write_parquet
+
+    rows = pq.read_table(next((world / "B" / "period=1").glob("*.parquet")))
+    n = STEPS * HALF
+    rows = rows.slice(0, 2 * n)
+    joined = np.concatenate([np.r_[k * HALF:(k + 1) * HALF, n + k * HALF:n + (k + 1) * HALF]
+                             for k in range(STEPS)])
+    out = []
+    for name, table in (("split", rows), ("joined", rows.take(joined))):
+        (root / name / "B" / "period=1").mkdir(parents=True)
+        write_parquet(table, root / name / "B" / "period=1" / "part-0.parquet")
+        shutil.copytree(world / "B" / "period=2", root / name / "B" / "period=2")
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def _steps(data: Path, config: str, start: str, rank: int, world_size: int
+           ) -> dict[str, object]:
+    """From checkpoint `start`, STEPS steps on `data`'s period 1 at this rank (no
+    shuffling), then its scores of period 2 (on rank 0), its dense weights and its loss."""
+    from ctnet_rec.data.reader import ParquetBatchReader
+
+    cfg, env = load_config(config), init_distributed("cpu")
+    trainer = _BatchNormFrozen(cfg, env)
+    trainer.restore(Path(start))
+    reader = ParquetBatchReader(data, "B", [1], cfg.features, cfg.data,
+                                batch_size=2 * HALF // world_size, shuffle=False, rank=rank,
+                                world_size=world_size)
+    assert len(reader) == STEPS
+    metrics = trainer.train_steps((("B", b) for b in reader), STEPS, "B", 1)
+    pred = trainer.predict(data, "B", 2)
+    return {"loss": metrics["train_loss"], "rows": metrics["train_rows"],
+            "dense": {n: p.detach().clone() for n, p in trainer._named_dense()},
+            "p": None if pred is None else pred["p"]}
+
+
+def _equivalent_rank(rank: int, store: str, data: str, config: str, start: str, out: str
+                     ) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.save(_steps(Path(data), config, start, rank, 2), Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_on_halves_train_as_one_process_on_the_whole(towers, tiny_world, tmp_path):
+    """Where the math allows it, two ranks are one model: each rank a half of every step's
+    batch, against one process on the whole batch, from one checkpoint, the same rows and
+    steps (batch norm on
+    running statistics, the one thing that reads a rank's half alone). Dense gradients are
+    averaged (DDP), table gradients divided by the world size (TorchRec), so the losses, the
+    dense weights and every score after 3 steps agree to float rounding (1e-6). Catches a
+    rank's lookups or gradients lost, doubled or mixed up (e.g. the table gradients summed)."""
+    split, joined = _same_rows_two_ways(tiny_world, tmp_path)
+    config, start = str(towers.config_path), str(towers.target(1))
+    torch.multiprocessing.spawn(_equivalent_rank, nprocs=2, join=True, args=(
+        str(tmp_path / "store"), str(split), config, start, str(tmp_path)))
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    whole = _steps(joined, config, start, 0, 1)
+    assert zero["rows"] == one["rows"] == whole["rows"] == 2 * STEPS * HALF
+    assert zero["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+    for name, weight in whole["dense"].items():
+        assert torch.equal(zero["dense"][name], one["dense"][name]), name
+        got, want = zero["dense"][name], weight
+        if name.endswith("in_proj_bias"):  # attention's key bias: its exact gradient is 0
+            # (softmax ignores what is added to all a query's logits), its float noise is
+            # not, and AdaGrad scales noise up; the query and value biases are compared
+            width = len(weight) // 3
+            assert (got[width:2 * width] - want[width:2 * width]).abs().max() < 1e-4
+            got, want = torch.cat([got[:width], got[2 * width:]]), \
+                torch.cat([want[:width], want[2 * width:]])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+    np.testing.assert_allclose(zero["p"], whole["p"], atol=1e-6, rtol=0)
+    assert one["p"] is None
+
+
 def _inside_period(run: Path, period: int) -> bool:
     """Whether the run's mid-period checkpoint is of `period` (False while it is being
     replaced: the old folder renamed aside, the new one not yet in its place)."""
