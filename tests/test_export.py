@@ -59,10 +59,66 @@ def test_the_exported_model_scores_as_its_checkpoint(checkpoints, tiny_world, tm
         assert by_export[column].equals(by_ckpt[column])
     np.testing.assert_allclose(_scores(tmp_path / "export.parquet"),
                                _scores(tmp_path / "ckpt.parquet"), rtol=0, atol=1e-5)
+    # and from the data's raw rows as JSON, through the artifact's own id policy
+    np.testing.assert_allclose(ExportedModel(tmp_path / "x").score_rows(
+        raw_request(tiny_world, 2)), _scores(tmp_path / "ckpt.parquet"), rtol=0, atol=1e-5)
+
+
+def raw_request(world: Path, period: int, rows: int | None = None) -> list[dict]:
+    """B's rows of `period` as a serving client sends them: JSON, raw ids, no label."""
+    table = pq.read_table(next((world / "B" / f"period={period}").glob("*.parquet")))
+    if rows is not None:
+        table = table.slice(0, rows)
+    return [{k: v for k, v in r.items() if k != "label"}
+            for r in json.loads(json.dumps(table.to_pylist()))]
+
+
+@pytest.mark.parametrize("policy", ["modulo", "hash", "managed"])
+def test_a_raw_request_becomes_the_readers_batch(towers, tiny_world, policy):
+    """The artifact's request codec maps raw ids as training's reader does, every id
+    policy: the same KeyedJaggedTensor and dense features as the reader's batch."""
+    import copy
+
+    from ctnet_rec.serving.requests import RequestCodec
+
+    features = copy.deepcopy(towers.cfg.features)
+    for t in features.tables:
+        t.id_policy = policy
+    want = next(iter(ParquetBatchReader(tiny_world, "B", [2], features, towers.cfg.data,
+                                        batch_size=300, shuffle=False)))
+    sparse, dense = RequestCodec(features)(raw_request(tiny_world, 2, 300))
+    assert sparse.keys() == want.sparse.keys()
+    assert torch.equal(sparse.lengths(), want.sparse.lengths())
+    assert torch.equal(sparse.values(), want.sparse.values())
+    assert torch.equal(dense, want.dense)
+    if policy != "modulo":  # the policy is applied, not the raw ids passed on
+        raw = RequestCodec(towers.cfg.features)(raw_request(tiny_world, 2, 300))[0]
+        assert not torch.equal(raw.values(), sparse.values())
+
+
+def test_a_bad_request_is_refused_naming_the_row_and_column(checkpoints, tiny_world, tmp_path):
+    """A ValueError (the artifact's own copy of the contract's DataError) naming what is
+    wrong, before anything is scored."""
+    export_checkpoint(checkpoints["tower"], tmp_path / "x")
+    model = ExportedModel(tmp_path / "x")
+    rows = raw_request(tiny_world, 2, 3)
+    assert model.score_rows(rows[:0]).shape == (0,)
+    del rows[1]["user_id"]
+    with pytest.raises(ValueError, match="request row 1: missing column 'user_id'"):
+        model.score_rows(rows)
+    rows = raw_request(tiny_world, 2, 3)
+    rows[2]["item_id"] = "x"
+    with pytest.raises(ValueError, match="column 'item_id' is not an integer"):
+        model.score_rows(rows)
+    rows = raw_request(tiny_world, 2, 3)
+    seq = model.config.features.sequences[0]
+    rows[0][seq.item_column] = rows[0][seq.item_column] + [1]
+    with pytest.raises(ValueError, match="misaligned"):
+        model.score_rows(rows)
 
 
 LOADER = """
-import sys
+import json, sys
 sys.modules["ctnet_rec"] = None  # any import of ctnet_rec now fails
 try:
     import ctnet_rec
@@ -75,8 +131,10 @@ from torchrec import KeyedJaggedTensor
 scorer = PackageImporter(sys.argv[1]).load_pickle("ctnet_export", "scorer.pkl")
 batch = torch.load(sys.argv[2], weights_only=True)
 kjt = KeyedJaggedTensor.from_lengths_sync(batch["keys"], batch["values"], batch["lengths"])
+request = PackageImporter(sys.argv[1]).load_pickle("ctnet_export", "request.pkl")
 with torch.inference_mode():
     torch.save(scorer(kjt, batch["dense"]), sys.argv[3])
+    torch.save(scorer(*request(json.loads(open(sys.argv[4]).read()))), sys.argv[5])
 assert not any(m == "ctnet_rec" or m.startswith("ctnet_rec.") for m in sys.modules
                if sys.modules[m] is not None)
 """
@@ -85,7 +143,8 @@ assert not any(m == "ctnet_rec" or m.startswith("ctnet_rec.") for m in sys.modul
 def test_a_process_without_ctnet_rec_loads_and_scores_a_ctnet_artifact(checkpoints, towers,
                                                                         tiny_world, tmp_path):
     """The CTNet artifact (source, target and adapters) in a process where importing
-    ctnet_rec fails: scores equal to the same artifact's in this process."""
+    ctnet_rec fails: scores equal to the same artifact's in this process, from the model's
+    input and from raw rows through the artifact's request codec."""
     export_checkpoint(checkpoints["ctnet"], tmp_path / "x")
     batch = next(iter(ParquetBatchReader(tiny_world, "B", [2], towers.cfg.features,
                                          towers.cfg.data, batch_size=200, shuffle=False)))
@@ -93,13 +152,17 @@ def test_a_process_without_ctnet_rec_loads_and_scores_a_ctnet_artifact(checkpoin
     torch.save({"keys": kjt.keys(), "values": kjt.values(), "lengths": kjt.lengths(),
                 "dense": batch.dense}, tmp_path / "batch.pt")
     (tmp_path / "load.py").write_text(LOADER)
+    (tmp_path / "request.json").write_text(json.dumps(raw_request(tiny_world, 2, 200)))
     subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "x" / ARTIFACT),
-                    str(tmp_path / "batch.pt"), str(tmp_path / "scores.pt")],
+                    str(tmp_path / "batch.pt"), str(tmp_path / "scores.pt"),
+                    str(tmp_path / "request.json"), str(tmp_path / "raw.pt")],
                    check=True, cwd=tmp_path, timeout=300)
     here = ExportedModel(tmp_path / "x")(batch.sparse, batch.dense)
     there = torch.load(tmp_path / "scores.pt", weights_only=True)
     assert there.shape == (200,)
     torch.testing.assert_close(there, here, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "raw.pt", weights_only=True), here,
+                               rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
@@ -211,3 +274,18 @@ def test_a_tampered_artifact_is_refused_before_it_runs(checkpoints, tiny_world, 
     (out / METADATA).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="without the artifact's sha256"):
         ExportedModel(out)
+
+
+def test_the_serving_example_scores_a_json_request(checkpoints, tiny_world, tmp_path):
+    """examples/serve.py, as the docs run it: the probabilities of a JSON request of raw
+    rows, as ExportedModel scores them, and a latency line."""
+    root = Path(__file__).resolve().parents[1]
+    export_checkpoint(checkpoints["ctnet"], tmp_path / "x")
+    (tmp_path / "request.json").write_text(json.dumps(raw_request(tiny_world, 2, 16)))
+    out = subprocess.run([sys.executable, str(root / "examples" / "serve.py"),
+                          str(tmp_path / "x"), str(tmp_path / "request.json"), "--repeat", "2"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    first, latency = out.stdout.strip().splitlines()[-2:]
+    want = ExportedModel(tmp_path / "x").score_rows(raw_request(tiny_world, 2, 16))
+    np.testing.assert_allclose(json.loads(first)["probabilities"], want, atol=1e-6)
+    assert latency.startswith("16 rows: ") and "ms median" in latency

@@ -306,3 +306,10 @@ def test_a_managed_id_checkpoint_exports_with_its_id_map(managed_run, tiny_world
                  "--out", str(tmp_path / "b.parquet")]) == 0
     a, b = (pq.read_table(tmp_path / f"{w}.parquet")["score"].to_numpy() for w in "ab")
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    # raw ids in: the artifact maps them to its managed rows itself
+    from ctnet_rec.serving.export import ExportedModel
+
+    from .test_export import raw_request
+
+    np.testing.assert_allclose(ExportedModel(tmp_path / "x").score_rows(
+        raw_request(tiny_world, 3)), a, rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """The unit a model consumes: one mini-batch, shaped for TorchRec's train pipelines."""
 
-from __future__ import annotations
+# Annotations are evaluated (no `from __future__ import annotations`): this module travels
+# inside exported artifacts (torch.package), where dataclasses cannot read string annotations.
 
 import inspect
 from collections.abc import Iterable, Iterator
@@ -33,7 +34,7 @@ class Batch(Pipelineable):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return Batch(
             sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             dense=self.dense.to(device=device, non_blocking=non_blocking),
@@ -47,7 +48,7 @@ class Batch(Pipelineable):
         for t in (self.dense, self.labels, self.user_ids, self.item_ids):
             t.record_stream(stream)
 
-    def pin_memory(self) -> Batch:
+    def pin_memory(self) -> "Batch":
         return Batch(
             sparse=self.sparse.pin_memory(),
             dense=self.dense.pin_memory(),

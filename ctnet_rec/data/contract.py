@@ -6,7 +6,8 @@ numerically. Folders whose names start with ``_`` or ``.`` are not domains (the 
 world keeps its true click probabilities in ``<root>/_oracle``).
 """
 
-from __future__ import annotations
+# Annotations are evaluated (no `from __future__ import annotations`): this module travels
+# inside exported artifacts (torch.package), where dataclasses cannot read string annotations.
 
 import re
 from collections.abc import Iterable, Iterator
@@ -132,7 +133,7 @@ def _kind_ok(kind: str, t: pa.DataType) -> bool:
     raise AssertionError(kind)
 
 
-_KIND_TEXT = {
+KIND_TEXT = {
     "id": "an integer (int64) id",
     "time": "integer unix seconds",
     "label": "int or bool 0/1",
@@ -152,10 +153,10 @@ def check_schema(path: Path, schema: pa.Schema, features: FeatureConfig) -> None
     for col, kind in features.required_columns().items():
         idx = schema.get_field_index(col)
         if idx < 0:
-            raise DataError(f"{path}: missing column {col!r} ({_KIND_TEXT[kind]})")
+            raise DataError(f"{path}: missing column {col!r} ({KIND_TEXT[kind]})")
         t = schema.field(idx).type
         if not _kind_ok(kind, t):
-            raise DataError(f"{path}: column {col!r} has type {t}, expected {_KIND_TEXT[kind]}")
+            raise DataError(f"{path}: column {col!r} has type {t}, expected {KIND_TEXT[kind]}")
 
 
 def check_period_schemas(period_files: dict[int, list[Path]], features: FeatureConfig) -> None:

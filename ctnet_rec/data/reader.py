@@ -13,7 +13,8 @@ range into the same number of batches (full batches, the last one smaller), so n
 forever in a collective.
 """
 
-from __future__ import annotations
+# Annotations are evaluated (no `from __future__ import annotations`): this module travels
+# inside exported artifacts (torch.package), where dataclasses cannot read string annotations.
 
 import collections
 import math
@@ -64,7 +65,7 @@ def _writable_int64(arr: pa.Array, copy: bool) -> np.ndarray:
     return np.frombuffer(buf, np.int64, count=len(arr), offset=arr.offset * 8)
 
 
-def _gather_positions(grp: IdGroup) -> np.ndarray:
+def _gather_positions(grp: "IdGroup") -> np.ndarray:
     """Flat positions of rows' values: starts[i] .. starts[i] + lengths[i] - 1, row after row.
 
     Built as the running sum of +1 steps with a jump at each row's start (a third of the cost
@@ -95,7 +96,7 @@ class IdGroup:
     lengths: np.ndarray  # int32 per row
     values: dict[str, np.ndarray]
 
-    def take(self, idx: np.ndarray) -> IdGroup:
+    def take(self, idx: np.ndarray) -> "IdGroup":
         return IdGroup(self.starts[idx], self.lengths[idx], self.values)
 
 
@@ -112,7 +113,7 @@ class RowBlock:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: np.ndarray) -> RowBlock:
+    def take(self, idx: np.ndarray) -> "RowBlock":
         return RowBlock(
             [g.take(idx) for g in self.groups],
             self.dense[idx],

@@ -5,9 +5,16 @@ unsharded model (a CTNet with its frozen source inside) wrapped in `Scorer`, wit
 the model code it needs interned, so a serving process loads it with torch, torchrec and fbgemm
 installed and nothing of ctnet-rec:
 
-    scorer = torch.package.PackageImporter("DIR/model.pt").load_pickle("ctnet_export",
-                                                                       "scorer.pkl")
+    importer = torch.package.PackageImporter("DIR/model.pt")
+    scorer = importer.load_pickle("ctnet_export", "scorer.pkl")
     probabilities = scorer(kjt, dense)
+
+or, from the data's raw rows (ids as in the data, behaviour lists newest first), with the id
+policy, bucketing and truncation the model was trained with (`serving/requests.py`; needs
+pyarrow too):
+
+    request = importer.load_pickle("ctnet_export", "request.pkl")
+    probabilities = scorer(*request([{"user_id": 7, "item_id": 42, ...}, ...]))
 
 Why torch.package and not torch.export: the towers' SIM / ETA retrieval (top-k over jagged
 behaviour lists) and the KeyedJaggedTensor inputs have data-dependent shapes that torch.export
@@ -25,6 +32,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +49,7 @@ from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.files import file_digest
 from ctnet_rec.progress import Progress
+from ctnet_rec.serving.requests import RequestCodec
 from ctnet_rec.training.checkpoint import CheckpointError
 from ctnet_rec.training.inference import open_checkpoint, write_scores
 
@@ -48,11 +57,11 @@ log = logging.getLogger(__name__)
 
 TableDtype = Literal["fp32", "fp16", "int8"]
 ARTIFACT, METADATA = "model.pt", "metadata.json"
-PACKAGE, RESOURCE = "ctnet_export", "scorer.pkl"
+PACKAGE, RESOURCE, REQUEST = "ctnet_export", "scorer.pkl", "request.pkl"
 QUANT_DTYPES = {"fp16": torch.half, "int8": torch.qint8}
 # what a serving process has installed: imported by the loader, never packaged
 EXTERN = ["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**",
-          "numpy", "numpy.**"]
+          "numpy", "numpy.**", "pyarrow", "pyarrow.**"]
 
 
 def unsharded_state(state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -106,6 +115,7 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
         "inputs": "KeyedJaggedTensor of table rows (ids mapped by each table's id policy, "
                   "sequences newest first, truncated to max_len), dense float32 (batch, "
                   "len(dense)); output: click probabilities (batch,)",
+        "request_columns": RequestCodec(trainer.cfg.features).columns,
         "config": dataclasses.asdict(trainer.cfg),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +126,7 @@ def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
         pe.intern("ctnet_rec.**")
         pe.save_text(PACKAGE, METADATA, text)
         pe.save_pickle(PACKAGE, RESOURCE, scorer)
+        pe.save_pickle(PACKAGE, REQUEST, RequestCodec(trainer.cfg.features))
     digest = file_digest(tmp)
     tmp.replace(out / ARTIFACT)
     (out / METADATA).write_text(json.dumps({**metadata, "artifact_sha256": digest}, indent=1,
@@ -154,10 +165,19 @@ class ExportedModel:
         self.metadata: dict[str, Any] = json.loads(importer.load_text(PACKAGE, METADATA))
         self.scorer = importer.load_pickle(PACKAGE, RESOURCE)
         self.config: Config = config_from_dict(self.metadata["config"])
+        # artifacts of earlier versions have none: their config's reader does the same
+        self.request: RequestCodec = importer.load_pickle(PACKAGE, REQUEST) \
+            if REQUEST in importer.file_structure().children[PACKAGE].children \
+            else RequestCodec(self.config.features)
 
     @torch.inference_mode()
     def __call__(self, sparse: Any, dense: torch.Tensor) -> torch.Tensor:
         return self.scorer(sparse, dense)
+
+    def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Click probabilities of raw rows (the data's columns; `label` and `time` optional)."""
+        sparse, dense = self.request(rows)
+        return self(sparse, dense).double().numpy()
 
 
 def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path,
