@@ -14,7 +14,9 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -758,6 +760,13 @@ def recorded_config(raw: dict[str, Any]) -> Config:
         raw.setdefault("ctnet", {}).setdefault(
             "adapter_optimizer", {"optimizer": "adagrad", "lr": lr, "initial_accumulator": 0.0})
     return config_from_dict(raw)
+
+
+def build_section(cls: type[T], raw: dict[str, Any]) -> T:
+    """A dataclass of another file (e.g. `data from-events`' mapping) from its TOML tables,
+    with the checks and messages of a config's sections."""
+    built: T = _build_dataclass(cls, raw, "")
+    return built
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

