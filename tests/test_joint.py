@@ -271,3 +271,73 @@ def test_minet_weighs_each_interest_by_exp_of_its_score(demo_config, batch, monk
     assert len(interests1) >= 3  # SIM and ETA between them, as they were
     assert all(torch.equal(a, b) for a, b in zip(interests1[1:-1], interests2[1:-1],
                                                   strict=True))
+
+
+@pytest.mark.parametrize("rows_from", ["target", "source"])
+def test_shared_tables_start_from_the_towers_rows_the_config_names(towers, tmp_path, rows_from):
+    """`[experiment] shared_table_rows`: the tables both tasks share start as the target
+    tower's rows (default) or the source tower's, every row; a task's own tables as its own
+    tower's."""
+    import copy
+
+    from ctnet_rec.serving.export import unsharded_state
+
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.experiment.shared_table_rows = rows_from
+    joint, _ = open_checkpoint(joint_init(cfg, "Share Bottom", "A", towers.source(1),
+                                          towers.target(1), tmp_path))
+    state, net = unsharded_state(joint.state()["model"], "joint"), joint.dmp.module
+    tower = {task: unsharded_state(open_checkpoint(ckpt)[0].state()["model"], str(ckpt))
+             for task, ckpt in ((SOURCE, towers.source(1)), (TARGET, towers.target(1)))}
+    chosen = SOURCE if rows_from == "source" else TARGET
+    shared = 0
+    for key in (k for k in state if k.startswith("embeddings.lookup") and
+                k.endswith(".weight")):
+        as_target, as_source = net.warm_start_key(key, TARGET), net.warm_start_key(key, SOURCE)
+        assert as_target is not None and as_source is not None
+        if as_target[0] != as_source[0]:  # shared: from whichever tower the config names
+            shared += 1
+            want, other = tower[chosen][as_target[1]], tower[1 - chosen][as_target[1]]
+            assert torch.equal(state[key], want), key
+            assert not torch.equal(state[key], other), key
+        else:  # a task's own table
+            assert torch.equal(state[key], tower[as_target[0]][as_target[1]]), key
+    assert shared > 0
+
+
+def test_joint_training_resumes_inside_a_period_as_if_never_stopped(towers, tiny_world,
+                                                                     tmp_path, monkeypatch):
+    """Stopped right after a mid-period checkpoint, a joint model (batches of two domains
+    interleaved) resumes inside the period and ends with the uninterrupted run's metrics, per
+    domain, to 1e-6."""
+    import copy
+
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.train.checkpoint_every_rows = 2048
+    trainer = functools.partial(JointTrainer, model="Share Bottom", source_domain="A")
+    init = joint_init(cfg, "Share Bottom", "A", towers.source(1), towers.target(1),
+                      tmp_path / "init")
+    whole = train_continual(cfg, tiny_world, "B", [2], tmp_path / "whole", init=init,
+                            trainer_cls=trainer)
+    save = JointTrainer._save_position
+
+    def stop(self, period, *args):
+        save(self, period, *args)
+        raise KeyboardInterrupt  # as a kill right after the checkpoint
+
+    monkeypatch.setattr(JointTrainer, "_save_position", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_continual(cfg, tiny_world, "B", [2], tmp_path / "stopped", init=init,
+                        trainer_cls=trainer)
+    monkeypatch.undo()
+    assert not complete_checkpoints(tmp_path / "stopped")
+    from ctnet_rec.training.checkpoint import Manifest
+
+    assert Manifest.read(tmp_path / "stopped" / "checkpoints" / "mid-period").period == 2
+    resumed = train_continual(cfg, tiny_world, "B", [2], tmp_path / "stopped", init=init,
+                              resume=True, trainer_cls=trainer)
+    got, want = resumed[-1], whole[-1]
+    assert got["train_rows_by_domain"] == want["train_rows_by_domain"] == {"A": 8000, "B": 600}
+    for domain, loss in want["train_loss_by_domain"].items():
+        assert got["train_loss_by_domain"][domain] == pytest.approx(loss, abs=1e-6)
+    assert got["eval"]["auc"] == pytest.approx(want["eval"]["auc"], abs=1e-6)
