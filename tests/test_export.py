@@ -22,6 +22,7 @@ from ctnet_rec.training.deployments import dual_embedding_init
 from ctnet_rec.training.joint import joint_init
 from ctnet_rec.training.transfer import INIT, transfer_init
 
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["tower", "ctnet", "dual embedding", "joint (PLE)"]
 
 
@@ -118,7 +119,7 @@ def test_a_bad_request_is_refused_naming_the_row_and_column(checkpoints, tiny_wo
 
 
 LOADER = """
-import json, sys
+import runpy, sys
 sys.modules["ctnet_rec"] = None  # any import of ctnet_rec now fails
 try:
     import ctnet_rec
@@ -128,13 +129,15 @@ except ImportError:
 import torch, torchrec
 from torch.package import PackageImporter
 from torchrec import KeyedJaggedTensor
-scorer = PackageImporter(sys.argv[1]).load_pickle("ctnet_export", "scorer.pkl")
-batch = torch.load(sys.argv[2], weights_only=True)
+folder, batch_file, scores_file, request_file, serve = sys.argv[1:]
+scorer = PackageImporter(folder + "/model.pt").load_pickle("ctnet_export", "scorer.pkl")
+batch = torch.load(batch_file, weights_only=True)
 kjt = KeyedJaggedTensor.from_lengths_sync(batch["keys"], batch["values"], batch["lengths"])
-request = PackageImporter(sys.argv[1]).load_pickle("ctnet_export", "request.pkl")
 with torch.inference_mode():
-    torch.save(scorer(kjt, batch["dense"]), sys.argv[3])
-    torch.save(scorer(*request(json.loads(open(sys.argv[4]).read()))), sys.argv[5])
+    torch.save(scorer(kjt, batch["dense"]), scores_file)
+# and the serving example, raw rows in, through the artifact's request codec
+sys.argv = [serve, folder, request_file, "--repeat", "2"]
+runpy.run_path(serve, run_name="__main__")
 assert not any(m == "ctnet_rec" or m.startswith("ctnet_rec.") for m in sys.modules
                if sys.modules[m] is not None)
 """
@@ -144,7 +147,7 @@ def test_a_process_without_ctnet_rec_loads_and_scores_a_ctnet_artifact(checkpoin
                                                                         tiny_world, tmp_path):
     """The CTNet artifact (source, target and adapters) in a process where importing
     ctnet_rec fails: scores equal to the same artifact's in this process, from the model's
-    input and from raw rows through the artifact's request codec."""
+    input, and from raw JSON rows as examples/serve.py sends them (with its latency line)."""
     export_checkpoint(checkpoints["ctnet"], tmp_path / "x")
     batch = next(iter(ParquetBatchReader(tiny_world, "B", [2], towers.cfg.features,
                                          towers.cfg.data, batch_size=200, shuffle=False)))
@@ -153,16 +156,18 @@ def test_a_process_without_ctnet_rec_loads_and_scores_a_ctnet_artifact(checkpoin
                 "dense": batch.dense}, tmp_path / "batch.pt")
     (tmp_path / "load.py").write_text(LOADER)
     (tmp_path / "request.json").write_text(json.dumps(raw_request(tiny_world, 2, 200)))
-    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "x" / ARTIFACT),
-                    str(tmp_path / "batch.pt"), str(tmp_path / "scores.pt"),
-                    str(tmp_path / "request.json"), str(tmp_path / "raw.pt")],
-                   check=True, cwd=tmp_path, timeout=300)
+    out = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "x"),
+                          str(tmp_path / "batch.pt"), str(tmp_path / "scores.pt"),
+                          str(tmp_path / "request.json"), str(ROOT / "examples" / "serve.py")],
+                         check=True, cwd=tmp_path, timeout=300, capture_output=True, text=True)
     here = ExportedModel(tmp_path / "x")(batch.sparse, batch.dense)
     there = torch.load(tmp_path / "scores.pt", weights_only=True)
     assert there.shape == (200,)
     torch.testing.assert_close(there, here, rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.load(tmp_path / "raw.pt", weights_only=True), here,
+    served, latency = out.stdout.strip().splitlines()[-2:]
+    np.testing.assert_allclose(json.loads(served)["probabilities"], here.double().numpy(),
                                rtol=0, atol=1e-6)
+    assert latency.startswith("200 rows: ") and "ms median" in latency
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
@@ -274,18 +279,3 @@ def test_a_tampered_artifact_is_refused_before_it_runs(checkpoints, tiny_world, 
     (out / METADATA).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="without the artifact's sha256"):
         ExportedModel(out)
-
-
-def test_the_serving_example_scores_a_json_request(checkpoints, tiny_world, tmp_path):
-    """examples/serve.py, as the docs run it: the probabilities of a JSON request of raw
-    rows, as ExportedModel scores them, and a latency line."""
-    root = Path(__file__).resolve().parents[1]
-    export_checkpoint(checkpoints["ctnet"], tmp_path / "x")
-    (tmp_path / "request.json").write_text(json.dumps(raw_request(tiny_world, 2, 16)))
-    out = subprocess.run([sys.executable, str(root / "examples" / "serve.py"),
-                          str(tmp_path / "x"), str(tmp_path / "request.json"), "--repeat", "2"],
-                         capture_output=True, text=True, timeout=300, check=True)
-    first, latency = out.stdout.strip().splitlines()[-2:]
-    want = ExportedModel(tmp_path / "x").score_rows(raw_request(tiny_world, 2, 16))
-    np.testing.assert_allclose(json.loads(first)["probabilities"], want, atol=1e-6)
-    assert latency.startswith("16 rows: ") and "ms median" in latency
