@@ -380,8 +380,9 @@ class OptimizerConfig:
     size; TensorFlow's AdaGrad, which the paper used, starts at 0.1, so a weight moves in
     proportion to its gradient until the gradients have added up. It applies to parameters
     that start fresh: a group loaded from a checkpoint brings its own sums.
-    `warmup_steps`: the lr ramps linearly from lr / warmup_steps to lr over the group's first
-    steps (counted by the optimiser's own step count, so a resumed run does not restart it)."""
+    `warmup_steps`: the lr ramps linearly from lr / warmup_steps at the first step to lr at
+    step `warmup_steps` (TorchRec's WarmupOptimizer; its step count is saved with the
+    checkpoint, so a resumed run goes on with it)."""
 
     optimizer: OptimizerName = "adagrad"
     lr: float = 0.01

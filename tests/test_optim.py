@@ -73,21 +73,46 @@ def test_adagrad_initial_accumulator_makes_the_first_step_proportional_to_the_gr
     assert _linear_step(tf_like, 1e-4) == pytest.approx(LR * 1e-4 / math.sqrt(0.1), rel=1e-3)
 
 
-def test_warm_up_ramps_the_lr_and_counts_from_the_optimisers_own_steps():
+@pytest.mark.parametrize("name", ["adagrad", "sgd"])
+def test_warm_up_ramps_the_lr_and_a_resumed_run_goes_on_with_it(name):
+    """TorchRec's linear warm-up: lr / warmup_steps at the first step, lr from step
+    `warmup_steps` on. Its step count is saved with the state, so a new optimiser given the
+    state goes on where the old one was, also for SGD, which keeps no state of its own."""
     layer = nn.Linear(4, 1)
-    cfg = OptimizerConfig("adagrad", lr=0.1, warmup_steps=4)
+    cfg = OptimizerConfig(name, lr=0.1, warmup_steps=4)
     opt = GroupOptimizer({"g": (list(layer.named_parameters()), cfg)})
     lrs = []
     for _ in range(6):
+        lrs.append(opt.lr("g"))  # the lr this step uses
         for p in layer.parameters():
             p.grad = torch.ones_like(p)
         opt.step()
-        lrs.append(opt.lr("g"))
-    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
-    # a new optimiser given the saved state goes on where the old one was
+    assert lrs == pytest.approx([0.025, 0.04375, 0.0625, 0.08125, 0.1, 0.1])
+    half = GroupOptimizer({"g": (list(layer.named_parameters()), cfg)})
+    for _ in range(2):
+        half.step()
     again = GroupOptimizer({"g": (list(layer.named_parameters()), cfg)})
-    again.load_state_by_name(opt.state_by_name())
-    assert again.steps_taken("g") == 6
+    assert again.lr("g") == pytest.approx(0.025)
+    again.load_state_by_name(half.state_by_name())
+    assert again.lr("g") == pytest.approx(0.0625)  # the third step's, not the first's
+    assert set(again.state_by_name()) == {"weight", "bias", "__warmup/g"}
+
+
+def test_one_group_steps_alone_and_the_groups_are_torchrecs():
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+
+    a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    opt = GroupOptimizer({"a": (list(a.named_parameters()), OptimizerConfig("sgd", lr=1.0)),
+                          "b": (list(b.named_parameters()), OptimizerConfig("sgd", lr=1.0))})
+    assert isinstance(opt, CombinedOptimizer) and \
+        all(isinstance(g, KeyedOptimizer) for g in opt.groups.values())
+    before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+    for p in (*a.parameters(), *b.parameters()):
+        p.grad = torch.ones_like(p)
+    opt.step(only="b")
+    after = [p.detach() for p in (*a.parameters(), *b.parameters())]
+    assert all(torch.equal(x, y) for x, y in zip(before[:2], after[:2], strict=True))
+    assert not any(torch.equal(x, y) for x, y in zip(before[2:], after[2:], strict=True))
 
 
 def test_every_optimiser_holds_its_state_before_the_first_step():
@@ -148,3 +173,27 @@ def test_a_config_recorded_before_the_optimiser_groups_still_loads(demo_config):
     assert cfg.section_hash("features", "model", "ctnet") == \
         demo_config.section_hash("features", "model", "ctnet")
     assert recorded_config(raw) == demo_config  # a current config passes unchanged
+
+
+def test_a_checkpoint_carries_the_warm_up_and_one_saved_without_it_still_loads(
+        towers, tiny_world, tmp_path):
+    """A trainer's dense warm-up is saved with its checkpoint and goes on after a restore; a
+    checkpoint saved without one (the towers trained without warm-up) loads under a config
+    with one, whose warm-up then starts from its first step."""
+    import copy
+
+    from ctnet_rec.training.distributed import init_distributed
+    from ctnet_rec.training.trainer import PeriodTrainer
+
+    cfg = copy.deepcopy(towers.cfg)
+    cfg.train.dense.warmup_steps = 50
+    first = cfg.train.dense.lr / 50
+    trainer = PeriodTrainer(cfg, init_distributed("cpu"))
+    trainer.restore(towers.target(1))
+    assert trainer.dense_opt.lr("dense") == pytest.approx(first)
+    trainer.train_period(tiny_world, "B", 2)  # 3 steps
+    assert trainer.dense_opt.lr("dense") > first
+    trainer.save(tmp_path / "ckpt", 2, {})
+    again = PeriodTrainer(cfg, init_distributed("cpu"))
+    again.restore(tmp_path / "ckpt")
+    assert again.dense_opt.lr("dense") == pytest.approx(trainer.dense_opt.lr("dense"))

@@ -9,9 +9,9 @@ whole units (UTC) from the first event's; a unit without events has no folder.
 
 Inputs larger than memory: the events are first spread over buckets by user (a user's history
 never leaves its bucket), each of at most `memory_rows` events on average, then each bucket is
-built alone and writes its own part file of every period. Only the time, user and period of all
-events are held at once (24 bytes an event), to cut the periods. Nothing is written to OUT until every
-input has been read and checked (OUT.partial, renamed at the end).
+built alone and writes its own part file of every period. Only the time, user and period of
+all events are held at once (24 bytes an event), to cut the periods. Nothing is written to OUT
+until every input has been read and checked (OUT.partial, renamed at the end).
 """
 
 from __future__ import annotations

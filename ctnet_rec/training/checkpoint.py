@@ -290,8 +290,9 @@ def dcp_load(state: dict[str, Any], folder: Path) -> None:
 
 def saved_entries(folder: Path) -> dict[str, Any]:
     """The checkpoint's entries (key -> its metadata: a tensor's size and dtype), read
-    safely."""
-    return SafeReader(str(folder)).read_metadata().state_dict_metadata
+    safely, once the files are those the manifest records and the metadata's digest holds."""
+    manifest = check_files(folder)
+    return SafeReader(str(folder), manifest.files).read_metadata().state_dict_metadata
 
 
 def lineage_entry(folder: Path, path: Path) -> str:

@@ -44,12 +44,13 @@ from ctnet_rec.training.checkpoint import (
     lineage_entry,
     load_checkpoint,
     save_checkpoint,
+    saved_entries,
     verify_file,
 )
 from ctnet_rec.training.collectives import from_main, gather_to_main
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.metric_sink import TensorBoardSink
-from ctnet_rec.training.optim import GroupOptimizer, NamedParams
+from ctnet_rec.training.optim import WARMUP, GroupOptimizer, NamedParams
 from ctnet_rec.training.pass_state import PassTally, Position
 from sharding.tower import dense_parameters, pipeline_class, shard_model
 
@@ -169,6 +170,11 @@ class PeriodTrainer:
         manifest.check_compatible(self.kind, self.config_hash, self.schema, folder, self.cfg,
                                   self.hashed_sections)
         state = self.state()
+        warmups = [n for n in state["dense_optim"] if n.startswith(WARMUP)]
+        saved = saved_entries(folder) if warmups else {}
+        for name in warmups:
+            if f"dense_optim.{name}.warmup" not in saved:  # saved without: it starts over
+                del state["dense_optim"][name]
         self.seen = load_checkpoint(folder, state)
         self.load_state(state)
         log.info("restored %s (period %d, trained at world size %d)", folder, manifest.period,
