@@ -22,6 +22,7 @@ from ctnet_rec.config import (
     load_config,
 )
 from ctnet_rec.data.contract import DataError, parse_periods
+from ctnet_rec.data.storage import data_root
 from ctnet_rec.files import writable_folder, write_atomic
 from ctnet_rec.log_setup import configure_logging
 from ctnet_rec.training.checkpoint import CheckpointError
@@ -33,7 +34,7 @@ def _data_validate(args: argparse.Namespace) -> None:
     from ctnet_rec.data.summary import format_summary, summary_records, validate_dataset
 
     cfg = load_config(args.config, args.set)
-    rows = validate_dataset(args.root, cfg.features, args.domain or None)
+    rows = validate_dataset(data_root(args.root), cfg.features, args.domain or None)
     print(format_summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(summary_records(rows), indent=2) + "\n")
@@ -92,7 +93,7 @@ def _train(args: argparse.Namespace) -> None:
             if not init.exists():
                 deploy(deployment, cfg, Path(args.init_from[0]), Path(args.init_from[1]),
                        Path(args.run))
-    train_continual(cfg, Path(args.data), args.domain, parse_periods(args.periods),
+    train_continual(cfg, data_root(args.data), args.domain, parse_periods(args.periods),
                     Path(args.run), init=init, resume=args.resume,
                     trainer_cls=partial(trainer_for, deployment),
                     overwrite=args.overwrite, allow_domain_change=args.allow_domain_change)
@@ -108,7 +109,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError("--set changes a config given with --config (the checkpoint's own "
                           "recorded config is read as it is)")
     cfg = load_config(args.config, args.set) if args.config else None
-    metrics = evaluate_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
+    metrics = evaluate_checkpoint(Path(args.ckpt), data_root(args.data), args.domain, args.period,
                                   cfg, _sharding(args, lambda: cfg.sharding if cfg else
                                                  _recorded_sharding(Path(args.ckpt))),
                                   args.zero_adapters, args.device)
@@ -126,10 +127,10 @@ def _predict(args: argparse.Namespace) -> None:
     if args.export:
         from ctnet_rec.serving.export import predict_export
 
-        predict_export(Path(args.export), Path(args.data), args.domain, args.period,
+        predict_export(Path(args.export), data_root(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size, args.sha256, args.device or "cpu")
         return
-    predict_checkpoint(Path(args.ckpt), Path(args.data), args.domain, args.period,
+    predict_checkpoint(Path(args.ckpt), data_root(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size,
                        _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))),
                        args.device)
@@ -157,7 +158,7 @@ def _transfer_run(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT, latest_checkpoint
     from ctnet_rec.training.transfer import transfer_run
 
-    transfer_run(Path(args.run), Path(args.data), args.domain, parse_periods(args.periods),
+    transfer_run(Path(args.run), data_root(args.data), args.domain, parse_periods(args.periods),
                  Path(args.source_ckpts) if args.source_ckpts else None,
                  _sharding(args, lambda: _recorded_sharding(
                      latest_checkpoint(Path(args.run)) or Path(args.run) / INIT)),
@@ -244,7 +245,8 @@ def _recorded_sharding(ckpt: Path) -> ShardingConfig:
 
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/")
+    p.add_argument("--data", required=True, help="dataset root: DATA/<domain>/period=<t>/, a "
+                   "local folder or a URI (s3://, gs://, hdfs://, file://, an fsspec scheme)")
     p.add_argument("--domain", required=True, help="domain folder name, e.g. A or B")
 
 
@@ -276,7 +278,8 @@ def _data_command(sub: Subcommands) -> None:
         "config, then print rows, positive rate, distinct users/items, new-user and new-item "
         "shares and (for synthetic worlds) the oracle AUC/GAUC per domain and period.",
     )
-    v.add_argument("root", help="dataset root: ROOT/<domain>/period=<int>/*.parquet")
+    v.add_argument("root", help="dataset root: ROOT/<domain>/period=<int>/*.parquet, a local "
+                   "folder or a URI (s3://, gs://, hdfs://, file://, an fsspec scheme)")
     v.add_argument("--config", required=True, help="TOML config with a [features] section")
     _add_set(v)
     v.add_argument("--domain", action="append", help="only this domain (repeatable)")

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctnet_rec.config import FeatureConfig
+from ctnet_rec.data.storage import DataFile, DataRoot, entries, is_uri, join
 
 ORACLE_DIR = "_oracle"
 ORACLE_COLUMN = "p_click"
@@ -34,54 +35,55 @@ class DataError(ValueError):
 class ParquetPiece:
     """One row group of one file: the unit of decoding and of sharding across ranks."""
 
-    path: Path
+    path: DataFile
     row_group: int
     num_rows: int
     period: int
 
 
-def list_domains(root: str | Path) -> list[str]:
-    root = Path(root)
-    if not root.is_dir():
+def list_domains(root: DataRoot) -> list[str]:
+    found = entries(root)
+    if found is None:
         raise DataError(f"{root}: data root does not exist or is not a folder")
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
-    )
+    return [e.name for e in found if e.is_dir and not e.name.startswith(("_", "."))]
 
 
-def list_periods(root: str | Path, domain: str) -> dict[int, list[Path]]:
+def list_periods(root: DataRoot, domain: str) -> dict[int, list[DataFile]]:
     """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
     of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
     partial upload) and `_`-folders are skipped."""
-    ddir = Path(root) / domain
-    if not ddir.is_dir():
-        raise DataError(f"{ddir}: domain folder not found (domains: {list_domains(root)})")
-    periods: dict[int, list[Path]] = {}
-    for p in ddir.iterdir():
+    found = entries(root, domain)
+    if found is None:
+        raise DataError(f"{join(root, domain)}: domain folder not found (domains: "
+                        f"{list_domains(root)})")
+    periods: dict[int, list[DataFile]] = {}
+    names: dict[int, str] = {}
+    for p in found:
         if p.name.startswith(("_", ".")):
             continue
         m = _PERIOD_RE.match(p.name)
-        if not p.is_dir() or not m:
-            raise DataError(f"{p}: expected a folder named period=<int>")
-        files = sorted(f for f in p.glob("*.parquet")
-                       if f.is_file() and not f.name.startswith("."))
+        if not p.is_dir or not m:
+            raise DataError(f"{p.file}: expected a folder named period=<int>")
+        files = [f.file for f in entries(root, domain, p.name) or []
+                 if not f.is_dir and f.name.endswith(".parquet") and not f.name.startswith(".")]
         if not files:
-            raise DataError(f"{p}: empty period (no .parquet files)")
+            raise DataError(f"{p.file}: empty period (no .parquet files)")
         t = int(m.group(1))
         if t in periods:
-            other = periods[t][0].parent.name
-            raise DataError(f"{p}: period {t} again (also {ddir / other}); keep one folder")
-        periods[t] = files
+            raise DataError(f"{p.file}: period {t} again (also {join(root, domain, names[t])}); "
+                            "keep one folder")
+        periods[t], names[t] = files, p.name
     return dict(sorted(periods.items()))
 
 
-def select_periods(root: str | Path, domain: str, periods: Iterable[int]) -> dict[int, list[Path]]:
+def select_periods(root: DataRoot, domain: str,
+                   periods: Iterable[int]) -> dict[int, list[DataFile]]:
     available = list_periods(root, domain)
     chosen = {}
     for t in periods:
         if t not in available:
             raise DataError(
-                f"{Path(root) / domain}/period={t}: missing period "
+                f"{join(root, domain)}/period={t}: missing period "
                 f"(available: {sorted(available)})"
             )
         chosen[t] = available[t]
@@ -142,14 +144,14 @@ KIND_TEXT = {
 }
 
 
-def read_schema(path: Path) -> pa.Schema:
+def read_schema(path: DataFile) -> pa.Schema:
     try:
-        return pq.read_schema(path)
+        return pq.read_schema(path.path, filesystem=path.fs)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: unreadable Parquet file ({e})") from None
 
 
-def check_schema(path: Path, schema: pa.Schema, features: FeatureConfig) -> None:
+def check_schema(path: DataFile | Path, schema: pa.Schema, features: FeatureConfig) -> None:
     for col, kind in features.required_columns().items():
         idx = schema.get_field_index(col)
         if idx < 0:
@@ -159,11 +161,12 @@ def check_schema(path: Path, schema: pa.Schema, features: FeatureConfig) -> None
             raise DataError(f"{path}: column {col!r} has type {t}, expected {KIND_TEXT[kind]}")
 
 
-def check_period_schemas(period_files: dict[int, list[Path]], features: FeatureConfig) -> None:
+def check_period_schemas(period_files: dict[int, list[DataFile]],
+                         features: FeatureConfig) -> None:
     """Each file matches the feature config, and all files of a period agree on used columns."""
     cols = list(features.required_columns())
     for _, files in period_files.items():
-        first: tuple[Path, pa.Schema] | None = None
+        first: tuple[DataFile, pa.Schema] | None = None
         for f in files:
             schema = read_schema(f)
             check_schema(f, schema, features)
@@ -222,12 +225,16 @@ def check_content(table: pa.Table, features: FeatureConfig, where: str) -> None:
                 raise DataError(f"{where}: column {n.column!r} has {bad} NaN/inf values")
 
 
-def pieces_of(period_files: dict[int, list[Path]]) -> list[ParquetPiece]:
+def parquet_file(f: DataFile, **options: bool) -> pq.ParquetFile:
+    return pq.ParquetFile(f.path, filesystem=f.fs, **options)
+
+
+def pieces_of(period_files: dict[int, list[DataFile]]) -> list[ParquetPiece]:
     pieces = []
     for t, files in period_files.items():
         for f in files:
             try:
-                md = pq.ParquetFile(f).metadata
+                md = parquet_file(f).metadata
             except Exception as e:
                 raise DataError(f"{f}: unreadable Parquet file ({e})") from None
             for rg in range(md.num_row_groups):
@@ -241,8 +248,8 @@ def read_piece(piece: ParquetPiece, columns: list[str]) -> pa.Table:
     try:
         # pre_buffer off: one row group per call, decoded in our own threads; the read-ahead
         # cache only adds work here (measured: ~40% more CPU per row)
-        return pq.ParquetFile(piece.path, pre_buffer=False,
-                              page_checksum_verification=True).read_row_group(
+        return parquet_file(piece.path, pre_buffer=False,
+                            page_checksum_verification=True).read_row_group(
             piece.row_group, columns=columns, use_threads=False
         )
     except Exception as e:
@@ -254,7 +261,7 @@ def iter_piece(piece: ParquetPiece, columns: list[str], batch_rows: int) -> Iter
     pyarrow's growing column buffers small: whole 16k-row list columns spend a fifth of the
     decode time reallocating and copying."""
     try:
-        pf = pq.ParquetFile(piece.path, pre_buffer=False, page_checksum_verification=True)
+        pf = parquet_file(piece.path, pre_buffer=False, page_checksum_verification=True)
         for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[piece.row_group],
                                   columns=columns, use_threads=False):
             yield pa.Table.from_batches([rb])
@@ -263,8 +270,8 @@ def iter_piece(piece: ParquetPiece, columns: list[str], batch_rows: int) -> Iter
 
 
 def validate_periods(
-    root: str | Path, domain: str, periods: Iterable[int], features: FeatureConfig
-) -> dict[int, list[Path]]:
+    root: DataRoot, domain: str, periods: Iterable[int], features: FeatureConfig
+) -> dict[int, list[DataFile]]:
     """Full check of some periods of a domain: schemas, then every value. Raises DataError."""
     period_files = select_periods(root, domain, periods)
     check_period_schemas(period_files, features)
@@ -279,7 +286,7 @@ def validate_periods(
             items.append(raw_id_column(table, features.item_column))
             rows += piece.num_rows
         if rows == 0:
-            raise DataError(f"{Path(root) / domain}/period={t}: empty period (0 rows)")
+            raise DataError(f"{join(root, domain)}/period={t}: empty period (0 rows)")
         read_oracle(root, domain, t, np.concatenate(users), np.concatenate(items))
     return period_files
 
@@ -289,12 +296,15 @@ def raw_id_column(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(table.column(column).to_numpy()).astype(np.int64, copy=False)
 
 
-def read_oracle(root: str | Path, domain: str, period: int, users: np.ndarray,
+def read_oracle(root: DataRoot, domain: str, period: int, users: np.ndarray,
                 items: np.ndarray) -> np.ndarray | None:
-    """A synthetic world's true click probabilities of a period (None without them), once
-    they are shown to line up with the period's rows: the oracle file's user_id and item_id
-    equal the period's, row for row (its row count alone would pass a shuffled file)."""
-    path = oracle_path(root, domain, period)
+    """A synthetic world's true click probabilities of a period (None without them, and for
+    remote data), once they are shown to line up with the period's rows: the oracle file's
+    user_id and item_id equal the period's, row for row (its row count alone would pass a
+    shuffled file)."""
+    if is_uri(root):
+        return None
+    path = oracle_path(Path(root), domain, period)
     if not path.exists():
         return None
     table = pq.read_table(path)
@@ -337,5 +347,5 @@ def write_parquet(table: pa.Table, path: Path, row_group_size: int = 16_384) -> 
                    write_page_checksum=True)
 
 
-def oracle_path(root: str | Path, domain: str, period: int) -> Path:
+def oracle_path(root: Path, domain: str, period: int) -> Path:
     return Path(root) / ORACLE_DIR / domain / f"period={period}" / "part-0.parquet"

@@ -24,7 +24,6 @@ import typing
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +41,7 @@ from ctnet_rec.data.contract import (
     select_periods,
 )
 from ctnet_rec.data.ids import map_ids_
+from ctnet_rec.data.storage import DataRoot, join
 
 DECODE_ROWS = 8192  # rows per decoded Arrow batch (and per RowBlock); measured best of 1k-16k
 
@@ -297,7 +297,7 @@ class ParquetBatchReader:
 
     def __init__(
         self,
-        root: str | Path,
+        root: DataRoot,
         domain: str,
         periods: Iterable[int],
         features: FeatureConfig,
@@ -324,7 +324,7 @@ class ParquetBatchReader:
         self.slices, self.num_rows, largest = rank_slices(pieces, rank, world_size)
         if self.num_rows == 0:
             raise ValueError(
-                f"{Path(root) / domain} periods {sorted(self.period_files)}: "
+                f"{join(root, domain)} periods {sorted(self.period_files)}: "
                 f"{sum(p.num_rows for p in pieces)} rows cannot be shared by {world_size} ranks"
             )
         self.num_batches = math.ceil(largest / self.batch_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from ctnet_rec.data.contract import (
     read_oracle,
     read_piece,
 )
+from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.metrics import auc, gauc
 from ctnet_rec.progress import Progress
 
@@ -47,15 +47,14 @@ class PeriodSummary:
     oracle_gauc: float | None
 
 
-def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> list[PeriodSummary]:
+def validate_domain(root: DataRoot, domain: str, features: FeatureConfig) -> list[PeriodSummary]:
     """Check every file of a domain (raises DataError) and summarise each period."""
-    root = Path(root)
     period_files = list_periods(root, domain)
     check_period_schemas(period_files, features)
     seen_users = seen_items = np.zeros(0, np.int64)
     out = []
     pieces = {t: pieces_of({t: files}) for t, files in period_files.items()}
-    progress = Progress(sum(len(p) for p in pieces.values()), f"validating {root / domain}",
+    progress = Progress(sum(len(p) for p in pieces.values()), f"validating {join(root, domain)}",
                         log, unit="row group")
     for t in period_files:
         parts = []
@@ -67,7 +66,7 @@ def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> l
                           raw_id_column(table, features.user_column),
                           raw_id_column(table, features.item_column)])
         if not parts:
-            raise DataError(f"{root / domain}/period={t}: empty period (0 rows)")
+            raise DataError(f"{join(root, domain)}/period={t}: empty period (0 rows)")
         labels, users, items = (np.concatenate(x) for x in zip(*parts, strict=True))
         labels = labels.astype(np.float64)
         u_new = ~np.isin(users, seen_users)
@@ -92,7 +91,7 @@ def validate_domain(root: str | Path, domain: str, features: FeatureConfig) -> l
 
 
 def validate_dataset(
-    root: str | Path, features: FeatureConfig, domains: list[str] | None = None
+    root: DataRoot, features: FeatureConfig, domains: list[str] | None = None
 ) -> list[PeriodSummary]:
     domains = domains or list_domains(root)
     if not domains:

@@ -19,9 +19,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from ctnet_rec.data.contract import list_periods
+from ctnet_rec.data.contract import list_periods, parquet_file
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.log_setup import FORMAT, configure_logging
 
 log = logging.getLogger(__name__)
@@ -149,8 +148,8 @@ def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, starting: Callable
 
 
 @functools.cache
-def period_rows(data: Path, domain: str, period: int) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in list_periods(data, domain)[period])
+def period_rows(data: DataRoot, domain: str, period: int) -> int:
+    return sum(parquet_file(f).metadata.num_rows for f in list_periods(data, domain)[period])
 
 
 def work(job: Job, data: Path) -> float:

@@ -362,7 +362,8 @@ def _kept_scores(run: Path | None, period: int) -> np.ndarray | None:
 def period_labels(data: Path, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
     """A period's labels in file order (the order every model's kept scores are in)."""
     files = select_periods(data, domain, [period])[period]
-    return np.concatenate([pq.read_table(f, columns=[features.label_column])
+    return np.concatenate([pq.read_table(f.path, filesystem=f.fs,
+                                         columns=[features.label_column])
                            .column(features.label_column).to_numpy() for f in files])
 
 

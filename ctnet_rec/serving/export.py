@@ -47,6 +47,7 @@ from ctnet_rec.config import Config, ConfigError, config_from_dict
 from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.files import file_digest
 from ctnet_rec.progress import Progress
 from ctnet_rec.serving.requests import RequestCodec
@@ -61,7 +62,7 @@ PACKAGE, RESOURCE, REQUEST = "ctnet_export", "scorer.pkl", "request.pkl"
 QUANT_DTYPES = {"fp16": torch.half, "int8": torch.qint8}
 # what a serving process has installed: imported by the loader, never packaged
 EXTERN = ["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**",
-          "numpy", "numpy.**", "pyarrow", "pyarrow.**"]
+          "numpy", "numpy.**", "pyarrow", "pyarrow.**", "fsspec", "fsspec.**"]
 
 
 def unsharded_state(state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -180,7 +181,7 @@ class ExportedModel:
         return self(sparse, dense).double().numpy()
 
 
-def predict_export(folder: Path, data: Path, domain: str, period: int, out: Path,
+def predict_export(folder: Path, data: DataRoot, domain: str, period: int, out: Path,
                    batch_size: int | None = None, sha256: str | None = None,
                    device: str = "cpu") -> int:
     """`ctnet predict --export`: `ctnet predict`'s output, scored by an exported artifact in

@@ -16,6 +16,7 @@ import torch
 
 from ctnet_rec.config import Config, ConfigError, ShardingConfig
 from ctnet_rec.data.contract import validate_periods, write_parquet
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.modules.kinds import CTNET
 from ctnet_rec.training.checkpoint import CheckpointError, Manifest, config_of
 from ctnet_rec.training.collectives import from_main
@@ -61,7 +62,7 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
     return trainer, manifest
 
 
-def predict_checkpoint(ckpt: Path, data: Path, domain: str, period: int, out: Path,
+def predict_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int, out: Path,
                        batch_size: int | None = None,
                        sharding: ShardingConfig | None = None,
                        device: str | None = None) -> int:
@@ -89,7 +90,7 @@ def write_scores(pred: dict[str, np.ndarray], out: Path, elapsed: float) -> None
              len(pred["p"]) / elapsed)
 
 
-def evaluate_checkpoint(ckpt: Path, data: Path, domain: str, period: int,
+def evaluate_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int,
                         cfg: Config | None = None,
                         sharding: ShardingConfig | None = None,
                         zero_adapters: bool = False,

@@ -24,6 +24,7 @@ from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.batch import Batch
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.joint import SOURCE, TARGET
 from ctnet_rec.modules.joint.common import SUFFIXES
@@ -93,7 +94,7 @@ class JointTrainer(PeriodTrainer):
     def domains_read(self, domain: str) -> list[str]:
         return [domain, self.source_domain]
 
-    def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+    def train_period(self, root: DataRoot, domain: str, period: int) -> dict[str, Any]:
         readers = {d: self._reader(root, d, period, train=True)
                    for d in (domain, self.source_domain)}
         order = [d for d, r in readers.items() for _ in range(len(r))]

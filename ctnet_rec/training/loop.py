@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import list_periods, validate_periods
+from ctnet_rec.data.storage import DataFile, DataRoot
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.files import read_jsonl, writable_folder, write_atomic
 from ctnet_rec.training.checkpoint import (
@@ -51,7 +52,7 @@ def _write_metrics(run: Path) -> None:
     write_atomic(run / "metrics.jsonl", "".join(lines[t] + "\n" for t in sorted(lines)))
 
 
-def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int], run: Path,
+def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[int], run: Path,
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
                     overwrite: bool = False, allow_domain_change: bool = False,
@@ -68,7 +69,7 @@ def train_continual(cfg: Config, data: Path, domain: str, periods: Iterable[int]
                                 evaluate, trainer_cls, overwrite)
 
 
-def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], run: Path,
+def _train_continual(cfg: Config, data: DataRoot, domain: str, periods: list[int], run: Path,
                      env: DistEnv, init: Path | None, resume: bool, evaluate: bool,
                      trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
                      overwrite: bool) -> list[dict[str, Any]]:
@@ -115,13 +116,13 @@ def _train_continual(cfg: Config, data: Path, domain: str, periods: list[int], r
     return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
 
 
-def evaluation_periods(data: Path, domain: str, periods: list[int]) -> list[int]:
+def evaluation_periods(data: DataRoot, domain: str, periods: list[int]) -> list[int]:
     """The periods `run_periods` will score: each trained period's next, where it exists."""
     available = list_periods(data, domain)
     return sorted({t + 1 for t in periods if t + 1 in available} - set(periods))
 
 
-def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int], run: Path,
+def run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: list[int], run: Path,
                 before_period: Callable[[int], dict[str, Any]],
                 evaluate: bool = True) -> list[dict[str, Any]]:
     """The continual loop: for each period, `before_period(t)` (which returns the lineage to
@@ -146,9 +147,9 @@ def run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[i
             trainer.sink = None
 
 
-def _run_periods(trainer: PeriodTrainer, data: Path, domain: str, periods: list[int],
+def _run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: list[int],
                  run: Path, before_period: Callable[[int], dict[str, Any]], evaluate: bool,
-                 available: dict[int, list[Path]]) -> list[dict[str, Any]]:
+                 available: dict[int, list[DataFile]]) -> list[dict[str, Any]]:
     results = []
     for t in periods:
         lineage = before_period(t)

@@ -26,6 +26,7 @@ from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch, on_device
 from ctnet_rec.data.contract import ORACLE_COLUMN, oracle_path
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.data.storage import DataRoot, is_uri
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import (
@@ -191,7 +192,7 @@ class PeriodTrainer:
 
     # -- work -----------------------------------------------------------------------------
 
-    def _reader(self, root: Path, domain: str, period: int, train: bool,
+    def _reader(self, root: DataRoot, domain: str, period: int, train: bool,
                 batch_size: int | None = None) -> ParquetBatchReader:
         return ParquetBatchReader(
             root, domain, [period], self.features_read(), self.cfg.data,
@@ -211,7 +212,7 @@ class PeriodTrainer:
         """The domains whose data training on `domain` reads."""
         return [domain]
 
-    def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+    def train_period(self, root: DataRoot, domain: str, period: int) -> dict[str, Any]:
         reader = self._reader(root, domain, period, train=True)
         return self.train_steps(((domain, b) for b in reader), len(reader), domain, period)
 
@@ -398,7 +399,7 @@ class PeriodTrainer:
                 buf /= self.env.world_size
 
     @torch.no_grad()
-    def predict(self, root: Path, domain: str, period: int, batch_size: int | None = None,
+    def predict(self, root: DataRoot, domain: str, period: int, batch_size: int | None = None,
                 outputs: Callable[[Batch], torch.Tensor] | None = None,
                 ) -> dict[str, np.ndarray] | None:
         """Scores of a period's rows in file order, in eval mode: each rank scores a
@@ -427,7 +428,7 @@ class PeriodTrainer:
                 "items": torch.cat(parts["items"]).numpy()}
         return gather_to_main(pred, self.env.device)
 
-    def evaluate(self, root: Path, domain: str, period: int,
+    def evaluate(self, root: DataRoot, domain: str, period: int,
                  scores: Path | None = None) -> dict[str, Any]:
         """The period's metrics, computed on rank 0 and returned on every rank; the scores
         (file order) written to `scores` (.npy) when given."""
@@ -437,9 +438,10 @@ class PeriodTrainer:
             if scores is not None:
                 scores.parent.mkdir(parents=True, exist_ok=True)
                 np.save(scores, pred["p"])
-            oracle = None
-            opath = oracle_path(root, domain, period)
-            if opath.exists():  # ranks read contiguous shares in file order: rows line up
+            oracle = None  # a synthetic world's, kept locally
+            opath = None if is_uri(root) else oracle_path(Path(root), domain, period)
+            # ranks read contiguous shares in file order: the oracle's rows line up
+            if opath is not None and opath.exists():
                 oracle = pq.read_table(opath, columns=[ORACLE_COLUMN])[ORACLE_COLUMN].to_numpy()
             metrics = evaluate_predictions(pred["labels"], pred["p"], pred["users"],
                                            pred["items"], self.seen, oracle)

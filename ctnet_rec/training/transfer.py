@@ -29,6 +29,7 @@ from ctnet_rec.config import (
     ShardingConfig,
 )
 from ctnet_rec.data.batch import on_device
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.files import writable_folder
 from ctnet_rec.modules.ctnet import CTNet
@@ -140,7 +141,7 @@ class CTNetTrainer(PeriodTrainer):
         self.seen = read_seen_ids(folder)
         return manifest
 
-    def train_period(self, root: Path, domain: str, period: int) -> dict[str, Any]:
+    def train_period(self, root: DataRoot, domain: str, period: int) -> dict[str, Any]:
         """With `output_fusion`, the metrics record the fused output's weight and offset
         (fitted before the period: `fit_output_fusion`)."""
         metrics = super().train_period(root, domain, period)
@@ -150,7 +151,7 @@ class CTNetTrainer(PeriodTrainer):
             metrics["fusion_offset"] = round(float(net.fusion_offset), 6)
         return metrics
 
-    def fit_output_fusion(self, root: Path, domain: str, period: int) -> None:
+    def fit_output_fusion(self, root: DataRoot, domain: str, period: int) -> None:
         """w and c of logit = target + w (source - c) from the period's rows, scored by the
         model as it stands, before anything trains on them: c the source logit's mean (the
         click rate stays the target's), w the AUC-best weight (`best_weight`). Out of sample
@@ -169,7 +170,7 @@ class CTNetTrainer(PeriodTrainer):
         log.info("%s period %d: output fusion weight %.1f (source logit offset %.4f), fitted "
                  "on the period's rows before training on them", domain, period, weight, offset)
 
-    def adapter_pass(self, root: Path, domain: str, period: int) -> None:
+    def adapter_pass(self, root: DataRoot, domain: str, period: int) -> None:
         """`adapter_prequential_pass`: one pass over the period's rows that trains the
         adapters alone, before the period's training. The target tower is frozen for it: its
         lookups run without gradients (the fused table optimisers never see one), its batch
@@ -197,7 +198,7 @@ class CTNetTrainer(PeriodTrainer):
         log.info("%s period %d: adapters trained alone on the period's rows first (%d steps)",
                  domain, period, steps)
 
-    def evaluate(self, root: Path, domain: str, period: int,
+    def evaluate(self, root: DataRoot, domain: str, period: int,
                  scores: Path | None = None) -> dict[str, Any]:
         """The metrics, and beside them (`without_adapters`) those of the same model with
         its adapters adding nothing: whether the source is used, and whether it helps."""
@@ -284,7 +285,7 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain:
     return schedule
 
 
-def transfer_run(run: Path, data: Path, domain: str, periods: Iterable[int],
+def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
                  source_ckpts: Path | None, sharding: ShardingConfig | None = None,
                  allow_domain_change: bool = False) -> list[dict[str, Any]]:
     """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at

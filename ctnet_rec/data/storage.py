@@ -1,0 +1,85 @@
+"""Where data lives: a local folder, or a URI of remote storage (`s3://bucket/prefix`,
+`gs://...`, `hdfs://...`, `file:///...`: pyarrow's filesystems; any other scheme an installed
+fsspec implementation registers, e.g. `abfs://` with adlfs, through pyarrow's fsspec handler).
+Data is only read from there, file by file and row group by row group, as from a local
+folder; runs, checkpoints and scores are written locally (or to a mounted filesystem)."""
+
+# Annotations are evaluated (no `from __future__ import annotations`): the reader, which
+# imports this module, travels inside exported artifacts (torch.package).
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+DataRoot = Path | str  # a local folder, or a URI kept as text (a Path would merge its "//")
+
+
+def is_uri(root: DataRoot) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def data_root(text: str | Path) -> DataRoot:
+    """A data root as the command line gives it: a URI stays text, anything else a Path."""
+    return text if isinstance(text, str) and is_uri(text) else Path(text)
+
+
+def join(root: DataRoot, *parts: str) -> DataRoot:
+    if isinstance(root, Path):
+        return root.joinpath(*parts)
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def filesystem(root: DataRoot) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `root`, and `root`'s path in it."""
+    if not is_uri(root):
+        return pafs.LocalFileSystem(), str(Path(root).absolute())
+    uri = str(root)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), str(path)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file of a data root: read through its filesystem, shown as the root names it."""
+
+    fs: pafs.FileSystem
+    path: str  # in `fs`
+    shown: str  # in messages: the root as given, then the path below it
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A folder's entry: its name, whether it is a folder, and it as a file."""
+
+    name: str
+    is_dir: bool
+    file: DataFile
+
+
+def entries(root: DataRoot, *parts: str) -> list[Entry] | None:
+    """The entries of the folder `root/parts...`, by name; None when there is no such folder."""
+    fs, base = filesystem(root)
+    path = "/".join([base.rstrip("/"), *parts])
+    shown = str(join(root, *parts))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        out.append(Entry(name, info.type == pafs.FileType.Directory,
+                         DataFile(fs, info.path, f"{shown.rstrip('/')}/{name}")))
+    return sorted(out, key=lambda e: e.name)

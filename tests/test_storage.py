@@ -1,0 +1,60 @@
+"""Data read from remote storage: a data root given as a URI (pyarrow's filesystems, or any
+fsspec one: here fsspec's in-memory filesystem and a `file://` URI) trains, scores and
+validates exactly as the same files in a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from ctnet_rec.cli import main
+from ctnet_rec.data.contract import DataError, list_periods
+from ctnet_rec.data.storage import data_root
+from ctnet_rec.training.inference import open_checkpoint
+
+
+@pytest.fixture(scope="module")
+def in_memory(tiny_world: Path) -> str:
+    """The tiny world's B domain copied into fsspec's in-memory filesystem."""
+    memory = fsspec.filesystem("memory")
+    for f in sorted((tiny_world / "B").rglob("*.parquet")):
+        memory.pipe(f"/world/B/{f.relative_to(tiny_world / 'B')}", f.read_bytes())
+    return "memory://world"
+
+
+def test_a_uri_stays_a_uri_and_a_path_a_path(tmp_path):
+    assert data_root("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert data_root(str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_a_remote_root_reads_as_the_local_folder(towers, tiny_world, in_memory, tmp_path,
+                                                 where):
+    """Training a period from the URI ends with the local folder's loss and scores (same
+    files, same order), to the last bit; `data validate` reads it too."""
+    root = in_memory if where == "memory" else f"file://{tiny_world}"
+    local = list_periods(tiny_world, "B")
+    remote = list_periods(root, "B")
+    assert sorted(remote) == sorted(local)
+    assert [f.name for f in remote[2]] == [f.name for f in local[2]]
+    assert str(remote[2][0]).startswith(root)
+    scores = {}
+    for name, data in (("local", str(tiny_world)), ("remote", root)):
+        run = tmp_path / name
+        assert main(["train", "--config", str(towers.config_path), "--data", data,
+                     "--domain", "B", "--periods", "2", "--run-dir", str(run),
+                     "--init", str(towers.target(1))]) == 0
+        trainer, manifest = open_checkpoint(run / "checkpoints" / "period=2")
+        scores[name] = (manifest.metrics["train_loss"], trainer.predict(tiny_world, "B", 3)["p"])
+    assert scores["remote"][0] == scores["local"][0]
+    np.testing.assert_array_equal(scores["remote"][1], scores["local"][1])
+    assert main(["data", "validate", root, "--config", str(towers.config_path),
+                 "--domain", "B"]) == 0
+
+
+def test_a_missing_remote_folder_is_named(in_memory):
+    with pytest.raises(DataError, match="memory://world/C: domain folder not found"):
+        list_periods(in_memory, "C")
