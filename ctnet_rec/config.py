@@ -482,9 +482,13 @@ class TableOptimizerConfig:
     gradient's size (tested in tests/test_optim.py)."""
 
     lr: float = 0.01
+    # the lr ramps linearly from lr / warmup_steps at the first step to lr at this step
+    # (TorchRec's WarmupOptimizer around the fused optimiser; its step count is checkpointed)
+    warmup_steps: int = 0
 
     def validate(self, key: str) -> None:
         _check(0 < self.lr < float("inf"), f"{key}.lr", "must be a finite number > 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
 
 
 @dataclass

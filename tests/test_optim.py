@@ -53,6 +53,35 @@ def test_fused_table_adagrad_first_step_has_length_lr_sqrt_dim_whatever_the_grad
     torch.testing.assert_close(small, large, rtol=1e-3, atol=1e-7)
 
 
+def test_a_table_warm_up_scales_the_fused_steps_and_is_saved():
+    """`[train.tables] warmup_steps`: TorchRec's WarmupOptimizer around DMP's fused optimiser;
+    the kernels apply the ramped lr (a fresh row's first step is lr / 4 * sqrt(dim) with 4
+    warm-up steps), and only the warm-up's count joins the saved state (the tables' own is
+    DMP's)."""
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    dmp = shard_model(_Bag(), env, LR)
+    opt = GroupOptimizer({}, (dmp.fused_optimizer, LR, 4))
+    weight = next(p for n, p in dmp.named_parameters() if n.endswith("t.weight"))
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([3]), torch.tensor([1]))
+    lengths = []
+    for _ in range(2):
+        opt.zero_grad()
+        before = weight.detach().clone()
+        dmp(kjt).sum().backward()
+        lengths.append((weight.detach() - before)[3].norm().item())
+        opt.step()
+    assert lengths[0] == pytest.approx(LR / 4 * math.sqrt(DIM), rel=1e-3)
+    # the same gradient again: the lr of step 2 of the ramp, over AdaGrad's doubled sum
+    assert lengths[1] == pytest.approx(LR * (0.25 + 0.75 / 4) * math.sqrt(DIM / 2), rel=1e-3)
+    state = opt.state_by_name()
+    assert list(state) == ["__warmup/tables"] and state["__warmup/tables"]["warmup"].tolist() \
+        == [2, 0]
+    again = GroupOptimizer({}, (dmp.fused_optimizer, LR, 4))
+    again.load_state_by_name(state)
+    assert again.lr("tables") == pytest.approx(opt.lr("tables"))
+
+
 def _linear_step(cfg: OptimizerConfig, grad: float) -> float:
     torch.manual_seed(0)
     layer = nn.Linear(4, 1, bias=False)
@@ -177,23 +206,25 @@ def test_a_config_recorded_before_the_optimiser_groups_still_loads(demo_config):
 
 def test_a_checkpoint_carries_the_warm_up_and_one_saved_without_it_still_loads(
         towers, tiny_world, tmp_path):
-    """A trainer's dense warm-up is saved with its checkpoint and goes on after a restore; a
-    checkpoint saved without one (the towers trained without warm-up) loads under a config
-    with one, whose warm-up then starts from its first step."""
+    """A trainer's dense and table warm-ups are saved with its checkpoint and go on after a
+    restore; a checkpoint saved without them (the towers trained without warm-up) loads under
+    a config with them, whose warm-ups then start from their first step."""
     import copy
 
     from ctnet_rec.training.distributed import init_distributed
     from ctnet_rec.training.trainer import PeriodTrainer
 
     cfg = copy.deepcopy(towers.cfg)
-    cfg.train.dense.warmup_steps = 50
-    first = cfg.train.dense.lr / 50
+    cfg.train.dense.warmup_steps = cfg.train.tables.warmup_steps = 50
     trainer = PeriodTrainer(cfg, init_distributed("cpu"))
     trainer.restore(towers.target(1))
-    assert trainer.dense_opt.lr("dense") == pytest.approx(first)
+    first = {"dense": cfg.train.dense.lr / 50, "tables": cfg.train.tables.lr / 50}
+    for group, lr in first.items():
+        assert trainer.dense_opt.lr(group) == pytest.approx(lr)
     trainer.train_period(tiny_world, "B", 2)  # 3 steps
-    assert trainer.dense_opt.lr("dense") > first
     trainer.save(tmp_path / "ckpt", 2, {})
     again = PeriodTrainer(cfg, init_distributed("cpu"))
     again.restore(tmp_path / "ckpt")
-    assert again.dense_opt.lr("dense") == pytest.approx(trainer.dense_opt.lr("dense"))
+    for group, lr in first.items():
+        assert trainer.dense_opt.lr(group) > lr
+        assert again.dense_opt.lr(group) == pytest.approx(trainer.dense_opt.lr(group))

@@ -1,13 +1,14 @@
-"""The dense parameter groups' optimisers (the tables' are fused into TorchRec's kernels),
-made of TorchRec's keyed optimisers: each named group (e.g. the towers' dense layers and
-CTNet's adapters) a `KeyedOptimizerWrapper` around its torch optimiser, state keyed by
-parameter name, so a checkpoint reloads at any world size and into a model with more groups;
-a group with `warmup_steps` inside TorchRec's `WarmupOptimizer`, whose step count is saved with
-the rest of the state (a resumed run goes on with its warm-up, whatever the optimiser); the
-groups together one `CombinedOptimizer`, which the train pipeline steps."""
+"""The optimisers as TorchRec's keyed optimisers: each named dense group (e.g. the towers'
+dense layers and CTNet's adapters) a `KeyedOptimizerWrapper` around its torch optimiser, state
+keyed by parameter name, so a checkpoint reloads at any world size and into a model with more
+groups; a group with `warmup_steps` inside TorchRec's `WarmupOptimizer`, whose step count is
+saved with the rest of the state (a resumed run goes on with its warm-up, whatever the
+optimiser); with a table warm-up, the tables' fused optimiser (DMP's, its state saved apart)
+inside one too; all together one `CombinedOptimizer`, which the train pipeline steps."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -35,26 +36,41 @@ def build_optimizer(params: list[torch.Tensor], cfg: OptimizerConfig) -> torch.o
     return torch.optim.SGD(params, lr=cfg.lr)  # stateless
 
 
-def keyed_optimizer(named: NamedParams, cfg: OptimizerConfig) -> KeyedOptimizer:
-    """One group's optimiser, keyed by parameter name; with `warmup_steps`, its lr ramps
-    linearly from lr / warmup_steps at the first step to lr at step `warmup_steps`."""
-    opt = KeyedOptimizerWrapper(dict(named), lambda params: build_optimizer(params, cfg))
-    if not cfg.warmup_steps:
+def warmed_up(opt: KeyedOptimizer, lr: float, steps: int) -> KeyedOptimizer:
+    """`opt` whose lr ramps linearly from lr / steps at the first step to lr at step `steps`
+    (TorchRec's WarmupOptimizer), its step count held from the start (checkpoints load into
+    the state a fresh trainer holds)."""
+    if not steps:
         return opt
-    warm = WarmupOptimizer(opt, [WarmupStage(WarmupPolicy.LINEAR, max_iters=cfg.warmup_steps,
-                                             value=1 / cfg.warmup_steps)],
-                           lr=cfg.lr, param_name=WARMUP)
-    warm.state[warm.params[WARMUP]] = {"warmup": torch.tensor([0, 0])}  # held up front
+    warm = WarmupOptimizer(opt, [WarmupStage(WarmupPolicy.LINEAR, max_iters=steps,
+                                             value=1 / steps)], lr=lr, param_name=WARMUP)
+    warm.state[warm.params[WARMUP]] = {"warmup": torch.tensor([0, 0])}
     return warm
+
+
+def keyed_optimizer(named: NamedParams, cfg: OptimizerConfig) -> KeyedOptimizer:
+    """One group's optimiser, keyed by parameter name, with its warm-up."""
+    return warmed_up(KeyedOptimizerWrapper(dict(named),
+                                           lambda params: build_optimizer(params, cfg)),
+                     cfg.lr, cfg.warmup_steps)
+
+
+TABLES = "tables"  # the group of the tables' fused optimiser, when it warms up
 
 
 class GroupOptimizer(CombinedOptimizer):
     """The named groups' keyed optimisers as one, stepping all of them or one group alone
-    (CTNet's prequential pass steps its adapters only)."""
+    (CTNet's prequential pass steps its adapters only). `tables`: the tables' fused optimiser
+    and its (lr, warm-up steps), joined as the group `tables` when it warms up; the fused
+    kernels apply the lr its param groups hold at each zero_grad and step."""
 
-    def __init__(self, groups: dict[str, tuple[NamedParams, OptimizerConfig]]) -> None:
+    def __init__(self, groups: dict[str, tuple[NamedParams, OptimizerConfig]],
+                 tables: tuple[KeyedOptimizer, float, int] | None = None) -> None:
         self.groups = {g: keyed_optimizer(named, cfg) for g, (named, cfg) in groups.items()
                        if named}
+        if tables is not None and tables[2]:
+            fused, lr, steps = tables
+            self.groups[TABLES] = warmed_up(fused, lr, steps)
         super().__init__(list(self.groups.items()))
 
     def step(self, closure: Any = None, only: str | None = None) -> None:
@@ -67,17 +83,22 @@ class GroupOptimizer(CombinedOptimizer):
     def lr(self, group: str) -> float:
         return float(self.groups[group].param_groups[0]["lr"])
 
+    def _named(self) -> list[tuple[str, str, KeyedOptimizer, torch.Tensor]]:
+        """(group, state key, optimiser, parameter) of every state this class saves: each
+        dense parameter's by its name, each warm-up's by `__warmup/<group>` (the tables'
+        own state is DMP's, saved apart)."""
+        return [(g, f"{WARMUP}/{g}" if name == WARMUP else name, opt, typing.cast(torch.Tensor, p))
+                for g, opt in self.groups.items() for name, p in opt.params.items()
+                if g != TABLES or name == WARMUP]
+
     def state_by_name(self) -> dict[str, dict[str, Any]]:
-        """Each parameter's state by its name; each warm-up's by `__warmup/<group>`."""
-        return {(f"{WARMUP}/{g}" if name == WARMUP else name): dict(opt.state[p])
-                for g, opt in self.groups.items() for name, p in opt.params.items()}
+        return {key: dict(opt.state[p]) for _, key, opt, p in self._named()}
 
     def load_state_by_name(self, states: dict[str, dict[str, Any]]) -> None:
         """`states` into the live state; a warm-up missing from them starts over."""
-        for g, opt in self.groups.items():
-            for name, p in opt.params.items():
-                key = f"{WARMUP}/{g}" if name == WARMUP else name
-                if key in states:
-                    opt.state[p].update(states[key])
+        for _, key, opt, p in self._named():
+            if key in states:
+                opt.state[p].update(states[key])
+        for opt in self.groups.values():
             if isinstance(opt, WarmupOptimizer):
                 opt.post_load_state_dict()  # the lr of the step it has reached

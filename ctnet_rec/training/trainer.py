@@ -91,7 +91,9 @@ class PeriodTrainer:
         torch.manual_seed(cfg.train.seed)
         self.dmp = self.build_model()
         self.dense = dense_parameters(self.dmp)
-        self.dense_opt = GroupOptimizer(self.parameter_groups(self._named_dense()))
+        tables = cfg.train.tables
+        self.dense_opt = GroupOptimizer(self.parameter_groups(self._named_dense()), (
+            self.dmp.fused_optimizer, tables.lr, tables.warmup_steps))
         self.seen: dict[str, np.ndarray] = {"users": np.zeros(0, np.int64),
                                             "items": np.zeros(0, np.int64)}
         self.config_hash = cfg.section_hash("features", "model")
