@@ -2,7 +2,7 @@
 
 from importlib.util import find_spec
 
-__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
+__version__ = "0.2.0"  # the one place it is written: pyproject.toml reads it from here
 
 # torchrec is not among the package's dependencies on a CPU machine (its metadata asks for
 # the CUDA build of fbgemm-gpu): say what to install rather than fail deep inside an import

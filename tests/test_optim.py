@@ -4,7 +4,9 @@ state that checkpoints can hold, and the config's refusals."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -228,3 +230,25 @@ def test_a_checkpoint_carries_the_warm_up_and_one_saved_without_it_still_loads(
     for group, lr in first.items():
         assert trainer.dense_opt.lr(group) > lr
         assert again.dense_opt.lr(group) == pytest.approx(trainer.dense_opt.lr(group))
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_checkpoint_of_version_0_1_loads_scores_as_it_did_and_trains_on(tiny_world):
+    """`fixtures/checkpoint-0.1.0`: a small tower trained by ctnet-rec 0.1.0 (its own
+    optimisers, no warm-up state saved although its config has a dense warm-up) on the tiny
+    world, with the scores that version gave B's period 2. This version loads it, scores
+    the same rows to 1e-6, and trains on from it (its warm-up from the first step)."""
+    from ctnet_rec.config import load_config
+    from ctnet_rec.training.trainer import PeriodTrainer
+
+    old = FIXTURES / "checkpoint-0.1.0"
+    cfg = load_config(old / "config.toml")
+    trainer = PeriodTrainer(cfg, init_distributed("cpu"))
+    assert trainer.restore(old / "period=1").period == 1
+    np.testing.assert_allclose(trainer.predict(tiny_world, "B", 2)["p"],
+                               np.load(old / "scores_B_period2.npy"), rtol=0, atol=1e-6)
+    assert trainer.dense_opt.lr("dense") == pytest.approx(cfg.train.dense.lr / 4)
+    metrics = trainer.train_period(tiny_world, "B", 2)
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_rows"] == 600
