@@ -30,11 +30,12 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 
 setup: $(STAMP)
 
-# Runs again only when pyproject.toml changes or DEVICE or STACK differs: a second `make setup`
+# Runs again only when pyproject.toml or the version (ctnet_rec/__init__.py, which pyproject
+# reads) changes, or DEVICE or STACK differs: a second `make setup`
 # installs nothing. torchrec comes last and without dependencies: its metadata asks for the
 # CUDA build of fbgemm-gpu, which would replace fbgemm-gpu-cpu (DEVICE=cuda installs that
 # build instead).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ctnet_rec/__init__.py
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PIP) -e ".[dev]" torch==$(TORCH_VERSION) $(FBGEMM)==$(FBGEMM_VERSION) $(QUIET_PIP)
 	$(PIP) --no-deps torchrec==$(TORCHREC_VERSION) $(QUIET_PIP)
