@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -423,19 +424,31 @@ def test_ranks_send_their_rows_to_rank_zero_only(tmp_path):
     assert zero["broadcast"] == one["broadcast"] == want
 
 
-def test_two_ranks_train_one_model(towers, tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(towers, tiny_world, tmp_path_factory) -> dict[str, Any]:
+    """One 2-process gloo spawn for the tests of what two ranks compute (`_two_rank_work`):
+    each rank's results, and the folder of the rows the one-process equivalence test reads."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    split, joined = _same_rows_two_ways(tiny_world, root)
+    torch.multiprocessing.spawn(_two_rank_work, nprocs=2, join=True, args=(
+        str(root / "store"), str(tiny_world), str(towers.config_path), str(split),
+        str(towers.target(1)), str(root)))
+    zero, one = (torch.load(root / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return {"zero": zero, "one": one, "joined": joined}
+
+
+def test_two_ranks_train_one_model(two_ranks):
     """Dense layers are data-parallel (DDP under DMP): two ranks stepping on different rows
     keep identical dense weights, which move; also for a joint model, whose step of one domain
     leaves the other task's tower without gradients."""
-    torch.multiprocessing.spawn(_dense_rank, nprocs=2, join=True, args=(
-        str(tmp_path / "store"), str(tiny_world), str(towers.config_path), str(tmp_path)))
-    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    zero, one = two_ranks["zero"], two_ranks["one"]
     for name in ("tower", "joint"):
         assert torch.equal(zero[name]["after"], one[name]["after"]), name
         assert not torch.equal(zero[name]["before"], zero[name]["after"]), name
 
 
-def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> None:
+def _two_rank_work(rank: int, store: str, world: str, config: str, split: str, start: str,
+                   out: str) -> None:
     import functools
 
     import torch.distributed as dist
@@ -459,6 +472,7 @@ def _dense_rank(rank: int, store: str, world: str, config: str, out: str) -> Non
             trainer.train_steps(iter(steps), len(steps), "B", 1)  # the pipeline, at 2 ranks
             got[name] = {"before": before,
                          "after": torch.cat([p.detach().flatten() for p in trainer.dense])}
+        got["halves"] = _steps(Path(split), config, start, rank, 2)
         torch.save(got, Path(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -521,18 +535,7 @@ def _steps(data: Path, config: str, start: str, rank: int, world_size: int
             "p": None if pred is None else pred["p"]}
 
 
-def _equivalent_rank(rank: int, store: str, data: str, config: str, start: str, out: str
-                     ) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.save(_steps(Path(data), config, start, rank, 2), Path(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_ranks_on_halves_train_as_one_process_on_the_whole(towers, tiny_world, tmp_path):
+def test_two_ranks_on_halves_train_as_one_process_on_the_whole(towers, two_ranks):
     """Where the math allows it, two ranks are one model: each rank a half of every step's
     batch, against one process on the whole batch, from one checkpoint, the same rows and
     steps (batch norm on
@@ -540,12 +543,8 @@ def test_two_ranks_on_halves_train_as_one_process_on_the_whole(towers, tiny_worl
     averaged (DDP), table gradients divided by the world size (TorchRec), so the losses, the
     dense weights and every score after 3 steps agree to float rounding (1e-6). Catches a
     rank's lookups or gradients lost, doubled or mixed up (e.g. the table gradients summed)."""
-    split, joined = _same_rows_two_ways(tiny_world, tmp_path)
-    config, start = str(towers.config_path), str(towers.target(1))
-    torch.multiprocessing.spawn(_equivalent_rank, nprocs=2, join=True, args=(
-        str(tmp_path / "store"), str(split), config, start, str(tmp_path)))
-    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    whole = _steps(joined, config, start, 0, 1)
+    zero, one = two_ranks["zero"]["halves"], two_ranks["one"]["halves"]
+    whole = _steps(two_ranks["joined"], str(towers.config_path), str(towers.target(1)), 0, 1)
     assert zero["rows"] == one["rows"] == whole["rows"] == 2 * STEPS * HALF
     assert zero["loss"] == pytest.approx(whole["loss"], abs=1e-6)
     for name, weight in whole["dense"].items():
