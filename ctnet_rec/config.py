@@ -380,8 +380,8 @@ class OptimizerConfig:
     size; TensorFlow's AdaGrad, which the paper used, starts at 0.1, so a weight moves in
     proportion to its gradient until the gradients have added up. It applies to parameters
     that start fresh: a group loaded from a checkpoint brings its own sums.
-    `warmup_steps`: the lr ramps linearly from lr / warmup_steps at the first step to lr at
-    step `warmup_steps` (TorchRec's WarmupOptimizer; its step count is saved with the
+    `warmup_steps`: the lr ramps linearly from lr / warmup_steps at the first step to lr
+    after `warmup_steps` steps (TorchRec's WarmupOptimizer; its step count is saved with the
     checkpoint, so a resumed run goes on with it)."""
 
     optimizer: OptimizerName = "adagrad"
@@ -482,7 +482,7 @@ class TableOptimizerConfig:
     gradient's size (tested in tests/test_optim.py)."""
 
     lr: float = 0.01
-    # the lr ramps linearly from lr / warmup_steps at the first step to lr at this step
+    # the lr ramps linearly from lr / warmup_steps at the first step to lr after this many
     # (TorchRec's WarmupOptimizer around the fused optimiser; its step count is checkpointed)
     warmup_steps: int = 0
 

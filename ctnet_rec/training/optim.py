@@ -37,8 +37,8 @@ def build_optimizer(params: list[torch.Tensor], cfg: OptimizerConfig) -> torch.o
 
 
 def warmed_up(opt: KeyedOptimizer, lr: float, steps: int) -> KeyedOptimizer:
-    """`opt` whose lr ramps linearly from lr / steps at the first step to lr at step `steps`
-    (TorchRec's WarmupOptimizer), its step count held from the start (checkpoints load into
+    """`opt` whose lr ramps linearly from lr / steps at the first step to lr after `steps`
+    steps (TorchRec's WarmupOptimizer), its step count held from the start (checkpoints load into
     the state a fresh trainer holds)."""
     if not steps:
         return opt
