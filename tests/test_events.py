@@ -149,18 +149,24 @@ def test_bad_input_is_refused_naming_file_row_and_column(tmp_path):
         {T0 + 10}
 
 
-def test_the_cli_with_the_example_mapping(tmp_path):
+def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
     """examples/events.toml on a CSV log with its column names: a dataset the template
-    config validates; a bad mapping is refused naming the key."""
+    config validates, written to and read from a URI (fsspec's in-memory filesystem); a bad
+    mapping is refused naming the key."""
+    import fsspec
+
+    from ctnet_rec.training.run_copy import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     log = _random_log(400).rename_columns(["user_id", "item_id", "event_time", "clicked",
                                            "surface", "category_id"])
     log = log.append_column("seller_id", pa.array(np.arange(400) % 7)).append_column(
         "age_group", pa.array(np.arange(400) % 5))
     pcsv.write_csv(log, tmp_path / "log.csv")
     assert main(["data", "from-events", str(tmp_path / "log.csv"), "--mapping",
-                 str(ROOT / "examples" / "events.toml"), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "events.json").is_file()
-    assert main(["data", "validate", str(tmp_path / "out"), "--config",
+                 str(ROOT / "examples" / "events.toml"), "--out", "memory://events/out"]) == 0
+    assert fsspec.filesystem("memory").isfile("/events/out/events.json")
+    assert main(["data", "validate", "memory://events/out", "--config",
                  str(ROOT / "examples" / "template.toml")]) == 0
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "examples" / "events.toml").read_text().replace(

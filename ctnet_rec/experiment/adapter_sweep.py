@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ctnet_rec.config import Config, OptimizerConfig, load_config
+from ctnet_rec.data.storage import DataRoot, data_root
 from ctnet_rec.data.synth import synthesize
 from ctnet_rec.experiment.runner import (
     check_periods,
@@ -65,7 +66,7 @@ def candidate_config(cfg: Config, name: str) -> Config:
     return out
 
 
-def run_seed(cfg: Config, data: Path, out: Path, candidates: list[str]) -> dict[str, Any]:
+def run_seed(cfg: Config, data: DataRoot, out: Path, candidates: list[str]) -> dict[str, Any]:
     """One seed: per domain, Base's and each candidate's per-period metrics."""
     e = cfg.experiment
     check_periods(cfg, data)
@@ -183,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         cfg.train.seed = seed
         seed_out = out / f"seed={seed}"
-        data = Path(args.data) if args.data else seed_out / "data"
-        if args.data is None and not (data / "world.json").exists():
-            synthesize(cfg.synth, data, seed=seed)
-        by_seed[seed] = run_seed(cfg, data, seed_out, args.candidates)
+        world = seed_out / "data"
+        if args.data is None and not (world / "world.json").exists():
+            synthesize(cfg.synth, world, seed=seed)
+        by_seed[seed] = run_seed(cfg, data_root(args.data) if args.data else world, seed_out,
+                                 args.candidates)
         summary = summarise(by_seed, args.candidates)
         (out / "sweep.json").write_text(json.dumps(
             {"config": args.config, "data": args.data, "seeds": sorted(by_seed),

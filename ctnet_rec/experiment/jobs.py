@@ -152,7 +152,7 @@ def period_rows(data: DataRoot, domain: str, period: int) -> int:
     return sum(parquet_file(f).metadata.num_rows for f in list_periods(data, domain)[period])
 
 
-def work(job: Job, data: Path) -> float:
+def work(job: Job, data: DataRoot) -> float:
     """A job's size for the ETA: rows trained plus rows scored at EVAL_WEIGHT."""
     read = [job.domain, job.also_reads] if job.also_reads else [job.domain]
     return (sum(period_rows(data, d, t) for d in read for t in job.trains)
@@ -163,7 +163,7 @@ class Progress:
     """One log line per job: which model, domain and periods, elapsed time and an ETA from
     the work done so far (each job shows its own per-period bar beneath)."""
 
-    def __init__(self, jobs: Sequence[Job], data: Path) -> None:
+    def __init__(self, jobs: Sequence[Job], data: DataRoot) -> None:
         self.sizes = [work(j, data) for j in jobs]
         self.jobs, self.start, self.done = jobs, time.perf_counter(), 0.0
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import read_oracle
+from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.files import write_atomic
 from ctnet_rec.training.checkpoint import CheckpointError, complete_checkpoints
 from ctnet_rec.training.evaluate import evaluate_predictions
@@ -36,7 +37,7 @@ def fused(base: np.ndarray, source: np.ndarray, w: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(logit(base) + w * centred)))
 
 
-def _scores(ckpt: Path, data: Path, domain: str, period: int) -> tuple[dict[str, np.ndarray],
+def _scores(ckpt: Path, data: DataRoot, domain: str, period: int) -> tuple[dict[str, np.ndarray],
                                                                        dict[str, np.ndarray]]:
     """A checkpoint's predictions of a period's rows (file order) and the ids it had seen."""
     trainer, _ = open_checkpoint(ckpt)
@@ -45,7 +46,7 @@ def _scores(ckpt: Path, data: Path, domain: str, period: int) -> tuple[dict[str,
     return pred, trainer.seen
 
 
-def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
+def late_fusion(cfg: Config, data: DataRoot, domain: str, source_run: Path, base_run: Path,
                 periods: list[int], scores: Path | None = None) -> dict[int, dict[str, Any]]:
     """Per trained period t, the fusion's metrics on period t + 1 (with `fusion_weight`);
     its scores written to `scores`/period=<t + 1>.npy when given."""
@@ -73,7 +74,7 @@ def late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run
     return results
 
 
-def run_late_fusion(cfg: Config, data: Path, domain: str, source_run: Path, base_run: Path,
+def run_late_fusion(cfg: Config, data: DataRoot, domain: str, source_run: Path, base_run: Path,
                     out: Path) -> None:
     """The experiment's job: `late_fusion` over its trained periods, written to `out` once
     (OUT/metrics.json; its scores in OUT/scores/ with `[train] save_scores`)."""

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig
 from ctnet_rec.data.contract import DataError, list_periods, select_periods
+from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
 from ctnet_rec.experiment.late_fusion import run_late_fusion
@@ -132,7 +133,7 @@ def metrics_by_period(run: Path) -> dict[int, dict[str, Any]]:
     return {m["period"]: m["eval"] for m in read_jsonl(path) if "eval" in m}
 
 
-def check_periods(cfg: Config, data: Path) -> None:
+def check_periods(cfg: Config, data: DataRoot) -> None:
     """Refuse an experiment whose periods the dataset does not have, before any training."""
     e = cfg.experiment
     need = list(range(e.last_period() + 2))
@@ -141,7 +142,7 @@ def check_periods(cfg: Config, data: Path) -> None:
         missing = [t for t in need if t not in have]
         if missing:
             raise DataError(
-                f"{data / domain}: the experiment (deploy_period {e.deploy_period}, periods "
+                f"{join(data, domain)}: the experiment (deploy_period {e.deploy_period}, periods "
                 f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
 
 
@@ -154,7 +155,7 @@ def transfer_baselines(cfg: Config) -> list[str]:
     return [*PRETRAIN_FINETUNE, DUAL]
 
 
-def plan(cfg: Config, data: Path, out: Path, rows: Collection[str] | None = None,
+def plan(cfg: Config, data: DataRoot, out: Path, rows: Collection[str] | None = None,
          variants: dict[str, dict[str, Any]] = CTNET_VARIANTS) -> list[Job]:
     """Every job of the experiment, in the order they start: the source tower, then per target
     domain its warm-up and each compared model; each names the jobs it needs (all earlier).
@@ -168,7 +169,7 @@ def plan(cfg: Config, data: Path, out: Path, rows: Collection[str] | None = None
             or (FINETUNE_SWEEP in keep and j.name.startswith(FINETUNE_SWEEP))]
 
 
-def _every_job(cfg: Config, data: Path, out: Path,
+def _every_job(cfg: Config, data: DataRoot, out: Path,
                variants: dict[str, dict[str, Any]]) -> list[Job]:
     e = cfg.experiment
     t0, last = e.deploy_period, e.last_period()
@@ -250,7 +251,7 @@ def samples_read(job: Job) -> dict[str, int]:
     return counts
 
 
-def _run_jobs(jobs: list[Job], data: Path, out: Path,
+def _run_jobs(jobs: list[Job], data: DataRoot, out: Path,
               workers: int) -> dict[str, dict[str, dict[str, float]]]:
     """Run every job in its own process, `workers` at a time; returns each one's wall time
     (summed over the runs of an interrupted and resumed experiment) and peak memory (the
@@ -285,7 +286,7 @@ def _run_jobs(jobs: list[Job], data: Path, out: Path,
     return usage
 
 
-def run_experiment(cfg: Config, data: Path, out: Path, rows: Collection[str] | None = None,
+def run_experiment(cfg: Config, data: DataRoot, out: Path, rows: Collection[str] | None = None,
                    variants: dict[str, dict[str, Any]] = CTNET_VARIANTS) -> Results:
     """Train and evaluate every compared model (or those of `rows`, see `plan`); returns their
     metrics (also written to OUT/metrics.json)."""
@@ -359,7 +360,7 @@ def _kept_scores(run: Path | None, period: int) -> np.ndarray | None:
     return np.load(path) if path is not None and path.exists() else None
 
 
-def period_labels(data: Path, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
+def period_labels(data: DataRoot, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
     """A period's labels in file order (the order every model's kept scores are in)."""
     files = select_periods(data, domain, [period])[period]
     return np.concatenate([pq.read_table(f.path, filesystem=f.fs,
@@ -393,7 +394,7 @@ def slug(name: str) -> str:
     return "-".join(words)
 
 
-def _finetune(cfg: Config, depth: Depth, data: Path, domain: str, source_run: Path,
+def _finetune(cfg: Config, depth: Depth, data: DataRoot, domain: str, source_run: Path,
               base_run: Path, run: Path) -> None:
     """Pre-train & Fine-tune from the period t0 - 1 checkpoints, then on to the end."""
     e = cfg.experiment
@@ -404,7 +405,7 @@ def _finetune(cfg: Config, depth: Depth, data: Path, domain: str, source_run: Pa
                     init=run / INIT, resume=True)
 
 
-def _source_direct(cfg: Config, data: Path, domain: str, source_run: Path, out: Path) -> None:
+def _source_direct(cfg: Config, data: DataRoot, domain: str, source_run: Path, out: Path) -> None:
     """The source domain's model of each period scoring the target's next period."""
     path = out / domain / "source-direct.json"
     if path.exists():
@@ -422,7 +423,7 @@ def finetune_sizes(cfg: Config) -> list[int]:
     return sorted({k for k in FINETUNE_PERIODS if k < every} | {every})
 
 
-def _finetune_last(cfg: Config, periods: int, data: Path, domain: str, source_run: Path,
+def _finetune_last(cfg: Config, periods: int, data: DataRoot, domain: str, source_run: Path,
                    run: Path) -> None:
     """Table 4: the newest source model (all parameters, period `last`) fine-tuned on the
     target's last `periods` periods, so every size ends at the same time and is tested on the
@@ -432,7 +433,7 @@ def _finetune_last(cfg: Config, periods: int, data: Path, domain: str, source_ru
                     init=period_dir(source_run, last), resume=True, allow_domain_change=True)
 
 
-def _deployed(cfg: Config, deployment: Deployment, data: Path, domain: str, source_run: Path,
+def _deployed(cfg: Config, deployment: Deployment, data: DataRoot, domain: str, source_run: Path,
               base_run: Path, run: Path) -> None:
     """A model deployed from the warm-up checkpoints of period t0 - 1 (Dual Embedding, a
     joint-learning baseline), then trained on the window (a joint model also on the source's
@@ -445,7 +446,7 @@ def _deployed(cfg: Config, deployment: Deployment, data: Path, domain: str, sour
                     init=run / INIT, resume=True, trainer_cls=partial(trainer_for, deployment))
 
 
-def run_ctnet(cfg: Config, overrides: dict[str, Any], data: Path, domain: str,
+def run_ctnet(cfg: Config, overrides: dict[str, Any], data: DataRoot, domain: str,
               source_run: Path, base_run: Path, run: Path) -> None:
     """Deploy CTNet from the warm-up checkpoints of period t0 - 1 and run it to the end."""
     e = cfg.experiment

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SEEN_IDS = "seen_ids.npz"
+MID_PERIOD = "mid-period"  # RUN/checkpoints/mid-period: the newest checkpoint inside a period
 _DIR_RE = re.compile(r"^period=(\d+)$")
 
 

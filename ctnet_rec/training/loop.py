@@ -21,6 +21,7 @@ from ctnet_rec.data.storage import DataFile, DataRoot
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.files import read_jsonl, writable_folder, write_atomic
 from ctnet_rec.training.checkpoint import (
+    MID_PERIOD,
     CheckpointError,
     Manifest,
     complete_checkpoints,
@@ -32,7 +33,7 @@ from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
 from ctnet_rec.training.run_lock import run_lock
-from ctnet_rec.training.trainer import MID_PERIOD, PeriodTrainer
+from ctnet_rec.training.trainer import PeriodTrainer
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,25 @@ def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
                     overwrite: bool = False, allow_domain_change: bool = False,
-                    ) -> list[dict[str, Any]]:
+                    publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """The `ctnet train` job (of a tower, or of another single-model trainer). Returns the
     metrics of the periods trained by this call. A run that holds checkpoints is continued
     (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time.
-    A checkpoint of another domain is refused as `init` unless `allow_domain_change`."""
+    A checkpoint of another domain is refused as `init` unless `allow_domain_change`.
+    `publish` (rank 0, after each period) gives a run at a URI its new period."""
     env = init_distributed(cfg.train.device)
     if init is not None:
         Manifest.read(init).check_domain(domain, init, allow_domain_change)
     with run_lock(run, held=env.is_main):
         return _train_continual(cfg, data, domain, list(periods), run, env, init, resume,
-                                evaluate, trainer_cls, overwrite)
+                                evaluate, trainer_cls, overwrite, publish)
 
 
 def _train_continual(cfg: Config, data: DataRoot, domain: str, periods: list[int], run: Path,
                      env: DistEnv, init: Path | None, resume: bool, evaluate: bool,
                      trainer_cls: Callable[[Config, DistEnv], PeriodTrainer],
-                     overwrite: bool) -> list[dict[str, Any]]:
+                     overwrite: bool, publish: Callable[[], None] | None,
+                     ) -> list[dict[str, Any]]:
     if env.is_main:  # before any training: not after the first period
         writable_folder(run / "checkpoints", "run folder")
     existing = sorted(complete_checkpoints(run))
@@ -113,7 +116,8 @@ def _train_continual(cfg: Config, data: DataRoot, domain: str, periods: list[int
     # relative to the checkpoints (all at one depth), like every lineage entry
     lineage = {"init": lineage_entry(period_dir(run, 0), init) if init else None,
                "resumed_after": start}
-    return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate)
+    return run_periods(trainer, data, domain, periods, run, lambda t: lineage, evaluate,
+                       publish)
 
 
 def evaluation_periods(data: DataRoot, domain: str, periods: list[int]) -> list[int]:
@@ -123,11 +127,11 @@ def evaluation_periods(data: DataRoot, domain: str, periods: list[int]) -> list[
 
 
 def run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: list[int], run: Path,
-                before_period: Callable[[int], dict[str, Any]],
-                evaluate: bool = True) -> list[dict[str, Any]]:
+                before_period: Callable[[int], dict[str, Any]], evaluate: bool = True,
+                publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """The continual loop: for each period, `before_period(t)` (which returns the lineage to
     record), train one pass, evaluate on t + 1 when it exists (and `evaluate`), checkpoint,
-    rewrite metrics.jsonl. Returns the periods' metrics."""
+    rewrite metrics.jsonl, `publish` (a run at a URI). Returns the periods' metrics."""
     available = list_periods(data, domain)
     trainer.run = run
     if periods:
@@ -140,7 +144,7 @@ def run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: li
             for m in done if m["period"] < periods[0])
     try:
         return _run_periods(trainer, data, domain, periods, run, before_period, evaluate,
-                            available)
+                            available, publish)
     finally:
         if trainer.sink is not None:
             trainer.sink.close()
@@ -149,7 +153,8 @@ def run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: li
 
 def _run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: list[int],
                  run: Path, before_period: Callable[[int], dict[str, Any]], evaluate: bool,
-                 available: dict[int, list[DataFile]]) -> list[dict[str, Any]]:
+                 available: dict[int, list[DataFile]],
+                 publish: Callable[[], None] | None) -> list[dict[str, Any]]:
     results = []
     for t in periods:
         lineage = before_period(t)
@@ -166,6 +171,8 @@ def _run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: l
             shutil.rmtree(run / "checkpoints" / MID_PERIOD, ignore_errors=True)
             prune_checkpoints(run, trainer.cfg.train.keep_checkpoints)
             _write_metrics(run)
+            if publish is not None:
+                publish()
             ev = metrics.get("eval", {})
             log.info("period %d: %d rows, %.0f samples/s, loss %.4f, next-period AUC %s GAUC %s",
                      t, metrics["train_rows"],

@@ -40,6 +40,7 @@ from ctnet_rec.modules.scorer import Scorer
 from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import (
     INIT,
+    MID_PERIOD,
     Manifest,
     feature_schema,
     lineage_entry,
@@ -70,9 +71,6 @@ class _NoStreamWarning(logging.Filter):
 
 
 logging.getLogger("torchrec.distributed.train_pipeline.postproc").addFilter(_NoStreamWarning())
-
-
-MID_PERIOD = "mid-period"  # RUN/checkpoints/mid-period: the newest checkpoint inside a period
 
 
 class DivergenceError(ValueError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -287,10 +287,12 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain:
 
 def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
                  source_ckpts: Path | None, sharding: ShardingConfig | None = None,
-                 allow_domain_change: bool = False) -> list[dict[str, Any]]:
+                 allow_domain_change: bool = False,
+                 publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at
     first), so a re-run after a crash resumes; periods already trained are skipped. The
-    tables are placed as RUN/init's config says, or by `sharding`."""
+    tables are placed as RUN/init's config says, or by `sharding`. `publish` (rank 0, after
+    each period) gives a run at a URI its new period."""
     from ctnet_rec.data.contract import validate_periods
 
     start = latest_intact_checkpoint(run) or run / INIT
@@ -344,4 +346,5 @@ def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
         if schedule and source_ckpts and env.is_main \
         else nullcontext()
     with run_lock(run, held=env.is_main), held:
-        return run_periods(trainer, data, domain, periods, run, before_period)
+        return run_periods(trainer, data, domain, periods, run, before_period,
+                           publish=publish)
