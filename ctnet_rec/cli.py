@@ -238,6 +238,15 @@ def _experiment(args: argparse.Namespace) -> None:
              out / "metrics.json" if args.seeds == 1 else out / "seed=*" / "metrics.json")
 
 
+def _pipeline(args: argparse.Namespace) -> None:
+    from ctnet_rec.pipeline.job import Pipeline
+
+    cfg = load_config(args.config, args.set)
+    done = Pipeline(cfg, data_root(args.data), Path(args.runs)).run(args.once, args.until)
+    log.info("pipeline: processed through period %d; status in %s", done,
+             Path(args.runs) / "status.html")
+
+
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
 
 
@@ -574,6 +583,30 @@ def _experiment_command(sub: Subcommands) -> None:
     x.set_defaults(func=_experiment)
 
 
+def _pipeline_command(sub: Subcommands) -> None:
+    """`ctnet pipeline`: its parser and arguments."""
+    pp = sub.add_parser(
+        "pipeline",
+        help="the production loop: train, gate, promote and serve as periods land",
+        description="For each period every domain of [pipeline] has marked complete "
+        "(DATA/<domain>/period=<t>/_SUCCESS), in order: train the source tower; gate each "
+        "target's newest model against the served one on the period's rows and publish it "
+        "under RUNS/serving/<domain>/ if it passes; train each target's model on the period. "
+        "Bad periods are quarantined. Killed anywhere, the same command resumes. Status: "
+        "RUNS/status.json and RUNS/status.html.",
+    )
+    pp.add_argument("config", help="TOML config with a [pipeline] section")
+    _add_set(pp)
+    pp.add_argument("--data", required=True, help="dataset root (a local folder or a URI)")
+    pp.add_argument("--runs", required=True, help="folder of the pipeline's runs, records, "
+                    "served artifacts and status")
+    pp.add_argument("--once", action="store_true",
+                    help="process what is ready and exit (for cron or a workflow engine)")
+    pp.add_argument("--until", type=int, metavar="PERIOD",
+                    help="stop once this period is processed (default: watch for ever)")
+    pp.set_defaults(func=_pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctnet",
@@ -590,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_command(sub)
     _plan_command(sub)
     _experiment_command(sub)
+    _pipeline_command(sub)
     return p
 
 

@@ -573,6 +573,51 @@ class ExperimentConfig:
         return self.deploy_period + self.periods - 1
 
 
+PipelineModel = Literal["ctnet", "base", "dual embedding"]
+
+
+@dataclass
+class PipelineConfig:
+    """`ctnet pipeline`: the paper's production loop as one job. For each period that every
+    domain has marked complete (`_SUCCESS`), in order: the source tower trains on it; each
+    target's newest model is gated on the period's rows (which neither it nor the served
+    model has trained on) and promoted or not; then the target's model trains on it. Before
+    `deploy_period` a target's model is its own tower (its warm-up); CTNet (or `targets`'
+    model) is deployed from the towers of the period before."""
+
+    source_domain: str = "A"
+    # each target domain and the model it serves
+    targets: dict[str, PipelineModel] = field(default_factory=lambda: {"B": "ctnet"})
+    deploy_period: int = 1
+    # the gate: a candidate whose AUC on the gate's rows is below the served model's by more
+    # than this stays out, as does one whose calibration (predicted / actual CTR) is outside
+    # the bounds
+    auc_margin: float = 0.002
+    calibration_bounds: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # bad periods: one whose row count or click rate is more than these factors away from
+    # the median of the domain's last `recent_periods` good periods is quarantined
+    recent_periods: int = 5
+    rows_factor: float = 4.0
+    ctr_factor: float = 2.0
+    keep_checkpoints: int = 3  # per run (0: all); the served artifacts likewise
+    poll_seconds: float = 60.0  # without --once: how often the data folder is looked at
+
+    def validate(self, key: str) -> None:
+        _check(len(self.targets) > 0 and self.source_domain not in self.targets,
+               f"{key}.targets", "needs at least one domain, not the source domain")
+        _check(self.deploy_period >= 1, f"{key}.deploy_period",
+               "must be >= 1 (the targets' towers warm up on the periods before it)")
+        _check(self.auc_margin >= 0, f"{key}.auc_margin", "must be >= 0")
+        lo_hi = self.calibration_bounds
+        _check(len(lo_hi) == 2 and 0 < lo_hi[0] <= 1 <= lo_hi[1], f"{key}.calibration_bounds",
+               "must be [low, high] with 0 < low <= 1 <= high")
+        _check(self.recent_periods >= 1, f"{key}.recent_periods", "must be >= 1")
+        _check(self.rows_factor > 1 and self.ctr_factor > 1, f"{key}.rows_factor",
+               "rows_factor and ctr_factor must be > 1")
+        _check(self.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0 (0: all)")
+        _check(self.poll_seconds > 0, f"{key}.poll_seconds", "must be > 0")
+
+
 @dataclass
 class Config:
     """A whole configuration file."""
@@ -585,6 +630,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):

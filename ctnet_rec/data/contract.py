@@ -48,31 +48,43 @@ def list_domains(root: DataRoot) -> list[str]:
     return [e.name for e in found if e.is_dir and not e.name.startswith(("_", "."))]
 
 
+SUCCESS = "_SUCCESS"  # a period folder's completion marker (the convention of Spark/Hadoop jobs)
+
+
 def list_periods(root: DataRoot, domain: str) -> dict[int, list[DataFile]]:
     """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
     of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
-    partial upload) and `_`-folders are skipped."""
+    partial upload) and `_`-folders are skipped. In a domain whose writer marks complete
+    periods (some period folder holds `_SUCCESS`), a folder without the marker is still
+    being written and is skipped too."""
     found = entries(root, domain)
     if found is None:
         raise DataError(f"{join(root, domain)}: domain folder not found (domains: "
                         f"{list_domains(root)})")
     periods: dict[int, list[DataFile]] = {}
     names: dict[int, str] = {}
+    unmarked: set[int] = set()
     for p in found:
         if p.name.startswith(("_", ".")):
             continue
         m = _PERIOD_RE.match(p.name)
         if not p.is_dir or not m:
             raise DataError(f"{p.file}: expected a folder named period=<int>")
-        files = [f.file for f in entries(root, domain, p.name) or []
+        inside = entries(root, domain, p.name) or []
+        files = [f.file for f in inside
                  if not f.is_dir and f.name.endswith(".parquet") and not f.name.startswith(".")]
-        if not files:
-            raise DataError(f"{p.file}: empty period (no .parquet files)")
         t = int(m.group(1))
         if t in periods:
             raise DataError(f"{p.file}: period {t} again (also {join(root, domain, names[t])}); "
                             "keep one folder")
+        if not any(f.name == SUCCESS for f in inside):
+            unmarked.add(t)
         periods[t], names[t] = files, p.name
+    if len(unmarked) < len(periods):  # a marking writer: the unmarked are being written
+        periods = {t: f for t, f in periods.items() if t not in unmarked}
+    for t, files in periods.items():
+        if not files:
+            raise DataError(f"{join(root, domain, names[t])}: empty period (no .parquet files)")
     return dict(sorted(periods.items()))
 
 

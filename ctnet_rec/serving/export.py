@@ -187,6 +187,26 @@ def predict_export(folder: Path, data: DataRoot, domain: str, period: int, out: 
     """`ctnet predict --export`: `ctnet predict`'s output, scored by an exported artifact in
     this process on `device` (no process group, no sharding, inference mode). Returns the
     row count."""
+    start = time.perf_counter()
+    pred = score_export(folder, data, domain, period, batch_size, sha256, device)
+    write_scores(pred, out, time.perf_counter() - start)
+    return len(pred["p"])
+
+
+def evaluate_export(folder: Path, data: DataRoot, domain: str, period: int) -> dict[str, Any]:
+    """An exported artifact's metrics on one period (AUC, GAUC, calibration; no cold-start
+    slices: an artifact keeps no record of the ids it trained on)."""
+    from ctnet_rec.training.evaluate import score
+
+    pred = score_export(folder, data, domain, period)
+    return score(pred["labels"], pred["p"], pred["users"])
+
+
+def score_export(folder: Path, data: DataRoot, domain: str, period: int,
+                 batch_size: int | None = None, sha256: str | None = None,
+                 device: str = "cpu") -> dict[str, np.ndarray]:
+    """An exported artifact's scores of a period's rows (`p`), with their labels, users and
+    items, in file order."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: this torch sees no GPU")
     model = ExportedModel(folder, sha256)
@@ -197,7 +217,6 @@ def predict_export(folder: Path, data: DataRoot, domain: str, period: int, out: 
                                 batch_size=batch_size or cfg.train.eval_batch_size,
                                 shuffle=False, pin_memory=device == "cuda")
     parts: dict[str, list[np.ndarray]] = {"p": [], "labels": [], "users": [], "items": []}
-    start = time.perf_counter()
     progress = Progress(len(reader), f"{domain} period {period}: scoring with {folder}", log)
     for batch, on in on_device(reader, torch.device(device)):
         progress.tick(len(batch))
@@ -206,6 +225,4 @@ def predict_export(folder: Path, data: DataRoot, domain: str, period: int, out: 
         parts["users"].append(batch.user_ids.numpy())
         parts["items"].append(batch.item_ids.numpy())
     progress.close()
-    pred = {k: np.concatenate(v) for k, v in parts.items()}
-    write_scores(pred, out, time.perf_counter() - start)
-    return len(pred["p"])
+    return {k: np.concatenate(v) for k, v in parts.items()}

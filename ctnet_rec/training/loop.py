@@ -53,6 +53,12 @@ def _write_metrics(run: Path) -> None:
     write_atomic(run / "metrics.jsonl", "".join(lines[t] + "\n" for t in sorted(lines)))
 
 
+def trained_periods(run: Path) -> list[int]:
+    """The periods a run has trained (checkpoints kept or pruned by retention)."""
+    path = run / "metrics.jsonl"
+    return sorted({int(m["period"]) for m in read_jsonl(path)}) if path.exists() else []
+
+
 def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[int], run: Path,
                     init: Path | None = None, resume: bool = False, evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,

@@ -288,11 +288,13 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain:
 def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
                  source_ckpts: Path | None, sharding: ShardingConfig | None = None,
                  allow_domain_change: bool = False,
-                 publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                 publish: Callable[[], None] | None = None,
+                 evaluate: bool = True) -> list[dict[str, Any]]:
     """`ctnet transfer run`: continues from the newest CTNet checkpoint of RUN (RUN/init at
     first), so a re-run after a crash resumes; periods already trained are skipped. The
     tables are placed as RUN/init's config says, or by `sharding`. `publish` (rank 0, after
-    each period) gives a run at a URI its new period."""
+    each period) gives a run at a URI its new period; without `evaluate` no period after a
+    trained one is scored."""
     from ctnet_rec.data.contract import validate_periods
 
     start = latest_intact_checkpoint(run) or run / INIT
@@ -311,8 +313,8 @@ def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
     if len(periods) == 0:
         log.info("%s: already trained through period %d", run, manifest.period)
         return []
-    validate_periods(data, domain, periods + evaluation_periods(data, domain, periods),
-                     cfg.features)
+    validate_periods(data, domain, periods + (evaluation_periods(data, domain, periods)
+                                              if evaluate else []), cfg.features)
     refresh = cfg.ctnet.source_refresh == "every_period"
     if refresh and source_ckpts is None:
         raise CheckpointError("source_refresh = 'every_period' needs --source-ckpts")
@@ -346,5 +348,5 @@ def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
         if schedule and source_ckpts and env.is_main \
         else nullcontext()
     with run_lock(run, held=env.is_main), held:
-        return run_periods(trainer, data, domain, periods, run, before_period,
-                           publish=publish)
+        return run_periods(trainer, data, domain, periods, run, before_period, evaluate,
+                           publish)

@@ -1,0 +1,1 @@
+"""`ctnet pipeline`: the continual cross-domain loop of production, as one job."""

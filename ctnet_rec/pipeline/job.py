@@ -1,0 +1,292 @@
+"""`ctnet pipeline`: the paper's production loop (section 3.4, Algorithm 1) as one job.
+
+For each period every domain of the pipeline has marked complete (`_SUCCESS`), in order:
+1. the source domain's tower trains on it (a bad period is quarantined: not trained on);
+2. for each target domain, unless its period is quarantined: its newest model not yet gated
+   (the candidate) and the served model both score the period's rows, which neither has
+   trained on; the candidate is promoted (exported and published under RUNS/serving/) unless
+   it is worse than the served one by more than the margin or badly calibrated;
+3. the target's model trains on the period: its own tower before `deploy_period`, then the
+   configured model deployed from the towers of the period before it (CTNet trains with the
+   newest source checkpoint of an earlier period, as `ctnet transfer run` does).
+
+Every step is recorded on disk before the next starts, and each is idempotent (training
+resumes after the newest checkpoint, a gate's decision is a file, publishing is atomic), so
+the job killed anywhere and started again with the same command trains nothing twice and
+skips nothing. RUNS/status.json and status.html are rewritten after every step.
+
+Layout of RUNS: `source/` (the source tower's run), `<domain>/tower/` (a target's tower),
+`<domain>/<model>/` (its deployed model), `pipeline/<domain>/gate/period=<t>.json` and
+`pipeline/<domain>/quarantine/period=<t>.json` (the records), `serving/<domain>/`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ctnet_rec.config import Config
+from ctnet_rec.data.contract import DataError, list_domains, list_periods, validate_periods
+from ctnet_rec.data.storage import DataRoot
+from ctnet_rec.files import write_atomic
+from ctnet_rec.modules.kinds import CTNET
+from ctnet_rec.pipeline.serving import prune_served, publish, served, serving_dir
+from ctnet_rec.pipeline.status import write_status
+from ctnet_rec.training.checkpoint import (
+    INIT,
+    CheckpointError,
+    Manifest,
+    complete_checkpoints,
+)
+from ctnet_rec.training.loop import trained_periods
+
+log = logging.getLogger(__name__)
+
+SOURCE_RUN = "source"
+TOWER_RUN = "tower"
+RECORDS = "pipeline"
+
+
+def run_name(model: str) -> str:
+    return model.replace(" ", "-")
+
+
+class Pipeline:
+    """The pipeline over data root `data` and runs folder `runs`, configured by `cfg`."""
+
+    def __init__(self, cfg: Config, data: DataRoot, runs: Path) -> None:
+        self.cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train,
+                                           keep_checkpoints=cfg.pipeline.keep_checkpoints))
+        self.p = cfg.pipeline
+        self.data, self.runs = data, runs
+        self.domains = [self.p.source_domain, *self.p.targets]
+
+    # -- where things are ------------------------------------------------------------------
+
+    def record(self, domain: str, what: str, period: int) -> Path:
+        return self.runs / RECORDS / domain / what / f"period={period}.json"
+
+    def records(self, domain: str, what: str) -> dict[int, dict[str, Any]]:
+        folder = self.runs / RECORDS / domain / what
+        return {int(p.stem.split("=")[1]): json.loads(p.read_text())
+                for p in sorted(folder.glob("period=*.json"))} if folder.is_dir() else {}
+
+    def model_run(self, domain: str, period: int) -> Path:
+        """The run that trains `domain`'s model on `period`."""
+        model = self.p.targets[domain]
+        if model == "base" or period < self.p.deploy_period:
+            return self.runs / domain / TOWER_RUN
+        return self.runs / domain / run_name(model)
+
+    # -- what is ready ---------------------------------------------------------------------
+
+    def ready(self) -> list[int]:
+        """Periods every domain has complete, in order."""
+        have = set(list_domains(self.data))
+        missing = [d for d in self.domains if d not in have]
+        if missing:
+            raise DataError(f"{self.data}: no folder for domain(s) {missing} (domains: "
+                            f"{sorted(have)})")
+        common = set.intersection(*(set(list_periods(self.data, d)) for d in self.domains))
+        return sorted(common)
+
+    def done(self) -> int:
+        """The newest period fully processed (-1: none): the source's and every target's
+        steps for it are on disk."""
+        last = -1
+        for t in self.ready():
+            if all(self._processed(d, t) for d in self.domains):
+                last = t
+            else:
+                break
+        return last
+
+    def _processed(self, domain: str, period: int) -> bool:
+        if self.record(domain, "quarantine", period).exists():
+            return True
+        return period in trained_periods(self._run_of(domain, period))
+
+    def _run_of(self, domain: str, period: int) -> Path:
+        """The run that trains `domain` on `period`: the source's, or a target's model's."""
+        return self.runs / SOURCE_RUN if domain == self.p.source_domain \
+            else self.model_run(domain, period)
+
+    # -- bad periods -----------------------------------------------------------------------
+
+    def check_period(self, domain: str, period: int) -> str | None:
+        """Why `period` of `domain` is not fit to train on (None: it is): the contract's
+        checks, then its row count and click rate against the domain's recent good periods."""
+        from ctnet_rec.experiment.runner import period_labels
+
+        try:
+            validate_periods(self.data, domain, [period], self.cfg.features)
+            labels = period_labels(self.data, domain, period, self.cfg.features)
+        except DataError as e:
+            return f"bad data: {e}"
+        quarantined = self.records(domain, "quarantine")
+        recent = [t for t in sorted(list_periods(self.data, domain))
+                  if t < period and t not in quarantined][-self.p.recent_periods:]
+        if len(recent) < 2:
+            return None
+        stats = [period_labels(self.data, domain, t, self.cfg.features) for t in recent]
+        rows = statistics.median(len(s) for s in stats)
+        ctr = statistics.median(float(s.mean()) for s in stats)
+        if not rows / self.p.rows_factor <= len(labels) <= rows * self.p.rows_factor:
+            return (f"{len(labels):,} rows, the median of periods {recent} is {rows:,.0f} "
+                    f"(rows_factor {self.p.rows_factor})")
+        rate = float(labels.mean()) if len(labels) else 0.0
+        if not ctr / self.p.ctr_factor <= rate <= ctr * self.p.ctr_factor:
+            return (f"click rate {rate:.4f}, the median of periods {recent} is {ctr:.4f} "
+                    f"(ctr_factor {self.p.ctr_factor})")
+        return None
+
+    def _quarantined(self, domain: str, period: int) -> bool:
+        """Whether `period` of `domain` is quarantined: decided once, then recorded."""
+        path = self.record(domain, "quarantine", period)
+        if path.exists():
+            return True
+        if period in trained_periods(self._run_of(domain, period)):  # trained: it passed
+            return False
+        reason = self.check_period(domain, period)
+        if reason is None:
+            return False
+        log.warning("%s period %d quarantined: %s", domain, period, reason)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"period": period, "reason": reason}) + "\n")
+        return True
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def train_source(self, period: int) -> None:
+        from ctnet_rec.training.loop import train_continual
+
+        if not self._quarantined(self.p.source_domain, period):
+            train_continual(self.cfg, self.data, self.p.source_domain, [period],
+                            self.runs / SOURCE_RUN, resume=True, evaluate=False)
+
+    def gate(self, domain: str, period: int) -> None:
+        """Score the newest model of `domain` not yet gated and the served one on `period`'s
+        rows; promote the first if the rule says so. Recorded, so it is done once."""
+        from ctnet_rec.pipeline.gate import decide
+        from ctnet_rec.serving.export import evaluate_export
+        from ctnet_rec.training.inference import evaluate_checkpoint
+
+        candidate = self._candidate(domain, period)
+        if candidate is None:
+            return
+        path = self.record(domain, "gate", period)
+        if path.exists():
+            decision = json.loads(path.read_text())
+        else:
+            now = served(self.runs, domain)
+            scores = {"candidate": evaluate_checkpoint(candidate, self.data, domain, period)}
+            if now is not None:  # the served artifact itself
+                scores["serving"] = evaluate_export(
+                    serving_dir(self.runs, domain) / f"period={now['period']}", self.data,
+                    domain, period)
+            promote, reason = decide(scores["candidate"], scores.get("serving"), self.p)
+            decision = {"period": period, "candidate": _summary(scores["candidate"]),
+                        "serving": _summary(scores["serving"]) if now else None,
+                        "serving_period": now["period"] if now else None,
+                        "promote": promote, "reason": reason}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(decision, indent=1, sort_keys=True) + "\n")
+            log.info("%s: candidate of period %d on period %d's rows: %s (%s)", domain,
+                     decision["candidate"]["trained_through"], period,
+                     "promoted" if promote else "kept out", reason)
+        if decision["promote"]:
+            self._publish(domain, candidate, decision)
+
+    def _candidate(self, domain: str, period: int) -> Path | None:
+        """The newest checkpoint of `domain`'s model trained before `period`."""
+        runs = {self.model_run(domain, t) for t in range(period)}
+        found = {t: f for run in runs for t, f in complete_checkpoints(run).items()
+                 if t < period}
+        return found[max(found)] if found else None
+
+    def _publish(self, domain: str, ckpt: Path, decision: dict[str, Any]) -> None:
+        manifest = Manifest.read(ckpt)
+        now = served(self.runs, domain)
+        if now is not None and now["period"] == manifest.period:
+            return  # published before a restart
+        source = manifest.lineage.get("source_checkpoint")
+        publish(self.runs, domain, manifest.period, ckpt.resolve(), {
+            "model": manifest.kind, "source_checkpoint": source, "gate": decision})
+        prune_served(self.runs, domain, self.p.keep_checkpoints)
+
+    def train_target(self, domain: str, period: int) -> None:
+        from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
+        from ctnet_rec.training.loop import train_continual
+        from ctnet_rec.training.transfer import transfer_run
+
+        run = self.model_run(domain, period)
+        model = self.p.targets[domain]
+        if run.name == TOWER_RUN:
+            train_continual(self.cfg, self.data, domain, [period], run, resume=True,
+                            evaluate=False)
+            return
+        if not (run / INIT / "manifest.json").exists():
+            deploy(Deployment(CTNET if model == "ctnet" else model), self.cfg,
+                   _newest(self.runs / SOURCE_RUN, self.p.deploy_period),
+                   _newest(self.runs / domain / TOWER_RUN, self.p.deploy_period), run)
+        if model == "ctnet":
+            transfer_run(run, self.data, domain, [period], self.runs / SOURCE_RUN,
+                         evaluate=False)
+        else:
+            deployment = Deployment(model)
+            train_continual(self.cfg, self.data, domain, [period], run, init=run / INIT,
+                            resume=True, evaluate=False,
+                            trainer_cls=partial(trainer_for, deployment))
+
+    def step(self, period: int) -> None:
+        """Everything for one period, source first."""
+        self.train_source(period)
+        write_status(self)
+        for domain in self.p.targets:
+            if self._quarantined(domain, period):
+                write_status(self)
+                continue
+            self.gate(domain, period)
+            write_status(self)
+            self.train_target(domain, period)
+            write_status(self)
+
+    def run(self, once: bool, until: int | None) -> int:
+        """Process the ready periods in order; with `once` stop when none is left, else
+        wait for more (until period `until` is done). Returns the newest period done."""
+        while True:
+            done = self.done()
+            todo = [t for t in self.ready() if t > done and (until is None or t <= until)]
+            for t in todo:
+                log.info("pipeline: period %d", t)
+                self.step(t)
+            write_status(self)
+            done = self.done()
+            if once or (until is not None and done >= until):
+                return done
+            time.sleep(self.p.poll_seconds)
+
+
+def _newest(run: Path, before: int) -> Path:
+    """The newest checkpoint of `run` of a period before `before`."""
+    found = {t: f for t, f in complete_checkpoints(run).items() if t < before}
+    if not found:
+        raise CheckpointError(f"{run}: no checkpoint of a period before {before} to deploy "
+                              "from (every period before deploy_period quarantined?)")
+    return found[max(found)]
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a gate keeps of a model's metrics."""
+    keep = ("auc", "gauc", "logloss", "ctr_pred", "ctr_true", "rows", "model",
+            "trained_through_period")
+    out = {k: metrics[k] for k in keep if k in metrics}
+    if "trained_through_period" in out:
+        out["trained_through"] = out.pop("trained_through_period")
+    return out
