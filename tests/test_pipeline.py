@@ -1,0 +1,214 @@
+"""`ctnet pipeline`: periods landing one by one from a background writer, the job killed twice
+and restarted with the same command, a corrupted and an anomalous period injected. Every good
+period trained once, the bad ones quarantined, promotions as the gate says, the served
+artifact always whole, CTNet's figures those of `ctnet transfer run`, the status page showing
+status.json's figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctnet_rec.cli import main
+from ctnet_rec.config import PipelineConfig, load_config
+from ctnet_rec.data.contract import SUCCESS, list_periods
+from ctnet_rec.data.synth import synthesize
+from ctnet_rec.pipeline.gate import decide
+from ctnet_rec.pipeline.serving import CURRENT, RECORD, publish, served
+from tests.conftest import DEMO_CONFIG, kill_family, tiny_synth, valid_table, write_period
+
+PERIODS = 7  # 0-6; the targets' towers warm up on 0-1, CTNet is deployed at 2
+ANOMALOUS = ("A", 4)  # the source's period 4 arrives with 6x its rows
+CORRUPTED = ("B", 6)  # the target's period 6 has labels that are not 0/1
+
+
+def test_a_marking_writer_hides_the_periods_it_is_writing(tmp_path):
+    for t in (0, 1):
+        write_period(tmp_path, "B", t, [valid_table()])
+    (tmp_path / "B" / "period=2").mkdir()  # being written: no files yet
+    with pytest.raises(Exception, match="empty period"):
+        list_periods(tmp_path, "B")  # no marker anywhere: an empty folder is an error
+    (tmp_path / "B" / "period=0" / SUCCESS).touch()
+    assert sorted(list_periods(tmp_path, "B")) == [0]  # marking writer: 1 and 2 in progress
+
+
+def test_the_gate_rule():
+    rule = PipelineConfig(auc_margin=0.01, calibration_bounds=[0.8, 1.25])
+    ok = {"auc": 0.70, "ctr_pred": 0.1, "ctr_true": 0.1}
+    assert decide(ok, None, rule) == (True, "nothing served yet")
+    assert decide(ok, {"auc": 0.705}, rule)[0]  # within the margin
+    promote, why = decide(ok, {"auc": 0.72}, rule)
+    assert not promote and "below the served model's 0.7200 by more than 0.01" in why
+    promote, why = decide({**ok, "ctr_pred": 0.2}, {"auc": 0.6}, rule)
+    assert not promote and "calibration 2.000 outside [0.8, 1.25]" in why
+
+
+def _world(root: Path) -> Path:
+    """The tiny world with 7 periods, the bad periods injected (in a copy the writer feeds
+    from)."""
+    world = root / "full"
+    synthesize(tiny_synth(load_config(DEMO_CONFIG), periods=PERIODS), world, seed=0)
+    domain, t = ANOMALOUS
+    f = next((world / domain / f"period={t}").glob("*.parquet"))
+    table = pq.read_table(f)
+    pq.write_table(pa.concat_tables([table] * 6), f)
+    domain, t = CORRUPTED
+    f = next((world / domain / f"period={t}").glob("*.parquet"))
+    table = pq.read_table(f)
+    label = table.schema.get_field_index("label")
+    pq.write_table(table.set_column(label, "label", pc.add(table["label"], 2)), f)
+    return world
+
+
+def _feed(world: Path, data: Path, pause: float) -> threading.Thread:
+    """A writer that lands period after period: files first, `_SUCCESS` last."""
+    def run() -> None:
+        for t in range(PERIODS):
+            for domain in ("A", "B"):
+                target = data / domain / f"period={t}"
+                shutil.copytree(world / domain / f"period={t}", target)
+                (target / SUCCESS).touch()
+            time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+# the demo's config with small towers, one target, deployed at period 2 (command-line sets)
+SETS = ["model.mlp_hidden=[32, 16]", "data.batch_size=256", 'pipeline.targets={B = "ctnet"}',
+        "pipeline.deploy_period=2", "pipeline.calibration_bounds=[0.2, 5.0]",
+        "pipeline.keep_checkpoints=0", "pipeline.poll_seconds=0.3"]
+
+
+def _start(config: Path, data: Path, runs: Path, log: Path) -> subprocess.Popen:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ctnet_rec.cli", "pipeline", str(config), "--data",
+             str(data), "--runs", str(runs), "--until", str(PERIODS - 1),
+             *(x for kv in SETS for x in ("--set", kv))],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, "the pipeline ended before it was killed"
+        assert time.monotonic() < deadline, f"{ready} never appeared"
+        time.sleep(0.05)
+    kill_family(proc)
+
+
+def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
+    world, data, runs = _world(tmp_path), tmp_path / "data", tmp_path / "runs"
+    config, log = DEMO_CONFIG, tmp_path / "pipeline.log"
+    data.mkdir()
+    writer = _feed(world, data, pause=0.5)
+    # killed while the source trains period 2, then right after the first artifact is served
+    proc = _start(config, data, runs, log)
+    _kill_when(proc, runs / "source" / "checkpoints" / "period=1" / "manifest.json")
+    proc = _start(config, data, runs, log)
+    _kill_when(proc, runs / "serving" / "B" / CURRENT)
+    proc = _start(config, data, runs, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    writer.join()
+    text = log.read_text()
+
+    # every good period trained exactly once, the bad ones quarantined and never trained
+    status = json.loads((runs / "status.json").read_text())
+    assert status["done_through"] == PERIODS - 1 and status["lag_periods"] == 0
+    assert status["source"]["trained"] == [0, 1, 2, 3, 5, 6]
+    assert list(status["source"]["quarantined"]) == ["4"]
+    assert "rows" in status["source"]["quarantined"]["4"]
+    b = status["targets"]["B"]
+    assert b["trained"] == {"tower": [0, 1], "ctnet": [2, 3, 4, 5]}
+    assert list(b["quarantined"]) == ["6"] and "bad data" in b["quarantined"]["6"]
+    assert "not in {0,1}" in b["quarantined"]["6"]
+    # a period's end is logged once per run that trained it (a kill between its checkpoint
+    # and the line loses the line; a period trained again would log it twice)
+    ends = [int(t) for t in re.findall(r"period (\d+): \d+ rows, ", text)]
+    for t in range(PERIODS):
+        assert ends.count(t) <= (t != ANOMALOUS[1]) + (t != CORRUPTED[1]), t
+    # CTNet at period 5 trained with source 3: period 4 of the source was quarantined
+    assert b["source_in_use"] == 3 and "[4] quarantined" in b["source_note"]
+
+    # promotions as the gate says; the served artifact whole and the last promoted one
+    rule = load_config(config, SETS).pipeline
+    gates = {int(p.stem.split("=")[1]): json.loads(p.read_text())
+             for p in (runs / "pipeline" / "B" / "gate").glob("period=*.json")}
+    assert sorted(gates) == [1, 2, 3, 4, 5]  # no gate on the quarantined period 6
+    for g in gates.values():
+        assert g["promote"] == decide(g["candidate"], g["serving"], rule)[0]
+    promoted = [g["candidate"]["trained_through"] for _, g in sorted(gates.items())
+                if g["promote"]]
+    now = served(runs, "B")
+    assert now is not None and now["period"] == promoted[-1]
+    import hashlib
+
+    current = runs / "serving" / "B" / CURRENT
+    assert hashlib.sha256((current / "model.pt").read_bytes()).hexdigest() == now["sha256"]
+    assert sorted(p.name for p in (runs / "serving" / "B").iterdir()) == sorted(
+        [CURRENT, *(f"period={t}" for t in set(promoted))])
+
+    # CTNet's figures: those of `ctnet transfer run` deployed from the same towers
+    ref = tmp_path / "reference"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the pipeline's processes ran: the same float reductions
+    try:
+        assert main(["transfer", "init", "--source-ckpt",
+                     str(runs / "source" / "checkpoints" / "period=1"), "--target-ckpt",
+                     str(runs / "B" / "tower" / "checkpoints" / "period=1"), "--config",
+                     str(config), "--run", str(ref), *(x for kv in SETS for x in ("--set", kv))
+                     ]) == 0
+        assert main(["transfer", "run", "--run", str(ref), "--data", str(data), "--domain",
+                     "B", "--periods", "2:5", "--source-ckpts", str(runs / "source")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    reference = {m["period"]: m["eval"] for m in
+                 map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())}
+    for t in (2, 3, 4):
+        for key in ("auc", "gauc", "logloss"):
+            assert gates[t + 1]["candidate"][key] == pytest.approx(reference[t][key], abs=1e-6)
+
+    # the page shows status.json's figures
+    page = (runs / "status.html").read_text()
+    assert "<script" not in page and "http" not in page.replace("http-equiv", "")
+    cells = re.findall(r'<tr data-period="(\d+)">(.*?)</tr>', page)
+    assert [int(t) for t, _ in cells] == [g["period"] for g in b["gates"]]
+    for (_, row), g in zip(cells, b["gates"], strict=True):
+        values = re.findall(r'data-value="([^"]*)"', row)
+        want = [g["candidate_auc"], g["candidate_gauc"], g["candidate_calibration"],
+                g["serving_auc"], g["serving_gauc"]]
+        assert [float(v) if v else None for v in values] == want
+
+
+def test_publishing_replaces_the_served_artifact_in_one_rename(towers, tmp_path, monkeypatch):
+    """A reader of serving/<domain>/current sees the old artifact until the new one is
+    whole: a publish killed while exporting leaves the served one as it was."""
+    publish(tmp_path, "B", 0, towers.target(0), {"note": "first"})
+    first = served(tmp_path, "B")
+    assert first is not None and first["period"] == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ctnet_rec.serving.export.export_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish(tmp_path, "B", 1, towers.target(1), {})
+    assert served(tmp_path, "B") == first
+    assert json.loads((tmp_path / "serving" / "B" / CURRENT / RECORD).read_text())["note"] == \
+        "first"
