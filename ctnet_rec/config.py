@@ -601,6 +601,9 @@ class PipelineConfig:
     ctr_factor: float = 2.0
     keep_checkpoints: int = 3  # per run (0: all); the served artifacts likewise
     poll_seconds: float = 60.0  # without --once: how often the data folder is looked at
+    # targets trained side by side, each in its own process with cores / parallel_jobs torch
+    # threads (the experiment's job runner)
+    parallel_jobs: int = 1
 
     def validate(self, key: str) -> None:
         _check(len(self.targets) > 0 and self.source_domain not in self.targets,
@@ -616,6 +619,7 @@ class PipelineConfig:
                "rows_factor and ctr_factor must be > 1")
         _check(self.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0 (0: all)")
         _check(self.poll_seconds > 0, f"{key}.poll_seconds", "must be > 0")
+        _check(self.parallel_jobs >= 1, f"{key}.parallel_jobs", "must be >= 1")
 
 
 @dataclass

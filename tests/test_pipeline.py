@@ -77,7 +77,7 @@ def _feed(world: Path, data: Path, pause: float) -> threading.Thread:
     """A writer that lands period after period: files first, `_SUCCESS` last."""
     def run() -> None:
         for t in range(PERIODS):
-            for domain in ("A", "B"):
+            for domain in ("A", "B", "C"):
                 target = data / domain / f"period={t}"
                 shutil.copytree(world / domain / f"period={t}", target)
                 (target / SUCCESS).touch()
@@ -89,7 +89,8 @@ def _feed(world: Path, data: Path, pause: float) -> threading.Thread:
 
 
 # the demo's config with small towers, one target, deployed at period 2 (command-line sets)
-SETS = ["model.mlp_hidden=[32, 16]", "data.batch_size=256", 'pipeline.targets={B = "ctnet"}',
+SETS = ["model.mlp_hidden=[32, 16]", "data.batch_size=256",
+        'pipeline.targets={B = "ctnet", C = "base"}', "pipeline.parallel_jobs=2",
         "pipeline.deploy_period=2", "pipeline.calibration_bounds=[0.2, 5.0]",
         "pipeline.keep_checkpoints=0", "pipeline.poll_seconds=0.3"]
 
@@ -127,6 +128,7 @@ def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     writer.join()
     text = log.read_text()
+    assert "[pipeline B]" in text and "[pipeline C]" in text  # the targets' own processes
 
     # every good period trained exactly once, the bad ones quarantined and never trained
     status = json.loads((runs / "status.json").read_text())
@@ -138,11 +140,14 @@ def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
     assert b["trained"] == {"tower": [0, 1], "ctnet": [2, 3, 4, 5]}
     assert list(b["quarantined"]) == ["6"] and "bad data" in b["quarantined"]["6"]
     assert "not in {0,1}" in b["quarantined"]["6"]
+    c = status["targets"]["C"]  # the other target, trained beside B: its own tower, gated
+    assert c["trained"] == {"tower": list(range(PERIODS))} and not c["quarantined"]
+    assert [g["period"] for g in c["gates"]] == list(range(1, PERIODS))
     # a period's end is logged once per run that trained it (a kill between its checkpoint
     # and the line loses the line; a period trained again would log it twice)
     ends = [int(t) for t in re.findall(r"period (\d+): \d+ rows, ", text)]
     for t in range(PERIODS):
-        assert ends.count(t) <= (t != ANOMALOUS[1]) + (t != CORRUPTED[1]), t
+        assert ends.count(t) <= (t != ANOMALOUS[1]) + (t != CORRUPTED[1]) + 1, t
     # CTNet at period 5 trained with source 3: period 4 of the source was quarantined
     assert b["source_in_use"] == 3 and "[4] quarantined" in b["source_note"]
 
@@ -187,7 +192,8 @@ def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
     # the page shows status.json's figures
     page = (runs / "status.html").read_text()
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")
-    cells = re.findall(r'<tr data-period="(\d+)">(.*?)</tr>', page)
+    b_table = page.split('data-domain="B"')[1].split("</table>")[0]
+    cells = re.findall(r'<tr data-period="(\d+)">(.*?)</tr>', b_table)
     assert [int(t) for t, _ in cells] == [g["period"] for g in b["gates"]]
     for (_, row), g in zip(cells, b["gates"], strict=True):
         values = re.findall(r'data-value="([^"]*)"', row)

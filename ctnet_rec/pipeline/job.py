@@ -33,6 +33,7 @@ from typing import Any
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import DataError, list_domains, list_periods, validate_periods
 from ctnet_rec.data.storage import DataRoot
+from ctnet_rec.experiment.jobs import IsolatedRunner
 from ctnet_rec.files import write_atomic
 from ctnet_rec.modules.kinds import CTNET
 from ctnet_rec.pipeline.serving import prune_served, publish, served, serving_dir
@@ -244,33 +245,57 @@ class Pipeline:
                             resume=True, evaluate=False,
                             trainer_cls=partial(trainer_for, deployment))
 
-    def step(self, period: int) -> None:
-        """Everything for one period, source first."""
+    def target_step(self, domain: str, period: int) -> None:
+        """A target's part of a period: quarantine or gate, then train."""
+        if self._quarantined(domain, period):
+            return
+        self.gate(domain, period)
+        write_status(self)
+        self.train_target(domain, period)
+
+    def step(self, period: int, runner: IsolatedRunner | None) -> None:
+        """Everything for one period: the source first, then the targets (side by side in
+        `runner`'s processes, when given)."""
         self.train_source(period)
         write_status(self)
-        for domain in self.p.targets:
-            if self._quarantined(domain, period):
+        if runner is None:
+            for domain in self.p.targets:
+                self.target_step(domain, period)
                 write_status(self)
-                continue
-            self.gate(domain, period)
-            write_status(self)
-            self.train_target(domain, period)
-            write_status(self)
+            return
+        futures = [runner.submit(partial(_target_step, self.cfg, self.data, self.runs, domain,
+                                         period), f"pipeline {domain}")
+                   for domain in self.p.targets]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        write_status(self)
+        if errors:
+            raise errors[0]
 
     def run(self, once: bool, until: int | None) -> int:
         """Process the ready periods in order; with `once` stop when none is left, else
         wait for more (until period `until` is done). Returns the newest period done."""
-        while True:
-            done = self.done()
-            todo = [t for t in self.ready() if t > done and (until is None or t <= until)]
-            for t in todo:
-                log.info("pipeline: period %d", t)
-                self.step(t)
-            write_status(self)
-            done = self.done()
-            if once or (until is not None and done >= until):
-                return done
-            time.sleep(self.p.poll_seconds)
+        workers = min(self.p.parallel_jobs, len(self.p.targets))
+        runner = IsolatedRunner([__name__], workers) if workers > 1 else None
+        try:
+            while True:
+                done = self.done()
+                todo = [t for t in self.ready() if t > done and (until is None or t <= until)]
+                for t in todo:
+                    log.info("pipeline: period %d", t)
+                    self.step(t, runner)
+                write_status(self)
+                done = self.done()
+                if once or (until is not None and done >= until):
+                    return done
+                time.sleep(self.p.poll_seconds)
+        finally:
+            if runner is not None:
+                runner.close()
+
+
+def _target_step(cfg: Config, data: DataRoot, runs: Path, domain: str, period: int) -> None:
+    """A target's part of a period, in a process of its own."""
+    Pipeline(cfg, data, runs).target_step(domain, period)
 
 
 def _newest(run: Path, before: int) -> Path:
