@@ -276,6 +276,8 @@ class Pipeline:
         wait for more (until period `until` is done). Returns the newest period done."""
         workers = min(self.p.parallel_jobs, len(self.p.targets))
         runner = IsolatedRunner([__name__], workers) if workers > 1 else None
+        if runner is not None:  # its server imports the library while the source trains
+            runner.submit(_nothing, "start")
         try:
             while True:
                 done = self.done()
@@ -291,6 +293,10 @@ class Pipeline:
         finally:
             if runner is not None:
                 runner.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _target_step(cfg: Config, data: DataRoot, runs: Path, domain: str, period: int) -> None:
