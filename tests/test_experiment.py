@@ -36,17 +36,23 @@ from .conftest import DEMO_CONFIG
 # row is the same for all six); tests/test_joint.py covers each of the six as a module, with
 # its deployment and two-domain training, and tests/test_export.py exports PLE
 JOINT = ["MLP++"]
+TARGETS = ["B"]
 assert set(JOINT) <= set(JOINT_MODELS)
 
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory):
-    """The demo config with the experiment's joint rows limited to `JOINT`."""
+    """The demo config with the experiment's joint rows limited to `JOINT` and its targets to
+    `TARGETS` (the report's layout for several targets is tested on made-up results in
+    test_report.py)."""
     text = DEMO_CONFIG.read_text()
-    line = next(x for x in text.splitlines() if x.startswith("joint_baselines ="))
     path = tmp_path_factory.mktemp("config") / "demo.toml"
-    path.write_text(text.replace(line, f"joint_baselines = {JOINT!r}".replace("'", '"')))
+    for key, value in (("joint_baselines", JOINT), ("target_domains", TARGETS)):
+        line = next(x for x in text.splitlines() if x.startswith(f"{key} ="))
+        text = text.replace(line, f"{key} = {value!r}".replace("'", '"'))
+    path.write_text(text)
     assert load_config(path).experiment.joint_baselines == JOINT
+    assert load_config(path).experiment.target_domains == TARGETS
     return path
 
 
@@ -81,24 +87,24 @@ def test_quick_experiment_writes_every_table_from_the_metrics(experiment):
     table2 = _rows(report, "## Table 2")
     assert list(table2) == list(models)
     for name, cells in table2.items():
-        for i, d in enumerate(["B", "C"]):
+        for i, d in enumerate(TARGETS):
             m, b = models[name][d][last], models[BASE][d][last]
             assert cells[3 * i: 3 * i + 3] == [f"{m['auc']:.4f}", f"{m['gauc']:.4f}",
                                               f"{m['auc'] - b['auc']:+.4f}"]
-    for d in ("B", "C"):
+    for d in TARGETS:
         table3 = _rows(report, f"## Table 3: continual vs transfer-once, target {d}")
         assert list(table3) == ["2", "3"]
         for t, cells in table3.items():
             assert cells[1] == f"{models[BASE][d][t]['auc']:.4f}"
             assert cells[4] == f"{models['CTNet'][d][t]['auc']:.4f}"
     table5 = _rows(report, "## Table 5")
-    gains = [models["CTNet"]["C"][t]["slices"]["new_items"]["auc"]
-             - models[BASE]["C"][t]["slices"]["new_items"]["auc"] for t in ("2", "3")]
-    assert table5["C"][2] == f"{sum(gains) / 2:+.4f}"
+    gains = [models["CTNet"]["B"][t]["slices"]["new_items"]["auc"]
+             - models[BASE]["B"][t]["slices"]["new_items"]["auc"] for t in ("2", "3")]
+    assert table5["B"][2] == f"{sum(gains) / 2:+.4f}"
     png = experiment / "gain_over_time.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     assert "](gain_over_time.png)" in report
-    assert all(0.5 < models[ORACLE][d][last]["auc"] < 1 for d in ("B", "C"))
+    assert all(0.5 < models[ORACLE][d][last]["auc"] < 1 for d in TARGETS)
     # the demo config's two jobs at a time, said where the wall times are
     threads = metrics["settings"]["torch_threads_per_job"]
     assert metrics["settings"]["jobs_at_a_time"] == 2 and threads >= 1
@@ -164,13 +170,12 @@ def test_finetune_sweep_table(experiment):
     report = (experiment / "report.md").read_text()
     metrics = json.loads((experiment / "metrics.json").read_text())
     sweep = metrics["finetune_sweep"]
-    assert {d: list(per) for d, per in sweep.items()} == {"B": ["1", "2", "4"],
-                                                         "C": ["1", "2", "4"]}
+    assert {d: list(per) for d, per in sweep.items()} == {"B": ["1", "2", "4"]}
     table4 = _rows(report, "## Table 4")
     ctnet_b = metrics["models"]["CTNet"]["B"]["3"]["auc"]
     row = table4["Pre-train & Fine-tune, last 2 periods"]
     assert row[0] == f"{sweep['B']['2']['auc']:.4f}"
-    assert row[2] == f"{sweep['B']['2']['auc'] - ctnet_b:+.4f}"
+    assert row[1] == f"{sweep['B']['2']['auc'] - ctnet_b:+.4f}"
     assert table4["CTNet"][0] == f"{ctnet_b:.4f}"
     for k, periods in (("1", [3]), ("2", [2, 3]), ("4", [0, 1, 2, 3])):
         run = experiment / "B" / "finetune-sweep" / f"last-{k}"
@@ -245,7 +250,8 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in report.split("## Cost", 1)[1].splitlines() if line.startswith("| ")][1:]
     # the source tower, then per target domain two warm-ups, 14 compared jobs and the joint
-    assert len(rows) == sum(len(per) for per in costs.values()) == 1 + 2 * (16 + len(JOINT))
+    assert len(rows) == sum(len(per) for per in costs.values()) == \
+        1 + len(TARGETS) * (16 + len(JOINT))
     for name, domain, target, source, seconds, peak, above in rows:
         c = costs[name][domain]
         assert [int(target), int(source), int(peak)] == [
@@ -257,9 +263,9 @@ def test_cost_table_counts_the_samples_each_model_read(experiment):
         if name != "source tower" and name not in JOINT:
             assert all(c["source_samples"] == 0 for c in per.values()), name
     for name in JOINT:  # the joint models read the source's window as well
-        for d in ("B", "C"):
+        for d in TARGETS:
             assert costs[name][d]["source_samples"] == _parquet_rows(data, "A", [2, 3]), name
-    for d in ("B", "C"):
+    for d in TARGETS:
         window = _parquet_rows(data, d, [2, 3])
         assert costs["warm-up"][d]["target_samples"] == _parquet_rows(data, d, [0, 1])
         for name in (BASE, DIN, *JOINT, *PRETRAIN_FINETUNE, DUAL, *CTNET_VARIANTS):
@@ -278,9 +284,9 @@ def test_seeds_report_mean_and_std_of_each_number(seeds):
     assert len({next(iter(w)).read_bytes() for w in worlds}) == 2  # a world per seed
     table2 = _rows((seeds / "report.md").read_text(), "## Table 2")
     for name in ("CTNet", DUAL):
-        gains = [r["models"][name]["C"]["3"]["auc"] - r["models"][BASE]["C"]["3"]["auc"]
+        gains = [r["models"][name]["B"]["3"]["auc"] - r["models"][BASE]["B"]["3"]["auc"]
                  for r in runs]
-        assert table2[name][5] == f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f}"
+        assert table2[name][2] == f"{np.mean(gains):+.4f} ± {np.std(gains, ddof=1):.4f}"
     assert "Seeds 0, 1" in (seeds / "report.md").read_text()
     for s in (0, 1):  # and each seed's own report
         assert "## Table 2" in (seeds / f"seed={s}" / "report.md").read_text()
@@ -398,7 +404,7 @@ def test_the_report_names_every_row_significantly_above_ctnet(seeds):
                                                 .read_text())) for s in runs]
         report = (folder / "report.md").read_text()
         section = report.split("## Where CTNet stands", 1)[1].split("##", 1)[0]
-        for d in ("B", "C"):
+        for d in TARGETS:
             line = next(x for x in section.splitlines() if x.startswith(f"- Target {d}:"))
             vs_base = gain_interval(results, "CTNet", BASE, d)
             assert f"gain over Base is {vs_base['mean']:+.4f}" in line
@@ -409,12 +415,12 @@ def test_the_report_names_every_row_significantly_above_ctnet(seeds):
                     continue
                 iv = gain_interval(results, n, "CTNet", d)
                 assert (f"{n} (" in above) == (mark(iv) == "+"), (n, line)
-        table = _rows(report, "## Gains with 95% intervals, target C")
+        table = _rows(report, "## Gains with 95% intervals, target B")
         assert table["CTNet"][4] == "" and table[BASE][3] == ""
 
 
 def test_din_is_the_tower_with_the_din_unit_and_trains(experiment):
-    for d in ("B", "C"):
+    for d in TARGETS:
         ckpts = complete_checkpoints(experiment / d / "din")
         assert sorted(ckpts) == [0, 1, 2, 3]  # its own warm-up, then the test periods
         manifest = Manifest.read(ckpts[3])
@@ -495,7 +501,7 @@ def test_rows_are_paired_with_base_and_ctnet_on_the_same_rows(experiment):
     `ctnet eval`, has none (its interval falls back to Hanley & McNeil)."""
     metrics = json.loads((experiment / "metrics.json").read_text())
     models = metrics["models"]
-    for d in ("B", "C"):
+    for d in TARGETS:
         for t in map(str, metrics["settings"]["trained_periods"]):
             assert (experiment / d / "ctnet" / "scores" / f"period={int(t) + 1}.npy").exists()
             for name in ("CTNet", DUAL, LATE_FUSION, DIN):

@@ -27,7 +27,7 @@ from ctnet_rec.config import PipelineConfig, load_config
 from ctnet_rec.data.contract import SUCCESS, list_periods
 from ctnet_rec.data.synth import synthesize
 from ctnet_rec.pipeline.gate import decide
-from ctnet_rec.pipeline.serving import CURRENT, RECORD, publish, served
+from ctnet_rec.pipeline.serving import CURRENT, RECORD, prune_served, publish, served
 from tests.conftest import DEMO_CONFIG, kill_family, tiny_synth, valid_table, write_period
 
 PERIODS = 6  # 0-5; B's tower warms up on 0-1, its CTNet is deployed at 2; C serves its tower
@@ -218,3 +218,13 @@ def test_publishing_replaces_the_served_artifact_in_one_rename(towers, tmp_path,
     assert served(tmp_path, "B") == first
     assert json.loads((tmp_path / "serving" / "B" / CURRENT / RECORD).read_text())["note"] == \
         "first"
+
+
+def test_served_artifacts_are_pruned_but_never_the_one_served(tmp_path):
+    root = tmp_path / "serving" / "B"
+    for t in range(5):
+        (root / f"period={t}").mkdir(parents=True)
+    (root / CURRENT).symlink_to("period=1")
+    prune_served(tmp_path, "B", keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [CURRENT, "period=1", "period=3",
+                                                      "period=4"]
