@@ -281,6 +281,14 @@ def iter_piece(piece: ParquetPiece, columns: list[str], batch_rows: int) -> Iter
         raise DataError(f"{piece.path}: unreadable Parquet file ({e})") from None
 
 
+def period_labels(data: DataRoot, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
+    """A period's labels in file order (the order every model's kept scores are in)."""
+    files = select_periods(data, domain, [period])[period]
+    return np.concatenate([pq.read_table(f.path, filesystem=f.fs,
+                                         columns=[features.label_column])
+                           .column(features.label_column).to_numpy() for f in files])
+
+
 def validate_periods(
     root: DataRoot, domain: str, periods: Iterable[int], features: FeatureConfig
 ) -> dict[int, list[DataFile]]:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from ctnet_rec.config import Config, ConfigError, FeatureConfig
-from ctnet_rec.data.contract import DataError, list_periods, select_periods
+from ctnet_rec.config import Config, ConfigError
+from ctnet_rec.data.contract import DataError, list_periods, period_labels
 from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
@@ -358,14 +357,6 @@ def run_experiment(cfg: Config, data: DataRoot, out: Path, rows: Collection[str]
 def _kept_scores(run: Path | None, period: int) -> np.ndarray | None:
     path = run / SCORES / f"period={period}.npy" if run is not None else None
     return np.load(path) if path is not None and path.exists() else None
-
-
-def period_labels(data: DataRoot, domain: str, period: int, features: FeatureConfig) -> np.ndarray:
-    """A period's labels in file order (the order every model's kept scores are in)."""
-    files = select_periods(data, domain, [period])[period]
-    return np.concatenate([pq.read_table(f.path, filesystem=f.fs,
-                                         columns=[features.label_column])
-                           .column(features.label_column).to_numpy() for f in files])
 
 
 def pair_on_rows(models: dict[str, dict[str, dict[int, dict[str, Any]]]], d: str, t: int,

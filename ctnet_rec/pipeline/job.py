@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from ctnet_rec.config import Config
-from ctnet_rec.data.contract import DataError, list_domains, list_periods, validate_periods
+from ctnet_rec.data.contract import (
+    DataError,
+    list_domains,
+    list_periods,
+    period_labels,
+    validate_periods,
+)
 from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.experiment.jobs import IsolatedRunner
 from ctnet_rec.files import write_atomic
@@ -123,8 +129,6 @@ class Pipeline:
     def check_period(self, domain: str, period: int) -> str | None:
         """Why `period` of `domain` is not fit to train on (None: it is): the contract's
         checks, then its row count and click rate against the domain's recent good periods."""
-        from ctnet_rec.experiment.runner import period_labels
-
         try:
             validate_periods(self.data, domain, [period], self.cfg.features)
             labels = period_labels(self.data, domain, period, self.cfg.features)
