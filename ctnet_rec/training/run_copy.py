@@ -253,7 +253,8 @@ class RunCopy:
                 info = self.fs.get_file_info(self._remote(rel))
                 records["local"][rel], records["remote"][rel] = here[rel], \
                     [info.size, info.mtime_ns]
-                self._save_records(records)  # a crash mid-publish repeats only what is left
+                if rel.endswith(MANIFEST):  # a crash later repeats only what is left
+                    self._save_records(records)
             self._save_records(records)
         if changed or gone:
             log.info("%s: published %d files, removed %d", self, len(changed), len(gone))
