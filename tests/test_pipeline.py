@@ -128,6 +128,7 @@ def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     writer.join()
     text = log.read_text()
+    assert "[pipeline source]" in text and "[pipeline C]" in text  # fresh processes
 
     # every good period trained exactly once, the bad ones quarantined and never trained
     status = json.loads((runs / "status.json").read_text())
@@ -229,10 +230,10 @@ def test_served_artifacts_are_pruned_but_never_the_one_served(tmp_path):
                                                       "period=4"]
 
 
-def test_targets_side_by_side_go_to_the_job_runner(tmp_path, monkeypatch):
-    """With parallel_jobs > 1 each target's part of a period is a job of the experiment's
-    runner (a picklable call of a module-level function), and a target's failure comes back
-    after every target's job has ended."""
+def test_each_step_is_a_job_of_the_runner(tmp_path, monkeypatch):
+    """The source's and each target's part of a period are jobs of the experiment's runner
+    (picklable calls of module-level functions, each run in a fresh process), the source's
+    first; a target's failure comes back after every target's job has ended."""
     import pickle
     from concurrent.futures import Future
 
@@ -243,6 +244,7 @@ def test_targets_side_by_side_go_to_the_job_runner(tmp_path, monkeypatch):
     pipeline = Pipeline(cfg, tmp_path / "data", tmp_path / "runs")
     ran: list[str] = []
     monkeypatch.setattr(Pipeline, "train_source", lambda self, t: ran.append(f"A{t}"))
+    labels: list[str] = []
     monkeypatch.setattr("ctnet_rec.pipeline.job.write_status", lambda p: None)
 
     def target_step(self, domain, period):
@@ -255,6 +257,7 @@ def test_targets_side_by_side_go_to_the_job_runner(tmp_path, monkeypatch):
     class Runner:  # the runner's interface, in this process
         def submit(self, fn, label):
             pickle.dumps(fn)  # what a process pool does with it
+            labels.append(label)
             future: Future[None] = Future()
             try:
                 future.set_result(fn())
@@ -265,3 +268,4 @@ def test_targets_side_by_side_go_to_the_job_runner(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="B failed"):
         pipeline.step(3, Runner())
     assert ran == ["A3", "B3", "C3"]
+    assert labels == ["pipeline source", "pipeline B", "pipeline C"]

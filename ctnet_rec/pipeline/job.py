@@ -10,7 +10,9 @@ For each period every domain of the pipeline has marked complete (`_SUCCESS`), i
    configured model deployed from the towers of the period before it (CTNet trains with the
    newest source checkpoint of an earlier period, as `ctnet transfer run` does).
 
-Every step is recorded on disk before the next starts, and each is idempotent (training
+Each step runs in a fresh process of the experiment's job runner (a pipeline that watches
+for months keeps no model's memory from one period to the next). Every step is recorded on
+disk before the next starts, and each is idempotent (training
 resumes after the newest checkpoint, a gate's decision is a file, publishing is atomic), so
 the job killed anywhere and started again with the same command trains nothing twice and
 skips nothing. RUNS/status.json and status.html are rewritten after every step.
@@ -257,16 +259,13 @@ class Pipeline:
         write_status(self)
         self.train_target(domain, period)
 
-    def step(self, period: int, runner: IsolatedRunner | None) -> None:
-        """Everything for one period: the source first, then the targets (side by side in
-        `runner`'s processes, when given)."""
-        self.train_source(period)
+    def step(self, period: int, runner: IsolatedRunner) -> None:
+        """Everything for one period: the source first, then the targets (side by side when
+        the runner has several workers). Each in a fresh process of `runner`: a pipeline that
+        runs for months keeps no model's memory from one period to the next."""
+        runner.submit(partial(_source_step, self.cfg, self.data, self.runs, period),
+                      "pipeline source").result()
         write_status(self)
-        if runner is None:
-            for domain in self.p.targets:
-                self.target_step(domain, period)
-                write_status(self)
-            return
         futures = [runner.submit(partial(_target_step, self.cfg, self.data, self.runs, domain,
                                          period), f"pipeline {domain}")
                    for domain in self.p.targets]
@@ -278,10 +277,8 @@ class Pipeline:
     def run(self, once: bool, until: int | None) -> int:
         """Process the ready periods in order; with `once` stop when none is left, else
         wait for more (until period `until` is done). Returns the newest period done."""
-        workers = min(self.p.parallel_jobs, len(self.p.targets))
-        runner = IsolatedRunner([__name__], workers) if workers > 1 else None
-        if runner is not None:  # its server imports the library while the source trains
-            runner.submit(_nothing, "start")
+        runner = IsolatedRunner([__name__], min(self.p.parallel_jobs, len(self.p.targets)))
+        runner.submit(_nothing, "start")  # its server imports the library meanwhile
         try:
             while True:
                 done = self.done()
@@ -295,12 +292,16 @@ class Pipeline:
                     return done
                 time.sleep(self.p.poll_seconds)
         finally:
-            if runner is not None:
-                runner.close()
+            runner.close()
 
 
 def _nothing() -> None:
     pass
+
+
+def _source_step(cfg: Config, data: DataRoot, runs: Path, period: int) -> None:
+    """The source's part of a period, in a process of its own."""
+    Pipeline(cfg, data, runs).train_source(period)
 
 
 def _target_step(cfg: Config, data: DataRoot, runs: Path, domain: str, period: int) -> None:
