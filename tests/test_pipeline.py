@@ -41,6 +41,7 @@ def test_a_marking_writer_hides_the_periods_it_is_writing(tmp_path):
     (tmp_path / "B" / "period=2").mkdir()  # being written: no files yet
     with pytest.raises(Exception, match="empty period"):
         list_periods(tmp_path, "B")  # no marker anywhere: an empty folder is an error
+    assert list_periods(tmp_path, "B", marked_only=True) == {}  # what the pipeline waits for
     (tmp_path / "B" / "period=0" / SUCCESS).touch()
     assert sorted(list_periods(tmp_path, "B")) == [0]  # marking writer: 1 and 2 in progress
 

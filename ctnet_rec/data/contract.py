@@ -51,12 +51,13 @@ def list_domains(root: DataRoot) -> list[str]:
 SUCCESS = "_SUCCESS"  # a period folder's completion marker (the convention of Spark/Hadoop jobs)
 
 
-def list_periods(root: DataRoot, domain: str) -> dict[int, list[DataFile]]:
+def list_periods(root: DataRoot, domain: str,
+                 marked_only: bool = False) -> dict[int, list[DataFile]]:
     """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
     of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
     partial upload) and `_`-folders are skipped. In a domain whose writer marks complete
-    periods (some period folder holds `_SUCCESS`), a folder without the marker is still
-    being written and is skipped too."""
+    periods (some period folder holds `_SUCCESS`), or with `marked_only`, a folder without
+    the marker is still being written and is skipped too."""
     found = entries(root, domain)
     if found is None:
         raise DataError(f"{join(root, domain)}: domain folder not found (domains: "
@@ -80,7 +81,7 @@ def list_periods(root: DataRoot, domain: str) -> dict[int, list[DataFile]]:
         if not any(f.name == SUCCESS for f in inside):
             unmarked.add(t)
         periods[t], names[t] = files, p.name
-    if len(unmarked) < len(periods):  # a marking writer: the unmarked are being written
+    if marked_only or len(unmarked) < len(periods):  # the unmarked are being written
         periods = {t: f for t, f in periods.items() if t not in unmarked}
     for t, files in periods.items():
         if not files:

@@ -96,13 +96,14 @@ class Pipeline:
     # -- what is ready ---------------------------------------------------------------------
 
     def ready(self) -> list[int]:
-        """Periods every domain has complete, in order."""
+        """Periods every domain has marked complete, in order."""
         have = set(list_domains(self.data))
         missing = [d for d in self.domains if d not in have]
         if missing:
             raise DataError(f"{self.data}: no folder for domain(s) {missing} (domains: "
                             f"{sorted(have)})")
-        common = set.intersection(*(set(list_periods(self.data, d)) for d in self.domains))
+        common = set.intersection(*(set(list_periods(self.data, d, marked_only=True))
+                                    for d in self.domains))
         return sorted(common)
 
     def done(self) -> int:
