@@ -163,6 +163,10 @@ def test_the_pipeline_survives_kills_and_bad_periods(tmp_path):
                 if g["promote"]]
     now = served(runs, "B")
     assert now is not None and now["period"] == promoted[-1]
+    # its record names the source period (CTNet of period t: t - 1, but 3 for period 5, the
+    # source's period 4 being quarantined; a tower has none)
+    assert now["source_period"] == ({2: 1, 3: 2, 4: 3, 5: 3}[now["period"]]
+                                    if now["model"] == "ctnet" else None)
     import hashlib
 
     current = runs / "serving" / "B" / CURRENT

@@ -51,6 +51,7 @@ from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
     complete_checkpoints,
+    lineage_path,
 )
 from ctnet_rec.training.loop import trained_periods
 
@@ -223,9 +224,12 @@ class Pipeline:
         now = served(self.runs, domain)
         if now is not None and now["period"] == manifest.period:
             return  # published before a restart
-        source = manifest.lineage.get("source_checkpoint")
+        entry = manifest.lineage.get("source_checkpoint")  # a CTNet's source tower
+        source = lineage_path(ckpt, entry) if isinstance(entry, str) else None
         publish(self.runs, domain, manifest.period, ckpt.resolve(), {
-            "model": manifest.kind, "source_checkpoint": source, "gate": decision})
+            "model": manifest.kind, "source_checkpoint": str(source) if source else None,
+            "source_period": Manifest.read(source).period if source else None,
+            "gate": decision})
         prune_served(self.runs, domain, self.p.keep_checkpoints)
 
     def train_target(self, domain: str, period: int) -> None:
