@@ -224,8 +224,7 @@ class Pipeline:
         now = served(self.runs, domain)
         if now is not None and now["period"] == manifest.period:
             return  # published before a restart
-        entry = manifest.lineage.get("source_checkpoint")  # a CTNet's source tower
-        source = lineage_path(ckpt, entry) if isinstance(entry, str) else None
+        source = source_of(ckpt)
         publish(self.runs, domain, manifest.period, ckpt.resolve(), {
             "model": manifest.kind, "source_checkpoint": str(source) if source else None,
             "source_period": Manifest.read(source).period if source else None,
@@ -312,6 +311,12 @@ def _source_step(cfg: Config, data: DataRoot, runs: Path, period: int) -> None:
 def _target_step(cfg: Config, data: DataRoot, runs: Path, domain: str, period: int) -> None:
     """A target's part of a period, in a process of its own."""
     Pipeline(cfg, data, runs).target_step(domain, period)
+
+
+def source_of(ckpt: Path) -> Path | None:
+    """The source checkpoint a CTNet checkpoint's lineage names (None: another kind)."""
+    entry = Manifest.read(ckpt).lineage.get("source_checkpoint")
+    return lineage_path(ckpt, entry) if isinstance(entry, str) else None
 
 
 def _newest(run: Path, before: int) -> Path:

@@ -8,7 +8,6 @@ import datetime
 import html
 import json
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +22,15 @@ if TYPE_CHECKING:
 
 STATUS_JSON = "status.json"
 STATUS_HTML = "status.html"
-_PERIOD = re.compile(r"period=(\d+)")
 
 
 def _source_period(run: Path) -> int | None:
     """The source period the newest checkpoint of a CTNet run trained with."""
+    from ctnet_rec.pipeline.job import source_of
+
     done = complete_checkpoints(run) if run.is_dir() else {}
-    if not done:
-        return None
-    entry = Manifest.read(done[max(done)]).lineage.get("source_checkpoint")
-    m = _PERIOD.search(str(entry)) if entry else None
-    return int(m.group(1)) if m else None
+    source = source_of(done[max(done)]) if done else None
+    return Manifest.read(source).period if source else None
 
 
 def status(p: Pipeline) -> dict[str, Any]:
