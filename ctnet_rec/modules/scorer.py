@@ -20,6 +20,8 @@ class Scorer(nn.Module):
         self.model, self.task = model, task
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        if len(dense) == 0:  # no rows: nothing to look up (torchrec 1.6 cannot split an
+            return dense.new_zeros(0)  # empty KJT by key)
         out = self.model(sparse, dense) if self.task is None else \
             self.model(sparse, dense, self.task)
         return torch.sigmoid(out.logits)
