@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctnet_rec.config import Config, DomainWorldConfig, SynthConfig, load_config
+from ctnet_rec.data.contract import write_parquet
 from ctnet_rec.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,37 @@ def write_period(root: Path, domain: str, period: int, tables: list[pa.Table],
     return paths
 
 
+def write_tower_config(path: Path) -> Config:
+    """The demo config with the tiny world's tower sizes (MLP [32, 16], batch 256), written
+    to `path` (for the command line) and loaded."""
+    path.write_text(DEMO_CONFIG.read_text()
+                    .replace("mlp_hidden = [256, 128, 64]", "mlp_hidden = [32, 16]")
+                    .replace("batch_size = 512", "batch_size = 256"))
+    cfg = load_config(path)
+    assert cfg.model.mlp_hidden == [32, 16] and cfg.data.batch_size == 256
+    return cfg
+
+
+def shuffled_source_world(cfg: Config, root: Path, seed: int = 0) -> Path:
+    """A tiny world (8 periods, 3,000 target rows a period) whose source domain's labels are
+    shuffled within each period: a source tower trained on it knows nothing about anybody's
+    clicks. `seed` 0 is the world of `tests/test_no_harm.py`."""
+    world = root / "world"
+    synthesize(tiny_synth(cfg, periods=8, domains={
+        **tiny_synth(cfg).domains,
+        "B": dataclasses.replace(tiny_synth(cfg).domains["B"], impressions_per_period=3000)}),
+        world, seed=11 + seed)
+    rng = np.random.default_rng(seed)
+    for part in sorted((world / "A").glob("period=*/*.parquet")):
+        table = pq.read_table(part)
+        labels = table.column("label").to_numpy()
+        table = table.set_column(table.schema.get_field_index("label"), "label",
+                                 [rng.permutation(labels)])
+        write_parquet(table, part)
+    shutil.rmtree(world / "_oracle")
+    return world
+
+
 @dataclasses.dataclass
 class Towers:
     """Single-domain tower runs on the tiny world: source A (periods 0-3), target B (0-1)."""
@@ -117,11 +150,7 @@ def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers
 
     root = tmp_path_factory.mktemp("towers")
     path = root / "small.toml"
-    path.write_text(DEMO_CONFIG.read_text()
-                    .replace("mlp_hidden = [256, 128, 64]", "mlp_hidden = [32, 16]")
-                    .replace("batch_size = 512", "batch_size = 256"))
-    cfg = load_config(path)
-    assert cfg.model.mlp_hidden == [32, 16] and cfg.data.batch_size == 256
+    cfg = write_tower_config(path)
     train_continual(cfg, tiny_world, "A", [0, 1, 2, 3], root / "A")
     train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
     return Towers(cfg, path, root / "A", root / "B")

@@ -7,18 +7,14 @@ weight moves by +-lr at the first step, whatever its gradient)."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ctnet_rec.config import Config, OptimizerConfig
-from ctnet_rec.data.contract import write_parquet
 from ctnet_rec.data.reader import ParquetBatchReader
-from ctnet_rec.data.synth import synthesize
 from ctnet_rec.experiment.runner import metrics_by_period, run_ctnet
 from ctnet_rec.experiment.significance import auc_standard_error
 from ctnet_rec.files import read_jsonl
@@ -26,7 +22,7 @@ from ctnet_rec.training.inference import open_checkpoint
 from ctnet_rec.training.loop import train_continual
 from ctnet_rec.training.transfer import adapters_off, transfer_init
 
-from .conftest import tiny_synth
+from .conftest import shuffled_source_world
 
 # After one step on one batch, no score of the deployed CTNet may move by more than this
 # through its adapters, and on average they must move scores by less than half of what the
@@ -74,25 +70,6 @@ def test_first_step_keeps_the_target_scores(towers, tiny_world, tmp_path, demo_c
     assert harm.max() > 2 * FIRST_STEP_BOUND and harm.mean() > 3 * through_adapters.mean()
 
 
-def _shuffled_source_world(cfg: Config, root: Path) -> Path:
-    """A world whose source domain's labels are shuffled within each period: a source tower
-    trained on it knows nothing about anybody's clicks."""
-    world = root / "world"
-    synthesize(tiny_synth(cfg, periods=8, domains={
-        **tiny_synth(cfg).domains,
-        "B": dataclasses.replace(tiny_synth(cfg).domains["B"], impressions_per_period=3000)}),
-        world, seed=11)
-    rng = np.random.default_rng(0)
-    for part in sorted((world / "A").glob("period=*/*.parquet")):
-        table = pq.read_table(part)
-        labels = table.column("label").to_numpy()
-        table = table.set_column(table.schema.get_field_index("label"), "label",
-                                 [rng.permutation(labels)])
-        write_parquet(table, part)
-    shutil.rmtree(world / "_oracle")
-    return world
-
-
 @pytest.fixture(scope="module")
 def knows_nothing(towers, tmp_path_factory) -> tuple[Config, Path]:
     """A source tower trained on a world whose source labels are shuffled, and B's Base run
@@ -100,7 +77,7 @@ def knows_nothing(towers, tmp_path_factory) -> tuple[Config, Path]:
     cfg = dataclasses.replace(towers.cfg, experiment=dataclasses.replace(
         towers.cfg.experiment, deploy_period=3, periods=4, target_domains=["B"]))
     root = tmp_path_factory.mktemp("knows-nothing")
-    world = _shuffled_source_world(cfg, root)
+    world = shuffled_source_world(cfg, root)
     torch.manual_seed(0)
     # the sources CTNet reads on B's periods 3-6 (source_lag 1): A's periods 2-5
     train_continual(cfg, world, "A", range(6), root / "A", evaluate=False)
