@@ -1,7 +1,8 @@
 """CTNet with a source tower that knows nothing, over seeds. `tests/test_no_harm.py` checks
 one world (seed 0 here); this runs the same kind of world (`shuffled_source_world`: the
 source domain's labels shuffled within each period) at K seeds, each a world and a training
-run. Per seed and candidate (the adapters alone; with the output fusion), CTNet's
+run. Per seed and candidate (the adapters alone; with the output fusion, its weight kept
+whatever its gain or only beyond noise), CTNet's
 next-period AUC gain over Base on B's periods 3-6 and, with the fusion, the weights fitted;
 over the seeds, the mean gain with its 95% t interval (`significance.paired_interval`), how
 many periods fall below Base by more than 2 standard errors of Base's AUC, and how many
@@ -35,7 +36,10 @@ from ctnet_rec.training.loop import train_continual  # noqa: E402
 from tests.conftest import DEMO_CONFIG, shuffled_source_world, write_tower_config  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "no_harm_seeds.json"
-CANDIDATES = {"CTNet": {"output_fusion": False}, "CTNet + output fusion": {"output_fusion": True}}
+CANDIDATES = {"CTNet": {"output_fusion": False},
+              "CTNet + output fusion": {"output_fusion": True, "output_fusion_min_z": 0.0},
+              "CTNet + output fusion, weight beyond noise": {"output_fusion": True,
+                                                             "output_fusion_min_z": 1.96}}
 PERIODS = range(3, 7)  # B's periods CTNet trains (deployed at 3), each tested on the next
 LARGE_WEIGHT = 0.3
 

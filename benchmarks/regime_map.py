@@ -74,10 +74,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                                                         "adapter_input_norm": True},
     "CTNet + output fusion, prequential adapter pass": {"output_fusion": True,
                                                         "adapter_prequential_pass": True},
+    # the fusion's weight kept only where its gain on the fit rows is beyond noise
+    "CTNet + output fusion, weight beyond noise": {"output_fusion": True,
+                                                   "output_fusion_min_z": 1.96},
 }
-# whatever the default, each candidate says whether it runs the prequential pass
+# whatever the defaults, each candidate says whether it runs the prequential pass and how
+# the fusion's weight is guarded
 for _changes in CANDIDATES.values():
     _changes.setdefault("adapter_prequential_pass", False)
+    _changes.setdefault("output_fusion_min_z", 0.0)
 METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
            "new items AUC": ("slices", "new_items", "auc")}
 RULE = """\

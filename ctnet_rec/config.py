@@ -428,6 +428,11 @@ class CTNetConfig:
     # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model.
     # The default by the regime map's rule (docs/experiment.md, "When transfer helps")
     output_fusion: bool = True
+    # the fitted weight is kept only where it raises the fit rows' AUC over w = 0 by at least
+    # this many standard errors of DeLong's paired test (1.96: beyond noise at 95%), else 0,
+    # so a source whose logit helps the fit by chance gets no weight; 0 keeps the AUC-best
+    # weight whatever its gain. How w is fitted, not the model: not in the hash
+    output_fusion_min_z: float = field(default=0.0, metadata={"model": False})
     # before each period's training, one pass over its rows that trains the adapters alone
     # (the target tower frozen: its tables, dense layers and batch-norm statistics): the
     # adapters fit rows the target has not fitted yet, where the source's knowledge shows
@@ -439,6 +444,7 @@ class CTNetConfig:
     def validate(self, key: str) -> None:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
         _check(self.source_lag in (0, 1), f"{key}.source_lag", "must be 0 or 1")
+        _check(self.output_fusion_min_z >= 0, f"{key}.output_fusion_min_z", "must be >= 0")
         self.adapter_optimizer.validate(f"{key}.adapter_optimizer")
 
 

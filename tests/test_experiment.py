@@ -493,6 +493,26 @@ def test_fusion_weights_on_a_known_mixture():
     assert best_weight(labels, a, -c) == 0.0  # a harmful source gets no weight
     assert best_weight(labels, a, rng.normal(size=20_000)) <= 0.1  # nor does noise, nearly
     assert best_weight(np.ones(20_000), a, c) == 0.0  # one class: nothing to choose on
+    # the chance guard keeps a real source's weight ...
+    assert best_weight(labels, a, c, min_z=1.96) == best_weight(labels, a, c)
+
+
+def test_the_chance_guard_gives_a_source_of_noise_no_weight():
+    """On 1,000 rows the AUC-best weight of a source that is pure noise is often above 0;
+    with `min_z` = 1.96 it is 0 but where the noise's gain reaches 2 standard errors."""
+    from ctnet_rec.training.output_fusion import best_weight
+
+    rng = np.random.default_rng(1)
+    plain, guarded = [], []
+    for _ in range(40):
+        a = rng.normal(size=1000)
+        labels = (rng.random(1000) < 1 / (1 + np.exp(-a))).astype(float)
+        noise = rng.normal(size=1000)
+        plain.append(best_weight(labels, a, noise))
+        guarded.append(best_weight(labels, a, noise, min_z=1.96))
+    assert sum(w > 0 for w in plain) >= 10, plain
+    assert sum(w > 0 for w in guarded) <= 2, guarded
+    assert all(g in (0.0, p) for g, p in zip(guarded, plain, strict=True))
 
 
 def test_rows_are_paired_with_base_and_ctnet_on_the_same_rows(experiment):

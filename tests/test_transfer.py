@@ -367,7 +367,8 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, tiny_world, tmp_pat
     fitted = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert fitted["fusion_offset"] == pytest.approx(offset, abs=1e-5)
     assert fitted["fusion_weight"] == best_weight(parts["labels"], parts["p"][:, 0],
-                                                  parts["p"][:, 1] - offset)
+                                                  parts["p"][:, 1] - offset,
+                                                  towers.cfg.ctnet.output_fusion_min_z)
 
 
 def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
@@ -399,7 +400,8 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
         offset = parts["p"][:, 1].mean()
         assert got["fusion_offset"] == pytest.approx(offset, abs=1e-5), t
         assert got["fusion_weight"] == best_weight(parts["labels"], parts["p"][:, 0],
-                                                   parts["p"][:, 1] - offset), t
+                                                   parts["p"][:, 1] - offset,
+                                                   cfg.ctnet.output_fusion_min_z), t
     last, _ = open_checkpoint(run / "checkpoints" / "period=3")
     net = last.dmp.module
     w, c = float(net.fusion_weight), float(net.fusion_offset)

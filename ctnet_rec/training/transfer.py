@@ -154,7 +154,8 @@ class CTNetTrainer(PeriodTrainer):
     def fit_output_fusion(self, root: DataRoot, domain: str, period: int) -> None:
         """w and c of logit = target + w (source - c) from the period's rows, scored by the
         model as it stands, before anything trains on them: c the source logit's mean (the
-        click rate stays the target's), w the AUC-best weight (`best_weight`). Out of sample
+        click rate stays the target's), w the AUC-best weight kept only beyond chance when
+        `output_fusion_min_z` says so (`best_weight`). Out of sample
         only if the source held has not seen the period either (see `transfer_run`)."""
         net = self.dmp.module
         parts = self.predict(root, domain, period,
@@ -163,7 +164,8 @@ class CTNetTrainer(PeriodTrainer):
         if parts is not None:  # rank 0
             target, source = parts["p"][:, 0], parts["p"][:, 1]
             offset = float(source.mean())
-            fit = best_weight(parts["labels"], target, source - offset), offset
+            fit = best_weight(parts["labels"], target, source - offset,
+                              self.cfg.ctnet.output_fusion_min_z), offset
         weight, offset = from_main(fit)
         net.fusion_weight.fill_(weight)
         net.fusion_offset.fill_(offset)
