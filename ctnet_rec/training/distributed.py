@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import atexit
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -31,11 +30,6 @@ def _loopback_gloo() -> Iterator[None]:
             del os.environ[GLOO_IFNAME]
 
 
-def _remove(path: str) -> None:
-    with suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -55,8 +49,9 @@ def init_distributed(device: str) -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
 
     Nothing listens on a network interface other than loopback unless configured: a single
-    process uses a file store (removed at exit) and binds gloo to loopback whatever the host
-    name resolves to; when every rank runs on this machine gloo's sockets are bound to
+    process uses an in-memory store (no file, no socket: a job forked by a server, which
+    exits without running atexit, leaves nothing behind) and binds gloo to loopback whatever
+    the host name resolves to; when every rank runs on this machine gloo's sockets are bound to
     loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment names an interface. torchrun's
     own rendezvous store listens on all interfaces (torch's TCPStore has no bind address)."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -70,12 +65,9 @@ def init_distributed(device: str) -> DistEnv:
                 os.environ.setdefault(GLOO_IFNAME, LOOPBACK)
             dist.init_process_group(backend=backend)
         else:  # one local process; the environment is left untouched for child processes
-            fd, store = tempfile.mkstemp(prefix="ctnet-store-")
-            os.close(fd)
-            atexit.register(_remove, store)
             with _loopback_gloo():
-                dist.init_process_group(backend=backend, rank=0, world_size=1,
-                                        init_method=f"file://{store}")
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                        world_size=1)
     rank = dist.get_rank()
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
