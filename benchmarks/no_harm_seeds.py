@@ -2,7 +2,7 @@
 one world (seed 0 here); this runs the same kind of world (`shuffled_source_world`: the
 source domain's labels shuffled within each period) at K seeds, each a world and a training
 run. Per seed and candidate (the adapters alone; with the output fusion, its weight kept
-whatever its gain or only beyond noise), CTNet's
+whatever its gain or only beyond noise, on the period's evidence or every period's), CTNet's
 next-period AUC gain over Base on B's periods 3-6 and, with the fusion, the weights fitted;
 over the seeds, the mean gain with its 95% t interval (`significance.paired_interval`), how
 many periods fall below Base by more than 2 standard errors of Base's AUC, and how many
@@ -39,7 +39,10 @@ RESULT = ROOT / "benchmarks" / "results" / "no_harm_seeds.json"
 CANDIDATES = {"CTNet": {"output_fusion": False},
               "CTNet + output fusion": {"output_fusion": True, "output_fusion_min_z": 0.0},
               "CTNet + output fusion, weight beyond noise": {"output_fusion": True,
-                                                             "output_fusion_min_z": 1.96}}
+                                                             "output_fusion_min_z": 1.96},
+              "CTNet + output fusion, pooled weight beyond noise": {
+                  "output_fusion": True, "output_fusion_evidence": "pooled",
+                  "output_fusion_min_z": 1.96}}
 PERIODS = range(3, 7)  # B's periods CTNet trains (deployed at 3), each tested on the next
 LARGE_WEIGHT = 0.3
 

@@ -77,12 +77,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the fusion's weight kept only where its gain on the fit rows is beyond noise
     "CTNet + output fusion, weight beyond noise": {"output_fusion": True,
                                                    "output_fusion_min_z": 1.96},
+    # ... beyond noise on the evidence of every period so far
+    "CTNet + output fusion, pooled weight beyond noise": {
+        "output_fusion": True, "output_fusion_evidence": "pooled", "output_fusion_min_z": 1.96},
 }
 # whatever the defaults, each candidate says whether it runs the prequential pass and how
 # the fusion's weight is guarded
 for _changes in CANDIDATES.values():
     _changes.setdefault("adapter_prequential_pass", False)
     _changes.setdefault("output_fusion_min_z", 0.0)
+    _changes.setdefault("output_fusion_evidence", "period")
 METRICS = {"AUC": ("auc",), "GAUC": ("gauc",), "new users AUC": ("slices", "new_users", "auc"),
            "new items AUC": ("slices", "new_items", "auc")}
 RULE = """\

@@ -433,6 +433,11 @@ class CTNetConfig:
     # so a source whose logit helps the fit by chance gets no weight; 0 keeps the AUC-best
     # weight whatever its gain. How w is fitted, not the model: not in the hash
     output_fusion_min_z: float = field(default=0.0, metadata={"model": False})
+    # what w is fitted on: "period", the period's rows alone; "pooled", every fit so far, each
+    # weight's AUC gain and its variance summed over the periods (kept in the checkpoints'
+    # metrics), so that `output_fusion_min_z` tests the evidence of all periods, not one's.
+    # How w is fitted, not the model: not in the hash
+    output_fusion_evidence: str = field(default="period", metadata={"model": False})
     # before each period's training, one pass over its rows that trains the adapters alone
     # (the target tower frozen: its tables, dense layers and batch-norm statistics): the
     # adapters fit rows the target has not fitted yet, where the source's knowledge shows
@@ -445,6 +450,8 @@ class CTNetConfig:
         _check(0 < self.adapter_init_scale < 1, f"{key}.adapter_init_scale", "must be in (0, 1)")
         _check(self.source_lag in (0, 1), f"{key}.source_lag", "must be 0 or 1")
         _check(self.output_fusion_min_z >= 0, f"{key}.output_fusion_min_z", "must be >= 0")
+        _check(self.output_fusion_evidence in ("period", "pooled"),
+               f"{key}.output_fusion_evidence", "must be 'period' or 'pooled'")
         self.adapter_optimizer.validate(f"{key}.adapter_optimizer")
 
 

@@ -21,7 +21,7 @@ from ctnet_rec.training.checkpoint import (
     lineage_path,
 )
 from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
-from ctnet_rec.training.output_fusion import best_weight
+from ctnet_rec.training.output_fusion import PooledEvidence, best_weight
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
 from .conftest import two_rank_cli
@@ -347,9 +347,10 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, tiny_world, tmp_pat
     """At 2 ranks the target's batch-norm statistics are averaged at each period end; the
     frozen source's are not touched (averaging equal values still moves their last bits):
     after a period, every source tensor equals the source checkpoint's, bit for bit. The
-    output fusion's weight, fitted from both ranks' shares of the period, is the one rank's."""
+    output fusion's weight and pooled evidence, fitted from both ranks' shares of the period,
+    are the one rank's."""
     cfg = copy.deepcopy(towers.cfg)
-    cfg.ctnet.output_fusion = True
+    cfg.ctnet.output_fusion, cfg.ctnet.output_fusion_evidence = True, "pooled"
     run = tmp_path / "run"
     transfer_init(cfg, towers.source(1), towers.target(1), run)
     two_rank_cli("transfer", "run", "--run-dir", str(run), "--data", str(tiny_world), "--domain",
@@ -366,9 +367,11 @@ def test_the_source_stays_bit_identical_at_two_ranks(towers, tiny_world, tmp_pat
     offset = parts["p"][:, 1].mean()
     fitted = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert fitted["fusion_offset"] == pytest.approx(offset, abs=1e-5)
-    assert fitted["fusion_weight"] == best_weight(parts["labels"], parts["p"][:, 0],
-                                                  parts["p"][:, 1] - offset,
-                                                  towers.cfg.ctnet.output_fusion_min_z)
+    evidence = PooledEvidence().add(parts["labels"], parts["p"][:, 0], parts["p"][:, 1] - offset)
+    assert fitted["fusion_weight"] == evidence.weight(cfg.ctnet.output_fusion_min_z)
+    recorded = PooledEvidence.from_json(fitted["fusion_evidence"])
+    assert recorded.fits == 1
+    np.testing.assert_allclose(recorded.gain, evidence.gain, atol=1e-6)
 
 
 def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
@@ -416,12 +419,13 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
 def test_ctnet_with_output_fusion_resumes_inside_a_period_as_if_never_stopped(
         towers, tiny_world, tmp_path, monkeypatch):
     """Stopped right after a mid-period checkpoint of its second period, CTNet resumes inside
-    that period (the fused output's weight restored with the model, not fitted again on rows
-    it has half trained on) and ends with the uninterrupted run's metrics, to 1e-6."""
+    that period (the fused output's weight restored with the model and its pooled evidence
+    with the manifest, neither fitted again on rows it has half trained on) and ends with the
+    uninterrupted run's metrics, to 1e-6."""
     from ctnet_rec.training.transfer import CTNetTrainer
 
     cfg = copy.deepcopy(towers.cfg)
-    cfg.ctnet.output_fusion = True
+    cfg.ctnet.output_fusion, cfg.ctnet.output_fusion_evidence = True, "pooled"
     cfg.train.checkpoint_every_rows = 512
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     for run in (whole, stopped):
@@ -452,9 +456,13 @@ def test_ctnet_with_output_fusion_resumes_inside_a_period_as_if_never_stopped(
     for g, w in zip(got, want, strict=True):
         for key in ("train_loss", "fusion_weight", "fusion_offset"):
             assert g[key] == pytest.approx(w[key], abs=1e-6), key
+        assert g["fusion_evidence"]["fits"] == w["fusion_evidence"]["fits"]
+        np.testing.assert_allclose(g["fusion_evidence"]["gain"], w["fusion_evidence"]["gain"],
+                                   atol=1e-6)
         assert g.get("eval", {}).get("auc") == pytest.approx(w.get("eval", {}).get("auc"),
                                                               abs=1e-6)
     assert "eval" in got[0]  # the tiny world ends at period 3: only period 2 is tested
+    assert [m["fusion_evidence"]["fits"] for m in got] == [1, 2]  # period 3 adds to period 2's
 
 
 def test_the_prequential_pass_trains_the_adapters_and_nothing_else(towers, deployed,

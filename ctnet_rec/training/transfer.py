@@ -54,7 +54,7 @@ from ctnet_rec.training.collectives import from_main
 from ctnet_rec.training.distributed import init_distributed
 from ctnet_rec.training.loop import evaluation_periods, run_periods
 from ctnet_rec.training.optim import NamedParams
-from ctnet_rec.training.output_fusion import best_weight
+from ctnet_rec.training.output_fusion import PooledEvidence, best_weight
 from ctnet_rec.training.retention import lease, run_of
 from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.trainer import PeriodTrainer
@@ -62,6 +62,7 @@ from ctnet_rec.training.trainer import PeriodTrainer
 log = logging.getLogger(__name__)
 
 SOURCE, TARGET, ADAPTERS = "source.", "target.", ("adapters.", "input_adapters.")
+FUSION_EVIDENCE = "fusion_evidence"  # a manifest's metrics key: the pooled fits so far
 
 
 class CTNetTrainer(PeriodTrainer):
@@ -76,6 +77,8 @@ class CTNetTrainer(PeriodTrainer):
         self.source_ckpt: Path | None = None
         self.source_period: int | None = None
         self.source_digest: str | None = None  # of the source's contents, when recorded
+        # the output fusion's fits so far, with `output_fusion_evidence = "pooled"`
+        self.fusion_evidence = PooledEvidence()
         super().__init__(cfg, env)
         self.hashed_sections = ("features", "model", "ctnet")
         self.config_hash = cfg.section_hash(*self.hashed_sections) + \
@@ -101,6 +104,8 @@ class CTNetTrainer(PeriodTrainer):
 
     def manifest(self, period: int, metrics: dict[str, Any],
                  lineage: dict[str, Any]) -> Manifest:
+        if self.pools_fusion_evidence:  # in every checkpoint, mid-period ones too
+            metrics = {**metrics, FUSION_EVIDENCE: self.fusion_evidence.to_json()}
         m = super().manifest(period, metrics, lineage)
         m.source_config = dataclasses.asdict(self.source_cfg)
         m.lineage = {"source_period": self.source_period, "source_digest": self.source_digest,
@@ -151,11 +156,16 @@ class CTNetTrainer(PeriodTrainer):
             metrics["fusion_offset"] = round(float(net.fusion_offset), 6)
         return metrics
 
+    @property
+    def pools_fusion_evidence(self) -> bool:
+        return self.cfg.ctnet.output_fusion and self.cfg.ctnet.output_fusion_evidence == "pooled"
+
     def fit_output_fusion(self, root: DataRoot, domain: str, period: int) -> None:
         """w and c of logit = target + w (source - c) from the period's rows, scored by the
         model as it stands, before anything trains on them: c the source logit's mean (the
         click rate stays the target's), w the AUC-best weight kept only beyond chance when
-        `output_fusion_min_z` says so (`best_weight`). Out of sample
+        `output_fusion_min_z` says so (`best_weight`), or with pooled evidence the best on
+        every fit so far (`PooledEvidence`). Out of sample
         only if the source held has not seen the period either (see `transfer_run`)."""
         net = self.dmp.module
         parts = self.predict(root, domain, period,
@@ -163,10 +173,14 @@ class CTNetTrainer(PeriodTrainer):
         fit = None
         if parts is not None:  # rank 0
             target, source = parts["p"][:, 0], parts["p"][:, 1]
-            offset = float(source.mean())
-            fit = best_weight(parts["labels"], target, source - offset,
-                              self.cfg.ctnet.output_fusion_min_z), offset
-        weight, offset = from_main(fit)
+            offset, min_z = float(source.mean()), self.cfg.ctnet.output_fusion_min_z
+            if self.pools_fusion_evidence:
+                evidence = self.fusion_evidence.add(parts["labels"], target, source - offset)
+                fit = evidence.weight(min_z), offset, evidence
+            else:
+                fit = best_weight(parts["labels"], target, source - offset, min_z), offset, \
+                    self.fusion_evidence
+        weight, offset, self.fusion_evidence = from_main(fit)
         net.fusion_weight.fill_(weight)
         net.fusion_offset.fill_(offset)
         log.info("%s period %d: output fusion weight %.1f (source logit offset %.4f), fitted "
@@ -212,6 +226,13 @@ class CTNetTrainer(PeriodTrainer):
 
     def restore(self, folder: Path) -> Manifest:
         manifest = super().restore(folder)
+        self.fusion_evidence = PooledEvidence()
+        if self.pools_fusion_evidence and FUSION_EVIDENCE in manifest.metrics:
+            try:
+                self.fusion_evidence = PooledEvidence.from_json(manifest.metrics[FUSION_EVIDENCE])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{folder / MANIFEST}: metrics.{FUSION_EVIDENCE} is not "
+                                      f"the output fusion's evidence ({e!r})") from e
         source = lineage_path(folder, manifest.lineage["source_checkpoint"])
         if not source.exists():
             raise CheckpointError(
