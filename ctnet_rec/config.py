@@ -432,12 +432,13 @@ class CTNetConfig:
     # this many standard errors of DeLong's paired test (1.96: beyond noise at 95%), else 0,
     # so a source whose logit helps the fit by chance gets no weight; 0 keeps the AUC-best
     # weight whatever its gain. How w is fitted, not the model: not in the hash
-    output_fusion_min_z: float = field(default=0.0, metadata={"model": False})
+    output_fusion_min_z: float = field(default=1.96, metadata={"model": False})
     # what w is fitted on: "period", the period's rows alone; "pooled", every fit so far, each
     # weight's AUC gain and its variance summed over the periods (kept in the checkpoints'
     # metrics), so that `output_fusion_min_z` tests the evidence of all periods, not one's.
-    # How w is fitted, not the model: not in the hash
-    output_fusion_evidence: str = field(default="period", metadata={"model": False})
+    # How w is fitted, not the model: not in the hash. Both defaults by the rule of
+    # docs/experiment.md, "The fusion weight's pooled evidence"
+    output_fusion_evidence: str = field(default="pooled", metadata={"model": False})
     # before each period's training, one pass over its rows that trains the adapters alone
     # (the target tower frozen: its tables, dense layers and batch-norm statistics): the
     # adapters fit rows the target has not fitted yet, where the source's knowledge shows
@@ -703,12 +704,15 @@ _NOT_MODEL: dict[type, set[str]] = {
     cls: {f.name for f in dataclasses.fields(cls) if not f.metadata.get("model", True)}
     for cls in (CTNetConfig,)}
 
-# Model settings added after checkpoints recording their section were written: (section, key)
-# -> the value that behaves as before the key existed. Left out of the config hash at that
-# value, so a checkpoint of an older version still loads (and its hash is unchanged).
+# Settings added after checkpoints recording their section were written: (section, key) ->
+# the value that behaves as before the key existed, so a run resumes as it was trained. A
+# model setting is left out of the config hash at that value, so a checkpoint of an older
+# version still loads (and its hash is unchanged).
 ADDED_LATER: dict[tuple[str, str], Any] = {("ctnet", "output_fusion"): False,
                                            ("ctnet", "adapter_gate"): False,
-                                           ("ctnet", "adapter_input_norm"): False}
+                                           ("ctnet", "adapter_input_norm"): False,
+                                           ("ctnet", "output_fusion_min_z"): 0.0,
+                                           ("ctnet", "output_fusion_evidence"): "period"}
 _ABSENT = object()
 
 

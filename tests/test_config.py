@@ -121,9 +121,8 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     older = {s: dataclasses.asdict(getattr(off, s)) for s in ("model", "ctnet")}
     for section, key in ADDED_LATER:  # none of the settings added since
         del older[section][key]
-    for key in ("source_lag", "adapter_optimizer", "adapter_prequential_pass",
-                "output_fusion_min_z", "output_fusion_evidence"):
-        del older["ctnet"][key]  # how it trains: never hashed
+    for key in ("source_lag", "adapter_optimizer", "adapter_prequential_pass"):
+        del older["ctnet"][key]  # how it trains: never hashed (as the fusion's fit settings)
     recorded = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
     assert off.section_hash("model", "ctnet") == recorded
     on = copy.deepcopy(demo_config)
@@ -138,6 +137,29 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     # read back from such a record, the setting is off whatever today's default
     from ctnet_rec.config import recorded_config
     assert recorded_config(as_written).ctnet.output_fusion is False
+
+
+def test_a_run_recorded_before_the_pooled_guard_keeps_fitting_as_it_did(demo_config):
+    """A CTNet recorded before `output_fusion_min_z` and `output_fusion_evidence` existed
+    fitted its fusion weight on each period alone, unguarded: resumed by this version it goes
+    on so (its served scores do not change rule mid-run), though today's defaults guard on
+    pooled evidence; neither setting is in the hash."""
+    import copy
+    import dataclasses
+
+    from ctnet_rec.config import recorded_config
+
+    assert (demo_config.ctnet.output_fusion_min_z,
+            demo_config.ctnet.output_fusion_evidence) == (1.96, "pooled")
+    as_written = dataclasses.asdict(demo_config)
+    for key in ("output_fusion_min_z", "output_fusion_evidence"):
+        as_written["ctnet"].pop(key)
+    older = recorded_config(as_written).ctnet
+    assert (older.output_fusion, older.output_fusion_min_z,
+            older.output_fusion_evidence) == (True, 0.0, "period")
+    other = copy.deepcopy(demo_config)
+    other.ctnet.output_fusion_min_z, other.ctnet.output_fusion_evidence = 0.0, "period"
+    assert other.section_hash("model", "ctnet") == demo_config.section_hash("model", "ctnet")
 
 
 def test_set_overrides_keys_as_toml_values_and_refuses_what_the_file_would():

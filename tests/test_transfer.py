@@ -384,6 +384,7 @@ def test_output_fusion_starts_as_the_target_and_fits_its_weight_before_training(
     lag = 0
     cfg = copy.deepcopy(towers.cfg)
     cfg.ctnet.output_fusion, cfg.ctnet.source_lag = True, lag
+    cfg.ctnet.output_fusion_evidence = "period"  # the pooled fit: the two-rank test's
     run = tmp_path / "run"
     transfer_init(cfg, towers.source(1), towers.target(1), run)
     init, _ = open_checkpoint(run / INIT)
