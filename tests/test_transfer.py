@@ -15,6 +15,7 @@ import torch
 from ctnet_rec.cli import main
 from ctnet_rec.modules.adapters import LinearAdapter
 from ctnet_rec.training.checkpoint import (
+    MANIFEST,
     CheckpointError,
     Manifest,
     complete_checkpoints,
@@ -503,3 +504,18 @@ def test_ctnet_candidates_train_end_to_end(towers, tiny_world, tmp_path):
     state = last.dmp.state_dict()
     for key in ("adapters.0.scale", "input_adapters.1.value.weight"):
         assert not torch.equal(init.dmp.state_dict()[key], state[key]), key
+
+
+def test_a_checkpoint_with_malformed_fusion_evidence_is_refused(transferred, tmp_path):
+    """The pooled evidence a CTNet checkpoint records is checked when it is restored: a record
+    over other weights is refused, naming the manifest and the key, before anything runs."""
+    folder = tmp_path / "period=3"
+    shutil.copytree(complete_checkpoints(transferred)[3], folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["metrics"]["fusion_evidence"]["fits"] == 2  # the default pools
+    manifest["metrics"]["fusion_evidence"] = {"gain": [0.0] * 3, "variance": [0.0] * 3,
+                                              "fits": 1}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest\.json: metrics\.fusion_evidence .*"
+                                              r"over 3 weights"):
+        open_checkpoint(folder)
