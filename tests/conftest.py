@@ -204,8 +204,13 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_family(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and every descendant (torchrun's workers may not share its group)."""
+    """SIGKILL a process and every descendant (torchrun's workers may not share its group),
+    and, when it leads a session of its own, its whole process group: a child it starts
+    after the descendants were listed (a job server's forkserver) dies with it too."""
     family = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
     for pid in [proc.pid, *family]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
