@@ -3,8 +3,15 @@ metrics file's, each compared model is built as it claims, and a re-run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +37,7 @@ from ctnet_rec.modules.joint import JOINT_MODELS
 from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints, lineage_path
 from ctnet_rec.training.inference import evaluate_checkpoint
 
-from .conftest import DEMO_CONFIG
+from .conftest import DEMO_CONFIG, descendants
 
 # one of the six joint rows, to keep the suite's time (the experiment's handling of a joint
 # row is the same for all six); tests/test_joint.py covers each of the six as a module, with
@@ -326,7 +333,6 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
     """Two at a time: a job starts as soon as a slot is free and the jobs it needs have ended
     (a failed one counts as ended: its failure comes back to the caller); one at a time: in
     the plan's order."""
-    import time
     from functools import partial
 
     from ctnet_rec.data.contract import list_periods
@@ -353,6 +359,54 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
     # c needs the failed b: it starts while a still runs; d waits for a
     assert seen.index(("start", "c")) < seen.index(("end", "a")) < seen.index(("start", "d"))
     assert [n for e, n in events(1, nap=0.1) if e == "start"] == ["a", "b", "c", "d"]
+
+
+# a process that runs a long job and keeps an idle worker (the one the pool starts when a job
+# ends), then waits
+_SUBMITTER = """
+import functools, time
+from ctnet_rec.experiment.jobs import IsolatedRunner
+runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=2)
+runner.submit(functools.partial(time.sleep, 600), "long")
+runner.submit(functools.partial(time.sleep, 0), "quick").result()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_jobs_end_with_the_process_that_submitted_them(sig):
+    """Killing the process that runs the jobs (the pipeline, the experiment) ends its jobs, the
+    running one and the idle worker, and so the forkserver: none trains on as an orphan."""
+    proc = subprocess.Popen([sys.executable, "-c", _SUBMITTER], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    family: list[int] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 60
+        # the forkserver, the running worker, the idle one, the resource tracker
+        while len(family := descendants(proc.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(family) == 4, family
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (left := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+    finally:
+        for pid in [proc.pid, *family]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_jobs_at_a_time_must_be_at_least_one(tmp_path, caplog):

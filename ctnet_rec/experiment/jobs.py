@@ -13,6 +13,8 @@ import logging
 import multiprocessing
 import os
 import resource
+import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -58,11 +60,29 @@ def _logging_levels() -> dict[str, int]:
     return levels
 
 
-def _child_init(levels: dict[str, int]) -> None:
+def _child_init(levels: dict[str, int], submitter: int) -> None:
+    _die_with(submitter)
     configure_logging(levels[""])  # a library imported here may have set up logging first
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     gc.freeze()  # the library's import-time objects need no rescans by the collector
+
+
+def _die_with(pid: int) -> None:
+    """End this worker as soon as process `pid`, the one that submits its jobs, ends, however
+    it ends (SIGKILL, SIGTERM's default, the OOM killer). Without this a running job trains on
+    as an orphan, holding its run's lock, its memory and any GPU, and an idle worker (the pool
+    starts the next one as a job ends) waits for work forever, keeping the forkserver alive."""
+    try:
+        watched = os.pidfd_open(pid)  # names that process, never a later one with its pid
+    except ProcessLookupError:  # it ended before this worker started
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([watched], [], [])  # readable once the process has exited
+        os._exit(1)  # at once, as a kill would (runs resume from their last checkpoint)
+
+    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
 
 
 def rss_mb() -> float:
@@ -104,7 +124,7 @@ def torch_threads(workers: int) -> int | None:
 class IsolatedRunner:
     """Runs callables, up to `workers` at a time, each in a new process; each returns its wall
     time and peak memory. Exceptions (bad data, a refused checkpoint) come back to the caller
-    as raised."""
+    as raised. The processes end with the one that made the runner, however it ends."""
 
     def __init__(self, preload: Sequence[str], workers: int = 1) -> None:
         ctx = multiprocessing.get_context("forkserver")
@@ -112,7 +132,7 @@ class IsolatedRunner:
         self.workers, self.threads = workers, torch_threads(workers)
         self.pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
-            initializer=_child_init, initargs=(_logging_levels(),))
+            initializer=_child_init, initargs=(_logging_levels(), os.getpid()))
 
     def submit(self, fn: Callable[[], object], label: str) -> Future[dict[str, float]]:
         return self.pool.submit(_measured, fn, label, self.threads)
