@@ -651,13 +651,15 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     import torch  # noqa: F401  (loaded before freezing)
 
+    from ctnet_rec.experiment.jobs import JobKilled
     from ctnet_rec.training.distributed import leave_process_group_at_exit
     from ctnet_rec.training.trainer import DivergenceError
 
     gc.freeze()  # torch's many import-time objects need no rescans by the collector
     try:
         func(args)
-    except (ConfigError, DataError, CheckpointError, DivergenceError, FileExistsError) as e:
+    except (ConfigError, DataError, CheckpointError, DivergenceError, JobKilled,
+            FileExistsError) as e:
         log.error("%s", e)
         return 2
     except OSError as e:  # a full disk, a folder gone read-only mid-run: the cause, by file

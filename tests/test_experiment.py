@@ -361,14 +361,13 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
     assert [n for e, n in events(1, nap=0.1) if e == "start"] == ["a", "b", "c", "d"]
 
 
-# a process that runs a long job and keeps an idle worker (the one the pool starts when a job
-# ends), then waits
+# a process that runs a long job after a quick one, then waits
 _SUBMITTER = """
 import functools, time
 from ctnet_rec.experiment.jobs import IsolatedRunner
 runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=2)
-runner.submit(functools.partial(time.sleep, 600), "long")
 runner.submit(functools.partial(time.sleep, 0), "quick").result()
+runner.submit(functools.partial(time.sleep, 600), "long")
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -376,18 +375,20 @@ time.sleep(600)
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_jobs_end_with_the_process_that_submitted_them(sig):
-    """Killing the process that runs the jobs (the pipeline, the experiment) ends its jobs, the
-    running one and the idle worker, and so the forkserver: none trains on as an orphan."""
+    """Killing the process that runs the jobs (the pipeline, the experiment) ends its running
+    job, and so the forkserver: no job trains on as an orphan, nothing waits forever."""
     proc = subprocess.Popen([sys.executable, "-c", _SUBMITTER], stdout=subprocess.PIPE,
                             text=True, start_new_session=True)
     family: list[int] = []
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         deadline = time.monotonic() + 60
-        # the forkserver, the running worker, the idle one, the resource tracker
-        while len(family := descendants(proc.pid)) < 4 and time.monotonic() < deadline:
+        # the forkserver, the running job's process, the resource tracker (the quick job's
+        # process has ended)
+        while len(family := [p for p in descendants(proc.pid) if _alive(p)]) != 3 \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert len(family) == 4, family
+        assert len(family) == 3, family
         proc.send_signal(sig)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -407,6 +408,60 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_killed_job_fails_alone(tmp_path):
+    """A job whose process is killed (the out-of-memory killer) fails with JobKilled; the job
+    beside it and the jobs after it run as if nothing happened. Jobs submitted at once run
+    at most `workers` at a time."""
+    from functools import partial
+
+    from ctnet_rec.experiment.jobs import IsolatedRunner, JobKilled
+
+    runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=2)
+    try:
+        beside = runner.submit(partial(_stamp, tmp_path / "beside", 2.0), "beside")
+        killed = runner.submit(_killed, "killed")
+        with pytest.raises(JobKilled, match="killed: its process ended without a result"):
+            killed.result()
+        assert beside.result()["seconds"] >= 2.0
+        # a slot frees when its job ends: the third waits for one of the first two
+        after = [runner.submit(partial(_stamp, tmp_path / f"after{i}", 1.0), "after")
+                 for i in range(3)]
+        assert all(f.result()["seconds"] >= 1.0 for f in after)
+    finally:
+        runner.close()
+    spans = sorted(tuple(map(float, (tmp_path / f"after{i}").read_text().split()))
+                   for i in range(3))
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])
+
+
+def test_an_experiment_goes_on_past_a_killed_job(tmp_path, caplog):
+    """The experiment leaves a killed job's row empty, as any failed job's, and runs the rest,
+    the jobs that need it included."""
+    from functools import partial
+
+    from ctnet_rec.experiment.jobs import Job
+    from ctnet_rec.experiment.runner import _run_jobs
+
+    nap = partial(time.sleep, 0)
+    jobs = [Job("a", "X", nap), Job("b", "X", _killed), Job("c", "X", nap, needs=[("b", "X")])]
+    usage = _run_jobs(jobs, tmp_path, tmp_path, workers=2)
+    assert usage["b"]["X"] == {"failed": 1.0}
+    assert usage["a"]["X"]["seconds"] >= 0 and usage["c"]["X"]["seconds"] >= 0
+    assert "b on X failed, its row is left empty: JobKilled" in caplog.text
+
+
+def _stamp(path: Path, nap: float) -> None:
+    """Sleep `nap` seconds; write when that began and ended."""
+    start = time.time()
+    time.sleep(nap)
+    path.write_text(f"{start} {time.time()}")
+
+
+def _killed() -> None:
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_jobs_at_a_time_must_be_at_least_one(tmp_path, caplog):

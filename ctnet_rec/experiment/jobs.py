@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,24 +122,56 @@ def torch_threads(workers: int) -> int | None:
     return None if workers == 1 else max(1, len(os.sched_getaffinity(0)) // workers)
 
 
+class JobKilled(RuntimeError):
+    """A job's process ended without a result: killed by a signal (the kernel's out-of-memory
+    killer, an operator) or crashed in native code."""
+
+
 class IsolatedRunner:
     """Runs callables, up to `workers` at a time, each in a new process; each returns its wall
     time and peak memory. Exceptions (bad data, a refused checkpoint) come back to the caller
-    as raised. The processes end with the one that made the runner, however it ends."""
+    as raised. Each job has a pool of its own, so a process that dies (the out-of-memory
+    killer) fails its job alone, not the jobs beside or after it; and the processes end with
+    the one that made the runner, however it ends."""
 
     def __init__(self, preload: Sequence[str], workers: int = 1) -> None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(list(preload))
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(preload))
         self.workers, self.threads = workers, torch_threads(workers)
-        self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
-            initializer=_child_init, initargs=(_logging_levels(), os.getpid()))
+        self.init_args = (_logging_levels(), os.getpid())
+        self.slots = threading.BoundedSemaphore(workers)
+        self.running: set[ProcessPoolExecutor] = set()
 
     def submit(self, fn: Callable[[], object], label: str) -> Future[dict[str, float]]:
-        return self.pool.submit(_measured, fn, label, self.threads)
+        """Start `fn` in a new process as soon as fewer than `workers` jobs run (until then
+        this waits)."""
+        self.slots.acquire()
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=self.context,
+                                   initializer=_child_init, initargs=self.init_args)
+        self.running.add(pool)
+        outcome: Future[dict[str, float]] = Future()
+
+        def ended(job: Future[dict[str, float]]) -> None:
+            pool.shutdown(wait=False)  # its one process exits; none is started after it
+            self.running.discard(pool)
+            self.slots.release()  # before the caller hears of it: it may submit at once
+            error = job.exception()
+            if isinstance(error, BrokenProcessPool):
+                error = JobKilled(f"{label}: its process ended without a result (killed by a "
+                                  "signal, e.g. the kernel's out-of-memory killer: see "
+                                  "`dmesg`; or crashed); rerunning resumes it")
+            if error is None:
+                outcome.set_result(job.result())
+            else:
+                outcome.set_exception(error)
+
+        pool.submit(_measured, fn, label, self.threads).add_done_callback(ended)
+        return outcome
 
     def close(self) -> None:
-        self.pool.shutdown()
+        """Wait for the jobs still running."""
+        for pool in list(self.running):
+            pool.shutdown()
 
 
 def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, starting: Callable[[int], None],
