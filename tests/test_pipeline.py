@@ -6,10 +6,12 @@ status.json's figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +30,14 @@ from ctnet_rec.data.contract import SUCCESS, list_periods
 from ctnet_rec.data.synth import synthesize
 from ctnet_rec.pipeline.gate import decide
 from ctnet_rec.pipeline.serving import CURRENT, RECORD, prune_served, publish, served
-from tests.conftest import DEMO_CONFIG, kill_family, tiny_synth, valid_table, write_period
+from tests.conftest import (
+    DEMO_CONFIG,
+    descendants,
+    kill_family,
+    tiny_synth,
+    valid_table,
+    write_period,
+)
 
 PERIODS = 6  # 0-5; B's tower warms up on 0-1, its CTNet is deployed at 2; C serves its tower
 ANOMALOUS = ("A", 4)  # the source's period 4 arrives with 6x its rows
@@ -274,3 +283,45 @@ def test_each_step_is_a_job_of_the_runner(tmp_path, monkeypatch):
         pipeline.step(3, Runner())
     assert ran == ["A3", "B3", "C3"]
     assert labels == ["pipeline source", "pipeline B", "pipeline C"]
+
+
+def test_a_step_whose_process_is_killed_stops_the_pipeline_saying_so(tmp_path):
+    """The source step's process killed mid-training (as the out-of-memory killer does): the
+    pipeline exits with status 2 and a message naming the step, and leaves no process behind."""
+    world, data, runs = tmp_path / "world", tmp_path / "data", tmp_path / "runs"
+    synthesize(tiny_synth(load_config(DEMO_CONFIG), periods=2), world, seed=0)
+    _feed(world, data, pause=0).join()
+    log = tmp_path / "pipeline.log"
+    proc = _start(DEMO_CONFIG, data, runs, log)
+    family: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (runs / "source" / ".lock").exists():  # the source's job trains
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        family = descendants(proc.pid)
+        parents = {pid: _parent(pid) for pid in family}
+        # the job: a child of the forkserver, not of the pipeline
+        jobs = [pid for pid, parent in parents.items() if parent not in (None, proc.pid)]
+        assert len(jobs) == 1, parents
+        os.kill(jobs[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 2
+        assert "pipeline source: its process ended without a result" in log.read_text()
+        deadline = time.monotonic() + 30
+        while [p for p in family if _parent(p) is not None] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in family if _parent(p) is not None]
+    finally:
+        kill_family(proc)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of a running process (None: gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
