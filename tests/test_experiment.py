@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,9 @@ from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints, lineag
 from ctnet_rec.training.inference import evaluate_checkpoint
 
 from .conftest import DEMO_CONFIG, descendants
+from .job_functions import hold_mb, stamp
+
+KILLED = partial(signal.raise_signal, signal.SIGKILL)  # a job whose process is killed
 
 # one of the six joint rows, to keep the suite's time (the experiment's handling of a joint
 # row is the same for all six); tests/test_joint.py covers each of the six as a module, with
@@ -300,7 +304,6 @@ def test_seeds_report_mean_and_std_of_each_number(seeds):
 
 
 def test_jobs_refusals_come_back_from_their_process(tmp_path):
-    from functools import partial
 
     from ctnet_rec.data.contract import list_periods
     from ctnet_rec.experiment.jobs import IsolatedRunner
@@ -313,7 +316,7 @@ def test_jobs_refusals_come_back_from_their_process(tmp_path):
         small = took.result()
         # each job's peak memory is its own process's: a job holding 300 MB shows them, the
         # next job (a fresh process) does not
-        big = runner.submit(partial(_hold_mb, 300), "job").result()
+        big = runner.submit(partial(hold_mb, 300), "job").result()
         assert big["peak_rss_mb"] - big["start_rss_mb"] >= 290
         after = runner.submit(partial(list_periods, tmp_path.parent, tmp_path.name),
                               "job").result()
@@ -323,17 +326,10 @@ def test_jobs_refusals_come_back_from_their_process(tmp_path):
         runner.close()
 
 
-def _hold_mb(mb: int) -> None:
-    """Touch `mb` megabytes (every page), so that they count in the process's peak RSS."""
-    block = np.ones(mb * 1024 * 1024 // 8)
-    assert block.sum() == block.size
-
-
 def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
     """Two at a time: a job starts as soon as a slot is free and the jobs it needs have ended
     (a failed one counts as ended: its failure comes back to the caller); one at a time: in
     the plan's order."""
-    from functools import partial
 
     from ctnet_rec.data.contract import list_periods
     from ctnet_rec.experiment.jobs import IsolatedRunner, Job, run_in_order
@@ -365,7 +361,7 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
 _SUBMITTER = """
 import functools, time
 from ctnet_rec.experiment.jobs import IsolatedRunner
-runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=2)
+runner = IsolatedRunner(preload=["torch"], workers=2)
 runner.submit(functools.partial(time.sleep, 0), "quick").result()
 runner.submit(functools.partial(time.sleep, 600), "long")
 print("ready", flush=True)
@@ -414,21 +410,20 @@ def test_a_killed_job_fails_alone(tmp_path):
     """A job whose process is killed (the out-of-memory killer) fails with JobKilled; the job
     beside it and the jobs after it run as if nothing happened. Jobs submitted at once run
     at most `workers` at a time."""
-    from functools import partial
 
     from ctnet_rec.experiment.jobs import IsolatedRunner, JobKilled
 
-    runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=2)
+    runner = IsolatedRunner(preload=["torch"], workers=2)
     try:
-        beside = runner.submit(partial(_stamp, tmp_path / "beside", 2.0), "beside")
-        killed = runner.submit(_killed, "killed")
+        beside = runner.submit(partial(stamp, tmp_path / "beside", 1.0), "beside")
+        killed = runner.submit(KILLED, "killed")
         with pytest.raises(JobKilled, match="killed: its process ended without a result"):
             killed.result()
-        assert beside.result()["seconds"] >= 2.0
+        assert beside.result()["seconds"] >= 1.0
         # a slot frees when its job ends: the third waits for one of the first two
-        after = [runner.submit(partial(_stamp, tmp_path / f"after{i}", 1.0), "after")
+        after = [runner.submit(partial(stamp, tmp_path / f"after{i}", 0.5), "after")
                  for i in range(3)]
-        assert all(f.result()["seconds"] >= 1.0 for f in after)
+        assert all(f.result()["seconds"] >= 0.5 for f in after)
     finally:
         runner.close()
     spans = sorted(tuple(map(float, (tmp_path / f"after{i}").read_text().split()))
@@ -439,29 +434,16 @@ def test_a_killed_job_fails_alone(tmp_path):
 def test_an_experiment_goes_on_past_a_killed_job(tmp_path, caplog):
     """The experiment leaves a killed job's row empty, as any failed job's, and runs the rest,
     the jobs that need it included."""
-    from functools import partial
 
     from ctnet_rec.experiment.jobs import Job
     from ctnet_rec.experiment.runner import _run_jobs
 
     nap = partial(time.sleep, 0)
-    jobs = [Job("a", "X", nap), Job("b", "X", _killed), Job("c", "X", nap, needs=[("b", "X")])]
+    jobs = [Job("a", "X", nap), Job("b", "X", KILLED), Job("c", "X", nap, needs=[("b", "X")])]
     usage = _run_jobs(jobs, tmp_path, tmp_path, workers=2)
     assert usage["b"]["X"] == {"failed": 1.0}
     assert usage["a"]["X"]["seconds"] >= 0 and usage["c"]["X"]["seconds"] >= 0
     assert "b on X failed, its row is left empty: JobKilled" in caplog.text
-
-
-def _stamp(path: Path, nap: float) -> None:
-    """Sleep `nap` seconds; write when that began and ended."""
-    start = time.time()
-    time.sleep(nap)
-    path.write_text(f"{start} {time.time()}")
-
-
-def _killed() -> None:
-    time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_jobs_at_a_time_must_be_at_least_one(tmp_path, caplog):
