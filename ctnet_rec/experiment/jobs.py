@@ -140,7 +140,7 @@ class IsolatedRunner:
         self.workers, self.threads = workers, torch_threads(workers)
         self.init_args = (_logging_levels(), os.getpid())
         self.slots = threading.BoundedSemaphore(workers)
-        self.running: set[ProcessPoolExecutor] = set()
+        self.watchers: set[threading.Thread] = set()
 
     def submit(self, fn: Callable[[], object], label: str) -> Future[dict[str, float]]:
         """Start `fn` in a new process as soon as fewer than `workers` jobs run (until then
@@ -148,14 +148,16 @@ class IsolatedRunner:
         self.slots.acquire()
         pool = ProcessPoolExecutor(max_workers=1, mp_context=self.context,
                                    initializer=_child_init, initargs=self.init_args)
-        self.running.add(pool)
+        job = pool.submit(_measured, fn, label, self.threads)
         outcome: Future[dict[str, float]] = Future()
 
-        def ended(job: Future[dict[str, float]]) -> None:
-            pool.shutdown(wait=False)  # its one process exits; none is started after it
-            self.running.discard(pool)
-            self.slots.release()  # before the caller hears of it: it may submit at once
+        def watch() -> None:
+            """Wait for the job, then for its process to exit (so its memory is free), then
+            free its slot and report. A thread of its own, not a callback of the future: the
+            pool calls those holding a lock that `shutdown` takes."""
             error = job.exception()
+            pool.shutdown()
+            self.slots.release()  # before the caller hears of it: it may submit at once
             if isinstance(error, BrokenProcessPool):
                 error = JobKilled(f"{label}: its process ended without a result (killed by a "
                                   "signal, e.g. the kernel's out-of-memory killer: see "
@@ -164,14 +166,17 @@ class IsolatedRunner:
                 outcome.set_result(job.result())
             else:
                 outcome.set_exception(error)
+            self.watchers.discard(threading.current_thread())
 
-        pool.submit(_measured, fn, label, self.threads).add_done_callback(ended)
+        watcher = threading.Thread(target=watch, name=f"job {label}", daemon=True)
+        self.watchers.add(watcher)
+        watcher.start()
         return outcome
 
     def close(self) -> None:
         """Wait for the jobs still running."""
-        for pool in list(self.running):
-            pool.shutdown()
+        for watcher in list(self.watchers):
+            watcher.join()
 
 
 def run_in_order(jobs: Sequence[Job], runner: IsolatedRunner, starting: Callable[[int], None],
