@@ -306,7 +306,12 @@ def test_a_step_whose_process_is_killed_stops_the_pipeline_saying_so(tmp_path):
         assert len(jobs) == 1, parents
         os.kill(jobs[0], signal.SIGKILL)
         assert proc.wait(timeout=60) == 2
-        assert "pipeline source: its process ended without a result" in log.read_text()
+        why = "pipeline source: its process ended without a result"
+        assert why in log.read_text()
+        # the status page says so, with the period
+        stopped = json.loads((runs / "status.json").read_text())["stopped"]
+        assert stopped["period"] == 0 and why in stopped["error"]
+        assert "Stopped</strong>" in (runs / "status.html").read_text()
         deadline = time.monotonic() + 30
         while [p for p in family if _parent(p) is not None] and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -325,3 +330,15 @@ def _parent(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_the_stop_record_goes_when_the_pipeline_runs_again(tmp_path, monkeypatch):
+    from ctnet_rec.pipeline.job import Pipeline
+
+    pipeline = Pipeline(load_config(DEMO_CONFIG), tmp_path / "data", tmp_path / "runs")
+    pipeline.stopped_record.parent.mkdir(parents=True)
+    pipeline.stopped_record.write_text(json.dumps({"at": "then", "period": 3, "error": "x"}))
+    monkeypatch.setattr(Pipeline, "ready", lambda self: [])  # nothing to do
+    assert pipeline.run(once=True, until=None) == -1
+    assert json.loads((tmp_path / "runs" / "status.json").read_text())["stopped"] is None
+    assert "Stopped" not in (tmp_path / "runs" / "status.html").read_text()

@@ -19,11 +19,13 @@ skips nothing. RUNS/status.json and status.html are rewritten after every step.
 
 Layout of RUNS: `source/` (the source tower's run), `<domain>/tower/` (a target's tower),
 `<domain>/<model>/` (its deployed model), `pipeline/<domain>/gate/period=<t>.json` and
-`pipeline/<domain>/quarantine/period=<t>.json` (the records), `serving/<domain>/`."""
+`pipeline/<domain>/quarantine/period=<t>.json` (the records), `pipeline/stopped.json` (why
+the pipeline last stopped on an error), `serving/<domain>/`."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import statistics
@@ -283,20 +285,35 @@ class Pipeline:
         wait for more (until period `until` is done). Returns the newest period done."""
         runner = IsolatedRunner([__name__], min(self.p.parallel_jobs, len(self.p.targets)))
         runner.submit(_nothing, "start")  # its server imports the library meanwhile
+        self.stopped_record.unlink(missing_ok=True)  # running again
+        period = None
         try:
             while True:
                 done = self.done()
                 todo = [t for t in self.ready() if t > done and (until is None or t <= until)]
-                for t in todo:
-                    log.info("pipeline: period %d", t)
-                    self.step(t, runner)
+                for period in todo:
+                    log.info("pipeline: period %d", period)
+                    self.step(period, runner)
                 write_status(self)
                 done = self.done()
                 if once or (until is not None and done >= until):
                     return done
                 time.sleep(self.p.poll_seconds)
+        except Exception as e:  # recorded for the status page, then raised as it was
+            self.stopped_record.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.stopped_record, json.dumps({
+                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "period": period, "error": f"{type(e).__name__}: {e}"}) + "\n")
+            write_status(self)
+            raise
         finally:
             runner.close()
+
+    @property
+    def stopped_record(self) -> Path:
+        """Why the pipeline last stopped on an error (absent while it runs, or after a clean
+        end): for the status page, whose reader may not see the log."""
+        return self.runs / RECORDS / "stopped.json"
 
 
 def _nothing() -> None:

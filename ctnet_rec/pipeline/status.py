@@ -48,6 +48,8 @@ def status(p: Pipeline) -> dict[str, Any]:
                    "quarantined": {str(t): r["reason"]
                                    for t, r in p.records(source, "quarantine").items()}},
         "targets": {},
+        "stopped": (json.loads(p.stopped_record.read_text())
+                    if p.stopped_record.exists() else None),
     }
     bad_sources = set(map(int, out["source"]["quarantined"]))
     for domain, model in p.p.targets.items():
@@ -138,12 +140,17 @@ def _plot(gates: list[dict[str, Any]], metric: str) -> str:
 
 def render(s: dict[str, Any]) -> str:
     e = html.escape
-    rows = [f"<p>Updated {e(s['updated'])}. Data complete through period "
-            f"{s['newest_ready_period']}; processed through {s['done_through']} "
-            f"(lag {s['lag_periods']} period(s)).</p>",
-            f"<h2>Source domain {e(s['source']['domain'])}</h2>",
-            f"<p>Trained periods: {e(str(s['source']['trained']))}</p>",
-            _quarantine_table(s["source"]["quarantined"])]
+    stop = s["stopped"]
+    rows = [f'<p class="stopped"><strong>Stopped</strong> at {e(stop["at"])}'
+            + (f" on period {stop['period']}" if stop["period"] is not None else "")
+            + f": {e(stop['error'])}. Nothing runs until the pipeline is started again.</p>"
+            ] if stop else []
+    rows += [f"<p>Updated {e(s['updated'])}. Data complete through period "
+             f"{s['newest_ready_period']}; processed through {s['done_through']} "
+             f"(lag {s['lag_periods']} period(s)).</p>",
+             f"<h2>Source domain {e(s['source']['domain'])}</h2>",
+             f"<p>Trained periods: {e(str(s['source']['trained']))}</p>",
+             _quarantine_table(s["source"]["quarantined"])]
     for domain, t in s["targets"].items():
         serving = t["serving"]
         rows += [f'<h2 id="target-{e(domain)}">Target domain {e(domain)} ({e(t["model"])})</h2>',
@@ -168,7 +175,8 @@ def render(s: dict[str, Any]) -> str:
         rows += ["</table>", _quarantine_table(t["quarantined"])]
     style = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:"
              "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "text-align:right}svg{margin-right:1em;border:1px solid #eee}")
+             "text-align:right}svg{margin-right:1em;border:1px solid #eee}"
+             ".stopped{background:#fdd;padding:0.5em}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>ctnet pipeline"
             f"</title><style>{style}</style></head><body><h1>ctnet pipeline</h1>\n"
             + "\n".join(rows) + "\n</body></html>\n")
