@@ -342,3 +342,18 @@ def test_the_stop_record_goes_when_the_pipeline_runs_again(tmp_path, monkeypatch
     assert pipeline.run(once=True, until=None) == -1
     assert json.loads((tmp_path / "runs" / "status.json").read_text())["stopped"] is None
     assert "Stopped" not in (tmp_path / "runs" / "status.html").read_text()
+
+
+def test_a_second_pipeline_on_the_same_runs_is_refused(tmp_path, monkeypatch):
+    from ctnet_rec.pipeline.job import Pipeline
+    from ctnet_rec.training.checkpoint import CheckpointError
+    from ctnet_rec.training.run_lock import run_lock
+
+    runs = tmp_path / "runs"
+    pipeline = Pipeline(load_config(DEMO_CONFIG), tmp_path / "data", runs)
+    monkeypatch.setattr(Pipeline, "ready", lambda self: [])  # nothing to do
+    with run_lock(runs):  # the first pipeline
+        with pytest.raises(CheckpointError, match="another job is writing this run"):
+            pipeline.run(once=True, until=None)
+        assert not (runs / "status.json").exists()  # the refused one wrote nothing
+    assert pipeline.run(once=True, until=None) == -1  # once the first has ended

@@ -56,6 +56,7 @@ from ctnet_rec.training.checkpoint import (
     lineage_path,
 )
 from ctnet_rec.training.loop import trained_periods
+from ctnet_rec.training.run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,13 @@ class Pipeline:
 
     def run(self, once: bool, until: int | None) -> int:
         """Process the ready periods in order; with `once` stop when none is left, else
-        wait for more (until period `until` is done). Returns the newest period done."""
+        wait for more (until period `until` is done). Returns the newest period done. One
+        pipeline per runs folder: a second one started on it is refused, naming the first
+        (both would gate, publish and train the same periods)."""
+        with run_lock(self.runs):
+            return self._run(once, until)
+
+    def _run(self, once: bool, until: int | None) -> int:
         runner = IsolatedRunner([__name__], min(self.p.parallel_jobs, len(self.p.targets)))
         runner.submit(_nothing, "start")  # its server imports the library meanwhile
         self.stopped_record.unlink(missing_ok=True)  # running again
