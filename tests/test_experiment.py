@@ -446,6 +446,19 @@ def test_an_experiment_goes_on_past_a_killed_job(tmp_path, caplog):
     assert "b on X failed, its row is left empty: JobKilled" in caplog.text
 
 
+def test_a_second_experiment_on_the_same_folder_is_refused(tmp_path):
+    from ctnet_rec.experiment.jobs import Job
+    from ctnet_rec.experiment.runner import _run_jobs
+    from ctnet_rec.training.checkpoint import CheckpointError
+    from ctnet_rec.training.run_lock import run_lock
+
+    jobs = [Job("a", "X", partial(time.sleep, 0))]
+    with run_lock(tmp_path), pytest.raises(CheckpointError, match="another job is writing"):
+        _run_jobs(jobs, tmp_path, tmp_path, workers=1)  # the first still runs
+    assert not (tmp_path / "usage.json").exists()
+    assert _run_jobs(jobs, tmp_path, tmp_path, workers=1)["a"]["X"]["seconds"] >= 0
+
+
 def test_jobs_at_a_time_must_be_at_least_one(tmp_path, caplog):
     out = tmp_path / "quick"
     assert main(["experiment", str(DEMO_CONFIG), "--quick", "--jobs", "0", "--out",

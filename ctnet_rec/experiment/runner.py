@@ -38,6 +38,7 @@ from ctnet_rec.training.checkpoint import INIT, complete_checkpoints, period_dir
 from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
 from ctnet_rec.training.inference import evaluate_checkpoint
 from ctnet_rec.training.loop import SCORES, train_continual
+from ctnet_rec.training.run_lock import run_lock
 from ctnet_rec.training.transfer import transfer_run
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,14 @@ def _run_jobs(jobs: list[Job], data: DataRoot, out: Path,
               workers: int) -> dict[str, dict[str, dict[str, float]]]:
     """Run every job in its own process, `workers` at a time; returns each one's wall time
     (summed over the runs of an interrupted and resumed experiment) and peak memory (the
-    highest of them)."""
+    highest of them). One experiment per folder: a second one started on it is refused,
+    naming the first (its jobs would find the runs locked and its rows left empty)."""
+    with run_lock(out):
+        return _run_jobs_locked(jobs, data, out, workers)
+
+
+def _run_jobs_locked(jobs: list[Job], data: DataRoot, out: Path,
+                     workers: int) -> dict[str, dict[str, dict[str, float]]]:
     path = out / "usage.json"
     usage: dict[str, dict[str, dict[str, float]]] = \
         json.loads(path.read_text()) if path.exists() else {}
