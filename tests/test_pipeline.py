@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import pyarrow as pa
@@ -244,13 +247,31 @@ def test_served_artifacts_are_pruned_but_never_the_one_served(tmp_path):
                                                       "period=4"]
 
 
+class InProcessRunner:
+    """The job runner's interface, running each job in this process, as given (a process
+    pool pickles it first: so does this)."""
+
+    def __init__(self, preload: Sequence[str] = (), workers: int = 1) -> None:
+        self.labels: list[str] = []
+
+    def submit(self, fn: Callable[[], object], label: str) -> Future[object]:
+        pickle.dumps(fn)
+        self.labels.append(label)
+        future: Future[object] = Future()
+        try:
+            future.set_result(fn())
+        except RuntimeError as e:
+            future.set_exception(e)
+        return future
+
+    def close(self) -> None:
+        pass
+
+
 def test_each_step_is_a_job_of_the_runner(tmp_path, monkeypatch):
     """The source's and each target's part of a period are jobs of the experiment's runner
     (picklable calls of module-level functions, each run in a fresh process), the source's
     first; a target's failure comes back after every target's job has ended."""
-    import pickle
-    from concurrent.futures import Future
-
     from ctnet_rec.pipeline.job import Pipeline
 
     cfg = load_config(DEMO_CONFIG, ['pipeline.targets={B = "ctnet", C = "base"}',
@@ -258,7 +279,6 @@ def test_each_step_is_a_job_of_the_runner(tmp_path, monkeypatch):
     pipeline = Pipeline(cfg, tmp_path / "data", tmp_path / "runs")
     ran: list[str] = []
     monkeypatch.setattr(Pipeline, "train_source", lambda self, t: ran.append(f"A{t}"))
-    labels: list[str] = []
     monkeypatch.setattr("ctnet_rec.pipeline.job.write_status", lambda p: None)
 
     def target_step(self, domain, period):
@@ -268,21 +288,11 @@ def test_each_step_is_a_job_of_the_runner(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Pipeline, "target_step", target_step)
 
-    class Runner:  # the runner's interface, in this process
-        def submit(self, fn, label):
-            pickle.dumps(fn)  # what a process pool does with it
-            labels.append(label)
-            future: Future[None] = Future()
-            try:
-                future.set_result(fn())
-            except RuntimeError as e:
-                future.set_exception(e)
-            return future
-
+    runner = InProcessRunner()
     with pytest.raises(RuntimeError, match="B failed"):
-        pipeline.step(3, Runner())
+        pipeline.step(3, runner)
     assert ran == ["A3", "B3", "C3"]
-    assert labels == ["pipeline source", "pipeline B", "pipeline C"]
+    assert runner.labels == ["pipeline source", "pipeline B", "pipeline C"]
 
 
 def test_a_step_whose_process_is_killed_stops_the_pipeline_saying_so(tmp_path):
@@ -338,10 +348,18 @@ def test_the_stop_record_goes_when_the_pipeline_runs_again(tmp_path, monkeypatch
     pipeline = Pipeline(load_config(DEMO_CONFIG), tmp_path / "data", tmp_path / "runs")
     pipeline.stopped_record.parent.mkdir(parents=True)
     pipeline.stopped_record.write_text(json.dumps({"at": "then", "period": 3, "error": "x"}))
-    monkeypatch.setattr(Pipeline, "ready", lambda self: [])  # nothing to do
+    _idle(monkeypatch)
     assert pipeline.run(once=True, until=None) == -1
     assert json.loads((tmp_path / "runs" / "status.json").read_text())["stopped"] is None
     assert "Stopped" not in (tmp_path / "runs" / "status.html").read_text()
+
+
+def _idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline with nothing to do, whose runner starts no process."""
+    from ctnet_rec.pipeline.job import Pipeline
+
+    monkeypatch.setattr("ctnet_rec.pipeline.job.IsolatedRunner", InProcessRunner)
+    monkeypatch.setattr(Pipeline, "ready", lambda self: [])
 
 
 def test_a_second_pipeline_on_the_same_runs_is_refused(tmp_path, monkeypatch):
@@ -351,7 +369,7 @@ def test_a_second_pipeline_on_the_same_runs_is_refused(tmp_path, monkeypatch):
 
     runs = tmp_path / "runs"
     pipeline = Pipeline(load_config(DEMO_CONFIG), tmp_path / "data", runs)
-    monkeypatch.setattr(Pipeline, "ready", lambda self: [])  # nothing to do
+    _idle(monkeypatch)
     with run_lock(runs):  # the first pipeline
         with pytest.raises(CheckpointError, match="another job is writing this run"):
             pipeline.run(once=True, until=None)
