@@ -71,9 +71,8 @@ def _child_init(levels: dict[str, int], submitter: int) -> None:
 
 def _die_with(pid: int) -> None:
     """End this worker as soon as process `pid`, the one that submits its jobs, ends, however
-    it ends (SIGKILL, SIGTERM's default, the OOM killer). Without this a running job trains on
-    as an orphan, holding its run's lock, its memory and any GPU, and an idle worker (the pool
-    starts the next one as a job ends) waits for work forever, keeping the forkserver alive."""
+    it ends (SIGKILL, SIGTERM's default, the OOM killer). Without this a job trains on as an
+    orphan, holding its run's lock, its memory and any GPU, and keeps the forkserver alive."""
     try:
         watched = os.pidfd_open(pid)  # names that process, never a later one with its pid
     except ProcessLookupError:  # it ended before this worker started
@@ -146,9 +145,13 @@ class IsolatedRunner:
         """Start `fn` in a new process as soon as fewer than `workers` jobs run (until then
         this waits)."""
         self.slots.acquire()
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=self.context,
-                                   initializer=_child_init, initargs=self.init_args)
-        job = pool.submit(_measured, fn, label, self.threads)
+        try:
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=self.context,
+                                       initializer=_child_init, initargs=self.init_args)
+            job = pool.submit(_measured, fn, label, self.threads)
+        except BaseException:
+            self.slots.release()
+            raise
         outcome: Future[dict[str, float]] = Future()
 
         def watch() -> None:
