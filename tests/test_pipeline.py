@@ -375,3 +375,10 @@ def test_a_second_pipeline_on_the_same_runs_is_refused(tmp_path, monkeypatch):
             pipeline.run(once=True, until=None)
         assert not (runs / "status.json").exists()  # the refused one wrote nothing
     assert pipeline.run(once=True, until=None) == -1  # once the first has ended
+
+
+def test_a_data_root_it_cannot_read_is_refused_before_anything_is_written(tmp_path):
+    runs = tmp_path / "runs"
+    assert main(["pipeline", str(DEMO_CONFIG), "--data", str(tmp_path), "--runs", str(runs),
+                 "--once"]) == 2  # no domain folders
+    assert not runs.exists()

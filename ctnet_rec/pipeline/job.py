@@ -286,6 +286,7 @@ class Pipeline:
         wait for more (until period `until` is done). Returns the newest period done. One
         pipeline per runs folder: a second one started on it is refused, naming the first
         (both would gate, publish and train the same periods)."""
+        self.ready()  # a data root it cannot read is refused before anything is written
         with run_lock(self.runs):
             return self._run(once, until)
 
@@ -307,14 +308,22 @@ class Pipeline:
                     return done
                 time.sleep(self.p.poll_seconds)
         except Exception as e:  # recorded for the status page, then raised as it was
-            self.stopped_record.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.stopped_record, json.dumps({
-                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "period": period, "error": f"{type(e).__name__}: {e}"}) + "\n")
-            write_status(self)
+            self._record_stop(e, period)
             raise
         finally:
             runner.close()
+
+    def _record_stop(self, error: Exception, period: int | None) -> None:
+        """Write why the pipeline stops, and the status page showing it; a page that cannot
+        be rebuilt now (the data root gone, say) is left as it was: the error is what counts."""
+        self.stopped_record.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.stopped_record, json.dumps({
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "period": period, "error": f"{type(error).__name__}: {error}"}) + "\n")
+        try:
+            write_status(self)
+        except (DataError, OSError) as e:
+            log.warning("status page not updated: %s", e)
 
     @property
     def stopped_record(self) -> Path:
