@@ -294,9 +294,10 @@ class Pipeline:
         runner = IsolatedRunner([__name__], min(self.p.parallel_jobs, len(self.p.targets)))
         runner.submit(_nothing, "start")  # its server imports the library meanwhile
         self.stopped_record.unlink(missing_ok=True)  # running again
-        period = None
+        period: int | None = None  # the one being processed
         try:
             while True:
+                period = None
                 done = self.done()
                 todo = [t for t in self.ready() if t > done and (until is None or t <= until)]
                 for period in todo:
