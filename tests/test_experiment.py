@@ -308,7 +308,7 @@ def test_jobs_refusals_come_back_from_their_process(tmp_path):
     from ctnet_rec.data.contract import list_periods
     from ctnet_rec.experiment.jobs import IsolatedRunner
 
-    runner = IsolatedRunner(preload=["ctnet_rec.data.contract"])
+    runner = IsolatedRunner(preload=["torch", "ctnet_rec.data.contract"])
     try:
         with pytest.raises(DataError, match="domain folder not found"):
             runner.submit(partial(list_periods, tmp_path, "X"), "job").result()
@@ -340,7 +340,7 @@ def test_jobs_run_side_by_side_once_what_they_need_has_ended(tmp_path):
                 Job("d", "X", sleep, needs=[("a", "X")])]
         seen: list[tuple[str, str]] = []
         ended: dict[str, object] = {}
-        runner = IsolatedRunner(preload=["ctnet_rec.data.contract"], workers=workers)
+        runner = IsolatedRunner(preload=["torch", "ctnet_rec.data.contract"], workers=workers)
         try:
             run_in_order(jobs, runner, lambda i: seen.append(("start", jobs[i].name)),
                          lambda i, took: (seen.append(("end", jobs[i].name)),
