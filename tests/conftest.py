@@ -223,6 +223,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent of a running process; None when it is gone or a zombie (dead, not yet
+    reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
 def kill_family(proc: subprocess.Popen) -> None:
     """SIGKILL a process and every descendant (torchrun's workers may not share its group),
     and, when it leads a session of its own, its whole process group: a child it starts

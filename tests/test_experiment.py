@@ -38,7 +38,7 @@ from ctnet_rec.modules.joint import JOINT_MODELS
 from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints, lineage_path
 from ctnet_rec.training.inference import evaluate_checkpoint
 
-from .conftest import DEMO_CONFIG, descendants
+from .conftest import DEMO_CONFIG, descendants, parent_of
 from .job_functions import hold_mb, stamp
 
 KILLED = partial(signal.raise_signal, signal.SIGKILL)  # a job whose process is killed
@@ -381,14 +381,15 @@ def test_jobs_end_with_the_process_that_submitted_them(sig):
         deadline = time.monotonic() + 60
         # the forkserver, the running job's process, the resource tracker (the quick job's
         # process has ended)
-        while len(family := [p for p in descendants(proc.pid) if _alive(p)]) != 3 \
+        while len(family := [p for p in descendants(proc.pid) if parent_of(p) is not None]) != 3 \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(family) == 3, family
         proc.send_signal(sig)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while (left := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in family if parent_of(p) is not None]) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
     finally:
@@ -396,14 +397,6 @@ def test_jobs_end_with_the_process_that_submitted_them(sig):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_killed_job_fails_alone(tmp_path):

@@ -37,6 +37,7 @@ from tests.conftest import (
     DEMO_CONFIG,
     descendants,
     kill_family,
+    parent_of,
     tiny_synth,
     valid_table,
     write_period,
@@ -310,7 +311,7 @@ def test_a_step_whose_process_is_killed_stops_the_pipeline_saying_so(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         family = descendants(proc.pid)
-        parents = {pid: _parent(pid) for pid in family}
+        parents = {pid: parent_of(pid) for pid in family}
         # the job: a child of the forkserver, not of the pipeline
         jobs = [pid for pid, parent in parents.items() if parent not in (None, proc.pid)]
         assert len(jobs) == 1, parents
@@ -323,23 +324,14 @@ def test_a_step_whose_process_is_killed_stops_the_pipeline_saying_so(tmp_path):
         assert stopped["period"] == 0 and why in stopped["error"]
         assert "Stopped</strong>" in (runs / "status.html").read_text()
         deadline = time.monotonic() + 30
-        while [p for p in family if _parent(p) is not None] and time.monotonic() < deadline:
+        while [p for p in family if parent_of(p) is not None] and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [p for p in family if _parent(p) is not None]
+        assert not [p for p in family if parent_of(p) is not None]
     finally:
         kill_family(proc)
         for pid in family:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _parent(pid: int) -> int | None:
-    """The parent of a running process (None: gone or a zombie)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[1])
 
 
 def test_the_stop_record_goes_when_the_pipeline_runs_again(tmp_path, monkeypatch):
