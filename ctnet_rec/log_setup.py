@@ -5,8 +5,12 @@ torch's advice to TorchRec's maintainers) kept out unless asked for."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# torch's deprecation of ShardedTensor, in which TorchRec keeps its table shards: raised at
+# every checkpoint save and load, in every process, and nothing a user of ctnet-rec can change
+SHARDED_TENSOR_NOTICE = "Please use DTensor instead and we are deprecating ShardedTensor"
 
 
 def _not_fbgemm_info(record: logging.LogRecord) -> bool:
@@ -22,6 +26,7 @@ def configure_logging(level: int, quiet_libraries: bool = True) -> None:
         return
     logging.getLogger("torchrec").setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=SHARDED_TENSOR_NOTICE, category=FutureWarning)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(_not_fbgemm_info)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,14 @@ def test_one_version_and_a_clear_error_without_torchrec():
     assert out.returncode == 1
     assert "ctnet-rec needs torchrec, not installed" in out.stderr
     assert "pip install --no-deps torchrec==" in out.stderr
+
+
+def test_torchs_notice_to_torchrec_about_shardedtensor_is_not_shown(towers, tiny_world, tmp_path):
+    """TorchRec keeps its table shards in ShardedTensor, which torch has deprecated: every
+    checkpoint save and load warned so, a notice to TorchRec's maintainers a user can do
+    nothing about (`make demo` printed it 96 times, each job's process anew)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--ckpt", str(towers.target(1)), "--data", str(tiny_world),
+                     "--domain", "B", "--period", "2", "--out", str(tmp_path / "m.json")]) == 0
+    assert [str(w.message) for w in caught if "ShardedTensor" in str(w.message)] == []

@@ -8,7 +8,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ctnet_rec.data.contract import DataError, list_periods, parse_periods, validate_periods
+from ctnet_rec.data.contract import (
+    SUCCESS,
+    DataError,
+    list_periods,
+    parse_periods,
+    validate_periods,
+)
 from ctnet_rec.data.reader import ParquetBatchReader
 
 from .conftest import valid_table, write_period
@@ -106,6 +112,15 @@ def test_missing_period(tmp_path, demo_config):
     write_period(tmp_path, "B", 0, [valid_table()])
     with pytest.raises(DataError, match=r"period=3: missing period \(available: \[0\]\)"):
         validate_periods(tmp_path, "B", [0, 3], demo_config.features)
+
+
+def test_a_period_not_marked_complete_is_named_so(tmp_path, demo_config):
+    for t in (0, 1):
+        write_period(tmp_path, "B", t, [valid_table()])
+    (tmp_path / "B" / "period=0" / SUCCESS).touch()  # a marking writer, still writing 1
+    with pytest.raises(DataError, match=r"period=1: not marked complete \(no _SUCCESS in it, "
+                       r"while other periods of the domain have one\).*\(available: \[0\]\)"):
+        validate_periods(tmp_path, "B", [0, 1], demo_config.features)
 
 
 def test_missing_domain_and_bad_folder(tmp_path, demo_config):

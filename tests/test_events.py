@@ -15,7 +15,14 @@ import pytest
 
 from ctnet_rec.cli import main
 from ctnet_rec.config import ConfigError, load_config
-from ctnet_rec.data.contract import DataError, validate_periods
+from ctnet_rec.data.contract import (
+    SUCCESS,
+    DataError,
+    list_domains,
+    list_periods,
+    unmarked_periods,
+    validate_periods,
+)
 from ctnet_rec.data.events import (
     EventColumns,
     EventsConfig,
@@ -155,7 +162,8 @@ def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
     mapping is refused naming the key."""
     import fsspec
 
-    from ctnet_rec.training.run_copy import CACHE_ENV
+    from ctnet_rec.data.storage import data_root
+    from ctnet_rec.training.run_copy import CACHE_ENV, RunCopy
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     log = _random_log(400).rename_columns(["user_id", "item_id", "event_time", "clicked",
@@ -163,9 +171,26 @@ def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
     log = log.append_column("seller_id", pa.array(np.arange(400) % 7)).append_column(
         "age_group", pa.array(np.arange(400) % 5))
     pcsv.write_csv(log, tmp_path / "log.csv")
+    uploaded: list[str] = []
+    copy_file = RunCopy._copy
+
+    def recorded(self, src, src_fs, dst, dst_fs):
+        uploaded.append(dst)
+        copy_file(self, src, src_fs, dst, dst_fs)
+
+    monkeypatch.setattr(RunCopy, "_copy", recorded)
     assert main(["data", "from-events", str(tmp_path / "log.csv"), "--mapping",
                  str(ROOT / "examples" / "events.toml"), "--out", "memory://events/out"]) == 0
     assert fsspec.filesystem("memory").isfile("/events/out/events.json")
+    # every period marked complete (`ctnet pipeline` takes it), each marker uploaded after
+    # every data file: a reader of the URI never sees a marked period without its files
+    root = data_root("memory://events/out")
+    for domain in list_domains(root):
+        assert unmarked_periods(root, domain) == []
+        assert list_periods(root, domain, marked_only=True)
+    markers = [i for i, f in enumerate(uploaded) if f.endswith(f"/{SUCCESS}")]
+    assert len(markers) == sum(len(list_periods(root, d)) for d in list_domains(root))
+    assert min(markers) == len(uploaded) - len(markers)
     assert main(["data", "validate", "memory://events/out", "--config",
                  str(ROOT / "examples" / "template.toml")]) == 0
     bad = tmp_path / "bad.toml"

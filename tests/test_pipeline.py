@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -352,6 +353,7 @@ def _idle(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr("ctnet_rec.pipeline.job.IsolatedRunner", InProcessRunner)
     monkeypatch.setattr(Pipeline, "ready", lambda self: [])
+    monkeypatch.setattr(Pipeline, "waiting_for", lambda self, done: None)
 
 
 def test_a_second_pipeline_on_the_same_runs_is_refused(tmp_path, monkeypatch):
@@ -374,3 +376,39 @@ def test_a_data_root_it_cannot_read_is_refused_before_anything_is_written(tmp_pa
     assert main(["pipeline", str(DEMO_CONFIG), "--data", str(tmp_path), "--runs", str(runs),
                  "--once"]) == 2  # no domain folders
     assert not runs.exists()
+
+
+def test_a_pipeline_says_what_the_next_period_waits_for(tmp_path, monkeypatch, caplog):
+    """A period is taken once every domain has marked it complete. Until then the log (once
+    per change) and the status page say which domains it waits for, and why when a domain
+    has never marked a period: its data's writer writes no `_SUCCESS`, and the pipeline
+    would otherwise wait in silence ("processed through period -1")."""
+    from ctnet_rec.pipeline.job import Pipeline
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    for domain in ("A", "B", "C"):
+        write_period(data, domain, 0, [valid_table()])
+    pipeline = Pipeline(load_config(DEMO_CONFIG), data, runs)
+    never = "no period folder has _SUCCESS; a period is taken once its writer has written it"
+    assert pipeline.waiting_for(-1).startswith(
+        f"period 0: no _SUCCESS in the folder of A, B, C (A, B, C: {never}")
+    for domain in ("A", "B"):
+        (data / domain / "period=0" / SUCCESS).touch()
+    assert pipeline.waiting_for(-1).startswith(
+        f"period 0: no _SUCCESS in the folder of C (C: {never}")
+    (data / "C" / "period=0" / SUCCESS).touch()
+    assert pipeline.waiting_for(-1) is None  # period 0 is ready
+    write_period(data, "A", 1, [valid_table()])
+    write_period(data, "B", 1, [valid_table()])
+    (data / "A" / "period=1" / SUCCESS).touch()
+    assert pipeline.waiting_for(0) == ("period 1: no _SUCCESS in the folder of B; "
+                                       "no folder of C")
+
+    monkeypatch.setattr("ctnet_rec.pipeline.job.IsolatedRunner", InProcessRunner)
+    monkeypatch.setattr(Pipeline, "done", lambda self: 0)  # period 0 processed
+    with caplog.at_level(logging.INFO, logger="ctnet_rec.pipeline.job"):
+        assert pipeline.run(once=True, until=None) == 0
+    waiting = "period 1: no _SUCCESS in the folder of B; no folder of C"
+    assert f"pipeline: waiting for {waiting}" in caplog.text
+    assert json.loads((runs / "status.json").read_text())["waiting_for"] == waiting
+    assert f"Waiting for {waiting}." in (runs / "status.html").read_text()

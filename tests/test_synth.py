@@ -41,6 +41,9 @@ def test_refuses_non_empty_output(tiny_world, demo_config):
 
 def test_world_is_valid_and_has_the_documented_shape(tiny_world, demo_config):
     assert list_domains(tiny_world) == ["A", "B", "C"]
+    for domain in "ABC":  # every period marked complete, so `ctnet pipeline` takes it
+        assert list_periods(tiny_world, domain, marked_only=True) == \
+            list_periods(tiny_world, domain) and len(list_periods(tiny_world, domain)) == 4
     summary = validate_dataset(tiny_world, demo_config.features)
     by = defaultdict(list)
     for s in summary:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ctnet_rec.config import load_config
-from ctnet_rec.data.contract import DataError
+from ctnet_rec.data.contract import SUCCESS, DataError
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -330,8 +330,11 @@ def test_a_damaged_checkpoint_is_refused_and_resume_falls_back(trained_run, tiny
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"{shard.name}: damaged"):
         open_checkpoint(last)
-    metrics = train_continual(small_config, tiny_world, "A", [0, 1, 2], run, resume=True)
+    with caplog.at_level(logging.INFO, logger="ctnet_rec.training.loop"):
+        metrics = train_continual(small_config, tiny_world, "A", [0, 1, 2], run, resume=True)
     assert len(metrics) == 1 and "period 2 skipped" in caplog.text  # period 2 again
+    assert re.search(r"period 2: \d+ rows, \d+ samples/s, loss \d\.\d{4}, period 3: "
+                     r"AUC \d\.\d{4} GAUC \d\.\d{4}\n", caplog.text)  # figures for the eye
     open_checkpoint(last)  # written again, intact
 
 
@@ -510,7 +513,8 @@ def _same_rows_two_ways(world: Path, root: Path) -> tuple[Path, Path]:
     for name, table in (("split", rows), ("joined", rows.take(joined))):
         (root / name / "B" / "period=1").mkdir(parents=True)
         write_parquet(table, root / name / "B" / "period=1" / "part-0.parquet")
-        shutil.copytree(world / "B" / "period=2", root / name / "B" / "period=2")
+        shutil.copytree(world / "B" / "period=2", root / name / "B" / "period=2",
+                        ignore=shutil.ignore_patterns(SUCCESS))  # as period 1: unmarked
         out.append(root / name)
     return out[0], out[1]
 

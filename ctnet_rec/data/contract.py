@@ -51,13 +51,10 @@ def list_domains(root: DataRoot) -> list[str]:
 SUCCESS = "_SUCCESS"  # a period folder's completion marker (the convention of Spark/Hadoop jobs)
 
 
-def list_periods(root: DataRoot, domain: str,
-                 marked_only: bool = False) -> dict[int, list[DataFile]]:
-    """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
-    of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
-    partial upload) and `_`-folders are skipped. In a domain whose writer marks complete
-    periods (some period folder holds `_SUCCESS`), or with `marked_only`, a folder without
-    the marker is still being written and is skipped too."""
+def _period_folders(root: DataRoot, domain: str
+                    ) -> tuple[dict[int, list[DataFile]], dict[int, str], set[int]]:
+    """A domain's period folders: period -> its Parquet files (sorted), period -> folder
+    name, and the periods whose folder has no `_SUCCESS`."""
     found = entries(root, domain)
     if found is None:
         raise DataError(f"{join(root, domain)}: domain folder not found (domains: "
@@ -81,6 +78,17 @@ def list_periods(root: DataRoot, domain: str,
         if not any(f.name == SUCCESS for f in inside):
             unmarked.add(t)
         periods[t], names[t] = files, p.name
+    return periods, names, unmarked
+
+
+def list_periods(root: DataRoot, domain: str,
+                 marked_only: bool = False) -> dict[int, list[DataFile]]:
+    """Period -> its Parquet files (sorted), for one domain; an empty period, or two folders
+    of one period (`period=1`, `period=01`), is an error. Hidden files and folders (`.x`, a
+    partial upload) and `_`-folders are skipped. In a domain whose writer marks complete
+    periods (some period folder holds `_SUCCESS`), or with `marked_only`, a folder without
+    the marker is still being written and is skipped too."""
+    periods, names, unmarked = _period_folders(root, domain)
     if marked_only or len(unmarked) < len(periods):  # the unmarked are being written
         periods = {t: f for t, f in periods.items() if t not in unmarked}
     for t, files in periods.items():
@@ -89,16 +97,30 @@ def list_periods(root: DataRoot, domain: str,
     return dict(sorted(periods.items()))
 
 
+def unmarked_periods(root: DataRoot, domain: str) -> list[int]:
+    """The domain's period folders without `_SUCCESS` (being written, or never marked)."""
+    return sorted(_period_folders(root, domain)[2])
+
+
+def mark_complete(root: Path) -> None:
+    """`_SUCCESS` in every period folder of every domain under `root`: for writers that write
+    a whole dataset at once, so a job waiting for marked periods (`ctnet pipeline`) takes it."""
+    for domain in list_domains(root):
+        for folder in (Path(root) / domain).glob("period=*"):
+            (folder / SUCCESS).touch()
+
+
 def select_periods(root: DataRoot, domain: str,
                    periods: Iterable[int]) -> dict[int, list[DataFile]]:
     available = list_periods(root, domain)
     chosen = {}
     for t in periods:
         if t not in available:
-            raise DataError(
-                f"{join(root, domain)}/period={t}: missing period "
-                f"(available: {sorted(available)})"
-            )
+            why = (f"not marked complete (no {SUCCESS} in it, while other periods of the "
+                   "domain have one): still being written, or its writer did not mark it"
+                   if t in unmarked_periods(root, domain) else "missing period")
+            raise DataError(f"{join(root, domain)}/period={t}: {why} "
+                            f"(available: {sorted(available)})")
         chosen[t] = available[t]
     return chosen
 

@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ctnet_rec.config import ConfigError, build_section
-from ctnet_rec.data.contract import DataError, write_parquet
+from ctnet_rec.data.contract import DataError, mark_complete, write_parquet
 from ctnet_rec.data.ids import splitmix64
 
 TIME_UNITS = {"hour": 3600, "day": 86_400, "week": 7 * 86_400}
@@ -402,6 +402,7 @@ def write_events(events: Callable[[], Iterator[Events]], period: np.ndarray,
         spill.rmdir()
     name, content = summary(written)
     (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
+    mark_complete(tmp)
     out.mkdir(parents=True, exist_ok=True)
     for child in tmp.iterdir():
         child.rename(out / child.name)

@@ -87,7 +87,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ctnet_rec.config import SynthConfig
-from ctnet_rec.data.contract import ORACLE_COLUMN, ORACLE_DIR, write_parquet
+from ctnet_rec.data.contract import ORACLE_COLUMN, ORACLE_DIR, mark_complete, write_parquet
 from ctnet_rec.data.ids import splitmix64
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,7 @@ class SyntheticWorld:
             self._drift()
         meta = {"seed": self.seed, "synth": asdict(cfg)}
         (tmp / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        mark_complete(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

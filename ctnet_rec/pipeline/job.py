@@ -36,10 +36,12 @@ from typing import Any
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import (
+    SUCCESS,
     DataError,
     list_domains,
     list_periods,
     period_labels,
+    unmarked_periods,
     validate_periods,
 )
 from ctnet_rec.data.storage import DataRoot
@@ -120,6 +122,24 @@ class Pipeline:
             else:
                 break
         return last
+
+    def waiting_for(self, done: int) -> str | None:
+        """What the period after `done` waits for, for a person: which domains have not
+        marked it complete yet (None: a period is ready)."""
+        marked = {d: set(list_periods(self.data, d, marked_only=True)) for d in self.domains}
+        if any(t > done for t in set.intersection(*marked.values())):
+            return None
+        unmarked = {d: set(unmarked_periods(self.data, d)) for d in self.domains}
+        later = [t for d in self.domains for t in marked[d] | unmarked[d] if t > done]
+        period = min(later, default=done + 1)
+        unmarked_now = [d for d in self.domains if period in unmarked[d]]
+        absent = [d for d in self.domains if period not in marked[d] | unmarked[d]]
+        never = [d for d in self.domains if unmarked[d] and not marked[d]]
+        why = ([f"no {SUCCESS} in the folder of {', '.join(unmarked_now)}"] if unmarked_now
+               else []) + ([f"no folder of {', '.join(absent)}"] if absent else [])
+        return f"period {period}: " + "; ".join(why) + (
+            f" ({', '.join(never)}: no period folder has {SUCCESS}; a period is taken once its "
+            "writer has written it there, last: mark the finished ones)" if never else "")
 
     def _processed(self, domain: str, period: int) -> bool:
         if self.record(domain, "quarantine", period).exists():
@@ -295,6 +315,7 @@ class Pipeline:
         runner.submit(_nothing, "start")  # its server imports the library meanwhile
         self.stopped_record.unlink(missing_ok=True)  # running again
         period: int | None = None  # the one being processed
+        told = None  # what the log last said the pipeline waits for
         try:
             while True:
                 period = None
@@ -303,7 +324,10 @@ class Pipeline:
                 for period in todo:
                     log.info("pipeline: period %d", period)
                     self.step(period, runner)
-                write_status(self)
+                waiting = write_status(self)["waiting_for"]
+                if waiting is not None and waiting != told:
+                    log.info("pipeline: waiting for %s", waiting)
+                    told = waiting
                 done = self.done()
                 if once or (until is not None and done >= until):
                     return done

@@ -44,6 +44,7 @@ def status(p: Pipeline) -> dict[str, Any]:
         "newest_ready_period": ready[-1] if ready else None,
         "done_through": done,
         "lag_periods": (ready[-1] - done) if ready else 0,
+        "waiting_for": p.waiting_for(done),
         "source": {"domain": source, "trained": trained_periods(p.runs / SOURCE_RUN),
                    "quarantined": {str(t): r["reason"]
                                    for t, r in p.records(source, "quarantine").items()}},
@@ -147,7 +148,8 @@ def render(s: dict[str, Any]) -> str:
             ] if stop else []
     rows += [f"<p>Updated {e(s['updated'])}. Data complete through period "
              f"{s['newest_ready_period']}; processed through {s['done_through']} "
-             f"(lag {s['lag_periods']} period(s)).</p>",
+             f"(lag {s['lag_periods']} period(s))."
+             + (f" Waiting for {e(s['waiting_for'])}." if s["waiting_for"] else "") + "</p>",
              f"<h2>Source domain {e(s['source']['domain'])}</h2>",
              f"<p>Trained periods: {e(str(s['source']['trained']))}</p>",
              _quarantine_table(s["source"]["quarantined"])]

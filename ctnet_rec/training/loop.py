@@ -179,10 +179,10 @@ def _run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: l
             _write_metrics(run)
             if publish is not None:
                 publish()
-            ev = metrics.get("eval", {})
-            log.info("period %d: %d rows, %.0f samples/s, loss %.4f, next-period AUC %s GAUC %s",
-                     t, metrics["train_rows"],
+            ev = metrics.get("eval")
+            log.info("period %d: %d rows, %.0f samples/s, loss %.4f%s", t, metrics["train_rows"],
                      metrics["train_rows"] / max(metrics["train_seconds"], 1e-9),
-                     metrics["train_loss"], ev.get("auc"), ev.get("gauc"))
+                     metrics["train_loss"],
+                     f", period {t + 1}: AUC {ev['auc']:.4f} GAUC {ev['gauc']:.4f}" if ev else "")
         results.append(metrics)
     return results

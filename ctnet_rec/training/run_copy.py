@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ctnet_rec.data.contract import SUCCESS
 from ctnet_rec.data.storage import filesystem, is_uri
 from ctnet_rec.files import write_atomic
 from ctnet_rec.training.checkpoint import (
@@ -102,11 +103,12 @@ def _checkpoint_of(rel: str) -> str | None:
 
 def _manifests_last(rels: list[str]) -> list[str]:
     """Files in the order a reader may see them arrive: a checkpoint's manifest after its
-    other files, run-level files (metrics.jsonl, rebuilt from the manifests) after both."""
+    other files, run-level files (metrics.jsonl, rebuilt from the manifests) after both; in a
+    dataset, the periods' completion markers after every data file."""
     def rank(rel: str) -> tuple[int, str]:
         folder = _checkpoint_of(rel)
         if folder is None:  # a run's file, or one of a checkpoint copied alone
-            return (1 if rel == MANIFEST else 2), rel
+            return (1 if rel == MANIFEST else 3 if rel.endswith(f"/{SUCCESS}") else 2), rel
         return (1 if rel == f"{folder}/{MANIFEST}" else 0), rel
     return sorted(rels, key=rank)
 
