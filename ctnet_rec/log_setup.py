@@ -8,9 +8,14 @@ import logging
 import warnings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# torch's deprecation of ShardedTensor, in which TorchRec keeps its table shards: raised at
-# every checkpoint save and load, in every process, and nothing a user of ctnet-rec can change
-SHARDED_TENSOR_NOTICE = "Please use DTensor instead and we are deprecating ShardedTensor"
+# torch's notices about its own internals, which a user of ctnet-rec cannot act on, raised
+# anew in every job's process: the deprecation of ShardedTensor, in which TorchRec keeps its
+# table shards (every checkpoint save and load), and torch.package's use of TypedStorage
+# (every artifact exported or loaded); (category, message)
+LIBRARY_NOTICES = (
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor"),
+    (UserWarning, "TypedStorage is deprecated"),
+)
 
 
 def _not_fbgemm_info(record: logging.LogRecord) -> bool:
@@ -26,7 +31,8 @@ def configure_logging(level: int, quiet_libraries: bool = True) -> None:
         return
     logging.getLogger("torchrec").setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=SHARDED_TENSOR_NOTICE, category=FutureWarning)
+    for category, message in LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(_not_fbgemm_info)

@@ -196,12 +196,19 @@ def test_one_version_and_a_clear_error_without_torchrec():
     assert "pip install --no-deps torchrec==" in out.stderr
 
 
-def test_torchs_notice_to_torchrec_about_shardedtensor_is_not_shown(towers, tiny_world, tmp_path):
-    """TorchRec keeps its table shards in ShardedTensor, which torch has deprecated: every
-    checkpoint save and load warned so, a notice to TorchRec's maintainers a user can do
-    nothing about (`make demo` printed it 96 times, each job's process anew)."""
+def test_torchs_notices_about_its_internals_are_not_shown(towers, tiny_world, tmp_path):
+    """torch warns at every checkpoint save and load that ShardedTensor (where TorchRec keeps
+    its table shards) is deprecated, and at every artifact export and load that torch.package
+    uses TypedStorage: notices to TorchRec's and torch's maintainers that a user can do nothing
+    about (`make demo` printed them 96 times, each job's process anew)."""
+    common = ["--data", str(tiny_world), "--domain", "B", "--period", "2"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["eval", "--ckpt", str(towers.target(1)), "--data", str(tiny_world),
-                     "--domain", "B", "--period", "2", "--out", str(tmp_path / "m.json")]) == 0
-    assert [str(w.message) for w in caught if "ShardedTensor" in str(w.message)] == []
+        assert main(["eval", "--ckpt", str(towers.target(1)), *common,
+                     "--out", str(tmp_path / "m.json")]) == 0
+        assert main(["export", "--ckpt", str(towers.target(1)), "--out",
+                     str(tmp_path / "x")]) == 0
+        assert main(["predict", "--export", str(tmp_path / "x"), *common,
+                     "--out", str(tmp_path / "p.parquet")]) == 0
+    shown = [f"{w.category.__name__} {w.filename}: {w.message}" for w in caught]
+    assert not [w for w in shown if "ShardedTensor" in w or "TypedStorage" in w], shown
