@@ -156,6 +156,16 @@ def test_bad_input_is_refused_naming_file_row_and_column(tmp_path):
         {T0 + 10}
 
 
+def test_a_bad_csv_row_is_named_by_its_line_too(tmp_path):
+    """Rows count from 0, as pyarrow's; in a CSV the message also gives the line an editor
+    shows (the header is line 1)."""
+    path = tmp_path / "log.csv"
+    pcsv.write_csv(_log().set_column(4, "surface", pa.array(["feed"] * 7 + ["mail"])), path)
+    with pytest.raises(DataError, match=f"{path}: row 7 \\(line 9\\): column 'surface': "
+                       "domain 'mail'"):
+        import_events([path], MAPPING, tmp_path / "out")
+
+
 def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
     """examples/events.toml on a CSV log with its column names: a dataset the template
     config validates, written to and read from a URI (fsspec's in-memory filesystem); a bad

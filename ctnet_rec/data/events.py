@@ -146,13 +146,26 @@ def _files(paths: list[Path]) -> list[tuple[Path, str]]:
     return out
 
 
-def _first_bad(where: str, first_row: int, column: str, bad: np.ndarray, what: str) -> None:
+@dataclass(frozen=True)
+class _Place:
+    """Where a batch's rows are, for messages: the file and its rows, counted from 0 as
+    pyarrow does; in a CSV file also the line an editor shows (the header is line 1)."""
+
+    path: str
+    first_row: int
+    csv: bool
+
+    def row(self, i: int = 0) -> str:
+        r = self.first_row + i
+        return f"{self.path}: row {r}" + (f" (line {r + 2})" if self.csv else "")
+
+
+def _first_bad(at: _Place, column: str, bad: np.ndarray, what: str) -> None:
     if bad.any():
-        raise DataError(f"{where}: row {first_row + int(np.flatnonzero(bad)[0])}: column "
-                        f"{column!r} {what}")
+        raise DataError(f"{at.row(int(np.flatnonzero(bad)[0]))}: column {column!r} {what}")
 
 
-def _ids(arr: pa.Array, where: str, first_row: int, column: str) -> np.ndarray:
+def _ids(arr: pa.Array, at: _Place, column: str) -> np.ndarray:
     if pa.types.is_integer(arr.type):
         return np.asarray(arr.to_numpy(zero_copy_only=False), np.int64)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -160,11 +173,11 @@ def _ids(arr: pa.Array, where: str, first_row: int, column: str) -> np.ndarray:
             else pc.dictionary_encode(arr)
         ids = np.array([stable_id(s) for s in enc.dictionary.to_pylist()], np.int64)
         return ids[enc.indices.to_numpy(zero_copy_only=False)]
-    raise DataError(f"{where}: row {first_row}: column {column!r} has type {arr.type}, "
+    raise DataError(f"{at.row()}: column {column!r} has type {arr.type}, "
                     "expected integer or text ids")
 
 
-def _seconds(arr: pa.Array, where: str, first_row: int, column: str) -> np.ndarray:
+def _seconds(arr: pa.Array, at: _Place, column: str) -> np.ndarray:
     if pa.types.is_integer(arr.type):
         return np.asarray(arr.to_numpy(zero_copy_only=False), np.int64)
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
@@ -172,47 +185,47 @@ def _seconds(arr: pa.Array, where: str, first_row: int, column: str) -> np.ndarr
             zero_copy_only=False), np.int64)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
-            return _seconds(pc.cast(arr, pa.timestamp("s")), where, first_row, column)
+            return _seconds(pc.cast(arr, pa.timestamp("s")), at, column)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             for i, text in enumerate(arr.to_pylist()):
                 try:
                     pc.cast(pa.array([text]), pa.timestamp("s"))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    raise DataError(f"{where}: row {first_row + i}: column {column!r}: time "
+                    raise DataError(f"{at.row(i)}: column {column!r}: time "
                                     f"{text!r} is not ISO 8601 (e.g. 2024-05-01T13:45:00)"
                                     ) from None
-    raise DataError(f"{where}: row {first_row}: column {column!r} has type {arr.type}, "
+    raise DataError(f"{at.row()}: column {column!r} has type {arr.type}, "
                     "expected unix seconds, a timestamp or ISO 8601 text")
 
 
-def _normalise(batch: pa.RecordBatch, cfg: EventsConfig, where: str, first_row: int,
-               row: int, names: dict[str, int]) -> Events:
-    """One batch of a file (its rows from `first_row` of the file, `row` of all inputs): its
+def _normalise(batch: pa.RecordBatch, cfg: EventsConfig, at: _Place, row: int,
+               names: dict[str, int]) -> Events:
+    """One batch of a file (its rows `at` the file, from `row` of all inputs): its
     events in the contract's types, checked (no empty values, labels 0/1, times that parse, a
     known domain), or a DataError naming the file, row and column."""
     c = cfg.columns
     n = batch.num_rows
     for name in batch.schema.names:
         nulls = batch.column(name).is_null().to_numpy(zero_copy_only=False)
-        _first_bad(where, first_row, name, nulls, "is empty")
+        _first_bad(at, name, nulls, "is empty")
     label_arr = batch.column(c.label)
     if not (pa.types.is_integer(label_arr.type) or pa.types.is_boolean(label_arr.type)):
-        raise DataError(f"{where}: row {first_row}: column {c.label!r} has type "
+        raise DataError(f"{at.row()}: column {c.label!r} has type "
                         f"{label_arr.type}, expected 0/1 labels")
     label = np.asarray(label_arr.to_numpy(zero_copy_only=False)).astype(np.int64)
-    _first_bad(where, first_row, c.label, (label != 0) & (label != 1), "is not 0 or 1")
+    _first_bad(at, c.label, (label != 0) & (label != 1), "is not 0 or 1")
     domain = np.empty(n, np.int64)
     for i, v in enumerate(batch.column(c.domain).cast(pa.string()).to_pylist()):
         name = cfg.domains.get(v, None if cfg.domains else v)
         if name is None:
-            raise DataError(f"{where}: row {first_row + i}: column {c.domain!r}: domain "
+            raise DataError(f"{at.row(i)}: column {c.domain!r}: domain "
                             f"{v!r} is not in the mapping's [domains] ({sorted(cfg.domains)})")
         domain[i] = names.setdefault(name, len(names))
-    ts = _seconds(batch.column(c.time), where, first_row, c.time)
+    ts = _seconds(batch.column(c.time), at, c.time)
     zero = np.zeros(n, np.int64)
 
     def ids(column: str | None) -> np.ndarray:
-        return zero if column is None else _ids(batch.column(column), where, first_row, column)
+        return zero if column is None else _ids(batch.column(column), at, column)
 
     after = {}
     if c.price is not None:
@@ -244,7 +257,7 @@ def read_events(paths: list[Path], cfg: EventsConfig, names: dict[str, int],
         first = 0
         for batch in data.to_batches(columns=wanted, batch_size=batch_rows):
             if batch.num_rows:
-                yield _normalise(batch, cfg, str(path), first, row, names)
+                yield _normalise(batch, cfg, _Place(str(path), first, kind == "csv"), row, names)
             first += batch.num_rows
             row += batch.num_rows
 
