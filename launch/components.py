@@ -132,7 +132,8 @@ def evaluate(
         nnodes: nodes
         nproc: processes (ranks) per node
         cpu: CPUs per node
-        gpu: GPUs per node (the checkpoint's config must say "cuda")
+        gpu: GPUs per node (used when the checkpoint was trained on "cuda", or with
+            --device cuda among ARGS)
         memMB: memory per node in MB
         h: a registered named resource (instead of cpu, gpu and memMB)
         image: the image (local_cwd: the current directory)
@@ -167,7 +168,8 @@ def predict(
         nnodes: nodes
         nproc: processes (ranks) per node
         cpu: CPUs per node
-        gpu: GPUs per node (the checkpoint's config must say "cuda")
+        gpu: GPUs per node (used when the checkpoint was trained on "cuda", or with
+            --device cuda among ARGS)
         memMB: memory per node in MB
         h: a registered named resource (instead of cpu, gpu and memMB)
         image: the image (local_cwd: the current directory)

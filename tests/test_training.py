@@ -801,3 +801,15 @@ def test_a_checkpoint_file_is_hashed_once_per_process(trained_run, tmp_path, mon
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"{shard.name}: damaged"):
         open_checkpoint(folder)
+
+
+def test_a_cpu_job_on_a_host_with_gpus_says_they_stay_idle(monkeypatch, caplog):
+    """GPUs requested from the scheduler (torchx's --gpu) with a config that says "cpu": the
+    job says it runs on the CPU, instead of holding the GPUs idle in silence."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    with caplog.at_level(logging.WARNING, logger="ctnet_rec.training.distributed"):
+        env = init_distributed("cpu")
+    assert env.device == torch.device("cpu")
+    assert "this process sees 8 GPU(s): it runs on the CPU; device = 'cuda' uses them" in \
+        caplog.text

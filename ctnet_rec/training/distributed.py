@@ -4,6 +4,7 @@ otherwise a single local process. Rendezvous defaults to loopback."""
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ import torch.distributed as dist
 
 from ctnet_rec.config import ConfigError
 from ctnet_rec.dist_env import DistEnv
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "lo"
 GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
@@ -75,4 +78,8 @@ def init_distributed(device: str) -> DistEnv:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+        if torch.cuda.is_available():  # e.g. GPUs requested from the scheduler, left idle
+            log.warning("device 'cpu' ([train] device, or --device), but this process sees "
+                        "%d GPU(s): it runs on the CPU; device = 'cuda' uses them",
+                        torch.cuda.device_count())
     return DistEnv(rank=rank, world_size=dist.get_world_size(), device=dev)
