@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,6 +18,7 @@ from ctnet_rec.data.contract import (
     validate_periods,
 )
 from ctnet_rec.data.reader import ParquetBatchReader
+from ctnet_rec.data.summary import validate_dataset
 
 from .conftest import valid_table, write_period
 
@@ -121,6 +124,16 @@ def test_a_period_not_marked_complete_is_named_so(tmp_path, demo_config):
     with pytest.raises(DataError, match=r"period=1: not marked complete \(no _SUCCESS in it, "
                        r"while other periods of the domain have one\).*\(available: \[0\]\)"):
         validate_periods(tmp_path, "B", [0, 1], demo_config.features)
+
+
+def test_validate_says_which_periods_it_skips_as_being_written(tmp_path, demo_config, caplog):
+    for t in (0, 1):
+        write_period(tmp_path, "B", t, [valid_table()])
+    (tmp_path / "B" / "period=0" / SUCCESS).touch()
+    with caplog.at_level(logging.INFO, logger="ctnet_rec.data.summary"):
+        summary = validate_dataset(tmp_path, demo_config.features)
+    assert [s.period for s in summary] == [0]
+    assert "B: period(s) [1] not marked complete (no _SUCCESS" in caplog.text
 
 
 def test_missing_domain_and_bad_folder(tmp_path, demo_config):

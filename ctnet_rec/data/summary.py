@@ -25,6 +25,7 @@ from ctnet_rec.data.contract import (
     raw_id_column,
     read_oracle,
     read_piece,
+    unmarked_periods,
 )
 from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.metrics import auc, gauc
@@ -50,6 +51,11 @@ class PeriodSummary:
 def validate_domain(root: DataRoot, domain: str, features: FeatureConfig) -> list[PeriodSummary]:
     """Check every file of a domain (raises DataError) and summarise each period."""
     period_files = list_periods(root, domain)
+    being_written = [t for t in unmarked_periods(root, domain) if t not in period_files]
+    if being_written:
+        log.info("%s: period(s) %s not marked complete (no _SUCCESS, while the domain's other "
+                 "periods have one): skipped, as every command skips them",
+                 join(root, domain), being_written)
     check_period_schemas(period_files, features)
     seen_users = seen_items = np.zeros(0, np.int64)
     out = []
