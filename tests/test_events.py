@@ -20,7 +20,7 @@ from ctnet_rec.data.contract import (
     DataError,
     list_domains,
     list_periods,
-    unmarked_periods,
+    period_marks,
     validate_periods,
 )
 from ctnet_rec.data.events import (
@@ -196,7 +196,7 @@ def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
     # every data file: a reader of the URI never sees a marked period without its files
     root = data_root("memory://events/out")
     for domain in list_domains(root):
-        assert unmarked_periods(root, domain) == []
+        assert period_marks(root, domain)[1] == set()
         assert list_periods(root, domain, marked_only=True)
     markers = [i for i, f in enumerate(uploaded) if f.endswith(f"/{SUCCESS}")]
     assert len(markers) == sum(len(list_periods(root, d)) for d in list_domains(root))

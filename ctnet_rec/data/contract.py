@@ -97,9 +97,11 @@ def list_periods(root: DataRoot, domain: str,
     return dict(sorted(periods.items()))
 
 
-def unmarked_periods(root: DataRoot, domain: str) -> list[int]:
-    """The domain's period folders without `_SUCCESS` (being written, or never marked)."""
-    return sorted(_period_folders(root, domain)[2])
+def period_marks(root: DataRoot, domain: str) -> tuple[set[int], set[int]]:
+    """The domain's period folders with `_SUCCESS` and those without (being written, or
+    never marked), from one listing."""
+    periods, _, unmarked = _period_folders(root, domain)
+    return set(periods) - unmarked, unmarked
 
 
 def mark_complete(root: Path) -> None:
@@ -118,7 +120,7 @@ def select_periods(root: DataRoot, domain: str,
         if t not in available:
             why = (f"not marked complete (no {SUCCESS} in it, while other periods of the "
                    "domain have one): still being written, or its writer did not mark it"
-                   if t in unmarked_periods(root, domain) else "missing period")
+                   if t in period_marks(root, domain)[1] else "missing period")
             raise DataError(f"{join(root, domain)}/period={t}: {why} "
                             f"(available: {sorted(available)})")
         chosen[t] = available[t]

@@ -21,11 +21,11 @@ from ctnet_rec.data.contract import (
     check_period_schemas,
     list_domains,
     list_periods,
+    period_marks,
     pieces_of,
     raw_id_column,
     read_oracle,
     read_piece,
-    unmarked_periods,
 )
 from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.metrics import auc, gauc
@@ -51,7 +51,7 @@ class PeriodSummary:
 def validate_domain(root: DataRoot, domain: str, features: FeatureConfig) -> list[PeriodSummary]:
     """Check every file of a domain (raises DataError) and summarise each period."""
     period_files = list_periods(root, domain)
-    being_written = [t for t in unmarked_periods(root, domain) if t not in period_files]
+    being_written = sorted(t for t in period_marks(root, domain)[1] if t not in period_files)
     if being_written:
         log.info("%s: period(s) %s not marked complete (no _SUCCESS, while the domain's other "
                  "periods have one): skipped, as every command skips them",

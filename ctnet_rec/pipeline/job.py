@@ -41,7 +41,7 @@ from ctnet_rec.data.contract import (
     list_domains,
     list_periods,
     period_labels,
-    unmarked_periods,
+    period_marks,
     validate_periods,
 )
 from ctnet_rec.data.storage import DataRoot
@@ -126,10 +126,11 @@ class Pipeline:
     def waiting_for(self, done: int) -> str | None:
         """What the period after `done` waits for, for a person: which domains have not
         marked it complete yet (None: a period is ready)."""
-        marked = {d: set(list_periods(self.data, d, marked_only=True)) for d in self.domains}
+        marks = {d: period_marks(self.data, d) for d in self.domains}
+        marked = {d: m[0] for d, m in marks.items()}
+        unmarked = {d: m[1] for d, m in marks.items()}
         if any(t > done for t in set.intersection(*marked.values())):
             return None
-        unmarked = {d: set(unmarked_periods(self.data, d)) for d in self.domains}
         later = [t for d in self.domains for t in marked[d] | unmarked[d] if t > done]
         period = min(later, default=done + 1)
         unmarked_now = [d for d in self.domains if period in unmarked[d]]
