@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ctnet_rec.cli import main
-from ctnet_rec.data.contract import DataError, list_periods
+from ctnet_rec.data.contract import SUCCESS, DataError, list_periods
 from ctnet_rec.data.storage import data_root
 from ctnet_rec.training.inference import open_checkpoint
 
@@ -65,3 +65,29 @@ def test_a_remote_root_reads_as_the_local_folder(towers, tiny_world, in_memory, 
 def test_a_missing_remote_folder_is_named(in_memory):
     with pytest.raises(DataError, match="memory://world/C: domain folder not found"):
         list_periods(in_memory, "C")
+
+
+def test_periods_are_listed_in_one_request_however_many_there_are(monkeypatch):
+    """A pipeline polls its data root every minute for months: a folder listing per period
+    (two requests each on an object store) grew with every day it ran. The periods and their
+    files come from one recursive listing instead, with the layout's rules as before."""
+    memory = fsspec.filesystem("memory")
+    for t in range(40):
+        memory.pipe(f"/many/B/period={t}/part-0.parquet", b"x")
+        memory.pipe(f"/many/B/period={t}/{SUCCESS}", b"")
+        memory.pipe(f"/many/B/period={t}/_temporary/0/part-9.parquet", b"x")  # a writer's
+    memory.pipe("/many/B/period=40/part-0.parquet", b"x")  # being written: no marker
+    memory.pipe("/many/B/.hidden/part-0.parquet", b"x")
+    listings: list[str] = []
+    find = type(memory).find
+
+    def counted(self, path, *args, **kwargs):
+        listings.append(path)
+        return find(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(memory), "find", counted)
+    periods = list_periods("memory://many", "B")
+    assert len(listings) == 1
+    assert sorted(periods) == list(range(40))
+    assert [[f.name for f in files] for files in periods.values()] == [["part-0.parquet"]] * 40
+    assert str(periods[3][0]) == "memory://many/B/period=3/part-0.parquet"

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctnet_rec.config import FeatureConfig
-from ctnet_rec.data.storage import DataFile, DataRoot, entries, is_uri, join
+from ctnet_rec.data.storage import DataFile, DataRoot, entries, entries_below, is_uri, join
 
 ORACLE_DIR = "_oracle"
 ORACLE_COLUMN = "p_click"
@@ -55,10 +55,11 @@ def _period_folders(root: DataRoot, domain: str
                     ) -> tuple[dict[int, list[DataFile]], dict[int, str], set[int]]:
     """A domain's period folders: period -> its Parquet files (sorted), period -> folder
     name, and the periods whose folder has no `_SUCCESS`."""
-    found = entries(root, domain)
-    if found is None:
+    tree = entries_below(root, domain, depth=2)  # the periods and their files, one listing
+    if tree is None:
         raise DataError(f"{join(root, domain)}: domain folder not found (domains: "
                         f"{list_domains(root)})")
+    found = tree[""]
     periods: dict[int, list[DataFile]] = {}
     names: dict[int, str] = {}
     unmarked: set[int] = set()
@@ -68,7 +69,7 @@ def _period_folders(root: DataRoot, domain: str
         m = _PERIOD_RE.match(p.name)
         if not p.is_dir or not m:
             raise DataError(f"{p.file}: expected a folder named period=<int>")
-        inside = entries(root, domain, p.name) or []
+        inside = tree.get(p.name, [])
         files = [f.file for f in inside
                  if not f.is_dir and f.name.endswith(".parquet") and not f.name.startswith(".")]
         t = int(m.group(1))

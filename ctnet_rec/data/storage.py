@@ -72,14 +72,31 @@ class Entry:
 
 def entries(root: DataRoot, *parts: str) -> list[Entry] | None:
     """The entries of the folder `root/parts...`, by name; None when there is no such folder."""
+    tree = entries_below(root, *parts, depth=1)
+    return None if tree is None else tree[""]
+
+
+def entries_below(root: DataRoot, *parts: str,
+                  depth: int) -> dict[str, list[Entry]] | None:
+    """Every entry of the folder `root/parts...` down to `depth` levels, by the folder holding
+    it (its path below, "" for the folder itself), each folder's by name; None when there is
+    no such folder. One listing: on object stores one paginated request, where a folder at a
+    time would be a request per folder (a domain of a thousand periods, polled each minute)."""
     fs, base = filesystem(root)
-    path = "/".join([base.rstrip("/"), *parts])
-    shown = str(join(root, *parts))
+    path = "/".join([base.rstrip("/"), *parts]).rstrip("/")
+    shown = str(join(root, *parts)).rstrip("/")
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        out.append(Entry(name, info.type == pafs.FileType.Directory,
-                         DataFile(fs, info.path, f"{shown.rstrip('/')}/{name}")))
-    return sorted(out, key=lambda e: e.name)
+    tree: dict[str, list[Entry]] = {"": []}
+    prefix = path.strip("/") + "/"  # filesystems differ on a leading "/"
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=depth > 1)):
+        below = info.path.strip("/").removeprefix(prefix)
+        folder, _, name = below.rpartition("/")
+        if below.count("/") >= depth:
+            continue
+        is_dir = info.type == pafs.FileType.Directory
+        tree.setdefault(folder, []).append(Entry(name, is_dir,
+                                                 DataFile(fs, info.path, f"{shown}/{below}")))
+        if is_dir:
+            tree.setdefault(below, [])
+    return {k: sorted(v, key=lambda e: e.name) for k, v in tree.items()}
