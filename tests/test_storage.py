@@ -91,3 +91,14 @@ def test_periods_are_listed_in_one_request_however_many_there_are(monkeypatch):
     assert sorted(periods) == list(range(40))
     assert [[f.name for f in files] for files in periods.values()] == [["part-0.parquet"]] * 40
     assert str(periods[3][0]) == "memory://many/B/period=3/part-0.parquet"
+
+
+def test_a_listed_path_is_placed_however_its_filesystem_spells_it():
+    from ctnet_rec.data.storage import _below
+
+    for listed in ("/data/ctr/B/period=3/part-0.parquet",  # local
+                   "data/ctr/B/period=3/part-0.parquet",  # object stores, fsspec
+                   "hdfs://namenode:8020/data/ctr/B/period=3/part-0.parquet"):
+        assert _below(listed, "/data/ctr/B") == "period=3/part-0.parquet"
+    with pytest.raises(ValueError, match="not below it"):
+        _below("/data/other/B/period=3/part-0.parquet", "/data/ctr/B")

@@ -88,9 +88,8 @@ def entries_below(root: DataRoot, *parts: str,
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
     tree: dict[str, list[Entry]] = {"": []}
-    prefix = path.strip("/") + "/"  # filesystems differ on a leading "/"
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=depth > 1)):
-        below = info.path.strip("/").removeprefix(prefix)
+        below = _below(info.path, path)
         folder, _, name = below.rpartition("/")
         if below.count("/") >= depth:
             continue
@@ -100,3 +99,13 @@ def entries_below(root: DataRoot, *parts: str,
         if is_dir:
             tree.setdefault(below, [])
     return {k: sorted(v, key=lambda e: e.name) for k, v in tree.items()}
+
+
+def _below(listed: str, folder: str) -> str:
+    """A listed path relative to the listed `folder`: filesystems spell what they list with
+    or without a leading "/", some with their scheme and host (`hdfs://namenode:8020/...`)."""
+    bare = listed.split("://", 1)[1].partition("/")[2] if "://" in listed else listed
+    prefix = folder.split("://", 1)[-1].strip("/") + "/"
+    if not bare.strip("/").startswith(prefix):
+        raise ValueError(f"{listed}: listed under {folder}, but not below it")
+    return bare.strip("/").removeprefix(prefix)
