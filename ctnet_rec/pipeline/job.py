@@ -115,9 +115,18 @@ class Pipeline:
     def done(self) -> int:
         """The newest period fully processed (-1: none): the source's and every target's
         steps for it are on disk."""
+        trained: dict[Path, set[int]] = {}  # each run's record read once, not once a period
+        quarantined = {d: set(self.records(d, "quarantine")) for d in self.domains}
+
+        def processed(domain: str, period: int) -> bool:
+            run = self._run_of(domain, period)
+            if run not in trained:
+                trained[run] = set(trained_periods(run))
+            return period in quarantined[domain] or period in trained[run]
+
         last = -1
         for t in self.ready():
-            if all(self._processed(d, t) for d in self.domains):
+            if all(processed(d, t) for d in self.domains):
                 last = t
             else:
                 break
@@ -141,11 +150,6 @@ class Pipeline:
         return f"period {period}: " + "; ".join(why) + (
             f" ({', '.join(never)}: no period folder has {SUCCESS}; a period is taken once its "
             "writer has written it there, last: mark the finished ones)" if never else "")
-
-    def _processed(self, domain: str, period: int) -> bool:
-        if self.record(domain, "quarantine", period).exists():
-            return True
-        return period in trained_periods(self._run_of(domain, period))
 
     def _run_of(self, domain: str, period: int) -> Path:
         """The run that trains `domain` on `period`: the source's, or a target's model's."""
