@@ -440,3 +440,24 @@ def test_a_pass_reads_each_runs_record_once_however_many_periods(tmp_path, monke
                         trained_periods(run))
     assert Pipeline(load_config(DEMO_CONFIG), data, runs).done() == periods - 1
     assert sorted(map(str, reads)) == sorted(str(runs / r) for r in trained)
+
+
+def test_the_page_shows_the_newest_gates_and_says_where_the_rest_are():
+    """A pipeline of hourly periods gates 8,760 times a year: the page keeps the newest 100
+    (table and plots), status.json every one."""
+    from ctnet_rec.pipeline.status import GATES_SHOWN, render
+
+    gates = [{"period": t, "candidate_through": t - 1, "candidate_auc": 0.7,
+              "candidate_gauc": 0.6, "candidate_calibration": 1.0, "serving_through": t - 2,
+              "serving_auc": 0.69, "serving_gauc": 0.6, "promoted": True, "reason": "ok"}
+             for t in range(1, 151)]
+    page = render({
+        "stopped": None, "updated": "now", "newest_ready_period": 150, "done_through": 150,
+        "lag_periods": 0, "waiting_for": None,
+        "source": {"domain": "A", "trained": list(range(151)), "quarantined": {}},
+        "targets": {"B": {"model": "ctnet", "serving": None, "source_in_use": 149,
+                          "source_note": None, "gates": gates, "quarantined": {}}}})
+    shown = [int(t) for t in re.findall(r'<tr data-period="(\d+)">', page)]
+    assert shown == list(range(151 - GATES_SHOWN, 151))
+    assert f"The newest {GATES_SHOWN} of 150 gates; every one is in status.json." in page
+    assert page.count("<circle") == 2 * 2 * GATES_SHOWN  # AUC and GAUC, both series

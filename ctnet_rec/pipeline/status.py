@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 STATUS_JSON = "status.json"
 STATUS_HTML = "status.html"
+GATES_SHOWN = 100  # per target on the page (a pipeline of hourly periods gates 8,760 a year)
 
 
 def _source_period(run: Path) -> int | None:
@@ -154,19 +155,21 @@ def render(s: dict[str, Any]) -> str:
              f"<p>Trained periods: {e(str(s['source']['trained']))}</p>",
              _quarantine_table(s["source"]["quarantined"])]
     for domain, t in s["targets"].items():
-        serving = t["serving"]
+        serving, gates = t["serving"], t["gates"][-GATES_SHOWN:]
         rows += [f'<h2 id="target-{e(domain)}">Target domain {e(domain)} ({e(t["model"])})</h2>',
                  "<p>Served: " + (f"the model trained through period {serving['period']} "
                                   f"({e(serving['model'])}, sha256 {e(serving['sha256'][:12])})"
                                   if serving else "nothing yet") +
                  f"; source period in use: {t['source_in_use']}"
                  + (f" ({e(t['source_note'])})" if t["source_note"] else "") + "</p>",
-                 _plot(t["gates"], "auc"), _plot(t["gates"], "gauc"),
+                 _plot(gates, "auc"), _plot(gates, "gauc"),
+                 *([f"<p>The newest {len(gates)} of {len(t['gates'])} gates; every one is in "
+                    f"{STATUS_JSON}.</p>"] if len(gates) < len(t["gates"]) else []),
                  f'<table class="gates" data-domain="{e(domain)}"><tr><th>gate period</th>'
                  "<th>candidate through</th><th>candidate AUC</th><th>candidate GAUC</th>"
                  "<th>calibration</th><th>served through</th><th>served AUC</th>"
                  "<th>served GAUC</th><th>promoted</th><th>why</th></tr>"]
-        for g in t["gates"]:
+        for g in gates:
             rows.append(f'<tr data-period="{g["period"]}"><td>{g["period"]}</td>'
                         f"<td>{g['candidate_through']}</td>" + _num(g["candidate_auc"])
                         + _num(g["candidate_gauc"]) + _num(g["candidate_calibration"], 3)
