@@ -469,6 +469,22 @@ def test_every_job_needs_only_earlier_jobs_and_transfers_wait_for_their_towers(t
             assert set(job.needs) == {(SOURCE_TOWER, "A"), (BASE, job.domain)}, job.key
 
 
+def test_a_finetune_row_that_would_repeat_another_is_left_out(tmp_path):
+    """Where every table is an ID table, Pre-train & Fine-tune (all embeddings) replaces the
+    same tables as (ID embeddings): the same model, trained twice, two identical rows."""
+    from ctnet_rec.experiment.runner import plan
+
+    def finetunes(sets: list[str]) -> list[str]:
+        jobs = plan(quick(load_config(DEMO_CONFIG, sets)), tmp_path / "data", tmp_path)
+        return sorted({j.name for j in jobs if j.name in PRETRAIN_FINETUNE})
+
+    assert finetunes([]) == sorted(PRETRAIN_FINETUNE)  # the demo's hour, age, price tables
+    every_table = ["user", "item", "category", "seller", "age_group", "hour"]
+    assert finetunes(["features.numeric=[]",
+                      f"experiment.id_embedding_tables={json.dumps(every_table)}"]) == \
+        ["Pre-train & Fine-tune (ID embeddings)", "Pre-train & Fine-tune (all parameters)"]
+
+
 def test_progress_names_the_job_and_estimates_the_rest(experiment, caplog):
     from ctnet_rec.experiment.jobs import Progress
     from ctnet_rec.experiment.runner import plan

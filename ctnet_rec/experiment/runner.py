@@ -27,7 +27,7 @@ import numpy as np
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.data.contract import DataError, list_periods, period_labels
 from ctnet_rec.data.storage import DataRoot, join
-from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init
+from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init, replaced_tables
 from ctnet_rec.experiment.jobs import IsolatedRunner, Job, Progress, run_in_order, torch_threads
 from ctnet_rec.experiment.late_fusion import run_late_fusion
 from ctnet_rec.experiment.significance import delong_difference
@@ -147,12 +147,17 @@ def check_periods(cfg: Config, data: DataRoot) -> None:
 
 
 def transfer_baselines(cfg: Config) -> list[str]:
-    """The transfer baselines this config allows: Dual Embedding copies the source's user and
-    item rows into plain tables, so it is left out when those tables have managed ids."""
+    """The transfer baselines this config allows: Pre-train & Fine-tune (all embeddings) is
+    left out when every table is an ID table (it would be the (ID embeddings) row again);
+    Dual Embedding copies the source's user and item rows into plain tables, so it is left
+    out when those tables have managed ids."""
+    finetunes = [name for name, depth in PRETRAIN_FINETUNE.items()
+                 if depth != "embeddings"
+                 or replaced_tables(cfg, "embeddings") != replaced_tables(cfg, "id")]
     ids = cfg.experiment.id_tables(cfg.features)
     if {t for _, t in dual_features(cfg.features, ids)} & cfg.features.managed_tables():
-        return [*PRETRAIN_FINETUNE]
-    return [*PRETRAIN_FINETUNE, DUAL]
+        return finetunes
+    return [*finetunes, DUAL]
 
 
 def plan(cfg: Config, data: DataRoot, out: Path, rows: Collection[str] | None = None,
@@ -209,6 +214,8 @@ def _every_job(cfg: Config, data: DataRoot, out: Path,
                                              d, source_run, base, run),
                             trains=window, scores=scored, run=run, needs=deployed))
         for name, depth in PRETRAIN_FINETUNE.items():
+            if name not in transfer_baselines(cfg):
+                continue
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
                                              run),
