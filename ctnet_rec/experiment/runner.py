@@ -181,6 +181,7 @@ def _every_job(cfg: Config, data: DataRoot, out: Path,
     window, everything = range(t0, last + 1), range(last + 1)
     scored = [t + 1 for t in window]
     source_run = out / e.source_domain
+    transfers = transfer_baselines(cfg)
     jobs = [Job(SOURCE_TOWER, e.source_domain, partial(
         train_continual, cfg, data, e.source_domain, everything, source_run, resume=True,
         evaluate=False), trains=everything, run=source_run)]
@@ -208,13 +209,13 @@ def _every_job(cfg: Config, data: DataRoot, out: Path,
         jobs.append(Job(LATE_FUSION, d, partial(run_late_fusion, cfg, data, d, source_run, base,
                                                 out / d / LATE_FUSION_DIR),
                         scores=scored, run=out / d / LATE_FUSION_DIR, needs=deployed))
-        if DUAL in transfer_baselines(cfg):
+        if DUAL in transfers:
             run = out / d / slug(DUAL)
             jobs.append(Job(DUAL, d, partial(_deployed, cfg, Deployment(DUAL_EMBEDDING), data,
                                              d, source_run, base, run),
                             trains=window, scores=scored, run=run, needs=deployed))
         for name, depth in PRETRAIN_FINETUNE.items():
-            if name not in transfer_baselines(cfg):
+            if name not in transfers:
                 continue
             run = out / d / slug(name)
             jobs.append(Job(name, d, partial(_finetune, cfg, depth, data, d, source_run, base,
