@@ -123,9 +123,10 @@ class OneIdBags:
         out, ids = [], features.values().long().split(counts)
         for table, dim, table_ids in zip(self.tables, self.dims, ids, strict=True):
             if not len(table_ids):
-                out.append(torch.zeros(0, dim))
+                out.append(torch.zeros(0, dim, device=table_ids.device))
                 continue
             table.optimizer_args = nobag.optimizer_args  # the kernel's, as they are now
             table.learning_rate_tensor = nobag.learning_rate_tensor
-            out.append(table(indices=table_ids, offsets=torch.arange(len(table_ids) + 1)))
+            out.append(table(indices=table_ids, offsets=torch.arange(len(table_ids) + 1,
+                                                                  device=table_ids.device)))
         return out[0] if len(out) == 1 else torch.cat(out)
