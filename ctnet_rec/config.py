@@ -289,8 +289,10 @@ class DataConfig:
     prefetch_batches: int = 8
 
     def validate(self, key: str) -> None:
-        for name in ("batch_size", "shuffle_buffer", "decode_threads", "prefetch_batches"):
+        for name in ("shuffle_buffer", "decode_threads", "prefetch_batches"):
             _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(self.batch_size >= 4, f"{key}.batch_size", "must be >= 4 (a training step's "
+               "batch norm needs two rows, and a rank's last batch may be split in two)")
 
 
 @dataclass

@@ -40,6 +40,7 @@ def test_demo_config_loads(demo_config):
         ("[data]\n", "[data]\nbatchsize = 3\n", "data.batchsize"),
         ("batch_size = 512", 'batch_size = "512"', "data.batch_size"),
         ("batch_size = 512", "batch_size = 0", "data.batch_size"),
+        ("batch_size = 512", "batch_size = 3", "data.batch_size"),
         ("num_embeddings = 40000", "num_embeddings = 0", "features.tables[0].num_embeddings"),
         ("num_embeddings = 40000", "num_embeddings = 4611686018427387903",  # 2^62 - 1
          "features.tables[0].num_embeddings"),

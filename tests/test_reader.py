@@ -124,11 +124,27 @@ def test_batch_sizes_never_leave_an_empty_batch():
         batch_sizes(1, 2, 32)
 
 
+def test_no_batch_holds_a_single_row_where_a_rank_has_two():
+    """A training step's batch norm needs two rows: a remainder of one row (a period of
+    batch_size + 1 rows) joins the last full batch, split in two."""
+    assert batch_sizes(257, 2, 256) == [129, 128]
+    assert batch_sizes(513, 3, 256) == [256, 129, 128]
+    for batch_size in range(4, 40):
+        for total in range(2, 130):
+            for world in (1, 2, 3, 8):
+                if total < 2 * world:
+                    continue
+                largest = -(-total // world)
+                for share in {total // world, largest}:
+                    sizes = batch_sizes(share, -(-largest // batch_size), batch_size)
+                    assert sum(sizes) == share and min(sizes) >= 2, (batch_size, total, world)
+
+
 def test_uneven_split_same_batch_count(tmp_path, features, demo_config):
     write_period(tmp_path, "B", 0, [valid_table(65, seed=4)])
     readers = [ParquetBatchReader(tmp_path, "B", [0], features, demo_config.data, batch_size=16,
                                   rank=r, world_size=2) for r in range(2)]
-    assert [r.sizes for r in readers] == [[16, 8, 8], [16, 16, 1]]
+    assert [r.sizes for r in readers] == [[16, 8, 8], [16, 9, 8]]  # never a 1-row batch
 
 
 def test_too_few_rows_for_ranks(tmp_path, features, demo_config):

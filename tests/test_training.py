@@ -225,6 +225,24 @@ def test_a_bad_evaluation_period_is_refused_before_training(tiny_world, small_co
     assert complete_checkpoints(tmp_path / "run") == {}
 
 
+def test_a_period_of_one_row_past_full_batches_trains(small_config, tmp_path):
+    """batch_size + 1 rows used to leave a last batch of one row, which batch norm refuses in
+    training: the job stopped there, and again at every resume. A period too small for two
+    rows a rank is refused naming it, before any step."""
+    from .conftest import valid_table, write_period
+
+    data = tmp_path / "data"
+    rows = small_config.data.batch_size + 1
+    write_period(data, "B", 0, [valid_table(rows, seed=1)])
+    write_period(data, "B", 1, [valid_table(1, seed=2)])
+    write_period(data, "B", 2, [valid_table(rows, seed=3)])
+    train_continual(small_config, data, "B", [0], tmp_path / "run")
+    assert _metrics(tmp_path / "run")[0]["train_rows"] == rows
+    with pytest.raises(DataError, match=r"B/period=1: 1 row\(s\) cannot be trained on by 1 "):
+        train_continual(small_config, data, "B", [1], tmp_path / "run1")
+    assert complete_checkpoints(tmp_path / "run1") == {}
+
+
 def test_one_writer_per_run_and_no_mixing_into_a_trained_run(tiny_world, small_config,
                                                              trained_run, tmp_path):
     """A second job on a run being written is refused naming the holder; a run that holds

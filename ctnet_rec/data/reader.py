@@ -277,16 +277,16 @@ def rank_slices(
 
 def batch_sizes(rows: int, num_batches: int, batch_size: int) -> list[int]:
     """`num_batches` sizes summing to `rows`: full batches, then the remainder; when the
-    remainder would be empty the last full batch is split in two."""
+    remainder would be empty (this rank is short of a full last batch) or a single row (a
+    training step's batch norm needs two), the last full batch and it are split in two."""
     if rows < num_batches:
         raise ValueError(f"{rows} rows cannot fill {num_batches} batches")
     sizes = [batch_size] * (num_batches - 1)
     rest = rows - batch_size * (num_batches - 1)
-    if rest > 0:
+    if rest > 1 or not sizes:
         return sizes + [rest]
-    sizes[-1] = batch_size + rest  # rest <= 0: this rank is short of a full last batch
-    half = sizes[-1] // 2
-    return sizes[:-1] + [sizes[-1] - half, half]
+    last_two = batch_size + rest
+    return sizes[:-1] + [last_two - last_two // 2, last_two // 2]
 
 
 class ParquetBatchReader:
@@ -322,10 +322,11 @@ class ParquetBatchReader:
         check_period_schemas(self.period_files, features)
         pieces = pieces_of(self.period_files)
         self.slices, self.num_rows, largest = rank_slices(pieces, rank, world_size)
+        self.total_rows = sum(p.num_rows for p in pieces)  # every rank's together
         if self.num_rows == 0:
             raise ValueError(
                 f"{join(root, domain)} periods {sorted(self.period_files)}: "
-                f"{sum(p.num_rows for p in pieces)} rows cannot be shared by {world_size} ranks"
+                f"{self.total_rows} rows cannot be shared by {world_size} ranks"
             )
         self.num_batches = math.ceil(largest / self.batch_size)
         self.sizes = batch_sizes(self.num_rows, self.num_batches, self.batch_size)

@@ -24,9 +24,9 @@ from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSpar
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch, on_device
-from ctnet_rec.data.contract import ORACLE_COLUMN, oracle_path
+from ctnet_rec.data.contract import ORACLE_COLUMN, DataError, oracle_path
 from ctnet_rec.data.reader import ParquetBatchReader
-from ctnet_rec.data.storage import DataRoot, is_uri
+from ctnet_rec.data.storage import DataRoot, is_uri, join
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import (
@@ -194,13 +194,23 @@ class PeriodTrainer:
 
     def _reader(self, root: DataRoot, domain: str, period: int, train: bool,
                 batch_size: int | None = None) -> ParquetBatchReader:
-        return ParquetBatchReader(
+        """The period's batches for this rank. Training refuses, on every rank alike, a
+        period too small to give each rank two rows (a step's batch norm needs two); given
+        that, no training batch holds fewer (`batch_sizes`)."""
+        reader = ParquetBatchReader(
             root, domain, [period], self.features_read(), self.cfg.data,
             batch_size=None if train else batch_size or self.cfg.train.eval_batch_size,
             rank=self.env.rank, world_size=self.env.world_size, shuffle=train,
             seed=self.cfg.train.seed * 1_000_003 + period,
             pin_memory=self.env.device.type == "cuda",
         )
+        world = self.env.world_size
+        if train and reader.total_rows < 2 * world:
+            raise DataError(
+                f"{join(root, domain)}/period={period}: {reader.total_rows} row(s) cannot be "
+                f"trained on by {world} rank(s): a training step's batch norm needs at least "
+                "two rows on each rank")
+        return reader
 
     def features_read(self) -> FeatureConfig:
         """What the reader decodes: a tower's features less the sequences it never reads;
