@@ -43,7 +43,7 @@ def test_bad_input_exits_2_naming_the_problem(tiny_world, tmp_path, caplog):
     bad = tmp_path / "bad.toml"
     bad.write_text(DEMO_CONFIG.read_text().replace("batch_size = 512", "batch_size = -1"))
     assert main(["data", "validate", str(tiny_world), "--config", str(bad)]) == 2
-    assert "data.batch_size: must be > 0" in caplog.text
+    assert "data.batch_size: must be >= 4" in caplog.text
     assert main(["data", "validate", str(tmp_path / "nowhere"), "--config",
                  str(DEMO_CONFIG)]) == 2
     assert "data root does not exist" in caplog.text

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ctnet_rec.data.contract import validate_periods
+from ctnet_rec.data.contract import DataError, validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader, batch_sizes
 
 from .conftest import valid_table, write_period
@@ -149,8 +149,10 @@ def test_uneven_split_same_batch_count(tmp_path, features, demo_config):
 
 def test_too_few_rows_for_ranks(tmp_path, features, demo_config):
     write_period(tmp_path, "B", 0, [valid_table(1)])
-    with pytest.raises(ValueError, match="cannot be shared by 2 ranks"):
-        ParquetBatchReader(tmp_path, "B", [0], features, demo_config.data, rank=0, world_size=2)
+    for rank in range(2):  # every rank refuses (the one with the row too): none waits
+        with pytest.raises(DataError, match="cannot be shared by 2 ranks"):
+            ParquetBatchReader(tmp_path, "B", [0], features, demo_config.data, rank=rank,
+                               world_size=2)
 
 
 def test_breaking_early_stops_background_threads(dataset, features, demo_config):

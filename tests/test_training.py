@@ -243,6 +243,21 @@ def test_a_period_of_one_row_past_full_batches_trains(small_config, tmp_path):
     assert complete_checkpoints(tmp_path / "run1") == {}
 
 
+def test_the_period_line_shows_a_metric_the_period_cannot_give_as_missing():
+    """Not "AUC nan", which reads like a diverged model: a period whose labels are all one
+    class has no AUC, one where no user has both labels no GAUC."""
+    from ctnet_rec.training.loop import scored_part
+
+    nan = float("nan")
+    assert scored_part(3, None) == ""
+    assert scored_part(3, {"auc": 0.51234, "gauc": 0.6, "ctr_true": 0.1}) == \
+        ", period 3: AUC 0.5123 GAUC 0.6000"
+    assert scored_part(3, {"auc": nan, "gauc": nan, "ctr_true": 0.0}) == \
+        ", period 3: AUC - GAUC - (every label is 0)"
+    assert scored_part(3, {"auc": 0.5, "gauc": nan, "ctr_true": 0.2}) == \
+        ", period 3: AUC 0.5000 GAUC - (no user has both labels)"
+
+
 def test_one_writer_per_run_and_no_mixing_into_a_trained_run(tiny_world, small_config,
                                                              trained_run, tmp_path):
     """A second job on a run being written is refused naming the holder; a run that holds

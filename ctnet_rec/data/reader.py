@@ -33,6 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ctnet_rec.config import DataConfig, FeatureConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import (
+    DataError,
     ParquetPiece,
     check_content,
     check_period_schemas,
@@ -323,8 +324,8 @@ class ParquetBatchReader:
         pieces = pieces_of(self.period_files)
         self.slices, self.num_rows, largest = rank_slices(pieces, rank, world_size)
         self.total_rows = sum(p.num_rows for p in pieces)  # every rank's together
-        if self.num_rows == 0:
-            raise ValueError(
+        if self.total_rows < world_size:  # some rank would have none: refused on every rank
+            raise DataError(
                 f"{join(root, domain)} periods {sorted(self.period_files)}: "
                 f"{self.total_rows} rows cannot be shared by {world_size} ranks"
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -132,6 +133,20 @@ def evaluation_periods(data: DataRoot, domain: str, periods: list[int]) -> list[
     return sorted({t + 1 for t in periods if t + 1 in available} - set(periods))
 
 
+def scored_part(period: int, ev: dict[str, Any] | None) -> str:
+    """The period line's evaluation, if any. A metric the period cannot give shows as "-",
+    with why: no AUC when its labels are all one class, no GAUC when no user has both."""
+    if not ev:
+        return ""
+
+    def shown(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.4f}"
+
+    why = f" (every label is {ev['ctr_true']:.0f})" if math.isnan(ev["auc"]) else \
+        " (no user has both labels)" if math.isnan(ev["gauc"]) else ""
+    return f", period {period}: AUC {shown(ev['auc'])} GAUC {shown(ev['gauc'])}{why}"
+
+
 def run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: list[int], run: Path,
                 before_period: Callable[[int], dict[str, Any]], evaluate: bool = True,
                 publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
@@ -179,10 +194,8 @@ def _run_periods(trainer: PeriodTrainer, data: DataRoot, domain: str, periods: l
             _write_metrics(run)
             if publish is not None:
                 publish()
-            ev = metrics.get("eval")
             log.info("period %d: %d rows, %.0f samples/s, loss %.4f%s", t, metrics["train_rows"],
                      metrics["train_rows"] / max(metrics["train_seconds"], 1e-9),
-                     metrics["train_loss"],
-                     f", period {t + 1}: AUC {ev['auc']:.4f} GAUC {ev['gauc']:.4f}" if ev else "")
+                     metrics["train_loss"], scored_part(t + 1, metrics.get("eval")))
         results.append(metrics)
     return results
