@@ -574,6 +574,8 @@ class ExperimentConfig:
         _check(self.periods >= 1, f"{key}.periods", "must be >= 1")
         _check(len(self.target_domains) > 0 and self.source_domain not in self.target_domains,
                f"{key}.target_domains", "needs at least one domain, not the source domain")
+        _check(len(set(self.target_domains)) == len(self.target_domains),
+               f"{key}.target_domains", "names a domain twice (each one's runs are one folder)")
 
     def id_tables(self, features: FeatureConfig) -> list[str]:
         """The tables of the baselines' "ID embeddings" (the paper's footnote 3: user, item,

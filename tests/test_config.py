@@ -41,6 +41,8 @@ def test_demo_config_loads(demo_config):
         ("batch_size = 512", 'batch_size = "512"', "data.batch_size"),
         ("batch_size = 512", "batch_size = 0", "data.batch_size"),
         ("batch_size = 512", "batch_size = 3", "data.batch_size"),
+        ('target_domains = ["B", "C"]', 'target_domains = ["B", "C", "B"]',
+         "experiment.target_domains"),
         ("num_embeddings = 40000", "num_embeddings = 0", "features.tables[0].num_embeddings"),
         ("num_embeddings = 40000", "num_embeddings = 4611686018427387903",  # 2^62 - 1
          "features.tables[0].num_embeddings"),
