@@ -414,6 +414,20 @@ def test_a_pipeline_says_what_the_next_period_waits_for(tmp_path, monkeypatch, c
     assert f"Waiting for {waiting}." in (runs / "status.html").read_text()
 
 
+def test_a_period_too_small_to_train_on_is_quarantined_not_a_stop(tmp_path):
+    """With no recent periods to compare its rows with (the first ones), a one-row period
+    passed the checks and its training job refused it, which stopped the pipeline."""
+    from ctnet_rec.pipeline.job import Pipeline
+
+    data = tmp_path / "data"
+    write_period(data, "B", 0, [valid_table(1)])
+    write_period(data, "B", 1, [valid_table(2)])
+    pipeline = Pipeline(load_config(DEMO_CONFIG), data, tmp_path / "runs")
+    assert pipeline.check_period("B", 0) == \
+        "1 row: a training step's batch norm needs at least two"
+    assert pipeline.check_period("B", 1) is None
+
+
 def test_a_pass_reads_each_runs_record_once_however_many_periods(tmp_path, monkeypatch):
     """A pipeline polls for months: working out what is done read every run's whole record
     once per period (quadratic: 37 s a pass at 2,000 periods, hourly periods reach that in

@@ -166,6 +166,8 @@ class Pipeline:
             labels = period_labels(self.data, domain, period, self.cfg.features)
         except DataError as e:
             return f"bad data: {e}"
+        if len(labels) < 2:  # the steps run in one process
+            return f"{len(labels)} row: a training step's batch norm needs at least two"
         quarantined = self.records(domain, "quarantine")
         recent = [t for t in sorted(list_periods(self.data, domain))
                   if t < period and t not in quarantined][-self.p.recent_periods:]
