@@ -136,6 +136,16 @@ def test_validate_says_which_periods_it_skips_as_being_written(tmp_path, demo_co
     assert "B: period(s) [1] not marked complete (no _SUCCESS" in caplog.text
 
 
+def test_validate_says_which_periods_are_too_small_to_train_on(tmp_path, demo_config, caplog):
+    write_period(tmp_path, "B", 0, [valid_table(2)])
+    write_period(tmp_path, "B", 1, [valid_table(1)])
+    with caplog.at_level(logging.INFO, logger="ctnet_rec.data.summary"):
+        summary = validate_dataset(tmp_path, demo_config.features)
+    assert [s.rows for s in summary] == [2, 1]
+    assert "B/period=1: 1 row, too few to train on" in caplog.text
+    assert "period=0" not in caplog.text
+
+
 def test_missing_domain_and_bad_folder(tmp_path, demo_config):
     write_period(tmp_path, "B", 0, [valid_table()])
     with pytest.raises(DataError, match=r"domain folder not found \(domains: \['B'\]\)"):

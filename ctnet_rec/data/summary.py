@@ -75,6 +75,9 @@ def validate_domain(root: DataRoot, domain: str, features: FeatureConfig) -> lis
             raise DataError(f"{join(root, domain)}/period={t}: empty period (0 rows)")
         labels, users, items = (np.concatenate(x) for x in zip(*parts, strict=True))
         labels = labels.astype(np.float64)
+        if len(labels) < 2:  # valid, and scored as any period, but no training step fits it
+            log.warning("%s/period=%d: 1 row, too few to train on (a training step needs two "
+                        "rows on each rank)", join(root, domain), t)
         u_new = ~np.isin(users, seen_users)
         i_new = ~np.isin(items, seen_items)
         oracle = read_oracle(root, domain, t, users, items)
