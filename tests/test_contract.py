@@ -142,7 +142,7 @@ def test_validate_says_which_periods_are_too_small_to_train_on(tmp_path, demo_co
     with caplog.at_level(logging.INFO, logger="ctnet_rec.data.summary"):
         summary = validate_dataset(tmp_path, demo_config.features)
     assert [s.rows for s in summary] == [2, 1]
-    assert "B/period=1: 1 row, too few to train on" in caplog.text
+    assert "B/period=1: 1 row(s), too few to train on" in caplog.text
     assert "period=0" not in caplog.text
 
 

@@ -424,7 +424,7 @@ def test_a_period_too_small_to_train_on_is_quarantined_not_a_stop(tmp_path):
     write_period(data, "B", 1, [valid_table(2)])
     pipeline = Pipeline(load_config(DEMO_CONFIG), data, tmp_path / "runs")
     assert pipeline.check_period("B", 0) == \
-        "1 row: a training step's batch norm needs at least two"
+        "1 row(s): a training step's batch norm needs at least 2"
     assert pipeline.check_period("B", 1) is None
 
 

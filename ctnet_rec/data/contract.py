@@ -27,6 +27,10 @@ ORACLE_COLUMN = "p_click"
 _PERIOD_RE = re.compile(r"^period=(-?\d+)$")
 
 
+# rows a training step needs on each rank: batch norm normalises a batch by its statistics
+MIN_TRAINING_ROWS = 2
+
+
 class DataError(ValueError):
     """Input that breaks the contract; the message names the file, column and reason."""
 

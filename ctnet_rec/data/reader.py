@@ -33,6 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ctnet_rec.config import DataConfig, FeatureConfig
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.contract import (
+    MIN_TRAINING_ROWS,
     DataError,
     ParquetPiece,
     check_content,
@@ -284,7 +285,7 @@ def batch_sizes(rows: int, num_batches: int, batch_size: int) -> list[int]:
         raise ValueError(f"{rows} rows cannot fill {num_batches} batches")
     sizes = [batch_size] * (num_batches - 1)
     rest = rows - batch_size * (num_batches - 1)
-    if rest > 1 or not sizes:
+    if rest >= MIN_TRAINING_ROWS or not sizes:
         return sizes + [rest]
     last_two = batch_size + rest
     return sizes[:-1] + [last_two - last_two // 2, last_two // 2]

@@ -16,6 +16,7 @@ import numpy as np
 
 from ctnet_rec.config import FeatureConfig
 from ctnet_rec.data.contract import (
+    MIN_TRAINING_ROWS,
     DataError,
     check_content,
     check_period_schemas,
@@ -75,9 +76,10 @@ def validate_domain(root: DataRoot, domain: str, features: FeatureConfig) -> lis
             raise DataError(f"{join(root, domain)}/period={t}: empty period (0 rows)")
         labels, users, items = (np.concatenate(x) for x in zip(*parts, strict=True))
         labels = labels.astype(np.float64)
-        if len(labels) < 2:  # valid, and scored as any period, but no training step fits it
-            log.warning("%s/period=%d: 1 row, too few to train on (a training step needs two "
-                        "rows on each rank)", join(root, domain), t)
+        if len(labels) < MIN_TRAINING_ROWS:  # valid, and scored as any, but not trainable
+            log.warning("%s/period=%d: %d row(s), too few to train on (a training step needs "
+                        "%d rows on each rank)", join(root, domain), t, len(labels),
+                        MIN_TRAINING_ROWS)
         u_new = ~np.isin(users, seen_users)
         i_new = ~np.isin(items, seen_items)
         oracle = read_oracle(root, domain, t, users, items)

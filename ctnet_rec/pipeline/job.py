@@ -36,6 +36,7 @@ from typing import Any
 
 from ctnet_rec.config import Config
 from ctnet_rec.data.contract import (
+    MIN_TRAINING_ROWS,
     SUCCESS,
     DataError,
     list_domains,
@@ -166,8 +167,9 @@ class Pipeline:
             labels = period_labels(self.data, domain, period, self.cfg.features)
         except DataError as e:
             return f"bad data: {e}"
-        if len(labels) < 2:  # the steps run in one process
-            return f"{len(labels)} row: a training step's batch norm needs at least two"
+        if len(labels) < MIN_TRAINING_ROWS:  # the steps run in one process
+            return (f"{len(labels)} row(s): a training step's batch norm needs at least "
+                    f"{MIN_TRAINING_ROWS}")
         quarantined = self.records(domain, "quarantine")
         recent = [t for t in sorted(list_periods(self.data, domain))
                   if t < period and t not in quarantined][-self.p.recent_periods:]

@@ -24,7 +24,7 @@ from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineSpar
 
 from ctnet_rec.config import Config, ConfigError, FeatureConfig, OptimizerConfig
 from ctnet_rec.data.batch import Batch, on_device
-from ctnet_rec.data.contract import ORACLE_COLUMN, DataError, oracle_path
+from ctnet_rec.data.contract import MIN_TRAINING_ROWS, ORACLE_COLUMN, DataError, oracle_path
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.data.storage import DataRoot, is_uri, join
 from ctnet_rec.dist_env import DistEnv
@@ -205,11 +205,11 @@ class PeriodTrainer:
             pin_memory=self.env.device.type == "cuda",
         )
         world = self.env.world_size
-        if train and reader.total_rows < 2 * world:
+        if train and reader.total_rows < MIN_TRAINING_ROWS * world:
             raise DataError(
                 f"{join(root, domain)}/period={period}: {reader.total_rows} row(s) cannot be "
                 f"trained on by {world} rank(s): a training step's batch norm needs at least "
-                "two rows on each rank")
+                f"{MIN_TRAINING_ROWS} rows on each rank")
         return reader
 
     def features_read(self) -> FeatureConfig:
