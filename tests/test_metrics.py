@@ -75,3 +75,18 @@ def test_normalized_entropy_by_hand():
     assert normalized_entropy(labels, p) == pytest.approx(logloss / entropy)
     assert normalized_entropy(labels, np.full(4, 0.25)) == pytest.approx(1.0)  # the rate alone
     assert math.isnan(normalized_entropy(np.ones(3), np.full(3, 0.5)))
+
+
+def test_the_evaluation_table_shows_a_metric_a_slice_cannot_give_as_missing():
+    """`ctnet eval`'s table: a slice whose labels are all one class has no AUC ("-", not
+    "nan", which reads like a diverged model)."""
+    from ctnet_rec.training.evaluate import evaluate_predictions, format_report
+
+    labels = np.array([0, 1, 0, 1, 0, 0])
+    p = np.array([0.2, 0.7, 0.3, 0.6, 0.1, 0.4])
+    users, items = np.array([1, 1, 2, 2, 3, 3]), np.array([10, 11, 12, 13, 14, 15])
+    seen = {"users": np.array([1, 2]), "items": np.array([10, 11, 12, 13, 14, 15])}
+    table = format_report(evaluate_predictions(labels, p, users, items, seen))
+    new_users = next(line for line in table.splitlines() if line.startswith("new_users"))
+    assert new_users.split()[1:4] == ["2", "-", "-"]  # user 3: two rows, both 0
+    assert "nan" not in table

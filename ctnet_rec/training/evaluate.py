@@ -3,6 +3,7 @@ the same split into cold-start slices (users / items never seen in training so f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,11 @@ def evaluate_predictions(
     return out
 
 
+def shown(value: float) -> str:
+    """A metric as printed: "-" where the rows cannot give it (AUC of one class only)."""
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
 def format_report(metrics: dict[str, Any]) -> str:
     """A small table: overall, each slice, and the oracle where known."""
     rows = [("all", metrics)] + list(metrics.get("slices", {}).items())
@@ -62,7 +68,7 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"{'CTR':>8}")
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        lines.append(f"{name:<16}{m['rows']:>8}{m['auc']:>8.4f}{m['gauc']:>8.4f}"
-                     f"{m['logloss']:>9.4f}{m['ne']:>8.4f}{m['ctr_pred']:>8.4f}"
-                     f"{m['ctr_true']:>8.4f}")
+        lines.append(f"{name:<16}{m['rows']:>8}{shown(m['auc']):>8}{shown(m['gauc']):>8}"
+                     f"{shown(m['logloss']):>9}{shown(m['ne']):>8}{shown(m['ctr_pred']):>8}"
+                     f"{shown(m['ctr_true']):>8}")
     return "\n".join(lines)

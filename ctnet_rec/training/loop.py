@@ -31,6 +31,7 @@ from ctnet_rec.training.checkpoint import (
     period_dir,
 )
 from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.evaluate import shown
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.retention import PRUNED_METRICS, prune_checkpoints
 from ctnet_rec.training.run_lock import run_lock
@@ -138,10 +139,6 @@ def scored_part(period: int, ev: dict[str, Any] | None) -> str:
     with why: no AUC when its labels are all one class, no GAUC when no user has both."""
     if not ev:
         return ""
-
-    def shown(x: float) -> str:
-        return "-" if math.isnan(x) else f"{x:.4f}"
-
     why = f" (every label is {ev['ctr_true']:.0f})" if math.isnan(ev["auc"]) else \
         " (no user has both labels)" if math.isnan(ev["gauc"]) else ""
     return f", period {period}: AUC {shown(ev['auc'])} GAUC {shown(ev['gauc'])}{why}"
