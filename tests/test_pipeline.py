@@ -69,6 +69,9 @@ def test_the_gate_rule():
     assert not promote and "below the served model's 0.7200 by more than 0.01" in why
     promote, why = decide({**ok, "ctr_pred": 0.2}, {"auc": 0.6}, rule)
     assert not promote and "calibration 2.000 outside [0.8, 1.25]" in why
+    no_clicks = {"auc": float("nan"), "ctr_pred": 0.01, "ctr_true": 0.0}  # no AUC to compare
+    assert decide(no_clicks, {"auc": float("nan")}, rule) == (
+        True, "AUC - vs the served model's - (one class only: no AUC to compare)")
 
 
 def _world(root: Path) -> Path:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ctnet_rec.config import PipelineConfig
+from ctnet_rec.training.evaluate import shown
 
 
 def calibration(metrics: dict[str, Any]) -> float:
@@ -29,4 +30,5 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any] | None,
     if math.isfinite(auc) and math.isfinite(served_auc) and auc < served_auc - rule.auc_margin:
         return False, (f"AUC {auc:.4f} below the served model's {served_auc:.4f} by more than "
                        f"{rule.auc_margin}")
-    return True, f"AUC {auc:.4f} vs the served model's {served_auc:.4f}"
+    return True, f"AUC {shown(auc)} vs the served model's {shown(served_auc)}" + (
+        "" if math.isfinite(auc) else " (one class only: no AUC to compare)")
