@@ -14,6 +14,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+PathArg = str | os.PathLike[str]  # a local path as the Python API takes it: a str or a Path
+
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's contents, read in 4 MiB pieces."""

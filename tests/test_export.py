@@ -279,3 +279,20 @@ def test_a_tampered_artifact_is_refused_before_it_runs(checkpoints, tiny_world, 
     (out / METADATA).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="without the artifact's sha256"):
         ExportedModel(out)
+
+
+def test_the_python_api_takes_paths_as_strings(towers, tiny_world, tmp_path):
+    """What docs/python-api.md lists takes a str wherever it takes a local path (a str
+    failed deep inside each of these, with AttributeError or TypeError)."""
+    from ctnet_rec.training.deployments import Deployment, deploy
+    from ctnet_rec.training.loop import train_continual
+    from ctnet_rec.training.transfer import transfer_run
+
+    root, world = str(tmp_path), str(tiny_world)
+    source, target = str(towers.source(1)), str(towers.target(1))
+    train_continual(towers.cfg, world, "B", [2], f"{root}/B", init=target, evaluate=False)
+    transfer_init(towers.cfg, source, target, f"{root}/ctnet")
+    transfer_run(f"{root}/ctnet", world, "B", [2], str(towers.source_run), evaluate=False)
+    deploy(Deployment("dual_embedding"), towers.cfg, source, target, f"{root}/dual")
+    export_checkpoint(target, f"{root}/art")
+    assert len(ExportedModel(f"{root}/art").score_rows(raw_request(tiny_world, 2, 5))) == 5

@@ -48,7 +48,7 @@ from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.data.storage import DataRoot
-from ctnet_rec.files import file_digest
+from ctnet_rec.files import PathArg, file_digest
 from ctnet_rec.progress import Progress
 from ctnet_rec.serving.requests import RequestCodec
 from ctnet_rec.training.checkpoint import CheckpointError
@@ -89,10 +89,11 @@ def unsharded_state(state: dict[str, Any], source: str) -> dict[str, torch.Tenso
     return out
 
 
-def export_checkpoint(ckpt: Path, out: Path, table_dtype: TableDtype = "fp32",
+def export_checkpoint(ckpt: PathArg, out: PathArg, table_dtype: TableDtype = "fp32",
                       device: str | None = None) -> Path:
     """`ckpt` as the artifact DIR/model.pt (with DIR/metadata.json beside it, also inside).
     Refuses, naming why, a checkpoint that does not load or that it cannot export."""
+    ckpt, out = Path(ckpt), Path(out)
     trainer, manifest = open_checkpoint(ckpt, device=device)
     if trainer.env.world_size != 1:
         raise CheckpointError(f"{ckpt}: export runs in one process (launched with "
@@ -145,7 +146,8 @@ class ExportedModel:
     the one recorded at export in DIR/metadata.json, or `sha256` when given (pinning it
     against a replaced metadata file); anything else is refused before it is read."""
 
-    def __init__(self, folder: Path, sha256: str | None = None) -> None:
+    def __init__(self, folder: PathArg, sha256: str | None = None) -> None:
+        folder = Path(folder)
         path = folder / ARTIFACT
         if not path.is_file():
             raise CheckpointError(f"{folder}: no {ARTIFACT} here (make one with `ctnet export`)")

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.dist_env import DistEnv
+from ctnet_rec.files import PathArg
 from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT, TOWER, kind_names
 from ctnet_rec.modules.tower import FIRST_LAYER
@@ -111,10 +112,10 @@ def trainer_for(deployment: Deployment, cfg: Config, env: DistEnv) -> PeriodTrai
     return _entry(deployment.kind)[0](cfg, env, deployment)
 
 
-def deploy(deployment: Deployment, cfg: Config, source_ckpt: Path, target_ckpt: Path,
-           run: Path) -> Path:
+def deploy(deployment: Deployment, cfg: Config, source_ckpt: PathArg, target_ckpt: PathArg,
+           run: PathArg) -> Path:
     """RUN/init of `deployment`'s model from the two tower checkpoints."""
     init = _entry(deployment.kind)[1]
     if init is None:
         raise ConfigError(f"a {deployment.kind} is trained, not deployed from two towers")
-    return init(cfg, deployment, source_ckpt, target_ckpt, run)
+    return init(cfg, deployment, Path(source_ckpt), Path(target_ckpt), Path(run))

@@ -20,7 +20,7 @@ from ctnet_rec.config import Config
 from ctnet_rec.data.contract import list_periods, validate_periods
 from ctnet_rec.data.storage import DataFile, DataRoot
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.files import read_jsonl, writable_folder, write_atomic
+from ctnet_rec.files import PathArg, read_jsonl, writable_folder, write_atomic
 from ctnet_rec.training.checkpoint import (
     MID_PERIOD,
     CheckpointError,
@@ -61,8 +61,9 @@ def trained_periods(run: Path) -> list[int]:
     return sorted({int(m["period"]) for m in read_jsonl(path)}) if path.exists() else []
 
 
-def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[int], run: Path,
-                    init: Path | None = None, resume: bool = False, evaluate: bool = True,
+def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[int],
+                    run: PathArg, init: PathArg | None = None, resume: bool = False,
+                    evaluate: bool = True,
                     trainer_cls: Callable[[Config, DistEnv], PeriodTrainer] = PeriodTrainer,
                     overwrite: bool = False, allow_domain_change: bool = False,
                     publish: Callable[[], None] | None = None) -> list[dict[str, Any]]:
@@ -71,6 +72,7 @@ def train_continual(cfg: Config, data: DataRoot, domain: str, periods: Iterable[
     (`resume`) or replaced (`overwrite`), never mixed into; one job writes a run at a time.
     A checkpoint of another domain is refused as `init` unless `allow_domain_change`.
     `publish` (rank 0, after each period) gives a run at a URI its new period."""
+    run, init = Path(run), None if init is None else Path(init)
     env = init_distributed(cfg.train.device)
     if init is not None:
         Manifest.read(init).check_domain(domain, init, allow_domain_change)

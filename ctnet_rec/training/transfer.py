@@ -31,7 +31,7 @@ from ctnet_rec.config import (
 from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.files import writable_folder
+from ctnet_rec.files import PathArg, writable_folder
 from ctnet_rec.modules.ctnet import CTNet
 from ctnet_rec.modules.id_mapping import set_period
 from ctnet_rec.modules.kinds import CTNET, ModelSpec
@@ -258,10 +258,11 @@ def adapters_off(net: CTNet) -> Iterator[None]:
         net.use_adapters = before
 
 
-def transfer_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: Path,
+def transfer_init(cfg: Config, source_ckpt: PathArg, target_ckpt: PathArg, run: PathArg,
                   source_cfg: Config | None = None) -> Path:
     """`ctnet transfer init`: CTNet at t0, saved as RUN/init. The source tower's config is
     the one its checkpoint records unless given."""
+    source_ckpt, target_ckpt, run = Path(source_ckpt), Path(target_ckpt), Path(run)
     env = init_distributed(cfg.train.device)
     if source_cfg is None:
         source_cfg = config_of(Manifest.read(source_ckpt), source_ckpt)
@@ -308,8 +309,8 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain:
     return schedule
 
 
-def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
-                 source_ckpts: Path | None, sharding: ShardingConfig | None = None,
+def transfer_run(run: PathArg, data: DataRoot, domain: str, periods: Iterable[int],
+                 source_ckpts: PathArg | None, sharding: ShardingConfig | None = None,
                  allow_domain_change: bool = False,
                  publish: Callable[[], None] | None = None,
                  evaluate: bool = True) -> list[dict[str, Any]]:
@@ -320,6 +321,7 @@ def transfer_run(run: Path, data: DataRoot, domain: str, periods: Iterable[int],
     trained one is scored."""
     from ctnet_rec.data.contract import validate_periods
 
+    run, source_ckpts = Path(run), None if source_ckpts is None else Path(source_ckpts)
     start = latest_intact_checkpoint(run) or run / INIT
     if not (start / MANIFEST).exists():
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
