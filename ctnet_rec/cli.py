@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import sys
 import typing
 from collections.abc import Callable
@@ -542,8 +543,10 @@ def _plan_command(sub: Subcommands) -> None:
     pl.add_argument("--local-world-size", type=positive_int,
                     help="ranks per host (default min(8, N))")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    pl.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per rank, GiB")
-    pl.add_argument("--ddr-gb", type=float, default=512.0, help="host memory per rank, GiB")
+    pl.add_argument("--hbm-gb", type=non_negative_float, default=80.0,
+                    help="GPU memory per rank, GiB")
+    pl.add_argument("--ddr-gb", type=non_negative_float, default=512.0,
+                    help="host memory per rank, GiB")
     joint = ", ".join(f"joint:{m}" for m in typing.get_args(JointBaseline))
     pl.add_argument("--kind", default="tower",
                     help="the model whose tables are planned: tower (default), ctnet, "
@@ -632,6 +635,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: must be a number >= 0")
     return value
 
 

@@ -38,6 +38,16 @@ from sharding.tower import (
 )
 
 GiB = 1024**3
+MiB = 1024**2
+
+
+def size_text(n: float) -> str:
+    """Bytes as GiB, MiB or KiB, whichever shows them with a digit before the point: a
+    small table's need is not shown as 0.0 GiB."""
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB")):
+        if abs(n) >= unit:
+            return f"{n / unit:.1f} {name}"
+    return f"{n / 1024:.1f} KiB"
 
 
 @dataclass
@@ -201,15 +211,15 @@ def _why_not(model: nn.Module, topology: Topology, constraints: dict[str, Any], 
             total[name] = sum(_storage(s, device) for s in option.shards)
     where = "HBM" if device == "cuda" else "DDR"
     over = [f"{name} ({_types(constraints, name)}): its largest shard needs "
-            f"{need / GiB:.1f} GiB, a rank has {capacity / GiB:.1f} GiB of {where} "
-            f"({(need - capacity) / GiB:.1f} GiB over)"
+            f"{size_text(need)}, a rank has {size_text(capacity)} of {where} "
+            f"({size_text(need - capacity)} over)"
             for name, need in smallest.items() if need > capacity]
     if over:
         return "the plan cannot fit: " + "; ".join(over)
     need = sum(total.values())
     have = capacity * topology.world_size
-    return (f"the plan cannot fit: the tables need {need / GiB:.1f} GiB of {where} in all, "
-            f"{topology.world_size} ranks have {have / GiB:.1f} GiB ({(need - have) / GiB:.1f} GiB "
+    return (f"the plan cannot fit: the tables need {size_text(need)} of {where} in all, "
+            f"{topology.world_size} ranks have {size_text(have)} ({size_text(need - have)} "
             "over, before the planner's reservation for other memory)")
 
 
@@ -228,23 +238,25 @@ def format_plan(plan: Plan, top: int = 8) -> str:
         lines.append(f"{name:<44} {f'{t.rows:,} x {t.dim}':>18} {t.sharding_type:<15} "
                      f"{t.compute_kernel:<17} {ranks}")
     where = "HBM" if plan.device == "cuda" else "DDR"
-    lines += ["", f"per rank, GiB ({plan.capacity / GiB:.1f} of {where} each; planner's estimate "
-              "of where the tables sit)",
+    order = sorted(range(plan.world_size), key=lambda r: -plan.ranks[r].total)
+    # the fullest rank's unit, so a small plan's figures are not all 0.00
+    unit, name = (GiB, "GiB") if plan.ranks[order[0]].total >= GiB else (MiB, "MiB")
+    lines += ["", f"per rank, {name} ({size_text(plan.capacity)} of {where} each; planner's "
+              "estimate of where the tables sit)",
               f"{'rank':>5} {'weights':>9} {'optimizer':>10} {'other':>8} {'HBM':>8} {'DDR':>8}"
               + (f" {'id maps':>8}" if plan.managed else "")]
-    order = sorted(range(plan.world_size), key=lambda r: -plan.ranks[r].total)
     for r in sorted(order[:top]) if plan.world_size > top else range(plan.world_size):
         m = plan.ranks[r]
-        lines.append(f"{r:>5} {m.weights / GiB:>9.2f} {m.optimizer / GiB:>10.2f} "
-                     f"{m.other / GiB:>8.2f} {m.hbm / GiB:>8.2f} {m.ddr / GiB:>8.2f}"
-                     + (f" {m.id_maps / GiB:>8.2f}" if plan.managed else ""))
+        lines.append(f"{r:>5} {m.weights / unit:>9.2f} {m.optimizer / unit:>10.2f} "
+                     f"{m.other / unit:>8.2f} {m.hbm / unit:>8.2f} {m.ddr / unit:>8.2f}"
+                     + (f" {m.id_maps / unit:>8.2f}" if plan.managed else ""))
     if plan.world_size > top:
         lines.append(f"(the {top} fullest of {plan.world_size} ranks)")
     if plan.managed:
         lines.append("id maps: the managed tables' id-to-row maps, on the device, which the "
                      "planner does not count")
     total = sum(m.total for m in plan.ranks)
-    lines.append(f"all ranks: {total / GiB:.1f} GiB; planned in {plan.seconds:.1f} s")
+    lines.append(f"all ranks: {size_text(total)}; planned in {plan.seconds:.1f} s")
     return "\n".join(lines)
 
 

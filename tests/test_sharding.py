@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,20 @@ def test_column_wise_tables_train_as_table_wise_and_reload_under_another_plan(
     reference = open_checkpoint(tmp_path / "table_wise" / "checkpoints" / "period=0")[0]
     np.testing.assert_allclose(scored.predict(tiny_world, "B", 1)["p"],
                                reference.predict(tiny_world, "B", 1)["p"], atol=1e-6)
+
+
+def test_a_small_plan_shows_its_sizes_in_units_that_read(demo_config, caplog):
+    """The demo's tables are a few MiB: in GiB with one or two decimals every figure read 0.0
+    ("needs 0.0 GiB, a rank has 0.0 GiB"), which no one can act on."""
+    with pytest.raises(PlanDoesNotFit, match=r"embeddings\.pooled\.user \(table_wise\): its "
+                       r"largest shard needs 2\.7 MiB, a rank has 1\.0 MiB of DDR "
+                       r"\(1\.7 MiB over\)"):
+        plan_tables(demo_config, 2, "cpu", hbm_gb=0, ddr_gb=1 / 1024)
+    text = format_plan(plan_tables(demo_config, 2, "cpu", hbm_gb=0, ddr_gb=1))
+    assert "per rank, MiB (1.0 GiB of DDR each" in text
+    rank0 = text.split("per rank")[1].splitlines()[2].split()
+    assert rank0[0] == "0" and float(rank0[1]) > 1  # rank 0's weights, in MiB
+    assert re.search(r"all ranks: \d+\.\d MiB", text)
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            main(["plan", "--config", str(BILLION), "--world-size", "2", "--hbm-gb", bad])
