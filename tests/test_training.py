@@ -197,6 +197,28 @@ def test_eval_command_reproduces_training_metrics(trained_run, tiny_world, small
     assert "oracle (true p)" in printed and "old_users" in printed
 
 
+def test_eval_and_predict_warn_of_scores_that_are_not_what_they_seem(trained_run, tiny_world,
+                                                                     tmp_path, caplog):
+    """A period the checkpoint trained on (its AUC is in sample) and a domain it did not train
+    on (a wrong --domain) give figures that look like any others: each is said."""
+    from ctnet_rec.cli import main
+
+    ckpt = str(trained_run / "checkpoints" / "period=2")
+    common = ["--ckpt", ckpt, "--data", str(tiny_world)]
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", *common, "--domain", "A", "--period", "3",
+                     "--out", str(tmp_path / "next.json")]) == 0
+        assert "not out of sample" not in caplog.text and "trained on domain" not in caplog.text
+        assert json.loads((tmp_path / "next.json").read_text())["trained_on_domain"] == "A"
+        assert main(["eval", *common, "--domain", "A", "--period", "2",
+                     "--out", str(tmp_path / "seen.json")]) == 0
+        assert "trained through period 2, so period 2 is not out of sample" in caplog.text
+        caplog.clear()
+        assert main(["predict", *common, "--domain", "B", "--period", "3",
+                     "--out", str(tmp_path / "b.parquet")]) == 0
+    assert "trained on domain 'A'; these are its scores on domain 'B'" in caplog.text
+
+
 def test_a_diverged_period_stops_training_and_is_not_saved(tiny_world, small_config, tmp_path):
     cfg = copy.deepcopy(small_config)
     cfg.train.dense.lr = 1e30  # finite, accepted by the config, and far too large

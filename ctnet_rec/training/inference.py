@@ -62,13 +62,29 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
     return trainer, manifest
 
 
+def say_what_is_scored(manifest: Manifest, folder: Path, domain: str, period: int,
+                       metrics: bool) -> None:
+    """Warn of scoring another domain than the checkpoint trained on (a wrong --domain gives
+    figures that look like any others) and, for `metrics`, of a period the checkpoint has
+    already trained on (its AUC is not out of sample)."""
+    trained_on = manifest.metrics.get("domain")
+    if trained_on is not None and trained_on != domain:
+        log.warning("%s: trained on domain %r; these are its scores on domain %r", folder,
+                    trained_on, domain)
+    if metrics and period <= manifest.period:
+        log.warning("%s: trained through period %d, so period %d is not out of sample: its "
+                    "metrics read higher than the model's on new data (the next period is %d)",
+                    folder, manifest.period, period, manifest.period + 1)
+
+
 def predict_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int, out: Path,
                        batch_size: int | None = None,
                        sharding: ShardingConfig | None = None,
                        device: str | None = None) -> int:
     """The `ctnet predict` job: one score per row of the period, in file order, with its ids
     and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
-    trainer, _ = open_checkpoint(ckpt, sharding=sharding, device=device)
+    trainer, manifest = open_checkpoint(ckpt, sharding=sharding, device=device)
+    say_what_is_scored(manifest, ckpt, domain, period, metrics=False)
     validate_periods(data, domain, [period], trainer.cfg.features)
     start = time.perf_counter()
     pred = trainer.predict(data, domain, period, batch_size)
@@ -105,8 +121,10 @@ def evaluate_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int,
     trainer, manifest = open_checkpoint(ckpt, cfg, sharding, device)
     if zero_adapters:
         trainer.dmp.module.use_adapters = False
+    say_what_is_scored(manifest, ckpt, domain, period, metrics=True)
     validate_periods(data, domain, [period], trainer.cfg.features)
     metrics = trainer.evaluate(data, domain, period)
     return {"checkpoint": str(ckpt), "model": manifest.kind, "zero_adapters": zero_adapters,
-            "trained_through_period": manifest.period, "domain": domain, "period": period,
+            "trained_through_period": manifest.period,
+            "trained_on_domain": manifest.metrics.get("domain"), "domain": domain, "period": period,
             **metrics}
