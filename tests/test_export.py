@@ -4,6 +4,7 @@ loads where ctnet-rec cannot be imported, and refuses what it cannot export."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,19 @@ def test_the_exported_model_scores_as_its_checkpoint(checkpoints, tiny_world, tm
     # and from the data's raw rows as JSON, through the artifact's own id policy
     np.testing.assert_allclose(ExportedModel(tmp_path / "x").score_rows(
         raw_request(tiny_world, 2)), _scores(tmp_path / "ckpt.parquet"), rtol=0, atol=1e-5)
+
+
+def test_an_artifact_says_when_it_scores_another_domain(checkpoints, tiny_world, tmp_path,
+                                                        caplog):
+    export_checkpoint(checkpoints["tower"], tmp_path / "x")  # B's tower
+    assert json.loads((tmp_path / "x" / METADATA).read_text())["trained_on_domain"] == "B"
+    common = ["predict", "--data", str(tiny_world), "--period", "2", "--export",
+              str(tmp_path / "x")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*common, "--domain", "B", "--out", str(tmp_path / "b.parquet")]) == 0
+        assert "trained on domain" not in caplog.text
+        assert main([*common, "--domain", "A", "--out", str(tmp_path / "a.parquet")]) == 0
+    assert "trained on domain 'B'; these are its scores on domain 'A'" in caplog.text
 
 
 def raw_request(world: Path, period: int, rows: int | None = None) -> list[dict]:

@@ -52,7 +52,7 @@ from ctnet_rec.files import PathArg, file_digest
 from ctnet_rec.progress import Progress
 from ctnet_rec.serving.requests import RequestCodec
 from ctnet_rec.training.checkpoint import CheckpointError
-from ctnet_rec.training.inference import open_checkpoint, write_scores
+from ctnet_rec.training.inference import open_checkpoint, say_what_is_scored, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def export_checkpoint(ckpt: PathArg, out: PathArg, table_dtype: TableDtype = "fp
         scorer = quantize_inference_model(scorer, quantization_dtype=QUANT_DTYPES[table_dtype])
     metadata = {
         "kind": manifest.kind, "trained_through_period": manifest.period,
+        "trained_on_domain": manifest.metrics.get("domain"),
         "table_dtype": table_dtype, "checkpoint_digest": manifest.digest(),
         "sparse_keys": trainer.cfg.features.sparse_keys(),
         "dense": trainer.cfg.features.dense_names(),
@@ -191,6 +192,9 @@ def predict_export(folder: Path, data: DataRoot, domain: str, period: int, out: 
     row count."""
     start = time.perf_counter()
     pred = score_export(folder, data, domain, period, batch_size, sha256, device)
+    metadata = json.loads((folder / METADATA).read_text())  # what score_export checked
+    say_what_is_scored(folder, metadata.get("trained_on_domain"),
+                       metadata["trained_through_period"], domain, period, metrics=False)
     write_scores(pred, out, time.perf_counter() - start)
     return len(pred["p"])
 

@@ -62,19 +62,18 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
     return trainer, manifest
 
 
-def say_what_is_scored(manifest: Manifest, folder: Path, domain: str, period: int,
-                       metrics: bool) -> None:
-    """Warn of scoring another domain than the checkpoint trained on (a wrong --domain gives
-    figures that look like any others) and, for `metrics`, of a period the checkpoint has
-    already trained on (its AUC is not out of sample)."""
-    trained_on = manifest.metrics.get("domain")
+def say_what_is_scored(where: Path, trained_on: str | None, trained_through: int, domain: str,
+                       period: int, metrics: bool) -> None:
+    """Warn of scoring another domain than the model trained on (a wrong --domain gives
+    figures that look like any others) and, for `metrics`, of a period the model has already
+    trained on (its AUC is not out of sample). `trained_on`: None where it is not recorded."""
     if trained_on is not None and trained_on != domain:
-        log.warning("%s: trained on domain %r; these are its scores on domain %r", folder,
+        log.warning("%s: trained on domain %r; these are its scores on domain %r", where,
                     trained_on, domain)
-    if metrics and period <= manifest.period:
+    if metrics and period <= trained_through:
         log.warning("%s: trained through period %d, so period %d is not out of sample: its "
                     "metrics read higher than the model's on new data (the next period is %d)",
-                    folder, manifest.period, period, manifest.period + 1)
+                    where, trained_through, period, trained_through + 1)
 
 
 def predict_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int, out: Path,
@@ -84,7 +83,8 @@ def predict_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int, out
     """The `ctnet predict` job: one score per row of the period, in file order, with its ids
     and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
     trainer, manifest = open_checkpoint(ckpt, sharding=sharding, device=device)
-    say_what_is_scored(manifest, ckpt, domain, period, metrics=False)
+    say_what_is_scored(ckpt, manifest.metrics.get("domain"), manifest.period, domain, period,
+                       metrics=False)
     validate_periods(data, domain, [period], trainer.cfg.features)
     start = time.perf_counter()
     pred = trainer.predict(data, domain, period, batch_size)
@@ -121,7 +121,8 @@ def evaluate_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int,
     trainer, manifest = open_checkpoint(ckpt, cfg, sharding, device)
     if zero_adapters:
         trainer.dmp.module.use_adapters = False
-    say_what_is_scored(manifest, ckpt, domain, period, metrics=True)
+    say_what_is_scored(ckpt, manifest.metrics.get("domain"), manifest.period, domain, period,
+                       metrics=True)
     validate_periods(data, domain, [period], trainer.cfg.features)
     metrics = trainer.evaluate(data, domain, period)
     return {"checkpoint": str(ckpt), "model": manifest.kind, "zero_adapters": zero_adapters,
