@@ -71,7 +71,7 @@ def _data_movielens(args: argparse.Namespace) -> None:
     rows = typing.cast(dict[str, list[int]], summary["rows"])
     log.info("MovieLens written to %s: %s", args.out,
              ", ".join(f"{d} {sum(n):,} rows ({min(n):,}-{max(n):,} a period)"
-                       for d, n in rows.items()))
+                       for d, n in sorted(rows.items())))
 
 
 def _data_from_events(args: argparse.Namespace) -> None:
@@ -85,8 +85,13 @@ def _data_from_events(args: argparse.Namespace) -> None:
         copy.publish()
     rows = typing.cast(dict[str, dict[str, int]], summary["rows"])
     log.info("events written to %s: %s", args.out,
-             ", ".join(f"{d} {sum(n.values()):,} rows in {len(n)} periods"
-                       for d, n in rows.items()))
+             ", ".join(f"{d} {sum(n.values()):,} rows in {len(n)} period{'s' * (len(n) != 1)}"
+                       for d, n in sorted(rows.items())))
+    few = sorted(d for d, n in rows.items() if len(n) < 2)
+    if few:
+        log.warning("%s: one period only; training continually needs two at least (one to "
+                    "train on, the next to test on): a finer `period` in %s cuts more",
+                    ", ".join(few), args.mapping)
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ naming file, row and column."""
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,13 @@ def test_bad_input_is_refused_naming_file_row_and_column(tmp_path):
                    "row 7: column 'surface': domain 'mail' is not in the mapping"),
         "empty": (good.set_column(0, "uid", pa.array([1, None, 1, 1, 1, 2, 1, 1])),
                   "row 1: column 'uid' is empty"),
+        # a CSV column of ids with one fractional value is read as floats: that row is named
+        "fraction": (good.set_column(5, "cat", pa.array([5, 6, 7, 8, 9.5, 5, 7, 8])),
+                     "row 4: column 'cat' is not an integer id"),
+        "float ids": (good.set_column(5, "cat", pa.array([5.0, 6, 7, 8, 9, 5, 7, 8])),
+                      "column 'cat' is stored as double: write its ids as integers or text"),
+        "bool ids": (good.set_column(5, "cat", pa.array([True] * 8)),
+                     "column 'cat' has type bool, expected integer or text ids"),
     }
     for name, (table, message) in cases.items():
         path = tmp_path / f"{name}.parquet"
@@ -208,3 +216,22 @@ def test_the_cli_with_the_example_mapping(tmp_path, monkeypatch):
         'period = "day"', 'period = "month"'))
     with pytest.raises(ConfigError, match="period: must be one of"):
         load_events_config(bad)
+
+
+def test_a_log_of_one_period_is_said_to_be_too_short_to_train_on(tmp_path, caplog):
+    """A day's log cut by day is one period a domain: valid data, but nothing to test a
+    continually trained model on."""
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[columns]\nuser = "uid"\nitem = "iid"\ntime = "t"\nlabel = "click"\n'
+                       'domain = "surface"\n[domains]\n"feed" = "A"\n"search" = "B"\n')
+    log = _random_log(200)
+    for name, step in (("day", 1), ("days", 1000)):  # 200 s; 200,000 s: 3 days
+        pq.write_table(log.set_column(2, "t", pa.array(T0 + step * np.arange(200))),
+                       tmp_path / f"{name}.parquet")
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["data", "from-events", str(tmp_path / f"{name}.parquet"), "--mapping",
+                         str(mapping), "--out", str(tmp_path / name)]) == 0
+        warned = "A, B: one period only; training continually needs two at least" in caplog.text
+        assert warned == (name == "day")
+        assert ("rows in 1 period," in caplog.text) == (name == "day")

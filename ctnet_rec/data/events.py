@@ -173,7 +173,13 @@ def _ids(arr: pa.Array, at: _Place, column: str) -> np.ndarray:
             else pc.dictionary_encode(arr)
         ids = np.array([stable_id(s) for s in enc.dictionary.to_pylist()], np.int64)
         return ids[enc.indices.to_numpy(zero_copy_only=False)]
-    raise DataError(f"{at.row()}: column {column!r} has type {arr.type}, "
+    if pa.types.is_floating(arr.type):  # a CSV column with a fractional value somewhere
+        values = np.asarray(arr.to_numpy(zero_copy_only=False), np.float64)
+        _first_bad(at, column, ~np.isfinite(values) | (values != np.floor(values)),
+                   "is not an integer id (ids are integers or text)")
+        raise DataError(f"{at.path}: column {column!r} is stored as {arr.type}: write its "
+                        "ids as integers or text (a float loses ids above 2^53)")
+    raise DataError(f"{at.path}: column {column!r} has type {arr.type}, "
                     "expected integer or text ids")
 
 
