@@ -190,6 +190,8 @@ def test_refusals_name_the_problem(towers, deployed, tiny_world, tmp_path):
     shutil.copytree(towers.source(2), late / "checkpoints" / "period=2")
     with pytest.raises(CheckpointError, match=r"no source checkpoint of a period <= 1"):
         transfer_run(run, tiny_world, "B", [2, 3], late)
+    with pytest.raises(CheckpointError, match=r"/missing: no such folder"):  # a typo
+        transfer_run(run, tiny_world, "B", [2, 3], tmp_path / "missing")
     bad = tmp_path / "bad" / "period=1"  # a source checkpoint of another schema
     shutil.copytree(towers.source(1), bad)
     m = json.loads((bad / "manifest.json").read_text())

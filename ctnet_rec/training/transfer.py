@@ -292,6 +292,9 @@ def source_schedule(source_ckpts: Path, periods: list[int], cfg: Config, domain:
     (lag 1: Algorithm 1's h^S_t, see the module's docstring); refused before any training
     when one is missing, does not fit the source tower or was trained on the target
     `domain` (the target's own run given as the source)."""
+    if not source_ckpts.is_dir():
+        raise CheckpointError(f"{source_ckpts}: no such folder (--source-ckpts names the "
+                              "source domain's run)")
     available = complete_checkpoints(source_ckpts)
     schedule = {}
     for t in periods:
