@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctnet_rec.cli import main
 from ctnet_rec.config import JointBaseline
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.modules.joint import JOINT_MODELS, SOURCE, TARGET
@@ -128,6 +129,11 @@ def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, t
     assert rows == {"A": 8000, "B": 600} and metrics[-1]["train_rows"] == 600
     assert set(metrics[-1]["train_loss_by_domain"]) == {"A", "B"}
     assert sorted(complete_checkpoints(tmp_path)) == [2]
+    # its own domain as the source: refused before the run is touched (it trained B twice)
+    assert main(["train", "--joint", "PLE", "--source-domain", "B", "--config",
+                 str(towers.config_path), "--data", str(tiny_world), "--domain", "B",
+                 "--periods", "2", "--run", str(tmp_path / "same")]) == 2
+    assert not (tmp_path / "same").exists()
 
 
 def test_two_rank_joint_training_from_the_command_line(towers, tiny_world, tmp_path):

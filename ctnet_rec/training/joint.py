@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipeline, TrainPipelineBase
 
-from ctnet_rec.config import Config
+from ctnet_rec.config import Config, ConfigError
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.dist_env import DistEnv
@@ -92,6 +92,10 @@ class JointTrainer(PeriodTrainer):
         return m
 
     def domains_read(self, domain: str) -> list[str]:
+        if domain == self.source_domain:  # its source task would learn the target's rows
+            raise ConfigError(f"source domain {domain!r} is the domain being trained: a joint "
+                              "model learns from another domain's rows beside its own "
+                              "(--source-domain)")
         return [domain, self.source_domain]
 
     def train_period(self, root: DataRoot, domain: str, period: int) -> dict[str, Any]:
