@@ -97,6 +97,7 @@ def _data_from_events(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT
     from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
+    from ctnet_rec.training.joint import check_source_domain
     from ctnet_rec.training.loop import train_continual
     from ctnet_rec.training.run_copy import fetch_checkpoint, local_folder
 
@@ -108,6 +109,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.joint:
         if not args.source_domain:
             raise ConfigError("--joint needs --source-domain, the domain it also trains on")
+        check_source_domain(args.domain, args.source_domain)  # before RUN/init is written
         deployment = Deployment(f"joint:{args.joint}", source_domain=args.source_domain)
         if args.init_from:
             init = run / INIT

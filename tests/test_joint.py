@@ -129,11 +129,35 @@ def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, t
     assert rows == {"A": 8000, "B": 600} and metrics[-1]["train_rows"] == 600
     assert set(metrics[-1]["train_loss_by_domain"]) == {"A", "B"}
     assert sorted(complete_checkpoints(tmp_path)) == [2]
-    # its own domain as the source: refused before the run is touched (it trained B twice)
-    assert main(["train", "--joint", "PLE", "--source-domain", "B", "--config",
-                 str(towers.config_path), "--data", str(tiny_world), "--domain", "B",
-                 "--periods", "2", "--run", str(tmp_path / "same")]) == 2
-    assert not (tmp_path / "same").exists()
+    # its own domain as the source: refused before the run is touched (it trained the source
+    # task on B's rows, the target task not at all)
+    for init_from in ([], ["--init-from", str(towers.source(1)), str(towers.target(1))]):
+        assert main(["train", "--joint", "PLE", "--source-domain", "B", "--config",
+                     str(towers.config_path), "--data", str(tiny_world), "--domain", "B",
+                     "--periods", "2", "--run", str(tmp_path / "same"), *init_from]) == 2
+        assert not (tmp_path / "same").exists()
+
+
+def test_towers_that_cannot_be_a_source_and_a_target_are_refused(towers, tmp_path):
+    """Either checkpoint given twice, the two swapped, a source of a later period than the
+    target (it has seen the periods scored next): refused before anything is written, for
+    the joint models and Dual Embedding as for CTNet."""
+    from ctnet_rec.training.checkpoint import CheckpointError
+    from ctnet_rec.training.deployments import dual_embedding_init
+
+    a1, a2, b1 = towers.source(1), towers.source(2), towers.target(1)
+    cases = [((a1, a1), "both trained on domain 'A'"), ((b1, b1), "both trained on domain 'B'"),
+             ((b1, a1), "trained on domain 'A', the source domain"),
+             ((a2, b1), "through period 2, after the target's 1")]
+    for (source, target), message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            joint_init(towers.cfg, "PLE", "A", source, target, tmp_path / "ple")
+        if "the source domain" not in message:  # Dual Embedding has no source domain
+            with pytest.raises(CheckpointError, match=message):
+                dual_embedding_init(towers.cfg, source, target, tmp_path / "dual")
+    with pytest.raises(CheckpointError, match="trained on domain 'A', not the source domain 'C'"):
+        joint_init(towers.cfg, "PLE", "C", a1, b1, tmp_path / "ple")
+    assert not (tmp_path / "ple").exists() and not (tmp_path / "dual").exists()
 
 
 def test_two_rank_joint_training_from_the_command_line(towers, tiny_world, tmp_path):

@@ -436,6 +436,30 @@ def check_tower_checkpoint(folder: Path, cfg: Config, role: str) -> Manifest:
     return manifest
 
 
+def check_tower_pair(source_ckpt: Path, source: Manifest, target_ckpt: Path, target: Manifest,
+                     source_domain: str | None = None) -> None:
+    """Refuse two tower checkpoints that cannot be deployed together as a source and a
+    target: both of one domain (an argument given twice or swapped), a source of a later
+    period than the target (it has seen the periods the deployed model is evaluated on
+    next), and with `source_domain` (a joint model's) a source of another domain or a
+    target of that one."""
+    domains = source.metrics.get("domain"), target.metrics.get("domain")
+    if domains[0] is not None and domains[0] == domains[1]:
+        raise CheckpointError(f"{source_ckpt} and {target_ckpt}: both trained on domain "
+                              f"{domains[0]!r}; the source tower is another domain's model")
+    if source_domain is not None and domains[1] == source_domain:
+        raise CheckpointError(f"{target_ckpt}: trained on domain {source_domain!r}, the source "
+                              "domain; the target tower is the target domain's model")
+    if source_domain is not None and domains[0] not in (None, source_domain):
+        raise CheckpointError(f"{source_ckpt}: trained on domain {domains[0]!r}, not the source "
+                              f"domain {source_domain!r}")
+    if source.period > target.period:
+        raise CheckpointError(
+            f"{source_ckpt}: trained through period {source.period}, after the target's "
+            f"{target.period} ({target_ckpt}); it has seen the periods the deployed model is "
+            "evaluated on next. Deploy with a source checkpoint of a period <= the target's")
+
+
 def config_of(manifest: Manifest, folder: Path, source: bool = False) -> Config:
     raw = manifest.source_config if source else manifest.config
     if not raw:

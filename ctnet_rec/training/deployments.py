@@ -16,6 +16,7 @@ from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT, TOWER, kind_na
 from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
     check_tower_checkpoint,
+    check_tower_pair,
     dcp_load,
     load_into_submodule,
     load_widened,
@@ -54,8 +55,9 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     from the target checkpoint, the `dual_` tables from the source's ID tables, zeros in the
     first MLP layer's new columns (so it first predicts as the target model does); the dual
     tables' row-wise AdaGrad sums start fresh."""
-    check_tower_checkpoint(target_ckpt, cfg, "target")
-    check_tower_checkpoint(source_ckpt, cfg, "source")
+    target = check_tower_checkpoint(target_ckpt, cfg, "target")
+    check_tower_pair(source_ckpt, check_tower_checkpoint(source_ckpt, cfg, "source"),
+                     target_ckpt, target)
     trainer = DualEmbeddingTrainer(cfg, init_distributed(cfg.train.device))
     state = trainer.state()
     load_into_submodule(target_ckpt, state, "",

@@ -34,6 +34,7 @@ from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
     Manifest,
     check_tower_checkpoint,
+    check_tower_pair,
     load_mapped,
     load_widened,
     read_seen_ids,
@@ -57,6 +58,15 @@ class StepLoss(torch.nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_of(batch)
+
+
+def check_source_domain(domain: str, source_domain: str) -> None:
+    """Refuse a joint model whose source domain is the one it is trained for: its source task
+    would learn the target's rows, and its target task nothing."""
+    if domain == source_domain:
+        raise ConfigError(f"source domain {domain!r} is the domain being trained: a joint "
+                          "model learns from another domain's rows beside its own "
+                          "(--source-domain)")
 
 
 class JointTrainer(PeriodTrainer):
@@ -92,10 +102,7 @@ class JointTrainer(PeriodTrainer):
         return m
 
     def domains_read(self, domain: str) -> list[str]:
-        if domain == self.source_domain:  # its source task would learn the target's rows
-            raise ConfigError(f"source domain {domain!r} is the domain being trained: a joint "
-                              "model learns from another domain's rows beside its own "
-                              "(--source-domain)")
+        check_source_domain(domain, self.source_domain)
         return [domain, self.source_domain]
 
     def train_period(self, root: DataRoot, domain: str, period: int) -> dict[str, Any]:
@@ -120,8 +127,9 @@ def joint_init(cfg: Config, model: str, source_domain: str, source_ckpt: Path,
                target_ckpt: Path, run: Path) -> Path:
     """RUN/init: the joint model started from the two single-domain towers' checkpoints
     (parameters and their optimiser state), with the target's seen ids."""
-    check_tower_checkpoint(source_ckpt, cfg, "source")
-    check_tower_checkpoint(target_ckpt, cfg, "target")
+    check_tower_pair(source_ckpt, check_tower_checkpoint(source_ckpt, cfg, "source"),
+                     target_ckpt, check_tower_checkpoint(target_ckpt, cfg, "target"),
+                     source_domain)
     trainer = JointTrainer(cfg, init_distributed(cfg.train.device), model, source_domain)
     net, state = trainer.dmp.module, trainer.state()
     shared_from = SOURCE if cfg.experiment.shared_table_rows == "source" else TARGET

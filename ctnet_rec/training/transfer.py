@@ -41,6 +41,7 @@ from ctnet_rec.training.checkpoint import (
     CheckpointError,
     Manifest,
     check_tower_checkpoint,
+    check_tower_pair,
     complete_checkpoints,
     config_of,
     feature_schema,
@@ -268,19 +269,12 @@ def transfer_init(cfg: Config, source_ckpt: PathArg, target_ckpt: PathArg, run: 
         source_cfg = config_of(Manifest.read(source_ckpt), source_ckpt)
     source = check_tower_checkpoint(source_ckpt, source_cfg, "source")  # before building
     target = check_tower_checkpoint(target_ckpt, cfg, "target")
-    domains = source.metrics.get("domain"), target.metrics.get("domain")
-    if domains[0] is not None and domains[0] == domains[1]:
-        raise CheckpointError(f"{source_ckpt} and {target_ckpt}: both trained on domain "
-                              f"{domains[0]!r}; the source tower is another domain's model")
-    if source.period > target.period:
-        raise CheckpointError(
-            f"{source_ckpt}: trained through period {source.period}, after the target's "
-            f"{target.period} ({target_ckpt}); it has seen the periods CTNet is evaluated "
-            "on next. Deploy with a source checkpoint of a period <= the target's")
+    check_tower_pair(source_ckpt, source, target_ckpt, target)
     trainer = CTNetTrainer(cfg, source_cfg, env)
     trainer.load_source(source_ckpt)
     target = trainer.load_target(target_ckpt)
-    folder = trainer.save_init(run, source_ckpt, target_ckpt, target_domain=domains[1])
+    folder = trainer.save_init(run, source_ckpt, target_ckpt,
+                               target_domain=target.metrics.get("domain"))
     log.info("CTNet deployed in %s: target %s (period %d) + source %s", folder, target_ckpt,
              target.period, source_ckpt)
     return folder
