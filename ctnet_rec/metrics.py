@@ -37,16 +37,19 @@ def _grouped_auc(
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (exact, ties count one half); NaN with one class only."""
-    labels = np.asarray(labels)
-    if len(labels) == 0 or labels.min() == labels.max():
+    """Area under the ROC curve (exact, ties count one half); NaN with one class only, or
+    where a score is NaN or infinite (it would rank somewhere and give a plausible AUC)."""
+    labels, scores = np.asarray(labels), np.array(scores, np.float64)  # a copy
+    if len(labels) == 0 or labels.min() == labels.max() or not np.isfinite(scores).all():
         return float("nan")
-    return float(binary_auroc(torch.from_numpy(np.array(scores, np.float64)),  # a copy
-                              torch.as_tensor(labels.astype(np.int64))))
+    return float(binary_auroc(torch.from_numpy(scores), torch.as_tensor(labels.astype(np.int64))))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:
-    """Impression-weighted mean of per-user AUC over users with both classes (Eq. 6)."""
+    """Impression-weighted mean of per-user AUC over users with both classes (Eq. 6); NaN
+    where a score is NaN or infinite."""
+    if not np.isfinite(np.asarray(scores, np.float64)).all():
+        return float("nan")
     a, n = _grouped_auc(labels, scores, np.asarray(users))
     valid = ~np.isnan(a)
     if not valid.any():

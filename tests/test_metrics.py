@@ -90,3 +90,26 @@ def test_the_evaluation_table_shows_a_metric_a_slice_cannot_give_as_missing():
     new_users = next(line for line in table.splitlines() if line.startswith("new_users"))
     assert new_users.split()[1:4] == ["2", "-", "-"]  # user 3: two rows, both 0
     assert "nan" not in table
+
+
+def test_scores_that_are_not_finite_give_no_metrics():
+    """A NaN score ranks somewhere: [0.9, nan, 0.1, 0.2] against [0, 1, 0, 1] gave an AUC of
+    0.75, which reads like any other. Every metric of such scores is missing, counted, and the
+    pipeline's gate keeps the model out whatever else it scores."""
+    from ctnet_rec.config import PipelineConfig
+    from ctnet_rec.pipeline.gate import decide
+    from ctnet_rec.training.evaluate import score
+    from ctnet_rec.training.loop import scored_part
+
+    labels, users = np.array([0, 1, 0, 1]), np.array([1, 1, 2, 2])
+    for bad in (np.nan, np.inf):
+        p = np.array([0.9, bad, 0.1, 0.2])
+        assert np.isnan(auc(labels, p)) and np.isnan(gauc(labels, p, users))
+        got = score(labels, p, users)
+        assert got["nonfinite_scores"] == 1 and got["rows"] == 4
+        assert all(np.isnan(got[k]) for k in ("auc", "gauc", "logloss", "ne", "ctr_pred"))
+        promote, why = decide(got, {"auc": 0.5}, PipelineConfig())
+        assert not promote and why == "1 row(s) scored NaN or infinite"
+        assert not decide(got, None, PipelineConfig())[0]  # nothing served yet: still out
+        assert scored_part(3, got) == ", period 3: AUC - GAUC - (1 score(s) NaN or infinite)"
+    assert "nonfinite_scores" not in score(labels, np.array([0.9, 0.8, 0.1, 0.2]), users)

@@ -17,9 +17,11 @@ def calibration(metrics: dict[str, Any]) -> float:
 
 def decide(candidate: dict[str, Any], serving: dict[str, Any] | None,
            rule: PipelineConfig) -> tuple[bool, str]:
-    """(promote, why). Kept out: calibration outside the bounds, or an AUC below the served
-    model's by more than the margin (a one-class period, whose AUC is undefined, promotes on
-    calibration alone)."""
+    """(promote, why). Kept out: scores that are NaN or infinite, calibration outside the
+    bounds, or an AUC below the served model's by more than the margin (a one-class period,
+    whose AUC is undefined, promotes on calibration alone)."""
+    if candidate.get("nonfinite_scores"):
+        return False, f"{candidate['nonfinite_scores']} row(s) scored NaN or infinite"
     low, high = rule.calibration_bounds
     c = calibration(candidate)
     if math.isfinite(c) and not low <= c <= high:

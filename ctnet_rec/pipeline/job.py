@@ -398,7 +398,7 @@ def _newest(run: Path, before: int) -> Path:
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """What a gate keeps of a model's metrics."""
     keep = ("auc", "gauc", "logloss", "ctr_pred", "ctr_true", "rows", "model",
-            "trained_through_period")
+            "trained_through_period", "nonfinite_scores")
     out = {k: metrics[k] for k in keep if k in metrics}
     if "trained_through_period" in out:
         out["trained_through"] = out.pop("trained_through_period")

@@ -27,7 +27,11 @@ def normalized_entropy(labels: np.ndarray, p: np.ndarray) -> float:
 
 
 def score(labels: np.ndarray, p: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    return {
+    """The metrics of scores `p`. Scores that are NaN or infinite (a model gone wrong) make
+    every metric of `p` NaN, counted in `nonfinite_scores`: a NaN ranks somewhere, and the AUC
+    would look like any other."""
+    bad = int(np.count_nonzero(~np.isfinite(p)))
+    out = {
         "auc": auc(labels, p),
         "gauc": gauc(labels, p, users),
         "logloss": logloss(labels, p),
@@ -36,6 +40,10 @@ def score(labels: np.ndarray, p: np.ndarray, users: np.ndarray) -> dict[str, flo
         "ctr_true": float(labels.mean()),
         "rows": int(len(labels)),
     }
+    if bad:
+        out.update({k: math.nan for k in ("auc", "gauc", "logloss", "ne", "ctr_pred")},
+                   nonfinite_scores=bad)
+    return out
 
 
 def evaluate_predictions(

@@ -141,7 +141,8 @@ def scored_part(period: int, ev: dict[str, Any] | None) -> str:
     with why: no AUC when its labels are all one class, no GAUC when no user has both."""
     if not ev:
         return ""
-    why = f" (every label is {ev['ctr_true']:.0f})" if math.isnan(ev["auc"]) else \
+    why = f" ({ev['nonfinite_scores']} score(s) NaN or infinite)" if ev.get("nonfinite_scores") \
+        else f" (every label is {ev['ctr_true']:.0f})" if math.isnan(ev["auc"]) else \
         " (no user has both labels)" if math.isnan(ev["gauc"]) else ""
     return f", period {period}: AUC {shown(ev['auc'])} GAUC {shown(ev['gauc'])}{why}"
 
