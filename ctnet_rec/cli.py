@@ -216,7 +216,7 @@ def _plan(args: argparse.Namespace) -> None:
 def _experiment(args: argparse.Namespace) -> None:
     from ctnet_rec.data.synth import synthesize
     from ctnet_rec.experiment.report import write_report
-    from ctnet_rec.experiment.runner import quick, run_experiment
+    from ctnet_rec.experiment.runner import check_synthetic_world, quick, run_experiment
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: repeat at least once")
@@ -226,6 +226,8 @@ def _experiment(args: argparse.Namespace) -> None:
     if args.jobs is not None:
         cfg.experiment.parallel_jobs = args.jobs
         cfg.validate()
+    if args.data is None:
+        check_synthetic_world(cfg)
     name = Path(args.config).stem + ("-quick" if args.quick else "")
     out = Path(args.out or Path("runs") / name)
     runs = []

@@ -31,6 +31,7 @@ from ctnet_rec.experiment.runner import (
     ORACLE,
     PRETRAIN_FINETUNE,
     SOURCE,
+    check_synthetic_world,
     quick,
     run_experiment,
 )
@@ -675,3 +676,19 @@ def test_rows_are_paired_with_base_and_ctnet_on_the_same_rows(experiment):
                 assert 0 < paired["se"] < 0.05 or paired["se"] == paired["gain"] == 0
             assert "CTNet" in models[DUAL][d][t]["paired"]
             assert "paired" not in models[SOURCE][d][t]
+
+
+def test_an_experiment_its_synthetic_world_cannot_hold_is_refused_before_it_is_made(tmp_path,
+                                                                                    caplog):
+    """A domain [synth] does not make, or more periods than it has: refused at once (the world
+    used to be generated first, then the experiment refused)."""
+    for setting, message in (('experiment.source_domain="Z"', "domain(s) ['Z']: not among"),
+                             ("experiment.periods=20", "need periods 0..26; the synthetic "
+                                                       "world has [synth] periods 16")):
+        out = tmp_path / "x"
+        assert main(["experiment", str(DEMO_CONFIG), "--set", setting, "--out", str(out)]) == 2
+        assert message in caplog.text and not out.exists()
+    from ctnet_rec.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[experiment\] domain\(s\) \['Z'\]"):
+        check_synthetic_world(load_config(DEMO_CONFIG, ['experiment.source_domain="Z"']))

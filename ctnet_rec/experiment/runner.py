@@ -146,6 +146,20 @@ def check_periods(cfg: Config, data: DataRoot) -> None:
                 f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
 
 
+def check_synthetic_world(cfg: Config) -> None:
+    """Refuse an experiment that the config's synthetic world cannot hold (a domain [synth]
+    does not make, more periods than it has) before the world is generated."""
+    e, synth = cfg.experiment, cfg.synth
+    unknown = [d for d in [e.source_domain, *e.target_domains] if d not in synth.domains]
+    if unknown:
+        raise ConfigError(f"[experiment] domain(s) {unknown}: not among the synthetic world's "
+                          f"[synth.domains] {sorted(synth.domains)} (or give --data)")
+    if e.last_period() + 2 > synth.periods:
+        raise ConfigError(
+            f"[experiment] deploy_period {e.deploy_period} and periods {e.periods} need periods "
+            f"0..{e.last_period() + 1}; the synthetic world has [synth] periods {synth.periods}")
+
+
 def transfer_baselines(cfg: Config) -> list[str]:
     """The transfer baselines this config allows: Pre-train & Fine-tune (all embeddings) is
     left out when every table is an ID table (it would be the (ID embeddings) row again);
