@@ -98,7 +98,7 @@ def test_scores_that_are_not_finite_give_no_metrics():
     pipeline's gate keeps the model out whatever else it scores."""
     from ctnet_rec.config import PipelineConfig
     from ctnet_rec.pipeline.gate import decide
-    from ctnet_rec.training.evaluate import score
+    from ctnet_rec.training.evaluate import format_report, score
     from ctnet_rec.training.loop import scored_part
 
     labels, users = np.array([0, 1, 0, 1]), np.array([1, 1, 2, 2])
@@ -112,4 +112,5 @@ def test_scores_that_are_not_finite_give_no_metrics():
         assert not promote and why == "1 row(s) scored NaN or infinite"
         assert not decide(got, None, PipelineConfig())[0]  # nothing served yet: still out
         assert scored_part(3, got) == ", period 3: AUC - GAUC - (1 score(s) NaN or infinite)"
+        assert "1 of 4 scores are NaN or infinite" in format_report(got)
     assert "nonfinite_scores" not in score(labels, np.array([0.9, 0.8, 0.1, 0.2]), users)

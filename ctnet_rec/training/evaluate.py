@@ -79,4 +79,7 @@ def format_report(metrics: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{m['rows']:>8}{shown(m['auc']):>8}{shown(m['gauc']):>8}"
                      f"{shown(m['logloss']):>9}{shown(m['ne']):>8}{shown(m['ctr_pred']):>8}"
                      f"{shown(m['ctr_true']):>8}")
+    if metrics.get("nonfinite_scores"):
+        lines.append(f"{metrics['nonfinite_scores']} of {metrics['rows']} scores are NaN or "
+                     "infinite: no metric of the model's scores can be given")
     return "\n".join(lines)
