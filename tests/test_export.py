@@ -70,6 +70,9 @@ def test_an_artifact_says_when_it_scores_another_domain(checkpoints, tiny_world,
                                                         caplog):
     export_checkpoint(checkpoints["tower"], tmp_path / "x")  # B's tower
     assert json.loads((tmp_path / "x" / METADATA).read_text())["trained_on_domain"] == "B"
+    # a deployed CTNet that has trained no period yet: its target tower's domain
+    export_checkpoint(checkpoints["ctnet"], tmp_path / "ctnet")
+    assert json.loads((tmp_path / "ctnet" / METADATA).read_text())["trained_on_domain"] == "B"
     common = ["predict", "--data", str(tiny_world), "--period", "2", "--export",
               str(tmp_path / "x")]
     with caplog.at_level(logging.WARNING):

@@ -111,7 +111,7 @@ def export_checkpoint(ckpt: PathArg, out: PathArg, table_dtype: TableDtype = "fp
         scorer = quantize_inference_model(scorer, quantization_dtype=QUANT_DTYPES[table_dtype])
     metadata = {
         "kind": manifest.kind, "trained_through_period": manifest.period,
-        "trained_on_domain": manifest.metrics.get("domain"),
+        "trained_on_domain": manifest.model_domain(),
         "table_dtype": table_dtype, "checkpoint_digest": manifest.digest(),
         "sparse_keys": trainer.cfg.features.sparse_keys(),
         "dense": trainer.cfg.features.dense_names(),

@@ -75,6 +75,11 @@ class Manifest:
             raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})") \
                 from None
 
+    def model_domain(self) -> str | None:
+        """The domain its model is trained for: its last period's, or for a deployed model
+        that has trained none (RUN/init) its target tower's; None where neither is recorded."""
+        return self.metrics.get("domain") or self.lineage.get("target_domain")
+
     def check_domain(self, domain: str, where: Path, allowed: bool = False) -> None:
         """Refuse a checkpoint trained on another domain than `domain` (a swapped source and
         target, a wrong --domain), unless `allowed` (fine-tuning a source model on purpose).

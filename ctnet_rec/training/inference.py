@@ -83,7 +83,7 @@ def predict_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int, out
     """The `ctnet predict` job: one score per row of the period, in file order, with its ids
     and label, written by rank 0 to `out` (Parquet). Returns the number of rows."""
     trainer, manifest = open_checkpoint(ckpt, sharding=sharding, device=device)
-    say_what_is_scored(ckpt, manifest.metrics.get("domain"), manifest.period, domain, period,
+    say_what_is_scored(ckpt, manifest.model_domain(), manifest.period, domain, period,
                        metrics=False)
     validate_periods(data, domain, [period], trainer.cfg.features)
     start = time.perf_counter()
@@ -121,11 +121,11 @@ def evaluate_checkpoint(ckpt: Path, data: DataRoot, domain: str, period: int,
     trainer, manifest = open_checkpoint(ckpt, cfg, sharding, device)
     if zero_adapters:
         trainer.dmp.module.use_adapters = False
-    say_what_is_scored(ckpt, manifest.metrics.get("domain"), manifest.period, domain, period,
+    say_what_is_scored(ckpt, manifest.model_domain(), manifest.period, domain, period,
                        metrics=True)
     validate_periods(data, domain, [period], trainer.cfg.features)
     metrics = trainer.evaluate(data, domain, period)
     return {"checkpoint": str(ckpt), "model": manifest.kind, "zero_adapters": zero_adapters,
             "trained_through_period": manifest.period,
-            "trained_on_domain": manifest.metrics.get("domain"), "domain": domain, "period": period,
+            "trained_on_domain": manifest.model_domain(), "domain": domain, "period": period,
             **metrics}

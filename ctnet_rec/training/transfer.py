@@ -323,7 +323,7 @@ def transfer_run(run: PathArg, data: DataRoot, domain: str, periods: Iterable[in
     if not (start / MANIFEST).exists():
         raise CheckpointError(f"{run}: no CTNet here yet; deploy one with `ctnet transfer init`")
     manifest = Manifest.read(start)
-    trained_on = manifest.metrics.get("domain") or manifest.lineage.get("target_domain")
+    trained_on = manifest.model_domain()
     if trained_on is not None and trained_on != domain and not allow_domain_change:
         raise CheckpointError(f"{start}: its target tower is domain {trained_on!r}'s model, "
                               f"--domain is {domain!r}; --allow-domain-change if that is meant")
