@@ -478,3 +478,25 @@ def test_the_page_shows_the_newest_gates_and_says_where_the_rest_are():
     assert shown == list(range(151 - GATES_SHOWN, 151))
     assert f"The newest {GATES_SHOWN} of 150 gates; every one is in status.json." in page
     assert page.count("<circle") == 2 * 2 * GATES_SHOWN  # AUC and GAUC, both series
+
+
+def test_a_target_served_by_dual_embedding_is_deployed_and_trained(towers, tiny_world,
+                                                                   tmp_path):
+    """`targets = {B = "dual embedding"}` is a config value the pipeline offers: at its deploy
+    period it asked for a model kind named 'dual embedding', which no kind is, and stopped."""
+    import dataclasses
+
+    from ctnet_rec.pipeline.job import Pipeline
+    from ctnet_rec.training.checkpoint import Manifest, complete_checkpoints
+
+    cfg = dataclasses.replace(towers.cfg, pipeline=dataclasses.replace(
+        towers.cfg.pipeline, source_domain="A", targets={"B": "dual embedding"},
+        deploy_period=2))
+    runs = tmp_path / "runs"
+    shutil.copytree(towers.source_run, runs / "source")
+    shutil.copytree(towers.target_run, runs / "B" / "tower")
+    pipeline = Pipeline(cfg, tiny_world, runs)
+    pipeline.train_target("B", 2)
+    run = pipeline.model_run("B", 2)
+    assert run.name == "dual-embedding" and sorted(complete_checkpoints(run)) == [2]
+    assert Manifest.read(complete_checkpoints(run)[2]).kind == "dual_embedding"

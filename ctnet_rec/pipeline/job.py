@@ -48,7 +48,7 @@ from ctnet_rec.data.contract import (
 from ctnet_rec.data.storage import DataRoot
 from ctnet_rec.experiment.jobs import IsolatedRunner
 from ctnet_rec.files import write_atomic
-from ctnet_rec.modules.kinds import CTNET
+from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING
 from ctnet_rec.pipeline.serving import prune_served, publish, served, serving_dir
 from ctnet_rec.pipeline.status import write_status
 from ctnet_rec.training.checkpoint import (
@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 SOURCE_RUN = "source"
 TOWER_RUN = "tower"
 RECORDS = "pipeline"
+
+
+# a [pipeline] target's model after its deploy period -> the model kind it deploys
+KINDS = {"ctnet": CTNET, "dual embedding": DUAL_EMBEDDING}
 
 
 def run_name(model: str) -> str:
@@ -275,14 +279,14 @@ class Pipeline:
                             evaluate=False)
             return
         if not (run / INIT / "manifest.json").exists():
-            deploy(Deployment(CTNET if model == "ctnet" else model), self.cfg,
+            deploy(Deployment(KINDS[model]), self.cfg,
                    _newest(self.runs / SOURCE_RUN, self.p.deploy_period),
                    _newest(self.runs / domain / TOWER_RUN, self.p.deploy_period), run)
         if model == "ctnet":
             transfer_run(run, self.data, domain, [period], self.runs / SOURCE_RUN,
                          evaluate=False)
         else:
-            deployment = Deployment(model)
+            deployment = Deployment(KINDS[model])
             train_continual(self.cfg, self.data, domain, [period], run, init=run / INIT,
                             resume=True, evaluate=False,
                             trainer_cls=partial(trainer_for, deployment))
