@@ -691,17 +691,28 @@ class Config:
     def section_differences(self, recorded: dict[str, Any], *sections: str) -> list[str]:
         """Each model setting of `sections` whose value differs from `recorded` (a config as
         a checkpoint records it), as "key: checkpoint X vs config Y"."""
-        def leaves(d: Any, key: str) -> dict[str, Any]:
-            if isinstance(d, dict):
-                return {k: v for name, sub in d.items() for k, v in leaves(sub, f"{key}.{name}")
-                        .items()}
-            return {key: d}
-
-        mine = leaves(self._model_sections(*sections), "")
-        theirs = leaves({s: _model_settings(s, recorded.get(s, {}), type(getattr(self, s)))
-                         for s in sections}, "")
-        return [f"{k[1:]}: checkpoint {theirs.get(k)} vs config {mine.get(k)}"
+        mine = _leaves(self._model_sections(*sections))
+        theirs = _leaves({s: _model_settings(s, recorded.get(s, {}), type(getattr(self, s)))
+                          for s in sections})
+        return [f"{k}: checkpoint {theirs.get(k)} vs config {mine.get(k)}"
                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+    def setting_changes(self, recorded: dict[str, Any], *sections: str) -> list[str]:
+        """Each setting of `sections` (any, not only the model's) whose value differs from
+        `recorded`, as "key X -> Y"."""
+        mine = _leaves(json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
+                                              for s in sections})))
+        theirs = _leaves({s: recorded.get(s, {}) for s in sections})
+        return [f"{k} {theirs.get(k)} -> {mine.get(k)}"
+                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+
+def _leaves(d: Any, key: str = "") -> dict[str, Any]:
+    """A nested dict's values by dotted key ("train.dense.lr")."""
+    if isinstance(d, dict):
+        return {k: v for name, sub in d.items()
+                for k, v in _leaves(sub, f"{key}.{name}" if key else name).items()}
+    return {key: d}
 
 
 _NOT_MODEL: dict[type, set[str]] = {

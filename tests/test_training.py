@@ -219,6 +219,25 @@ def test_eval_and_predict_warn_of_scores_that_are_not_what_they_seem(trained_run
     assert "trained on domain 'A'; these are its scores on domain 'B'" in caplog.text
 
 
+def test_a_resume_with_other_training_settings_says_which(tiny_world, small_config, tmp_path,
+                                                          caplog):
+    """Resuming with a learning rate or batch size other than the run's goes on (a deliberate
+    change is legitimate), saying what changed: a forgotten --set is otherwise invisible."""
+    run = tmp_path / "run"
+    train_continual(small_config, tiny_world, "A", [0], run, evaluate=False)
+    cfg = copy.deepcopy(small_config)
+    cfg.train.dense.lr *= 10
+    with caplog.at_level(logging.WARNING):
+        train_continual(cfg, tiny_world, "A", [0, 1], run, resume=True, evaluate=False)
+    lr = small_config.train.dense.lr
+    assert f"resumed with settings other than it trained with: train.dense.lr {lr} -> " \
+        f"{cfg.train.dense.lr}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # period 1 trained with these: nothing to say
+        train_continual(cfg, tiny_world, "A", [0, 1, 2], run, resume=True, evaluate=False)
+    assert "resumed with settings" not in caplog.text
+
+
 def test_a_diverged_period_stops_training_and_is_not_saved(tiny_world, small_config, tmp_path):
     cfg = copy.deepcopy(small_config)
     cfg.train.dense.lr = 1e30  # finite, accepted by the config, and far too large

@@ -39,6 +39,9 @@ from ctnet_rec.training.trainer import PeriodTrainer
 
 log = logging.getLogger(__name__)
 
+# what a resumed run is warned of when it changes (features and model cannot change: such a
+# checkpoint is refused; a sharding plan loads under any other and trains alike)
+TRAINING_SECTIONS = ("train", "data")
 SCORES = "scores"  # RUN/scores/period=<t>.npy: an evaluation's scores, with `save_scores`
 
 
@@ -114,7 +117,12 @@ def _train_continual(cfg: Config, data: DataRoot, domain: str, periods: list[int
         validate_periods(data, domain, evaluation_periods(data, domain, periods), cfg.features)
     start = None
     if resume and (latest := latest_intact_checkpoint(run)) is not None:
-        Manifest.read(latest).check_domain(domain, latest)
+        recorded = Manifest.read(latest)
+        recorded.check_domain(domain, latest)
+        changes = cfg.setting_changes(recorded.config, *TRAINING_SECTIONS)
+        if changes:
+            log.warning("%s: resumed with settings other than it trained with: %s", latest,
+                        "; ".join(changes))
         start = trainer.restore(latest).period
         periods = [t for t in periods if t > start]
         log.info("resuming after period %d", start)
