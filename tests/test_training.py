@@ -24,6 +24,7 @@ from ctnet_rec.config import load_config
 from ctnet_rec.data.contract import SUCCESS, DataError
 from ctnet_rec.training.checkpoint import (
     CheckpointError,
+    Manifest,
     complete_checkpoints,
     file_digests,
     latest_checkpoint,
@@ -217,6 +218,13 @@ def test_eval_and_predict_warn_of_scores_that_are_not_what_they_seem(trained_run
         assert main(["predict", *common, "--domain", "B", "--period", "3",
                      "--out", str(tmp_path / "b.parquet")]) == 0
     assert "trained on domain 'A'; these are its scores on domain 'B'" in caplog.text
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_newest(trained_run):
+    newest = trained_run / "checkpoints" / "period=2"
+    for given in (trained_run, trained_run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"its newest checkpoint is {newest}$"):
+            Manifest.read(given)
 
 
 def test_a_resume_with_other_training_settings_says_which(tiny_world, small_config, tmp_path,

@@ -66,7 +66,8 @@ class Manifest:
     def read(folder: Path) -> Manifest:
         path = folder / MANIFEST
         if not path.exists():
-            raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})")
+            raise CheckpointError(f"{folder}: not a complete checkpoint (no {MANIFEST})"
+                                  + _newest_inside(folder))
         try:
             return Manifest(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
@@ -117,6 +118,16 @@ class Manifest:
 
 def period_dir(run: Path, period: int) -> Path:
     return run / "checkpoints" / f"period={period}"
+
+
+def _newest_inside(folder: Path) -> str:
+    """For a run folder (or its checkpoints folder) given where a checkpoint is expected: which
+    checkpoint to give instead."""
+    try:
+        found = complete_checkpoints(folder) if folder.is_dir() else {}
+    except CheckpointError:
+        return ""
+    return f"; a run's folder: its newest checkpoint is {found[max(found)]}" if found else ""
 
 
 def complete_checkpoints(run: Path) -> dict[int, Path]:
