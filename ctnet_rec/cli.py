@@ -96,7 +96,12 @@ def _data_from_events(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from ctnet_rec.training.checkpoint import INIT
-    from ctnet_rec.training.deployments import Deployment, deploy, trainer_for
+    from ctnet_rec.training.deployments import (
+        Deployment,
+        check_deployed_from,
+        deploy,
+        trainer_for,
+    )
     from ctnet_rec.training.joint import check_source_domain
     from ctnet_rec.training.loop import train_continual
     from ctnet_rec.training.run_copy import fetch_checkpoint, local_folder
@@ -113,9 +118,11 @@ def _train(args: argparse.Namespace) -> None:
         deployment = Deployment(f"joint:{args.joint}", source_domain=args.source_domain)
         if args.init_from:
             init = run / INIT
-            if not init.exists():
-                deploy(deployment, cfg, fetch_checkpoint(args.init_from[0]),
-                       fetch_checkpoint(args.init_from[1]), run)
+            source, target = (fetch_checkpoint(x) for x in args.init_from)
+            if init.exists():  # deployed by an earlier call: from these two, or refused
+                check_deployed_from(init, source, target)
+            else:
+                deploy(deployment, cfg, source, target, run)
     train_continual(cfg, data_root(args.data), args.domain, parse_periods(args.periods),
                     run, init=init, resume=args.resume,
                     trainer_cls=partial(trainer_for, deployment),

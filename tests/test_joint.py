@@ -138,6 +138,23 @@ def test_joint_training_reads_both_domains_and_counts_them(towers, tiny_world, t
         assert not (tmp_path / "same").exists()
 
 
+def test_a_run_deployed_from_other_towers_is_not_reused_in_silence(towers, tiny_world, tmp_path,
+                                                                     caplog):
+    """`--init-from` into a run deployed by an earlier call: it goes on from that deployment,
+    so other towers than its own are refused (they were ignored)."""
+    common = ["train", "--joint", "Share Bottom", "--source-domain", "A", "--config",
+              str(towers.config_path), "--data", str(tiny_world), "--domain", "B",
+              "--run", str(tmp_path / "run")]
+    assert main([*common, "--periods", "2", "--init-from", str(towers.source(1)),
+                 str(towers.target(1))]) == 0
+    assert main([*common, "--periods", "2:4", "--resume", "--init-from", str(towers.source(1)),
+                 str(towers.target(1))]) == 0  # the same towers: goes on
+    assert main([*common, "--periods", "2:4", "--resume", "--init-from",
+                 str(towers.source(0)), str(towers.target(1))]) == 2
+    assert f"not from {towers.source(0)} and {towers.target(1)}; deploy into a new run" in \
+        caplog.text
+
+
 def test_towers_that_cannot_be_a_source_and_a_target_are_refused(towers, tmp_path):
     """Either checkpoint given twice, the two swapped, a source of a later period than the
     target (it has seen the periods scored next): refused before anything is written, for

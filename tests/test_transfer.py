@@ -323,6 +323,19 @@ def test_a_source_replaced_at_its_path_is_refused(towers, tmp_path):
         open_checkpoint(tmp_path / "run" / INIT)
 
 
+def test_deploying_into_a_run_that_has_trained_is_refused(towers, deployed, tiny_world,
+                                                          tmp_path):
+    """Its periods would go on from their own deployment, whatever the new one says."""
+    run = tmp_path / "run"
+    shutil.copytree(deployed / INIT, run / INIT)
+    transfer_run(run, tiny_world, "B", [2], towers.source_run, evaluate=False)
+    before = (run / INIT / "manifest.json").read_bytes()
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of periods \[2\], trained "
+                                              "from its deployment; deploy into a new run"):
+        transfer_init(towers.cfg, towers.source(0), towers.target(1), run)
+    assert (run / INIT / "manifest.json").read_bytes() == before
+
+
 def test_checkpoints_of_the_wrong_domain_are_refused(towers, deployed, tiny_world, tmp_path):
     """Source and target given the wrong way round, a CTNet trained for another --domain, a
     tower started from another domain's model: refused, unless said to be meant."""

@@ -15,9 +15,12 @@ from ctnet_rec.modules.dual_embedding import DUAL_PREFIX, dual_features
 from ctnet_rec.modules.kinds import CTNET, DUAL_EMBEDDING, JOINT, TOWER, kind_names
 from ctnet_rec.modules.tower import FIRST_LAYER
 from ctnet_rec.training.checkpoint import (
+    CheckpointError,
+    Manifest,
     check_tower_checkpoint,
     check_tower_pair,
     dcp_load,
+    lineage_path,
     load_into_submodule,
     load_widened,
     read_seen_ids,
@@ -71,6 +74,17 @@ def dual_embedding_init(cfg: Config, source_ckpt: Path, target_ckpt: Path, run: 
     trainer.load_state(state)
     trainer.seen = read_seen_ids(target_ckpt)
     return trainer.save_init(run, source_ckpt, target_ckpt)
+
+
+def check_deployed_from(init: Path, source_ckpt: Path, target_ckpt: Path) -> None:
+    """Refuse RUN/init deployed from other checkpoints than `source_ckpt` and `target_ckpt`
+    (a run reused with other ones: it would go on from its first deployment)."""
+    lineage = Manifest.read(init).lineage
+    was = [lineage_path(init, lineage.get(f"{role}_checkpoint", "")) for role in ("source",
+                                                                                  "target")]
+    if was != [source_ckpt.resolve(), target_ckpt.resolve()]:
+        raise CheckpointError(f"{init}: deployed from {was[0]} and {was[1]}, not from "
+                              f"{source_ckpt} and {target_ckpt}; deploy into a new run")
 
 
 Trainer = Callable[[Config, DistEnv, Deployment], PeriodTrainer]

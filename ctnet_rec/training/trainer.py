@@ -41,7 +41,9 @@ from ctnet_rec.progress import Progress
 from ctnet_rec.training.checkpoint import (
     INIT,
     MID_PERIOD,
+    CheckpointError,
     Manifest,
+    complete_checkpoints,
     feature_schema,
     lineage_entry,
     load_checkpoint,
@@ -160,6 +162,10 @@ class PeriodTrainer:
                   **lineage: Any) -> Path:
         """RUN/init of a model built from a source and a target tower checkpoint: saved as of
         the target's period, with both checkpoints in its lineage."""
+        trained = sorted(complete_checkpoints(run))
+        if trained:  # the trained periods would go on from them, not from this deployment
+            raise CheckpointError(f"{run}: holds checkpoints of periods {trained}, trained "
+                                  "from its deployment; deploy into a new run")
         folder = run / INIT
         self.save(folder, Manifest.read(target_ckpt).period, {}, {
             "target_checkpoint": lineage_entry(folder, target_ckpt),
