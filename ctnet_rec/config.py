@@ -699,12 +699,15 @@ class Config:
 
     def setting_changes(self, recorded: dict[str, Any], *sections: str) -> list[str]:
         """Each setting of `sections` (any, not only the model's) whose value differs from
-        `recorded`, as "key X -> Y"."""
+        `recorded`, as "key X -> Y". A setting `recorded` lacks (written before it existed) is
+        compared as ADDED_LATER says it behaved, else left out."""
         mine = _leaves(json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
                                               for s in sections})))
         theirs = _leaves({s: recorded.get(s, {}) for s in sections})
-        return [f"{k} {theirs.get(k)} -> {mine.get(k)}"
-                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        theirs.update({f"{s}.{k}": v for (s, k), v in ADDED_LATER.items()
+                       if s in sections and f"{s}.{k}" not in theirs})
+        return [f"{k} {theirs[k]} -> {mine.get(k)}"
+                for k in sorted(theirs) if mine.get(k) != theirs[k]]
 
 
 def _leaves(d: Any, key: str = "") -> dict[str, Any]:

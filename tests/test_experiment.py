@@ -692,3 +692,17 @@ def test_an_experiment_its_synthetic_world_cannot_hold_is_refused_before_it_is_m
 
     with pytest.raises(ConfigError, match=r"\[experiment\] domain\(s\) \['Z'\]"):
         check_synthetic_world(load_config(DEMO_CONFIG, ['experiment.source_domain="Z"']))
+
+
+def test_an_experiment_goes_on_only_with_the_settings_its_models_trained_with(experiment,
+                                                                             config_path,
+                                                                             caplog):
+    """Finished models are reused, not trained again: with another adapter learning rate the
+    report gave the old models' figures under the new setting (OUT/metrics.json said so too).
+    Only the number of jobs at a time may change."""
+    again = ["experiment", str(config_path), "--quick", "--out", str(experiment)]
+    assert json.loads((experiment / "config.json").read_text())["ctnet"]["adapter_optimizer"]
+    assert main([*again, "--set", "ctnet.adapter_optimizer.lr=1.0"]) == 2
+    assert "its models trained with other settings (ctnet.adapter_optimizer.lr 0.1 -> 1.0)" \
+        in caplog.text
+    assert main([*again, "--jobs", "1"]) == 0  # nothing to train: the same models

@@ -146,6 +146,31 @@ def check_periods(cfg: Config, data: DataRoot) -> None:
                 f"{e.periods}) needs periods 0..{e.last_period() + 1}, missing {missing}")
 
 
+EXPERIMENT_CONFIG = "config.json"  # OUT/config.json: the settings its models trained with
+# what an experiment's results depend on: every section but the pipeline's, and of the
+# experiment's own settings all but how many jobs run at a time
+RESULT_SECTIONS = ("features", "model", "ctnet", "train", "sharding", "data", "synth",
+                   "experiment")
+
+
+def check_same_settings(cfg: Config, out: Path) -> None:
+    """Refuse to go on in OUT with settings other than those its models trained with: finished
+    models are reused, not trained again, so the report would give their figures under the new
+    settings. OUT records them the first time (an OUT of an earlier version: its metrics.json's)."""
+    record = out / EXPERIMENT_CONFIG
+    recorded = json.loads(record.read_text()) if record.exists() else \
+        json.loads((out / "metrics.json").read_text())["settings"]["config"] \
+        if (out / "metrics.json").exists() else None
+    changes = [] if recorded is None else [
+        c for c in cfg.setting_changes(recorded, *RESULT_SECTIONS)
+        if not c.startswith("experiment.parallel_jobs ")]
+    if changes:
+        raise ConfigError(f"{out}: its models trained with other settings ({'; '.join(changes)}), "
+                          "and finished models are reused, not trained again: give another --out")
+    if not record.exists():
+        write_atomic(record, json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+
+
 def check_synthetic_world(cfg: Config) -> None:
     """Refuse an experiment that the config's synthetic world cannot hold (a domain [synth]
     does not make, more periods than it has) before the world is generated."""
@@ -330,6 +355,7 @@ def run_experiment(cfg: Config, data: DataRoot, out: Path, rows: Collection[str]
     out.mkdir(parents=True, exist_ok=True)
     # every evaluation keeps its scores: the report pairs the models on the same rows
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_scores=True))
+    check_same_settings(cfg, out)
     t0, trained = e.deploy_period, list(range(e.deploy_period, e.last_period() + 1))
     jobs = plan(cfg, data, out, rows, variants)
     usage = _run_jobs(jobs, data, out, e.parallel_jobs)
