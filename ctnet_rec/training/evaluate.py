@@ -41,8 +41,8 @@ def score(labels: np.ndarray, p: np.ndarray, users: np.ndarray) -> dict[str, flo
         "rows": int(len(labels)),
     }
     if bad:
-        out.update({k: math.nan for k in ("auc", "gauc", "logloss", "ne", "ctr_pred")},
-                   nonfinite_scores=bad)
+        # auc and gauc are NaN already (metrics.py)
+        out.update({k: math.nan for k in ("logloss", "ne", "ctr_pred")}, nonfinite_scores=bad)
     return out
 
 
