@@ -131,6 +131,9 @@ def write_result(path: Path, name: str, script: str, config: str,
         "command": "python " + " ".join([os.path.relpath(script, ROOT), *sys.argv[1:]]),
         "config": os.path.relpath(config, ROOT),
         "machine": {"cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                    # the instruction set torch's kernels use: AVX2 and AVX-512 machines
+                    # of the same core count differ in speed and in float results
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch": torch.__version__, "torchrec": torchrec.__version__},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@
   the backward pass, which grow with the batch while the source's weights do not.
 
 Batches come from the demo world's domain A, read once and kept in memory; weights are the
-untrained initial ones (a step costs the same). Times are medians over at least 40,960
+untrained initial ones (a step costs the same). Times are medians over at least 98,304
 samples per model.
 
     python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096]
@@ -48,7 +48,8 @@ from sharding.tower import dense_parameters, shard_model
 
 RESULT = ROOT / "benchmarks" / "results" / "ctnet_step.json"
 MB = 2**20
-MIN_SAMPLES = 40_960  # per model: small batches run more steps, so timings settle
+MIN_SAMPLES = 98_304  # per model (24 steps at 4,096): one run varied by 0.04-0.07 in the
+# step ratio with 10 steps at 4,096 on a shared 2-core machine
 MEMORY_STEPS = 6
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
@@ -108,12 +109,12 @@ def train_step(dmp: DistributedModelParallel,
 
 def source_forward(dmp: DistributedModelParallel) -> Callable[[Batch], None]:
     """The frozen source tower's part of a CTNet step alone: its view of the batch and its
-    forward under no_grad, as `CTNet.forward` runs it."""
+    forward under no_grad, as `CTNet.forward` runs it (with the ids' positions it shares with
+    the target, when it does)."""
     net = dmp.module
 
-    @torch.no_grad()
     def step(b: Batch) -> None:
-        net.source(*net.view(b.sparse, b.dense))
+        net.source_output(b.sparse, b.dense)
 
     return step
 

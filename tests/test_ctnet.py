@@ -90,6 +90,50 @@ def test_eq4_and_eq5_by_hand_with_different_towers(demo_config, batches, tap, ad
                                    target(b.sparse, b.dense).logits, rtol=0, atol=1e-6)
 
 
+def test_the_towers_share_the_ids_positions_only_where_they_make_the_same(
+        demo_config, batches, monkeypatch):
+    """CTNet makes a batch's behaviour positions (length groups, SIM's selection) once for
+    both towers when they read the same ids with the same sequence settings: one call a
+    step, and the same scores, bit for bit, in training and in eval, as when each tower makes
+    its own. Towers with other sequence settings make their own."""
+    source, target = _different_towers(demo_config)
+    net = CTNet(source, target, CTNetConfig())
+    assert net.share_positions
+    made = []
+    make = Tower.behaviour_positions
+    monkeypatch.setattr(Tower, "behaviour_positions",
+                        lambda tower, sparse: made.append(tower) or make(tower, sparse))
+    b = batches[0]
+    for mode in (True, False):
+        net.train(mode)
+        net.share_positions = True
+        shared = net(b.sparse, b.dense).logits
+        assert made == [target]
+        net.share_positions = False
+        own = net(b.sparse, b.dense).logits
+        assert made == [target, source, target]
+        assert torch.equal(shared, own)
+        made.clear()
+    other = copy.deepcopy(demo_config.model)
+    other.sim_top_k = 8
+    assert not CTNet(Tower(demo_config.features, other), target, CTNetConfig()).share_positions
+
+
+def test_the_frozen_source_runs_after_its_lookups_in_inference_mode(demo_config, batches):
+    """No autograd records for the frozen source's dense part (its time as scoring spends
+    it), and the adapters still train on its states."""
+    source, target = _towers(demo_config)
+    net = CTNet(source, target, CTNetConfig()).train()
+    modes: list[bool] = []
+    source.mlp.register_forward_pre_hook(
+        lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    b = batches[0]
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        net(b.sparse, b.dense).logits, b.labels).backward()
+    assert modes == [True]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.adapters.parameters())
+
+
 def test_linear_variant_and_deeper_target_refused(demo_config):
     source, target = _towers(demo_config)
     net = CTNet(source, target, CTNetConfig(adapter="linear"))

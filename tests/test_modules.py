@@ -16,10 +16,11 @@ from ctnet_rec.modules.attention import (
     eta_select,
     gather_jagged,
     pad,
-    pad_ids,
+    padded_slots,
     popcount,
     sim_select,
     simhash_distance,
+    take_padded,
 )
 from ctnet_rec.modules.tower import Tower
 
@@ -32,7 +33,11 @@ def test_pad_and_mask_with_empty_rows():
     assert dense[1].tolist() == [[0.0, 1.0], [2.0, 3.0]]  # first (newest) entries kept
     assert dense[0].abs().sum() == 0
     ids = JaggedTensor(values=torch.tensor([2**62, -5, 7]), lengths=torch.tensor([2, 0, 1]))
-    assert pad_ids(ids, 3).tolist() == [[2**62, -5, -1], [-1, -1, -1], [7, -1, -1]]
+    slots, valid = padded_slots(ids.offsets(), 3)
+    assert take_padded(ids.values(), slots, valid).tolist() == \
+        [[2**62, -5, -1], [-1, -1, -1], [7, -1, -1]]
+    assert take_padded(ids.values()[:0], *padded_slots(torch.zeros(4, dtype=torch.long), 3)
+                       ).tolist() == [[-1] * 3] * 3
 
 
 def jagged(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +85,10 @@ def test_target_attention_is_multihead_attention():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(got.square().sum(), [target, keys, *ta.parameters()])
     wants = torch.autograd.grad(want.square().sum(), [target, keys, *ta.parameters()])
+    # the key bias's gradient is zero in exact arithmetic (it cancels); the reference's is
+    # rounding noise, up to ~2e-6 on some CPUs, where ours is exactly zero
     for g, w in zip(grads, wants, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("by_length", [True, False], ids=["length groups", "one padded batch"])
@@ -155,7 +162,8 @@ def test_eta_picks_the_k_nearest_by_hamming():
     items = JaggedTensor(values=torch.randn(int(lengths.sum()), 8, generator=g), lengths=lengths)
     target = torch.randn(40, 8, generator=g)
     mask = torch.arange(15).unsqueeze(0) < lengths.unsqueeze(1)
-    distance = simhash_distance(h(items.values()), items, h(target), 15)
+    distance = simhash_distance(h(items.values()), h(target),
+                                *padded_slots(items.offsets(), 15))
     idx, valid = eta_select(distance, mask, k=5)
     per_row, planes = items.to_dense(), h.planes
     for b in range(40):

@@ -23,15 +23,20 @@ def pad(jt: JaggedTensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return dense, positions.unsqueeze(0) < jt.lengths().unsqueeze(1)
 
 
-def pad_ids(jt: JaggedTensor, length: int, fill: int = -1) -> torch.Tensor:
-    """(B, length) int64 ids (exact, any size) with `fill` where there is no behaviour."""
-    values, lengths = jt.values(), jt.lengths()
-    positions = torch.arange(length, device=values.device).unsqueeze(0)
-    valid = positions < lengths.unsqueeze(1)
+def padded_slots(offsets: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length) positions of each row's first `length` values in the jagged values (0 where
+    the row has none) and the (B, length) mask of real ones."""
+    positions = torch.arange(length, device=offsets.device).unsqueeze(0)
+    valid = positions < offsets.diff().unsqueeze(1)
+    return torch.where(valid, offsets[:-1].unsqueeze(1) + positions, 0), valid
+
+
+def take_padded(values: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
+                fill: int = -1) -> torch.Tensor:
+    """(B, length) values at `padded_slots`, exact (ids of any size), `fill` where not valid."""
     if values.numel() == 0:
         return torch.full(valid.shape, fill, dtype=torch.long, device=values.device)
-    idx = torch.where(valid, jt.offsets()[:-1].unsqueeze(1) + positions, 0)
-    return torch.where(valid, values[idx], fill)
+    return torch.where(valid, values[slots], fill)
 
 
 def _attendable(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,19 +199,20 @@ class SequenceEncoder(nn.Module):
                                                 batch_first=True)
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor, length: int,
-                by_length: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                by_length: bool | None = None,
+                groups: LengthBuckets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (N, D): each row's behaviours, newest first, rows split at `offsets`. Returns
         the (B, length, D) encoded behaviours (zero at padding; a row's behaviours past
         `length` are left out) and the (B, length) mask of real ones. `by_length`: attend in
-        length groups (default: on the CPU)."""
+        length groups (default: on the CPU); `groups`: those groups, made already."""
         layer, attn = self.layer, self.layer.self_attn
         mask = torch.arange(length, device=tokens.device).unsqueeze(0) < \
             offsets.diff().unsqueeze(1)
         qkv = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias)
-        if by_length is None:
-            by_length = tokens.device.type == "cpu"
-        if by_length:
-            mixed = LengthBuckets(offsets, length).self_attention(qkv, attn.num_heads)
+        if groups is None and (tokens.device.type == "cpu" if by_length is None else by_length):
+            groups = LengthBuckets(offsets, length)
+        if groups is not None:
+            mixed = groups.self_attention(qkv, attn.num_heads)
         else:
             padded = torch.ops.fbgemm.jagged_to_padded_dense(qkv, [offsets], [length], 0.0)
             mixed = _self_attention(padded, _attendable(mask)[0], attn.num_heads)
@@ -252,12 +258,9 @@ class SimHash(nn.Module):
     trained, saved with the model so a checkpoint hashes the same way."""
 
     MAX_BITS = 62
-    # times an int64 holding 8 bytes of 0/1 (byte i at bits 8i.., little-endian as every
-    # torch platform), gathers byte i's bit into bit 56 + i: only the products of byte i with
-    # the term 2^(56 - 7i) land in the top byte
-    GATHER_BYTES = 0x0102040810204080
+    CHUNK_BITS = 16  # a chunk's value, a sum of distinct powers of two below 2^16, is exact in fp32
     planes: torch.Tensor  # buffers
-    byte_shifts: torch.Tensor
+    chunk_weights: torch.Tensor
 
     def __init__(self, dim: int, bits: int, seed: int = 0) -> None:
         super().__init__()
@@ -265,15 +268,22 @@ class SimHash(nn.Module):
             raise ValueError(f"SimHash bits must be in [1, {self.MAX_BITS}], got {bits}")
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("planes", torch.randn(dim, bits, generator=g))
-        self.register_buffer("byte_shifts", torch.arange(0, 64, 8), persistent=False)
+        # bit j weighs 2^(j mod 16) in chunk j // 16; chunk c is shifted 16c bits into place
+        bit = torch.arange(bits)
+        weights = torch.zeros(bits, -(-bits // self.CHUNK_BITS))
+        weights[bit, bit // self.CHUNK_BITS] = 2.0 ** (bit % self.CHUNK_BITS).float()
+        self.register_buffer("chunk_weights", weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The signs' bits packed eight at a time, as the bytes of the sign test's bool output
-        read as int64 words (a zero hyperplane pads the bits to whole bytes: its bit is 0)."""
-        planes = F.pad(self.planes, (0, -self.planes.shape[1] % 8))
-        words = ((x @ planes) > 0).view(torch.int64)  # (N, padded bits / 8): 8 signs a word
-        packed = ((words * self.GATHER_BYTES) >> 56) & 0xFF
-        return (packed << self.byte_shifts[:words.shape[1]]).sum(dim=1)
+        """The sides as 0/1 floats (an in-place `gt_`: writing a bool tensor costs several
+        times as much on the CPU), summed into 16-bit chunks by one matmul, then shifted into
+        place."""
+        sides = (x @ self.planes).gt_(0).float()
+        chunks = (sides @ self.chunk_weights).long()
+        code = chunks[:, 0]
+        for c in range(1, chunks.shape[1]):  # or'ed, not summed: a sum over 2-4 is slower
+            code = code | (chunks[:, c] << c * self.CHUNK_BITS)
+        return code
 
 
 def _popcount32(x: torch.Tensor) -> torch.Tensor:
@@ -288,15 +298,12 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     return _popcount32(x & 0xFFFFFFFF) + _popcount32(x >> 32)
 
 
-def simhash_distance(codes: torch.Tensor, jt: JaggedTensor, target_codes: torch.Tensor,
-                     length: int) -> torch.Tensor:
+def simhash_distance(codes: torch.Tensor, target_codes: torch.Tensor, slots: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
     """(B, length) Hamming distances between each behaviour's SimHash code (`codes`, one per
-    value of `jt`) and its row's target code; -1 at padding."""
-    rows = torch.repeat_interleave(torch.arange(len(target_codes), device=codes.device),
-                                   jt.lengths().long(), output_size=len(codes))
-    dist = popcount(codes ^ target_codes[rows])
-    return pad_ids(JaggedTensor(values=dist, lengths=jt.lengths(), offsets=jt.offsets()),
-                   length)
+    jagged value, laid out by `padded_slots`) and its row's target code; -1 at padding."""
+    padded = take_padded(codes, slots, valid, 0)
+    return torch.where(valid, popcount(padded ^ target_codes.unsqueeze(1)), -1)
 
 
 def eta_select(

@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from ctnet_rec.config import CTNetConfig, FeatureConfig, TowerConfig
 from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
 from ctnet_rec.modules.embeddings import LookedUp
-from ctnet_rec.modules.tower import Tower, TowerOutput
+from ctnet_rec.modules.tower import BehaviourPositions, Tower, TowerOutput
 
 
 class CTNet(nn.Module):
@@ -60,6 +60,10 @@ class CTNet(nn.Module):
         self.input_adapters = one_per_layer([t - 1 for t in self.taps]) \
             if cfg.adapter_tap == "both" else None
         self.view = SourceView(source.features, target.features)
+        # both towers read the same ids with the same sequence settings: the ids' positions
+        # (length groups, SIM's selection) are made once, the same values either way
+        self.share_positions = self.view.identity and \
+            source.positions_key() == target.positions_key()
         # off: the adapters add nothing, as if zeroed, and no source logit is fused (what the
         # source contributes is the difference); for evaluation, not a model setting
         self.use_adapters = True
@@ -87,29 +91,42 @@ class CTNet(nn.Module):
         """Target rows in the target's feature layout; the source reads them through its own.
         Both towers' lookups are called here, on the batch's features (or the source's view
         of them), so that TorchRec's train pipeline finds and pipelines them."""
-        viewed = self.view(sparse, dense)
-        with torch.no_grad():
-            src = self.source(viewed[0], viewed[1])
+        src, positions = self.source_output(sparse, dense)
         assert self.target.embeddings is not None  # a tower with its own tables
         with torch.no_grad() if self.target_lookups_frozen else nullcontext():
             looked_up = self.target.embeddings(sparse)
-        return joined(self, src, sparse, dense, looked_up)
+        return joined(self, src, sparse, dense, looked_up, positions)
+
+    def source_output(self, sparse: KeyedJaggedTensor, dense: torch.Tensor
+                      ) -> tuple[TowerOutput, BehaviourPositions | None]:
+        """The frozen source's output for the batch, and the ids' positions when the towers
+        share them (`share_positions`)."""
+        viewed = self.view(sparse, dense)
+        positions = positions_of(self.target, sparse) if self.share_positions else None
+        assert self.source.embeddings is not None  # a tower with its own tables
+        # no_grad, not inference mode: on the CPU, fbgemm's fused lookup is registered only
+        # behind the autograd dispatch key, which inference mode skips
+        with torch.no_grad():
+            looked_up = self.source.embeddings(viewed[0])
+        return frozen_after_lookups(self.source, viewed[0], viewed[1], looked_up,
+                                    positions), positions
 
     def output_parts(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Per row, [the target tower's logit (adapters included), the source's logit]: what
         the fused output's weight is fitted on."""
-        viewed = self.view(sparse, dense)
-        with torch.no_grad():
-            src = self.source(viewed[0], viewed[1])
+        src, positions = self.source_output(sparse, dense)
         assert self.target.embeddings is not None
-        out = self.from_source(src, sparse, dense, self.target.embeddings(sparse), fuse=False)
+        out = self.from_source(src, sparse, dense, self.target.embeddings(sparse), fuse=False,
+                               positions=positions)
         return torch.stack([out.logits, src.logits], dim=1)
 
     def from_source(self, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                    looked_up: LookedUp, fuse: bool = True) -> TowerOutput:
+                    looked_up: LookedUp, fuse: bool = True,
+                    positions: BehaviourPositions | None = None) -> TowerOutput:
         """The target tower on its embeddings `looked_up`, with the adapters reading `src`.
         With `output_fusion`, in eval mode (what is scored and served), plus w (source's
-        logit - c); training fits the towers without it (w is fitted apart, out of sample)."""
+        logit - c); training fits the towers without it (w is fitted apart, out of sample).
+        `positions`: the ids' positions, made already (else the target makes its own)."""
         states = [src.inputs, *src.hidden]
         adds = None
         if self.use_adapters:
@@ -118,7 +135,8 @@ class CTNet(nn.Module):
                 adds = [x + a(states[t - 1]) for x, a, t in zip(adds, self.input_adapters,
                                                                self.taps, strict=True)]
         shared = src.long_interest if self.cfg.share_long_sequence_attention else None
-        out = self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up)
+        out = self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up,
+                          positions=positions)
         if self.cfg.output_fusion and fuse and self.use_adapters and not self.training:
             out.logits = out.logits + self.fusion_weight * (src.logits - self.fusion_offset)
         return out
@@ -126,9 +144,30 @@ class CTNet(nn.Module):
 
 @torch.fx.wrap
 def joined(ctnet: CTNet, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-           looked_up: LookedUp) -> TowerOutput:
+           looked_up: LookedUp, positions: BehaviourPositions | None) -> TowerOutput:
     """`ctnet.from_source`, one opaque call to torch.fx (see `tower.after_lookups`)."""
-    return ctnet.from_source(src, sparse, dense, looked_up)
+    return ctnet.from_source(src, sparse, dense, looked_up, positions=positions)
+
+
+@torch.fx.wrap
+def positions_of(tower: Tower, sparse: KeyedJaggedTensor) -> BehaviourPositions:
+    """`tower.behaviour_positions`, one opaque call to torch.fx (see `tower.after_lookups`;
+    torch.fx patches a wrapped function only in the module that wraps it)."""
+    return tower.behaviour_positions(sparse)
+
+
+@torch.fx.wrap
+def frozen_after_lookups(tower: Tower, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                         looked_up: LookedUp, positions: BehaviourPositions | None
+                         ) -> TowerOutput:
+    """A frozen tower's `from_embeddings` in inference mode (no autograd records, no version
+    counters: about a tenth of its time on the CPU), its outputs copied out of it, since
+    inference tensors cannot be saved for the adapters' backward. One opaque call to torch.fx
+    (see `tower.after_lookups`)."""
+    with torch.inference_mode():
+        out = tower.from_embeddings(sparse, dense, looked_up, positions=positions)
+    return TowerOutput(out.logits.clone(), out.inputs.clone(), [h.clone() for h in out.hidden],
+                       [a.clone() for a in out.long_interest])
 
 
 class SourceView(nn.Module):

@@ -15,7 +15,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from ctnet_rec.config import FeatureConfig, TowerConfig
 from ctnet_rec.modules.embeddings import LookedUp
 from ctnet_rec.modules.mlp import TowerMLP
-from ctnet_rec.modules.tower import Tower
+from ctnet_rec.modules.tower import BehaviourPositions, Tower
 
 DUAL_PREFIX = "dual_"
 
@@ -53,8 +53,10 @@ class DualEmbeddingTower(Tower):
 
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,
-              looked_up: LookedUp | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        inputs, interest = super().embed(sparse, dense, long_interest, looked_up)
+              looked_up: LookedUp | None = None,
+              positions: BehaviourPositions | None = None) -> tuple[torch.Tensor,
+                                                                    list[torch.Tensor]]:
+        inputs, interest = super().embed(sparse, dense, long_interest, looked_up, positions)
         keys = sparse.keys()
         second = self.dual(sparse.permute([keys.index(k) for k in self.dual_keys])).to_dict()
         return torch.cat([inputs, *(second[k] for k in self.dual_keys)], dim=-1), interest

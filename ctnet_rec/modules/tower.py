@@ -11,15 +11,17 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from ctnet_rec.config import FeatureConfig, SequenceConfig, TowerConfig
 from ctnet_rec.modules.attention import (
     DINAttention,
+    LengthBuckets,
     SequenceEncoder,
     SimHash,
     TargetAttention,
     eta_select,
     gather_jagged,
     pad,
-    pad_ids,
+    padded_slots,
     sim_select,
     simhash_distance,
+    take_padded,
 )
 from ctnet_rec.modules.embeddings import EmbeddingLayout, LookedUp, TowerEmbeddings
 from ctnet_rec.modules.mlp import TowerMLP
@@ -34,6 +36,20 @@ class TowerOutput:
     inputs: torch.Tensor
     hidden: list[torch.Tensor]
     long_interest: list[torch.Tensor]
+
+
+@dataclass
+class BehaviourPositions:
+    """What a batch's ids alone decide for a tower's sequence units: the short sequence's
+    length groups (its self-attention on the CPU), the long sequence's slots in the jagged
+    values and mask of real positions (`padded_slots`), and SIM's selection. Two towers that
+    read the same ids with the same sequence settings (`Tower.positions_key`) make the same,
+    so CTNet makes them once for both towers."""
+
+    short_groups: LengthBuckets | None = None
+    long_slots: torch.Tensor | None = None
+    long_mask: torch.Tensor | None = None
+    sim: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 FIRST_LAYER = "mlp.linears.0.weight"  # a tower's first MLP layer, as its state names it
@@ -87,15 +103,45 @@ class Tower(nn.Module):
                                              dim=-1),
                             lengths=items.lengths(), offsets=items.offsets())
 
+    def positions_key(self) -> tuple[object, ...]:
+        """The settings `behaviour_positions` reads besides the ids: towers with equal keys
+        make equal positions of the same batch."""
+        return (self.short if self.encoder is not None else None, self.long,
+                self.model_cfg.sim_top_k if self.sim is not None else None,
+                self.features.category_column)
+
+    def behaviour_positions(self, sparse: KeyedJaggedTensor) -> BehaviourPositions:
+        """This tower's `BehaviourPositions` of the batch `sparse`."""
+        out = BehaviourPositions()
+        if self.encoder is not None and sparse.values().device.type == "cpu":
+            assert self.short is not None  # the encoder is built with it
+            out.short_groups = LengthBuckets(sparse[self.short.item_column].offsets(),
+                                             self.short.max_len)
+        if self.long is not None:
+            s = self.long
+            out.long_slots, out.long_mask = padded_slots(sparse[s.item_column].offsets(),
+                                                         s.max_len)
+            if self.sim is not None:
+                ids = take_padded(sparse[s.category_column].values(), out.long_slots,
+                                  out.long_mask)
+                out.sim = sim_select(ids, sparse[self.features.category_column].values(),
+                                     out.long_mask, self.model_cfg.sim_top_k)
+        return out
+
     def embed(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
               long_interest: list[torch.Tensor] | None = None,
-              looked_up: LookedUp | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+              looked_up: LookedUp | None = None,
+              positions: BehaviourPositions | None = None) -> tuple[torch.Tensor,
+                                                                    list[torch.Tensor]]:
         """The MLP input E, and its long-sequence part. Given `long_interest` (another tower's
         A_SIM, A_ETA), the long-sequence work is skipped and those are used instead; given
-        `looked_up`, the embeddings are those instead of this tower's tables'."""
+        `looked_up`, the embeddings are those instead of this tower's tables'; given
+        `positions`, those instead of this tower's `behaviour_positions`."""
         if looked_up is None:
             assert self.embeddings is not None, "a tower without tables is given `looked_up`"
             looked_up = self.embeddings(sparse)
+        if positions is None:
+            positions = self.behaviour_positions(sparse)
         pooled, emb = looked_up
         item_key, cat_key = self.features.item_column, self.features.category_column
         target = torch.cat([emb[item_key].values(), emb[cat_key].values()], dim=-1)
@@ -107,11 +153,12 @@ class Tower(nn.Module):
             if isinstance(self.ta, DINAttention):  # on the jagged behaviours
                 interests.append(ta(target, tokens.values(), tokens.lengths()))
             else:
-                padded, mask = self.encoder(tokens.values(), tokens.offsets(), s.max_len) \
+                padded, mask = self.encoder(tokens.values(), tokens.offsets(), s.max_len,
+                                            groups=positions.short_groups) \
                     if self.encoder is not None else pad(tokens, s.max_len)
                 interests.append(ta(target, padded, mask))
         if long_interest is None:
-            long_interest = self.long_sequence_interest(sparse, emb, target)
+            long_interest = self.long_sequence_interest(emb, target, positions)
         parts = self.combine(pooled, emb, target, interests + long_interest)
         if dense.shape[1]:
             parts.append(dense)
@@ -124,16 +171,15 @@ class Tower(nn.Module):
         with the world size and plan), the target, the attention units' interests."""
         return [*(pooled[k] for k in self.layout.pooled_keys), target, *interests]
 
-    def long_sequence_interest(self, sparse: KeyedJaggedTensor, emb: dict[str, JaggedTensor],
-                               target: torch.Tensor) -> list[torch.Tensor]:
+    def long_sequence_interest(self, emb: dict[str, JaggedTensor], target: torch.Tensor,
+                               positions: BehaviourPositions) -> list[torch.Tensor]:
         """[A_SIM, A_ETA] (those switched on): the long sequence's retrieval + attention."""
         out: list[torch.Tensor] = []
-        cat_key = self.features.category_column
         if self.long is not None:
             s = self.long
             items, cats = emb[s.item_column], emb[s.category_column]
-            positions = torch.arange(s.max_len, device=target.device)
-            mask = positions.unsqueeze(0) < items.lengths().unsqueeze(1)
+            slots, mask = positions.long_slots, positions.long_mask
+            assert slots is not None and mask is not None  # made with the long sequence
 
             def attend(module: TargetAttention, idx: torch.Tensor,
                        valid: torch.Tensor) -> torch.Tensor:
@@ -142,15 +188,13 @@ class Tower(nn.Module):
                 return module(target, keys, valid)
 
             if self.sim is not None:
-                ids = pad_ids(sparse[s.category_column], s.max_len)
-                idx, valid = sim_select(ids, sparse[cat_key].values(), mask,
-                                        self.model_cfg.sim_top_k)
-                out.append(attend(self.sim, idx, valid))
+                assert positions.sim is not None  # made with SIM
+                out.append(attend(self.sim, *positions.sim))
             if self.eta is not None and self.simhash is not None:  # built together
                 with torch.no_grad():
                     distance = simhash_distance(
-                        self.simhash(items.values()), items,
-                        self.simhash(emb[self.features.item_column].values()), s.max_len)
+                        self.simhash(items.values()),
+                        self.simhash(emb[self.features.item_column].values()), slots, mask)
                 idx, valid = eta_select(distance, mask, self.model_cfg.eta_top_k)
                 out.append(attend(self.eta, idx, valid))
         return out
@@ -158,17 +202,19 @@ class Tower(nn.Module):
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                 adds: list[torch.Tensor | None] | None = None,
                 long_interest: list[torch.Tensor] | None = None,
-                looked_up: LookedUp | None = None) -> TowerOutput:
+                looked_up: LookedUp | None = None,
+                positions: BehaviourPositions | None = None) -> TowerOutput:
         if looked_up is None:
             assert self.embeddings is not None, "a tower without tables is given `looked_up`"
             looked_up = self.embeddings(sparse)
-        return after_lookups(self, sparse, dense, looked_up, adds, long_interest)
+        return after_lookups(self, sparse, dense, looked_up, adds, long_interest, positions)
 
     def from_embeddings(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                         looked_up: LookedUp, adds: list[torch.Tensor | None] | None = None,
-                        long_interest: list[torch.Tensor] | None = None) -> TowerOutput:
+                        long_interest: list[torch.Tensor] | None = None,
+                        positions: BehaviourPositions | None = None) -> TowerOutput:
         """Everything of `forward` after the table lookups."""
-        inputs, interest = self.embed(sparse, dense, long_interest, looked_up)
+        inputs, interest = self.embed(sparse, dense, long_interest, looked_up, positions)
         logits, hidden = self.mlp(inputs, adds)
         return TowerOutput(logits, inputs, hidden, interest)
 
@@ -176,8 +222,10 @@ class Tower(nn.Module):
 @torch.fx.wrap
 def after_lookups(tower: Tower, sparse: KeyedJaggedTensor, dense: torch.Tensor,
                   looked_up: LookedUp, adds: list[torch.Tensor | None] | None,
-                  long_interest: list[torch.Tensor] | None) -> TowerOutput:
+                  long_interest: list[torch.Tensor] | None,
+                  positions: BehaviourPositions | None) -> TowerOutput:
     """`tower.from_embeddings`, as one opaque call to torch.fx: TorchRec's train pipeline
     traces a model only to find the lookups that read the batch, and what follows them
     (data-dependent selection, jagged attention) is not symbolically traceable."""
-    return tower.from_embeddings(sparse, dense, looked_up, adds, long_interest)
+    return tower.from_embeddings(sparse, dense, looked_up, adds, long_interest, positions)
+
