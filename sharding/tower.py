@@ -9,6 +9,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# apply_optimizer_in_backward imports this at its first call, and its import compiles the
+# functional optimisers with TorchScript (~0.7 s): imported here, it is paid once in a job
+# server that preloads this module (the experiment's and the pipeline's jobs), not per job
+import torch.distributed.optim  # noqa: F401
 import torchrec
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection

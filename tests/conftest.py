@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ctnet_rec.config import Config, DomainWorldConfig, SynthConfig, load_config
 from ctnet_rec.data.contract import write_parquet
@@ -25,6 +26,29 @@ from ctnet_rec.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "examples" / "demo.toml"
+
+# One intra-op thread in every test process and in every process the tests start. Two xdist
+# workers with torch's default (a thread per core), beside the ranks and jobs they start,
+# oversubscribe the cores, and OpenMP threads waiting for each other cost more than a second
+# thread gains: the whole suite took 402 s this way against 450-529 s with the default on a
+# 2-core machine. It also makes a test's floats the same on any number of cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+# The golden curves (tests/test_golden.py) were recorded with 2 threads, and a thread count
+# splits a kernel's sums its own way: the shared runs they are read from (`towers`,
+# `transferred`) train with 2, as does a test that trains them again to compare to 1e-6.
+SHARED_RUN_THREADS = 2
+
+
+@contextlib.contextmanager
+def shared_run_threads() -> Iterator[None]:
+    """`SHARED_RUN_THREADS` intra-op threads inside, this process's own again after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SHARED_RUN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -171,8 +195,9 @@ def towers(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Towers
     root = tmp_path_factory.mktemp("towers")
     path = root / "small.toml"
     cfg = write_tower_config(path)
-    train_continual(cfg, tiny_world, "A", [0, 1, 2, 3], root / "A")
-    train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
+    with shared_run_threads():
+        train_continual(cfg, tiny_world, "A", [0, 1, 2, 3], root / "A")
+        train_continual(cfg, tiny_world, "B", [0, 1], root / "B")
     return Towers(cfg, path, root / "A", root / "B")
 
 
@@ -199,8 +224,9 @@ def transferred(towers: Towers, deployed: Path, tiny_world: Path,
 
     run = tmp_path_factory.mktemp("ctnet") / "run"
     shutil.copytree(deployed / INIT, run / INIT)
-    rc = main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain", "B",
-               "--periods", "2:4", "--source-ckpts", str(towers.source_run)])
+    with shared_run_threads():
+        rc = main(["transfer", "run", "--run", str(run), "--data", str(tiny_world), "--domain",
+                   "B", "--periods", "2:4", "--source-ckpts", str(towers.source_run)])
     assert rc == 0
     return run
 

@@ -1,6 +1,7 @@
 """Golden curves: per-period training loss and next-period AUC of a tower, CTNet and a
 joint row on the tiny world at 1 rank, against `tests/golden/curves-<stack>.json`. Training
-is deterministic on one process, so any change to what a step computes (the loss, an
+is deterministic on one process with a given number of intra-op threads (2 here, whatever
+the machine: conftest's `shared_run_threads`), so any change to what a step computes (the loss, an
 optimiser, the reader's order, an initialisation, the output fusion's fit) moves a number
 here.
 
@@ -32,6 +33,8 @@ from ctnet_rec.files import read_jsonl
 from ctnet_rec.training.joint import JointTrainer, joint_init
 from ctnet_rec.training.loop import train_continual
 
+from .conftest import shared_run_threads
+
 STACK = (f"torch{torch.__version__.split('+')[0]}-fbgemm{fbgemm_gpu.__version__}"
          f"-torchrec{torchrec.__version__}")
 CAPABILITY = Path(__file__).parent / "golden" / \
@@ -59,9 +62,10 @@ def curves(towers, transferred, tiny_world, tmp_path_factory) -> dict[str, list[
     joint = tmp_path_factory.mktemp("golden") / "joint"
     init = joint_init(towers.cfg, "Share Bottom", "A", towers.source(1), towers.target(1),
                       joint)
-    train_continual(towers.cfg, tiny_world, "B", [2, 3], joint, init=init,
-                    trainer_cls=functools.partial(JointTrainer, model="Share Bottom",
-                                                  source_domain="A"))
+    with shared_run_threads():
+        train_continual(towers.cfg, tiny_world, "B", [2, 3], joint, init=init,
+                        trainer_cls=functools.partial(JointTrainer, model="Share Bottom",
+                                                      source_domain="A"))
     return {"tower A": _curve(towers.source_run), "tower B": _curve(towers.target_run),
             "CTNet B": _curve(transferred), "Share Bottom B": _curve(joint)}
 

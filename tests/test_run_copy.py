@@ -16,6 +16,8 @@ from ctnet_rec.cli import main
 from ctnet_rec.training.checkpoint import CheckpointError
 from ctnet_rec.training.run_copy import CACHE_ENV, RunCopy, fetch_checkpoint, local_copy_of, uri_of
 
+from .conftest import shared_run_threads
+
 
 def _machine(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     """Another machine: its own cache of local copies."""
@@ -131,16 +133,18 @@ def test_runs_at_uris_continue_and_score_on_other_machines(towers, tiny_world, m
     store = f"local://{tmp_path}/store"
     cfg = ["--config", str(towers.config_path), "--data", str(tiny_world)]
     _machine(monkeypatch, tmp_path / "m1")
-    assert main(["train", *cfg, "--domain", "A", "--periods", "0:2",
-                 "--run-dir", f"{store}/A"]) == 0
-    assert main(["transfer", "init", "--source-ckpt", f"{store}/A/checkpoints/period=1",
-                 "--target-ckpt", str(towers.target(1)), "--config", str(towers.config_path),
-                 "--run", f"{store}/ctnet"]) == 0
-    _machine(monkeypatch, tmp_path / "m2")
-    assert main(["train", *cfg, "--domain", "A", "--periods", "0:3", "--resume",
-                 "--run-dir", f"{store}/A"]) == 0
-    assert main(["transfer", "run", "--run", f"{store}/ctnet", "--source-ckpts", f"{store}/A",
-                 "--data", str(tiny_world), "--domain", "B", "--periods", "2:4"]) == 0
+    with shared_run_threads():  # as `towers` trained: A's metrics are compared to 1e-6 below
+        assert main(["train", *cfg, "--domain", "A", "--periods", "0:2",
+                     "--run-dir", f"{store}/A"]) == 0
+        assert main(["transfer", "init", "--source-ckpt", f"{store}/A/checkpoints/period=1",
+                     "--target-ckpt", str(towers.target(1)), "--config",
+                     str(towers.config_path), "--run", f"{store}/ctnet"]) == 0
+        _machine(monkeypatch, tmp_path / "m2")
+        assert main(["train", *cfg, "--domain", "A", "--periods", "0:3", "--resume",
+                     "--run-dir", f"{store}/A"]) == 0
+        assert main(["transfer", "run", "--run", f"{store}/ctnet", "--source-ckpts",
+                     f"{store}/A", "--data", str(tiny_world), "--domain", "B", "--periods",
+                     "2:4"]) == 0
     published = [json.loads(line) for line in
                  (tmp_path / "store" / "A" / "metrics.jsonl").read_text().splitlines()]
     local = [json.loads(line) for line in

@@ -25,7 +25,7 @@ from ctnet_rec.training.inference import open_checkpoint, predict_checkpoint
 from ctnet_rec.training.output_fusion import PooledEvidence, best_weight
 from ctnet_rec.training.transfer import INIT, transfer_init, transfer_run
 
-from .conftest import two_rank_cli
+from .conftest import shared_run_threads, two_rank_cli
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,9 @@ def test_resume_equals_the_uninterrupted_run(towers, deployed, transferred, tiny
                                              tmp_path):
     run = tmp_path / "run"
     shutil.copytree(deployed / INIT, run / INIT)
-    transfer_run(run, tiny_world, "B", [2], towers.source_run)  # "crash" after period 2
-    assert transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)[0]["train_rows"]
+    with shared_run_threads():  # as `transferred` trained
+        transfer_run(run, tiny_world, "B", [2], towers.source_run)  # "crash" after period 2
+        assert transfer_run(run, tiny_world, "B", [2, 3], towers.source_run)[0]["train_rows"]
     want = [json.loads(x) for x in (transferred / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["period"] for m in got] == [2, 3]
