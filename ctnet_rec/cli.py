@@ -51,7 +51,8 @@ def _data_synth(args: argparse.Namespace) -> None:
     if args.quick:
         from ctnet_rec.experiment.runner import quick
 
-        cfg = quick(cfg)
+        # a world only: [synth]'s settings are those --quick may not be told otherwise
+        cfg = quick(cfg, [item for item in args.set if item.startswith("synth.")])
     out, copy = local_folder(args.out)
     synthesize(cfg.synth, out, seed=args.seed)
     if copy is not None:
@@ -229,7 +230,7 @@ def _experiment(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seeds {args.seeds}: repeat at least once")
     cfg = load_config(args.config, args.set)
     if args.quick:
-        cfg = quick(cfg)
+        cfg = quick(cfg, args.set)
     if args.jobs is not None:
         cfg.experiment.parallel_jobs = args.jobs
         cfg.validate()

@@ -710,6 +710,11 @@ class Config:
                 for k in sorted(theirs) if mine.get(k) != theirs[k]]
 
 
+def dotted_values(cfg: Config) -> dict[str, Any]:
+    """Every setting of `cfg` by its dotted key, as `--set` names it ("train.dense.lr")."""
+    return _leaves(dataclasses.asdict(cfg))
+
+
 def _leaves(d: Any, key: str = "") -> dict[str, Any]:
     """A nested dict's values by dotted key ("train.dense.lr")."""
     if isinstance(d, dict):

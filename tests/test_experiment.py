@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ctnet_rec.cli import main
-from ctnet_rec.config import load_config
+from ctnet_rec.config import ConfigError, load_config
 from ctnet_rec.data.contract import DataError
 from ctnet_rec.experiment.runner import (
     BASE,
@@ -241,8 +241,6 @@ def test_missing_periods_are_refused_before_training(experiment, tmp_path):
 def test_checkpoint_retention_is_refused_before_training(experiment, tmp_path):
     """The experiment's later jobs load the source and Base runs' older checkpoints: pruning
     them (keep_checkpoints) would fail those jobs after hours of training."""
-    from ctnet_rec.config import ConfigError
-
     cfg = quick(load_config(DEMO_CONFIG))
     cfg.train.keep_checkpoints = 2
     with pytest.raises(ConfigError, match="keep_checkpoints = 2: the experiment's later jobs"):
@@ -688,10 +686,30 @@ def test_an_experiment_its_synthetic_world_cannot_hold_is_refused_before_it_is_m
         out = tmp_path / "x"
         assert main(["experiment", str(DEMO_CONFIG), "--set", setting, "--out", str(out)]) == 2
         assert message in caplog.text and not out.exists()
-    from ctnet_rec.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"\[experiment\] domain\(s\) \['Z'\]"):
         check_synthetic_world(load_config(DEMO_CONFIG, ['experiment.source_domain="Z"']))
+
+
+def test_a_setting_that_quick_replaces_is_refused_not_dropped(tmp_path, caplog):
+    """`--quick --set experiment.periods=3` trained 2 periods after deployment, saying nothing
+    of the 3 asked for; now refused before anything is made, naming both values. A setting
+    --quick leaves alone, or one equal to what --quick sets, goes on."""
+    out = tmp_path / "x"
+    assert main(["experiment", str(DEMO_CONFIG), "--quick", "--set", "experiment.periods=3",
+                 "--out", str(out)]) == 2
+    assert "--set experiment.periods=3: --quick sets experiment.periods to 2 itself" in \
+        caplog.text and not out.exists()
+    # `data synth` writes a world: only [synth]'s settings are its concern
+    synth = ["data", "synth", "--config", str(DEMO_CONFIG), "--quick", "--out", str(out)]
+    assert main([*synth, "--set", "synth.periods=8"]) == 2
+    assert "--quick sets synth.periods to 5 itself" in caplog.text and not out.exists()
+    assert main([*synth, "--set", "experiment.periods=3"]) == 0
+    assert sorted(p.name for p in (out / "B").iterdir()) == [f"period={t}" for t in range(5)]
+    sets = ["synth.domains.B.impressions_per_period=50", "data.batch_size=256", "train.seed=4"]
+    with pytest.raises(ConfigError, match="synth.domains.B.impressions_per_period to 1000"):
+        quick(load_config(DEMO_CONFIG, sets), sets)
+    sets = sets[1:]
+    assert quick(load_config(DEMO_CONFIG, sets), sets).train.seed == 4
 
 
 def test_an_experiment_goes_on_only_with_the_settings_its_models_trained_with(experiment,

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ctnet_rec.config import Config, ConfigError
+from ctnet_rec.config import Config, ConfigError, dotted_values
 from ctnet_rec.data.contract import DataError, list_periods, period_labels
 from ctnet_rec.data.storage import DataRoot, join
 from ctnet_rec.experiment.baselines import Depth, pretrain_finetune_init, replaced_tables
@@ -109,10 +109,22 @@ class Results:
 QUICK_ROWS = {"A": 4000, "B": 1000, "C": 600}  # impressions per period in --quick
 
 
-def quick(cfg: Config) -> Config:
+def quick(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     """The same experiment on a small world (600 users, 5 periods) with 2 periods after
     deployment: a first look in minutes, and what the test suite runs. Only sizes change;
-    the world's dynamics (drift, shares, rates) stay those of `cfg`."""
+    the world's dynamics (drift, shares, rates) stay those of `cfg`. An override of `cfg`
+    (`--set`) that this would replace is refused, naming both values."""
+    q = _quick(cfg)
+    given, small = dotted_values(cfg), dotted_values(q)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in given and given[key] != small[key]:
+            raise ConfigError(f"--set {item}: --quick sets {key} to {small[key]!r} itself; "
+                              "drop one of them")
+    return q
+
+
+def _quick(cfg: Config) -> Config:
     q = copy.deepcopy(cfg)
     q.synth = dataclasses.replace(
         q.synth, periods=5, num_users=600, num_items_initial=800, new_items_per_period=100,
