@@ -52,7 +52,8 @@ def _data_synth(args: argparse.Namespace) -> None:
         from ctnet_rec.experiment.runner import quick
 
         # a world only: [synth]'s settings are those --quick may not be told otherwise
-        cfg = quick(cfg, [item for item in args.set if item.startswith("synth.")])
+        cfg = quick(cfg, [item for item in args.set
+                          if item.partition("=")[0].strip().split(".")[0] == "synth"])
     out, copy = local_folder(args.out)
     synthesize(cfg.synth, out, seed=args.seed)
     if copy is not None:

@@ -708,6 +708,9 @@ def test_a_setting_that_quick_replaces_is_refused_not_dropped(tmp_path, caplog):
     sets = ["synth.domains.B.impressions_per_period=50", "data.batch_size=256", "train.seed=4"]
     with pytest.raises(ConfigError, match="synth.domains.B.impressions_per_period to 1000"):
         quick(load_config(DEMO_CONFIG, sets), sets)
+    table = ["experiment={deploy_period = 6, periods = 4, parallel_jobs = 2}"]  # a whole table
+    with pytest.raises(ConfigError, match="sets experiment.deploy_period to 2 itself"):
+        quick(load_config(DEMO_CONFIG, table), table)
     sets = sets[1:]
     assert quick(load_config(DEMO_CONFIG, sets), sets).train.seed == 4
 

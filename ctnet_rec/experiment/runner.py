@@ -117,10 +117,12 @@ def quick(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     q = _quick(cfg)
     given, small = dotted_values(cfg), dotted_values(q)
     for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key in given and given[key] != small[key]:
-            raise ConfigError(f"--set {item}: --quick sets {key} to {small[key]!r} itself; "
-                              "drop one of them")
+        key = item.partition("=")[0].strip()  # a setting, or a table of them
+        replaced = [k for k in given if (k == key or k.startswith(f"{key}."))
+                    and given[k] != small[k]]
+        if replaced:
+            raise ConfigError(f"--set {item}: --quick sets {replaced[0]} to "
+                              f"{small[replaced[0]]!r} itself; drop one of them")
     return q
 
 
