@@ -30,7 +30,7 @@ DEMO_CONFIG = ROOT / "examples" / "demo.toml"
 # One intra-op thread in every test process and in every process the tests start. Two xdist
 # workers with torch's default (a thread per core), beside the ranks and jobs they start,
 # oversubscribe the cores, and OpenMP threads waiting for each other cost more than a second
-# thread gains: on a 2-core AVX-512 machine the whole suite took 344-424 s this way (four
+# thread gains: on a 2-core AVX-512 machine the whole suite took 344-424 s this way (five
 # runs) against 450-529 s with the default (two); 3 workers instead of 2 gave no gain (368 s).
 # It also makes a test's floats the same on any number of cores.
 os.environ["OMP_NUM_THREADS"] = "1"
