@@ -23,11 +23,11 @@ from ctnet_rec.config import (
     load_config,
 )
 from ctnet_rec.data.contract import DataError, parse_periods
-from ctnet_rec.data.storage import data_root
+from ctnet_rec.data.storage import CACHE_ENV, data_root
+from ctnet_rec.experiment.jobs import JobKilled, start_job_server
 from ctnet_rec.files import writable_folder, write_atomic
 from ctnet_rec.log_setup import configure_logging
-from ctnet_rec.training.checkpoint import CheckpointError
-from ctnet_rec.training.run_copy import CACHE_ENV
+from ctnet_rec.training.errors import CheckpointError, DivergenceError
 
 log = logging.getLogger("ctnet")
 
@@ -267,6 +267,10 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 
 PERIODS_HELP = "N, A:B (B exclusive) or N,M,..."
+# where `ctnet experiment` and `ctnet pipeline` make the `IsolatedRunner` their jobs run in:
+# its job server, preloading that module, is started before this process imports torch
+EXPERIMENT_JOBS = "ctnet_rec.experiment.runner"
+PIPELINE_JOBS = "ctnet_rec.pipeline.job"
 
 
 def _device_argument(p: argparse.ArgumentParser) -> None:
@@ -601,7 +605,7 @@ def _experiment_command(sub: Subcommands) -> None:
                    help="repeat with seeds SEED, SEED+1, ...: mean and std of every number")
     x.add_argument("--jobs", type=int, help="jobs at a time, each with cores / JOBS torch "
                    "threads (default: [experiment] parallel_jobs)")
-    x.set_defaults(func=_experiment)
+    x.set_defaults(func=_experiment, job_server=EXPERIMENT_JOBS)
 
 
 def _pipeline_command(sub: Subcommands) -> None:
@@ -625,7 +629,7 @@ def _pipeline_command(sub: Subcommands) -> None:
                     help="process what is ready and exit (for cron or a workflow engine)")
     pp.add_argument("--until", type=int, metavar="PERIOD",
                     help="stop once this period is processed (default: watch for ever)")
-    pp.set_defaults(func=_pipeline)
+    pp.set_defaults(func=_pipeline, job_server=PIPELINE_JOBS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -635,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.set_defaults(job_server=None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _data_command(sub)
     _train_command(sub)
@@ -678,11 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.DEBUG if args.verbose else logging.INFO,
                       quiet_libraries=not args.verbose)
     func: Callable[[argparse.Namespace], None] = args.func
+    if args.job_server:  # it imports the library on a core of its own while this process does
+        start_job_server([args.job_server])
     import torch  # noqa: F401  (loaded before freezing)
 
-    from ctnet_rec.experiment.jobs import JobKilled
     from ctnet_rec.training.distributed import leave_process_group_at_exit
-    from ctnet_rec.training.trainer import DivergenceError
 
     gc.freeze()  # torch's many import-time objects need no rescans by the collector
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctnet_rec.cli import main
+from ctnet_rec.cli import build_parser, main
 
 from .conftest import DEMO_CONFIG
 
@@ -24,6 +24,26 @@ def test_help_lists_subcommands():
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 0
+
+
+def test_the_command_line_imports_torch_only_to_run_a_command():
+    """`ctnet --help` answers without importing torch, and `ctnet experiment` and `ctnet
+    pipeline` start their job server (which preloads the module that makes their runner)
+    before this process imports the library, so that both import it side by side."""
+    import importlib
+    import inspect
+
+    code = "import sys, ctnet_rec.cli; print(sorted({'torch', 'torchrec'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    parser = build_parser()
+    for command in (["experiment"], ["pipeline", "--data", "d", "--runs", "r"]):
+        module = parser.parse_args([*command, str(DEMO_CONFIG)]).job_server
+        assert "IsolatedRunner(preload=[__name__]" in \
+            inspect.getsource(importlib.import_module(module))
+    assert parser.parse_args(["train", "--config", str(DEMO_CONFIG), "--data", "d", "--domain",
+                              "A", "--periods", "0", "--run", "r"]).job_server is None
 
 
 def test_validate_prints_summary_with_oracle(tiny_world, tmp_path, capsys):

@@ -14,6 +14,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 DataRoot = Path | str  # a local folder, or a URI kept as text (a Path would merge its "//")
+# the environment variable naming where runs and outputs at URIs are copied to locally
+# (`training/run_copy.py`)
+CACHE_ENV = "CTNET_RUN_CACHE"
 
 
 def is_uri(root: DataRoot) -> bool:

@@ -11,6 +11,7 @@ import functools
 import gc
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import select
@@ -126,6 +127,18 @@ class JobKilled(RuntimeError):
     killer, an operator) or crashed in native code."""
 
 
+def start_job_server(preload: Sequence[str]) -> multiprocessing.context.ForkServerContext:
+    """The server `IsolatedRunner`'s processes fork from, started now if it is not running:
+    it imports `preload` (the library) once, so that each job starts with it imported. Started
+    first thing by a command that runs jobs, it imports on another core while the command's
+    own process imports the library too. One per process: a later call with other modules
+    finds it running and changes nothing."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
 class IsolatedRunner:
     """Runs callables, up to `workers` at a time, each in a new process; each returns its wall
     time and peak memory. Exceptions (bad data, a refused checkpoint) come back to the caller
@@ -134,8 +147,7 @@ class IsolatedRunner:
     the one that made the runner, however it ends."""
 
     def __init__(self, preload: Sequence[str], workers: int = 1) -> None:
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(list(preload))
+        self.context = start_job_server(preload)
         self.workers, self.threads = workers, torch_threads(workers)
         self.init_args = (_logging_levels(), os.getpid())
         self.slots = threading.BoundedSemaphore(workers)

@@ -324,8 +324,8 @@ class Pipeline:
             return self._run(once, until)
 
     def _run(self, once: bool, until: int | None) -> int:
-        runner = IsolatedRunner([__name__], min(self.p.parallel_jobs, len(self.p.targets)))
-        runner.submit(_nothing, "start")  # its server imports the library meanwhile
+        runner = IsolatedRunner(preload=[__name__],
+                                workers=min(self.p.parallel_jobs, len(self.p.targets)))
         self.stopped_record.unlink(missing_ok=True)  # running again
         period: int | None = None  # the one being processed
         told = None  # what the log last said the pipeline waits for
@@ -368,10 +368,6 @@ class Pipeline:
         """Why the pipeline last stopped on an error (absent while it runs, or after a clean
         end): for the status page, whose reader may not see the log."""
         return self.runs / RECORDS / "stopped.json"
-
-
-def _nothing() -> None:
-    pass
 
 
 def _source_step(cfg: Config, data: DataRoot, runs: Path, period: int) -> None:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ctnet_rec.data.contract import SUCCESS
-from ctnet_rec.data.storage import filesystem, is_uri
+from ctnet_rec.data.storage import CACHE_ENV, filesystem, is_uri
 from ctnet_rec.files import write_atomic
 from ctnet_rec.training.checkpoint import (
     MANIFEST,
@@ -44,7 +44,6 @@ from ctnet_rec.training.run_lock import LOCK
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "CTNET_RUN_CACHE"
 _NOT_SYNCED = {LOCK, LEASES}
 _NO_HOST = "_"  # in a copy's path: a URI without a host (file:///path)
 

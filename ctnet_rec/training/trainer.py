@@ -52,6 +52,7 @@ from ctnet_rec.training.checkpoint import (
     verify_file,
 )
 from ctnet_rec.training.collectives import from_main, gather_to_main
+from ctnet_rec.training.errors import DivergenceError
 from ctnet_rec.training.evaluate import evaluate_predictions
 from ctnet_rec.training.metric_sink import TensorBoardSink
 from ctnet_rec.training.optim import WARMUP, GroupOptimizer, NamedParams
@@ -73,10 +74,6 @@ class _NoStreamWarning(logging.Filter):
 
 
 logging.getLogger("torchrec.distributed.train_pipeline.postproc").addFilter(_NoStreamWarning())
-
-
-class DivergenceError(ValueError):
-    """Training diverged (a non-finite loss); nothing of the period was saved."""
 
 
 class PeriodTrainer:
