@@ -840,7 +840,10 @@ def test_a_gpu_trained_checkpoint_is_scored_on_a_cpu_host(trained_run, tiny_worl
     if not torch.cuda.is_available():
         assert main(["eval", "--ckpt", str(ckpt), *common, "--device", "cuda",
                      "--out", str(tmp_path / "f.json")]) == 2
-        assert "sees no GPU" in caplog.text
+        assert "--device cuda, but this torch sees no GPU" in caplog.text
+        assert main(["predict", "--export", str(tmp_path / "x"), *common, "--out",
+                     str(tmp_path / "r.parquet"), "--device", "cuda"]) == 2
+        assert caplog.text.count("--device cuda, but this torch sees no GPU") == 2
 
 
 def test_only_steps_that_leave_parameters_unused_make_ddp_search_for_them(small_config):

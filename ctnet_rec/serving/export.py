@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 from torch.package import PackageExporter, PackageImporter
 from torchrec.modules.mc_modules import ManagedCollisionModule
 
-from ctnet_rec.config import Config, ConfigError, config_from_dict
+from ctnet_rec.config import Config, config_from_dict
 from ctnet_rec.data.batch import on_device
 from ctnet_rec.data.contract import validate_periods
 from ctnet_rec.data.reader import ParquetBatchReader
@@ -52,6 +52,7 @@ from ctnet_rec.files import PathArg, file_digest
 from ctnet_rec.progress import Progress
 from ctnet_rec.serving.requests import RequestCodec
 from ctnet_rec.training.checkpoint import CheckpointError
+from ctnet_rec.training.distributed import require_device
 from ctnet_rec.training.inference import open_checkpoint, say_what_is_scored, write_scores
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,7 @@ def score_export(folder: Path, data: DataRoot, domain: str, period: int,
                  device: str = "cpu") -> dict[str, np.ndarray]:
     """An exported artifact's scores of a period's rows (`p`), with their labels, users and
     items, in file order."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this torch sees no GPU")
+    require_device(device, f"--device {device}")
     model = ExportedModel(folder, sha256)
     model.scorer.to(device)
     cfg = model.config

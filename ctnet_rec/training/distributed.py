@@ -48,6 +48,13 @@ def leave_process_group_at_exit() -> None:
     atexit.register(_leave_process_group)
 
 
+def require_device(device: str, asked: str) -> None:
+    """Refuse "cuda" where torch sees no GPU, naming the setting or flag that `asked` for it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{asked}, but this torch sees no GPU (a CPU build, or no driver); "
+                          "on a GPU machine `make setup DEVICE=cuda`, else the CPU")
+
+
 def init_distributed(device: str) -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
 
@@ -57,10 +64,7 @@ def init_distributed(device: str) -> DistEnv:
     the host name resolves to; when every rank runs on this machine gloo's sockets are bound to
     loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment names an interface. torchrun's
     own rendezvous store listens on all interfaces (torch's TCPStore has no bind address)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[train] device = 'cuda', but this torch sees no GPU (a CPU build, "
-                          "or no driver); on a GPU machine `make setup DEVICE=cuda`, else "
-                          "device = 'cpu'")
+    require_device(device, "[train] device = 'cuda'")
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:  # launched by torchrun / torchx

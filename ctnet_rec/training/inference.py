@@ -21,7 +21,7 @@ from ctnet_rec.modules.kinds import CTNET
 from ctnet_rec.training.checkpoint import CheckpointError, Manifest, config_of
 from ctnet_rec.training.collectives import from_main
 from ctnet_rec.training.deployments import Deployment, trainer_for
-from ctnet_rec.training.distributed import init_distributed
+from ctnet_rec.training.distributed import init_distributed, require_device
 from ctnet_rec.training.trainer import PeriodTrainer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def open_checkpoint(folder: Path, cfg: Config | None = None,
     cfg = cfg or config_of(manifest, folder)
     if sharding is not None:
         cfg = dataclasses.replace(cfg, sharding=sharding)
+    if device is not None:
+        require_device(device, f"--device {device}")
     device = device or scoring_device(cfg.train.device, folder)
     if device != cfg.train.device:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
