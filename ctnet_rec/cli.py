@@ -683,14 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.DEBUG if args.verbose else logging.INFO,
                       quiet_libraries=not args.verbose)
     func: Callable[[argparse.Namespace], None] = args.func
-    if args.job_server:  # it imports the library on a core of its own while this process does
-        start_job_server([args.job_server])
-    import torch  # noqa: F401  (loaded before freezing)
-
-    from ctnet_rec.training.distributed import leave_process_group_at_exit
-
-    gc.freeze()  # torch's many import-time objects need no rescans by the collector
     try:
+        if args.job_server:  # importing the library on a core of its own while this process
+            load_config(args.config, args.set)  # does; a config it refuses starts nothing
+            start_job_server([args.job_server])
+        import torch  # noqa: F401  (loaded before freezing)
+
+        gc.freeze()  # torch's many import-time objects need no rescans by the collector
         func(args)
     except (ConfigError, DataError, CheckpointError, DivergenceError, JobKilled,
             FileExistsError) as e:
@@ -699,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a folder gone read-only mid-run: the cause, by file
         log.error("%s%s", f"{e.filename}: " if e.filename else "", e.strerror or e)
         return 2
+    from ctnet_rec.training.distributed import leave_process_group_at_exit
+
     leave_process_group_at_exit()
     return 0
 

@@ -26,10 +26,11 @@ def test_help_lists_subcommands():
         assert e.value.code == 0
 
 
-def test_the_command_line_imports_torch_only_to_run_a_command():
+def test_the_command_line_imports_torch_only_to_run_a_command(tmp_path, monkeypatch):
     """`ctnet --help` answers without importing torch, and `ctnet experiment` and `ctnet
     pipeline` start their job server (which preloads the module that makes their runner)
-    before this process imports the library, so that both import it side by side."""
+    before this process imports the library, so that both import it side by side; but not
+    for a config they refuse."""
     import importlib
     import inspect
 
@@ -44,6 +45,13 @@ def test_the_command_line_imports_torch_only_to_run_a_command():
             inspect.getsource(importlib.import_module(module))
     assert parser.parse_args(["train", "--config", str(DEMO_CONFIG), "--data", "d", "--domain",
                               "A", "--periods", "0", "--run", "r"]).job_server is None
+    started: list[list[str]] = []
+    monkeypatch.setattr("ctnet_rec.cli.start_job_server", started.append)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEMO_CONFIG.read_text().replace("[model]", "[model]\nno_such_key = 1"))
+    assert main(["pipeline", str(bad), "--data", "d", "--runs", str(tmp_path / "r")]) == 2
+    assert main(["experiment", str(DEMO_CONFIG), "--set", "train.seed=-1"]) == 2
+    assert started == []
 
 
 def test_validate_prints_summary_with_oracle(tiny_world, tmp_path, capsys):
