@@ -49,11 +49,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ctnet_rec.experiment.jobs import keep_forks_cuda_capable  # noqa: E402
+
+keep_forks_cuda_capable()  # before torch and fbgemm: each section runs in a forked process
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from ctnet_rec.config import Config, load_config  # noqa: E402
 from ctnet_rec.data.batch import Batch  # noqa: E402
@@ -469,7 +473,8 @@ def merge(into: dict[str, Any], update: dict[str, Any]) -> None:
 
 def run_section(name: str, args: argparse.Namespace, tmp: Path, limit: float,
                 on_update: Callable[[], None], results: dict[str, Any]) -> None:
-    """`name` in a forked process (the parent never touches CUDA), its updates merged into
+    """`name` in a forked process (the parent never initialises CUDA, and checks for it through
+    NVML: `keep_forks_cuda_capable`), its updates merged into
     `results[name]` as they come; killed at `limit` seconds."""
     out: dict[str, Any] = results.setdefault(name, {})
     parent, child = mp.get_context("fork").Pipe(duplex=False)

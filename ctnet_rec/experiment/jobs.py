@@ -127,12 +127,27 @@ class JobKilled(RuntimeError):
     killer, an operator) or crashed in native code."""
 
 
+# torch's availability check asks the CUDA runtime by default, and a process that did so cannot
+# fork a child that uses CUDA ("Cannot re-initialize CUDA in forked subprocess"); asked through
+# NVML, it can. fbgemm_gpu's import runs that check, so any process that imports the library
+# and then forks the jobs would fork them unable to train on the GPU.
+NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def keep_forks_cuda_capable() -> None:
+    """Have torch check for CUDA through NVML, in this process and the ones it starts, so
+    that the processes they fork can still use the GPU. Called before the library is imported
+    by a process that forks (the job server, the GPU suite); a value the user set stays."""
+    os.environ.setdefault(NVML_CUDA_CHECK, "1")
+
+
 def start_job_server(preload: Sequence[str]) -> multiprocessing.context.ForkServerContext:
     """The server `IsolatedRunner`'s processes fork from, started now if it is not running:
     it imports `preload` (the library) once, so that each job starts with it imported. Started
     first thing by a command that runs jobs, it imports on another core while the command's
     own process imports the library too. One per process: a later call with other modules
     finds it running and changes nothing."""
+    keep_forks_cuda_capable()  # the server imports the library, then forks every job
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
     multiprocessing.forkserver.ensure_running()
