@@ -36,6 +36,14 @@ def _check(cond: bool, key: str, reason: str) -> None:
 IdPolicy = Literal["modulo", "hash", "managed"]
 
 
+def _check_embedding_dim(dim: int, key: str) -> None:
+    _check(dim > 0, f"{key}.embedding_dim", "must be > 0")
+    # fbgemm's fused table kernels (every compute kernel offered, on the CPU as on GPUs)
+    # refuse other widths at sharding, deep inside TorchRec
+    _check(dim % 4 == 0, f"{key}.embedding_dim",
+           f"{dim} is not a multiple of 4, which fbgemm's table kernels need")
+
+
 @dataclass
 class TableConfig:
     """One embedding table; several features may share it (item ids and behaviour items)."""
@@ -48,7 +56,7 @@ class TableConfig:
     def validate(self, key: str) -> None:
         _check(self.name.isidentifier(), f"{key}.name", f"{self.name!r} is not an identifier")
         _check(0 < self.num_embeddings < 2**62, f"{key}.num_embeddings", "must be in (0, 2^62)")
-        _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
+        _check_embedding_dim(self.embedding_dim, key)
         # 2^48 values are 1 PiB in fp32, more than a cluster holds; larger counts also
         # overflow fbgemm's 64-bit offsets
         _check(self.num_embeddings * self.embedding_dim < 2**48, f"{key}.num_embeddings",
@@ -107,7 +115,7 @@ class NumericFeatureConfig:
             f"{key}.boundaries",
             "must be strictly increasing",
         )
-        _check(self.embedding_dim > 0, f"{key}.embedding_dim", "must be > 0")
+        _check_embedding_dim(self.embedding_dim, key)
 
     @property
     def bucketized(self) -> bool:
