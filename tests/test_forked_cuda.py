@@ -20,13 +20,14 @@ import os, sys
 sys.path[:0] = [{root!r}, {benchmarks!r}]
 os.environ.pop({var!r}, None)
 from tests import cuda_runtime_spy as spy
-import gpu_suite  # the suite's parent: it imports the library, then forks each section
-spy.assert_the_cuda_runtime_was_not_asked()
-
 from ctnet_rec.cli import EXPERIMENT_JOBS, PIPELINE_JOBS
 from ctnet_rec.experiment.jobs import IsolatedRunner
-os.environ.pop({var!r}, None)
+# the job server: it imports the library (on the other core, while this process goes on)
 runner = IsolatedRunner(["tests.cuda_runtime_spy", EXPERIMENT_JOBS, PIPELINE_JOBS])
+
+os.environ.pop({var!r}, None)
+import gpu_suite  # the suite's parent: it imports the library, then forks each section
+spy.assert_the_cuda_runtime_was_not_asked()
 runner.submit(spy.assert_the_cuda_runtime_was_not_asked, "probe").result()
 
 os.environ.pop({var!r}, None)  # and the spy sees the question when it is asked
