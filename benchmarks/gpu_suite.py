@@ -473,9 +473,9 @@ def merge(into: dict[str, Any], update: dict[str, Any]) -> None:
 
 def run_section(name: str, args: argparse.Namespace, tmp: Path, limit: float,
                 on_update: Callable[[], None], results: dict[str, Any]) -> None:
-    """`name` in a forked process (the parent never initialises CUDA, and checks for it through
-    NVML: `keep_forks_cuda_capable`), its updates merged into
-    `results[name]` as they come; killed at `limit` seconds."""
+    """`name` in a forked process (the parent never initialises CUDA and checks for it
+    through NVML: `keep_forks_cuda_capable`), its updates merged into `results[name]` as
+    they come; killed at `limit` seconds."""
     out: dict[str, Any] = results.setdefault(name, {})
     parent, child = mp.get_context("fork").Pipe(duplex=False)
     proc = mp.get_context("fork").Process(target=_child, args=(name, args, tmp, child))
