@@ -25,7 +25,9 @@ figure, so a suite stopped from outside keeps what it measured):
   1 / 64 / 512 rows.
 - uvm_cache: a table 4x larger than its UVM cache (fbgemm's managed caching) against the same
   table in HBM, with the cache filled one batch ahead on a side stream (what TorchRec's
-  prefetch pipeline does): samples/s.
+  prefetch pipeline does): samples/s; and the demo tower trained by the project's trainer with
+  its user table behind such a cache (under TorchRec's `PrefetchTrainPipelineSparseDist`)
+  against the table on the device.
 
 Results: benchmarks/results/gpu_suite-<device>.json (`--out` to override).
 """
@@ -67,6 +69,7 @@ from ctnet_rec.experiment.runner import din_config, quick  # noqa: E402
 from ctnet_rec.training.distributed import init_distributed  # noqa: E402
 from ctnet_rec.training.trainer import PeriodTrainer  # noqa: E402
 from ctnet_rec.training.transfer import CTNetTrainer  # noqa: E402
+from sharding.tower import pipeline_class  # noqa: E402
 
 PARITY_AUC = 0.003  # next-period AUC, CPU vs device
 PARITY_LOSS = 0.01  # each of the first PARITY_STEPS step losses, relative
@@ -434,6 +437,34 @@ def section_uvm_cache(args: argparse.Namespace, scale: Scale, tmp: Path, send: S
         del table
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    send({"trainer": trainer_behind_cache(args, scale, tmp)})
+
+
+def trainer_behind_cache(args: argparse.Namespace, scale: Scale, tmp: Path) -> dict[str, Any]:
+    """The demo tower trained by the project's own trainer with its user table on the device,
+    then (CUDA only: the kernel is CUDA's) in host memory behind a GPU cache
+    (`fused_uvm_caching`): samples/s of each and the train pipeline each ran, TorchRec's
+    prefetch pipeline for the cached table, a path no CPU run takes."""
+    env = init_distributed(args.device)
+    batch_size = scale.batch_sizes[min(1, len(scale.batch_sizes) - 1)]
+    out: dict[str, Any] = {"table": "user", "batch_size": batch_size}
+    kernels = {"device": "fused"} | (
+        {"uvm_cache": "fused_uvm_caching"} if env.device.type == "cuda" else {})
+    for name, kernel in kernels.items():
+        cfg = demo_config(scale, args.device)
+        cfg.sharding.kernels = {"user": kernel}
+        trainer = PeriodTrainer(cfg, env)
+        out[f"{name}_pipeline"] = pipeline_class(
+            env.device, cfg.sharding, [t.name for t in cfg.features.tables]).__name__
+        reader = ParquetBatchReader(world(cfg, tmp), "A", list(range(cfg.synth.periods)),
+                                    trainer.features_read(), cfg.data, batch_size=batch_size,
+                                    seed=0)
+        out[f"{name}_samples_per_s"] = round(samples_per_s(
+            trainer, cycled(reader, "A", batch_size), "A", scale, batch_size))
+        del trainer
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 SECTIONS: dict[str, tuple[Callable[..., None], int]] = {  # name: (function, seconds at most)
@@ -445,7 +476,7 @@ SECTIONS: dict[str, tuple[Callable[..., None], int]] = {  # name: (function, sec
     "big_table": (section_big_table, 120),
     "checkpoint": (section_checkpoint, 120),
     "export": (section_export, 90),
-    "uvm_cache": (section_uvm_cache, 90),
+    "uvm_cache": (section_uvm_cache, 120),
 }
 
 

@@ -80,6 +80,11 @@ def test_throughput_big_table_checkpoint_export_and_cache_figures(dry_run):
     assert set(dry_run["export"]["p50_ms_by_rows"]) == {"1", "64", "512"}
     cache = dry_run["uvm_cache"]
     assert cache["hbm_samples_per_s"] > 0 and cache["uvm_cache_samples_per_s"] > 0
+    # the project's trainer: on the CPU its table on the device alone (the cached kernel is
+    # CUDA's), under the sparse-dist pipeline
+    trainer = cache["trainer"]
+    assert trainer["device_samples_per_s"] > 0 and "uvm_cache_samples_per_s" not in trainer
+    assert trainer["device_pipeline"] == "TrainPipelineSparseDist"
 
 
 def _args() -> argparse.Namespace:
