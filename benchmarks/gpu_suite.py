@@ -8,6 +8,8 @@ hang or a timeout in one keeps the others' results; the JSON is rewritten after 
 figure, so a suite stopped from outside keeps what it measured):
 
 - info: device, memory, torch / fbgemm / torchrec versions.
+- forked_job: a job of the experiment's and the pipeline's job server (forked from a process
+  that imported the library) uses the device.
 - placement: the demo tower and CTNet trained a few steps on the device; elements of every
   parameter and buffer by device (anything off the device fails the section).
 - parity: the quick world trained 2 periods from the same initial weights (saved by the CPU
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -61,10 +64,12 @@ keep_forks_cuda_capable()  # before torch and fbgemm: each section runs in a for
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ctnet_rec.cli import EXPERIMENT_JOBS  # noqa: E402
 from ctnet_rec.config import Config, load_config  # noqa: E402
 from ctnet_rec.data.batch import Batch  # noqa: E402
 from ctnet_rec.data.reader import ParquetBatchReader  # noqa: E402
 from ctnet_rec.data.synth import synthesize  # noqa: E402
+from ctnet_rec.experiment.jobs import IsolatedRunner  # noqa: E402
 from ctnet_rec.experiment.runner import din_config, quick  # noqa: E402
 from ctnet_rec.training.distributed import init_distributed  # noqa: E402
 from ctnet_rec.training.trainer import PeriodTrainer  # noqa: E402
@@ -133,6 +138,18 @@ def section_info(args: argparse.Namespace, scale: Scale, tmp: Path, send: Send) 
         info |= {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gb": round(total / GB, 1),
                  "gpu_free_gb": round(free / GB, 1)}
     send(info)
+
+
+def device_job(device: str) -> None:
+    """A job of the experiment's and the pipeline's job server, which forks it from a process
+    that imported the library: it must be able to use the device."""
+    assert float(torch.ones(4, device=device).sum()) == 4.0
+
+
+def section_forked_job(args: argparse.Namespace, scale: Scale, tmp: Path, send: Send) -> None:
+    runner = IsolatedRunner(preload=[EXPERIMENT_JOBS])
+    runner.submit(functools.partial(device_job, args.device), "device job").result()
+    send({"device": args.device, "ran": True})
 
 
 def placement_of(trainer: PeriodTrainer) -> dict[str, int]:
@@ -469,6 +486,7 @@ def trainer_behind_cache(args: argparse.Namespace, scale: Scale, tmp: Path) -> d
 
 SECTIONS: dict[str, tuple[Callable[..., None], int]] = {  # name: (function, seconds at most)
     "info": (section_info, 60),
+    "forked_job": (section_forked_job, 60),
     "placement": (section_placement, 90),
     "parity_cpu": (lambda a, s, t, send: section_parity_run(a, s, t, send, "cpu"), 90),
     "parity_device": (lambda a, s, t, send: section_parity_run(a, s, t, send, a.device), 90),

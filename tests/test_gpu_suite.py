@@ -33,6 +33,7 @@ def test_every_section_runs_and_reports(dry_run):
     assert all(name in dry_run and "error" not in dry_run[name] for name in gpu_suite.SECTIONS)
     info = dry_run["info"]
     assert info["torch"] and info["fbgemm_gpu"] and info["torchrec"]
+    assert dry_run["forked_job"]["ran"] and dry_run["forked_job"]["device"] == "cpu"
 
 
 def test_placement_counts_every_element_on_the_device(dry_run):
