@@ -436,6 +436,13 @@ def test_settings_and_folders_that_cannot_work_are_refused_with_a_message(
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError, match="device = 'cuda', but this torch sees no GPU"):
         train_continual(cuda, tiny_world, "A", [0], tmp_path / "gpu")
+    # more processes on a node than GPUs: refused before the process group starts
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="local rank 1 and sees 1 GPU"):
+        train_continual(cuda, tiny_world, "A", [0], tmp_path / "gpu")
+    monkeypatch.delenv("LOCAL_RANK")
     not_a_folder = tmp_path / "a-file"  # unwritable even for root, unlike a read-only mode
     not_a_folder.write_text("")
     with pytest.raises(CheckpointError, match=r"cannot write the run here \(Not a directory"):

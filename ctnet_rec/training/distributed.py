@@ -49,10 +49,19 @@ def leave_process_group_at_exit() -> None:
 
 
 def require_device(device: str, asked: str) -> None:
-    """Refuse "cuda" where torch sees no GPU, naming the setting or flag that `asked` for it."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{asked}, but this torch sees no GPU (a CPU build, or no driver); "
+    """Refuse "cuda" where torch sees no GPU, naming the setting or flag that `asked` for it;
+    and a process whose local rank has no GPU of its own (one process per GPU)."""
+    if device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{asked}, but this torch sees no GPU (a CPU build, no driver, or "
+                          "none given to this process: torchx's --gpu, CUDA_VISIBLE_DEVICES); "
                           "on a GPU machine `make setup DEVICE=cuda`, else the CPU")
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise ConfigError(f"{asked}, but this process is local rank {local} and sees {count} "
+                          "GPU(s): run one process per GPU (torchx --nproc equal to --gpu, "
+                          "torchrun --nproc-per-node at most the GPUs)")
 
 
 def init_distributed(device: str) -> DistEnv:
