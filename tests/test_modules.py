@@ -198,6 +198,21 @@ def test_simhash_packs_bit_j_as_the_side_of_hyperplane_j(bits: int):
     assert h(x[:0]).shape == (0,)
 
 
+def test_simhash_codes_many_rows_in_passes_alike(monkeypatch):
+    """Above two passes' rows the codes are made pass by pass: the same to the bit."""
+    h = SimHash(16, 62)
+    x = torch.randn(700, 16)
+    whole = h(x)
+    monkeypatch.setattr(SimHash, "ROWS_PER_PASS", 128)
+    passes = []
+    monkeypatch.setattr(h, "signature", lambda part: passes.append(len(part)) or
+                        SimHash.signature(h, part))
+    assert torch.equal(h(x), whole)
+    assert passes == [128] * 5 + [60]
+    passes.clear()
+    assert torch.equal(h(x[:256]), whole[:256]) and passes == [256]
+
+
 def test_simhash_is_deterministic_and_locality_sensitive():
     h = SimHash(16, 62)
     assert torch.equal(h.planes, SimHash(16, 62).planes)

@@ -259,6 +259,7 @@ class SimHash(nn.Module):
 
     MAX_BITS = 62
     CHUNK_BITS = 16  # a chunk's value, a sum of distinct powers of two below 2^16, is exact in fp32
+    ROWS_PER_PASS = 32_768  # the sides of a pass: 8 MB at 62 bits
     planes: torch.Tensor  # buffers
     chunk_weights: torch.Tensor
 
@@ -275,9 +276,20 @@ class SimHash(nn.Module):
         self.register_buffer("chunk_weights", weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The sides as 0/1 floats (an in-place `gt_`: writing a bool tensor costs several
-        times as much on the CPU), summed into 16-bit chunks by one matmul, then shifted into
-        place."""
+        """Codes of (N, dim) embeddings: (N,) int64. Above `ROWS_PER_PASS` * 2 rows (a long
+        sequence at a large batch: 381,006 behaviours at 4,096 rows in the demo), in passes of
+        `ROWS_PER_PASS` rows: the (N, bits) sides of one pass would be a 49 MB temporary there,
+        which the allocator maps afresh at every call (glibc serves blocks over 32 MB by
+        mmap) and the CPU page-faults in, three times the passes' time. Rows are independent:
+        the codes are the same to the bit (tests/test_modules.py)."""
+        if len(x) > 2 * self.ROWS_PER_PASS:
+            return torch.cat([self.signature(part) for part in x.split(self.ROWS_PER_PASS)])
+        return self.signature(x)
+
+    def signature(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass: the sides as 0/1 floats (an in-place `gt_`: writing a bool tensor costs
+        several times as much on the CPU), summed into 16-bit chunks by one matmul, then
+        shifted into place."""
         sides = (x @ self.planes).gt_(0).float()
         chunks = (sides @ self.chunk_weights).long()
         code = chunks[:, 0]
