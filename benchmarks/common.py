@@ -21,11 +21,6 @@ from ctnet_rec.config import Config
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.data.reader import ParquetBatchReader
 from ctnet_rec.experiment.jobs import peak_rss_mb
-from ctnet_rec.training.host_memory import keep_freed_blocks
-
-# every benchmark process, ours and a peer's alike, keeps its freed blocks as a training
-# process does (`init_distributed`), so that both sides of a comparison allocate alike
-keep_freed_blocks()
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "runs" / "demo" / "data"

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from ctnet_rec.config import ConfigError
 from ctnet_rec.dist_env import DistEnv
-from ctnet_rec.training.host_memory import keep_freed_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +72,8 @@ def init_distributed(device: str) -> DistEnv:
     exits without running atexit, leaves nothing behind) and binds gloo to loopback whatever
     the host name resolves to; when every rank runs on this machine gloo's sockets are bound to
     loopback (`GLOO_SOCKET_IFNAME=lo`) unless the environment names an interface. torchrun's
-    own rendezvous store listens on all interfaces (torch's TCPStore has no bind address).
-
-    Every process that trains or scores passes here: it also keeps its large freed host
-    blocks for reuse (`host_memory.keep_freed_blocks`)."""
+    own rendezvous store listens on all interfaces (torch's TCPStore has no bind address)."""
     require_device(device, "[train] device = 'cuda'")
-    keep_freed_blocks()
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:  # launched by torchrun / torchx
