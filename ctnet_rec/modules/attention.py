@@ -276,13 +276,14 @@ class SimHash(nn.Module):
         self.register_buffer("chunk_weights", weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes of (N, dim) embeddings: (N,) int64. Above `ROWS_PER_PASS` * 2 rows (a long
-        sequence at a large batch: 381,006 behaviours at 4,096 rows in the demo), in passes of
-        `ROWS_PER_PASS` rows: the (N, bits) sides of one pass would be a 49 MB temporary there,
-        which the allocator maps afresh at every call (glibc serves blocks over 32 MB by
-        mmap) and the CPU page-faults in, three times the passes' time. Rows are independent:
-        the codes are the same to the bit (tests/test_modules.py)."""
-        if len(x) > 2 * self.ROWS_PER_PASS:
+        """Codes of (N, dim) embeddings: (N,) int64. On the CPU above `ROWS_PER_PASS` * 2 rows
+        (a long sequence at a large batch: 381,006 behaviours at 4,096 rows in the demo), in
+        passes of `ROWS_PER_PASS` rows: the (N, bits) sides of one pass would be a 49 MB
+        temporary there, which glibc's malloc maps afresh at every call (it serves blocks over
+        32 MB by mmap) and the CPU page-faults in, three times the passes' time (a GPU's
+        caching allocator keeps its blocks: one pass). Rows are independent: the codes are the
+        same to the bit (tests/test_modules.py)."""
+        if x.device.type == "cpu" and len(x) > 2 * self.ROWS_PER_PASS:
             return torch.cat([self.signature(part) for part in x.split(self.ROWS_PER_PASS)])
         return self.signature(x)
 
