@@ -72,7 +72,9 @@ def main() -> None:
                                      args.config)]))
         return
     require_demo_world()
-    if tuned := [k for k in os.environ if k.startswith("MALLOC_")]:
+    tuned = [k for k in os.environ if k.startswith("MALLOC_")]
+    tuned += ["GLIBC_TUNABLES"] if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") else []
+    if tuned:
         sys.exit(f"{', '.join(tuned)} set: unset them, the system runs take glibc's defaults")
     runs, summary = [], {}
     for bs in args.batch_sizes:
