@@ -23,7 +23,11 @@ Batches come from the demo world's domain A, read once and kept in memory; weigh
 untrained initial ones (a step costs the same). Times are medians over at least 98,304
 samples per model.
 
-    python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096]
+`--repeats N` runs the timing jobs N rounds (fresh processes each): `step_time_ratio` is
+then the median round's, whose rows the other figures come from, with every round's ratio
+and a 95% t interval over the rounds (one run moves by 0.04-0.07 on a shared 2-core machine).
+
+    python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from ctnet_rec.config import Config, load_config
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.dist_env import DistEnv
+from ctnet_rec.experiment.significance import paired_interval
 from ctnet_rec.modules.ctnet import build_ctnet
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.distributed import init_distributed
@@ -163,6 +168,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (at least)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--config", default=str(ROOT / "examples" / "demo.toml"))
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the timing jobs")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -171,8 +177,22 @@ def main() -> None:
         return
     require_demo_world()
     common = ["--steps", str(args.steps), "--config", args.config]
-    rows = run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
-                                  for job in ("train", "infer")], common)
+    rounds = [run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
+                                     for job in ("train", "infer")], common)
+              for _ in range(args.repeats)]
+
+    def round_ratio(rows: list[dict], bs: int) -> float:
+        by = {r["job"]: r["step_ms"] for r in rows if r["batch_size"] == bs}
+        return by["train-ctnet"] / by["train-base"]
+
+    rows, ratio_rounds, ratio_interval = [], {}, {}
+    for bs in args.batch_sizes:  # the median round's rows
+        ranked = sorted(rounds, key=lambda rows: round_ratio(rows, bs))
+        rows += [r for r in ranked[(len(ranked) - 1) // 2] if r["batch_size"] == bs]
+        ratio_rounds[str(bs)] = [round(round_ratio(rows, bs), 3) for rows in rounds]
+        if args.repeats > 1:
+            ratio_interval[str(bs)] = {k: round(v, 3) for k, v in
+                                       paired_interval(ratio_rounds[str(bs)]).items()}
     rows += run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
                                    for job in ("memory-base", "memory-ctnet")], common,
                         MEMORY_ENV)
@@ -207,12 +227,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['job']:<20}{r['batch_size']:>7}{r['samples_per_s']:>12,.0f}"
               f"{r['step_ms']:>10}{r.get('peak_rss_mb', ''):>13}")
-    print("step_time_ratio (CTNet / Base):", ratio)
+    print("step_time_ratio (CTNet / Base):", ratio, "rounds:", ratio_rounds,
+          "95% interval over the rounds:", ratio_interval or "one round")
     print("CTNet's extra time as shares of a Base step:", breakdown)
     print("inference speed-up from shared long-sequence attention:", shared_speedup)
     print("memory:", json.dumps(memory, indent=1))
     write_result(RESULT, "ctnet_step", __file__, args.config, runs=rows,
-                 step_time_ratio=ratio, step_breakdown=breakdown,
+                 step_time_ratio=ratio, step_time_ratio_rounds=ratio_rounds,
+                 step_time_ratio_interval=ratio_interval, step_breakdown=breakdown,
                  shared_attention_inference_speedup=shared_speedup,
                  memory=memory)
 
