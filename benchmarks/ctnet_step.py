@@ -25,7 +25,8 @@ samples per model.
 
 `--repeats N` runs the timing jobs N rounds (fresh processes each): `step_time_ratio` is
 then the median round's, whose rows the other figures come from, with every round's ratio
-and a 95% t interval over the rounds (one run moves by 0.04-0.07 on a shared 2-core machine).
+and a 95% t interval over the rounds (one run's ratio moves by up to 0.1 at 4,096 on a shared
+2-core machine).
 
     python benchmarks/ctnet_step.py [--steps 10] [--batch-sizes 512 4096] [--repeats 1]
 """
@@ -181,15 +182,15 @@ def main() -> None:
                                      for job in ("train", "infer")], common)
               for _ in range(args.repeats)]
 
-    def round_ratio(rows: list[dict], bs: int) -> float:
-        by = {r["job"]: r["step_ms"] for r in rows if r["batch_size"] == bs}
+    def round_ratio(timed: list[dict], bs: int) -> float:
+        by = {r["job"]: r["step_ms"] for r in timed if r["batch_size"] == bs}
         return by["train-ctnet"] / by["train-base"]
 
     rows, ratio_rounds, ratio_interval = [], {}, {}
     for bs in args.batch_sizes:  # the median round's rows
-        ranked = sorted(rounds, key=lambda rows: round_ratio(rows, bs))
+        ranked = sorted(rounds, key=lambda timed: round_ratio(timed, bs))
         rows += [r for r in ranked[(len(ranked) - 1) // 2] if r["batch_size"] == bs]
-        ratio_rounds[str(bs)] = [round(round_ratio(rows, bs), 3) for rows in rounds]
+        ratio_rounds[str(bs)] = [round(round_ratio(timed, bs), 3) for timed in rounds]
         if args.repeats > 1:
             ratio_interval[str(bs)] = {k: round(v, 3) for k, v in
                                        paired_interval(ratio_rounds[str(bs)]).items()}
