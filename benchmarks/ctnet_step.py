@@ -5,10 +5,13 @@
   process and timed batch by batch in turn, so that both see the same machine;
   `step_time_ratio` = CTNet step time / Base step time; `step_breakdown`: the frozen
   source's forward alone and the adapters (CTNet's step with and without them) as shares
-  of a Base step, and the step ratio with the shared long-sequence attention.
-- infer: CTNet scoring (eval mode, no autograd) with and without
-  `share_long_sequence_attention` (the target reuses the source's SIM/ETA outputs), likewise
-  in turn; `shared_attention_inference_speedup`.
+  of a Base step, the step ratio with `share_long_sequence_attention` (the target reuses the
+  source's SIM/ETA outputs) and with the `source_long_interest` the config does not set of
+  "own" and "target_for_adapters" (`alternative_long_interest`: the source computing its
+  own A_SIM/A_ETA, or the adapters reading its states on the target's).
+- infer: CTNet scoring (eval mode, no autograd) as configured and with those two others,
+  likewise in turn; `shared_attention_inference_speedup`, and
+  `scoring_speed_over_alternative_long_interest` (CTNet's samples/s over the other's).
 - memory: Base and CTNet each train alone in a fresh process. `held_mb` counts every tensor
   the model keeps between steps (weights, buffers, optimiser state, gradients; shared
   storage once): CTNet's excess over Base must be the source's weights plus the adapters and
@@ -47,7 +50,7 @@ from ctnet_rec.config import Config, load_config
 from ctnet_rec.data.batch import Batch
 from ctnet_rec.dist_env import DistEnv
 from ctnet_rec.experiment.significance import paired_interval
-from ctnet_rec.modules.ctnet import build_ctnet
+from ctnet_rec.modules.ctnet import build_ctnet, frozen_after_lookups
 from ctnet_rec.modules.tower import Tower
 from ctnet_rec.training.distributed import init_distributed
 from sharding.tower import dense_parameters, shard_model
@@ -65,19 +68,29 @@ def _mb(params) -> float:
 
 
 def build(model: str, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, dict]:
-    """"base", "ctnet" or "ctnet-shared" (shared long-sequence attention), sharded as in
-    training, with the sizes the memory target is judged by."""
+    """"base", "ctnet" (as the config says), "ctnet-shared" (the target reads the source's
+    long-sequence interests) or "ctnet-alternative" (`alternative_long_interest`), sharded
+    as in training, with the sizes the memory target is judged by."""
     meta = torch.device("meta")
     torch.manual_seed(0)
     if model == "base":
         return shard_model(Tower(cfg.features, cfg.model, device=meta), env,
                            cfg.train.tables.lr), {}
     ctnet_cfg = copy.deepcopy(cfg.ctnet)
-    ctnet_cfg.share_long_sequence_attention = model == "ctnet-shared"
+    if model == "ctnet-shared":
+        ctnet_cfg.share_long_sequence_attention, ctnet_cfg.source_long_interest = True, "own"
+    elif model == "ctnet-alternative":
+        ctnet_cfg.source_long_interest = alternative_long_interest(cfg)
     net = build_ctnet((cfg.features, cfg.model), (cfg.features, cfg.model), ctnet_cfg, meta)
     sizes = {"source_weights_mb": _mb([*net.source.parameters(), *net.source.buffers()]),
              "adapter_weights_mb": _mb(net.adapters.parameters())}
     return shard_model(net, env, cfg.train.tables.lr, frozen=net.source), sizes
+
+
+def alternative_long_interest(cfg: Config) -> str:
+    """Of the source computing its own long-sequence interests ("own") and the adapters
+    reading its states on the target's ("target_for_adapters"), the one `cfg` does not set."""
+    return "target_for_adapters" if cfg.ctnet.source_long_interest == "own" else "own"
 
 
 def _local(t: torch.Tensor) -> list[torch.Tensor]:
@@ -116,11 +129,18 @@ def train_step(dmp: DistributedModelParallel,
 def source_forward(dmp: DistributedModelParallel) -> Callable[[Batch], None]:
     """The frozen source tower's part of a CTNet step alone: its view of the batch and its
     forward under no_grad, as `CTNet.forward` runs it (with the ids' positions it shares with
-    the target, when it does)."""
+    the target, when it does; where it reads the target's long-sequence interests, zeros in
+    their place: the same work)."""
     net = dmp.module
+    src = net.source
+    reads_target = net.cfg.source_long_interest != "own"
+    width = 2 * src.layout.token_dim
 
     def step(b: Batch) -> None:
-        net.source_output(b.sparse, b.dense)
+        (sparse, dense), looked_up, positions = net.source_lookups(b.sparse, b.dense)
+        given = [dense.new_zeros(len(dense), width) for m in (src.sim, src.eta)
+                 if m is not None] if reads_target else None
+        frozen_after_lookups(src, sparse, dense, looked_up, positions, given)
 
     return step
 
@@ -150,8 +170,10 @@ def run_worker(job: str, batch_size: int, steps: int, config: str) -> list[dict]
     batches = demo_batches(cfg, batch_size, max(steps, MIN_SAMPLES // batch_size))
     # timed model -> the model it builds
     models = {"base": "base", "ctnet": "ctnet", "ctnet-shared": "ctnet-shared",
-              "ctnet-no-adapters": "ctnet", "source-forward": "ctnet"} \
-        if job == "train" else {"ctnet": "ctnet", "ctnet-shared": "ctnet-shared"}
+              "ctnet-alternative": "ctnet-alternative", "ctnet-no-adapters": "ctnet",
+              "source-forward": "ctnet"} if job == "train" else \
+        {"ctnet": "ctnet", "ctnet-shared": "ctnet-shared",
+         "ctnet-alternative": "ctnet-alternative"}
     timed = {}
     for m, built in models.items():
         dmp, _ = build(built, cfg, env)
@@ -177,6 +199,7 @@ def main() -> None:
                                     args.config)))
         return
     require_demo_world()
+    cfg = load_config(args.config)
     common = ["--steps", str(args.steps), "--config", args.config]
     rounds = [run_workers(__file__, [[job, str(bs)] for bs in args.batch_sizes
                                      for job in ("train", "infer")], common)
@@ -198,7 +221,7 @@ def main() -> None:
                                    for job in ("memory-base", "memory-ctnet")], common,
                         MEMORY_ENV)
     by = {(r["job"], r["batch_size"]): r for r in rows}
-    ratio, shared_speedup, memory, breakdown = {}, {}, {}, {}
+    ratio, shared_speedup, alternative_speed, memory, breakdown = {}, {}, {}, {}, {}
     for bs in args.batch_sizes:
         base_ms = by["train-base", bs]["step_ms"]
         ratio[str(bs)] = round(by["train-ctnet", bs]["step_ms"] / base_ms, 3)
@@ -208,9 +231,13 @@ def main() -> None:
             "adapters": round((by["train-ctnet", bs]["step_ms"]
                                - by["train-ctnet-no-adapters", bs]["step_ms"]) / base_ms, 3),
             "shared_attention_step_time_ratio": round(
-                by["train-ctnet-shared", bs]["step_ms"] / base_ms, 3)}
+                by["train-ctnet-shared", bs]["step_ms"] / base_ms, 3),
+            "alternative_long_interest_step_time_ratio": round(
+                by["train-ctnet-alternative", bs]["step_ms"] / base_ms, 3)}
         shared_speedup[str(bs)] = round(by["infer-ctnet", bs]["step_ms"]
                                         / by["infer-ctnet-shared", bs]["step_ms"], 3)
+        alternative_speed[str(bs)] = round(by["infer-ctnet-alternative", bs]["step_ms"]
+                                           / by["infer-ctnet", bs]["step_ms"], 3)
         base, ctnet = by["memory-base", bs], by["memory-ctnet", bs]
         # the source's weights; the adapters' weights, AdaGrad sums and gradients
         allowed = ctnet["source_weights_mb"] + 3 * ctnet["adapter_weights_mb"]
@@ -232,11 +259,15 @@ def main() -> None:
           "95% interval over the rounds:", ratio_interval or "one round")
     print("CTNet's extra time as shares of a Base step:", breakdown)
     print("inference speed-up from shared long-sequence attention:", shared_speedup)
+    print(f"CTNet's scoring speed over {alternative_long_interest(cfg)!r}'s:",
+          alternative_speed)
     print("memory:", json.dumps(memory, indent=1))
     write_result(RESULT, "ctnet_step", __file__, args.config, runs=rows,
                  step_time_ratio=ratio, step_time_ratio_rounds=ratio_rounds,
                  step_time_ratio_interval=ratio_interval, step_breakdown=breakdown,
                  shared_attention_inference_speedup=shared_speedup,
+                 alternative_long_interest=alternative_long_interest(cfg),
+                 scoring_speed_over_alternative_long_interest=alternative_speed,
                  memory=memory)
 
 

@@ -80,6 +80,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # ... beyond noise on the evidence of every period so far
     "CTNet + output fusion, pooled weight beyond noise": {
         "output_fusion": True, "output_fusion_evidence": "pooled", "output_fusion_min_z": 1.96},
+    # ... with the source reading the target's long-sequence interests (a cheaper step):
+    # for everything, or for the adapters' states only (its logit its own)
+    "CTNet + output fusion, pooled, source reuses the target's long sequence": {
+        "output_fusion": True, "output_fusion_evidence": "pooled", "output_fusion_min_z": 1.96,
+        "source_long_interest": "target"},
+    "CTNet + output fusion, pooled, adapters' source states on the target's long sequence": {
+        "output_fusion": True, "output_fusion_evidence": "pooled", "output_fusion_min_z": 1.96,
+        "source_long_interest": "target_for_adapters"},
 }
 # whatever the defaults, each candidate says whether it runs the prequential pass and how
 # the fusion's weight is guarded

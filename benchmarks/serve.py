@@ -56,7 +56,9 @@ def checkpoints(config: str, work: Path) -> dict[str, Path]:
             raise SystemExit(f"{ckpt}: run `make demo` first (its checkpoints are deployed)")
     out = {"Base": target}
     for name, share in (("CTNet", False), ("CTNet, shared long-sequence attention", True)):
-        cfg.ctnet = dataclasses.replace(cfg.ctnet, share_long_sequence_attention=share)
+        cfg.ctnet = dataclasses.replace(cfg.ctnet, share_long_sequence_attention=share,
+                                        source_long_interest="own" if share else
+                                        cfg.ctnet.source_long_interest)
         run = work / name.replace(" ", "_").replace(",", "")
         transfer_init(cfg, source, target, run)
         out[name] = run / INIT

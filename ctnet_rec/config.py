@@ -433,6 +433,16 @@ class CTNetConfig:
     # source finishes its period first). How it trains, not the model: not in the hash.
     source_lag: int = field(default=1, metadata={"model": False})
     share_long_sequence_attention: bool = False
+    # the source tower's A_SIM/A_ETA: "own" (it computes them); "target" (it reads the
+    # target's, detached, and looks up none of its long-sequence ids: no long-sequence work
+    # in the source at all); "target_for_adapters" (the states the adapters read are
+    # computed on the target's, in training and in scoring, while the source's logit, which
+    # only the output fusion reads, in scoring, is its own: a training step skips the
+    # source's long-sequence work). The target computes what it did either way, so CTNet
+    # still starts as the target model. Without SIM and ETA, all three are "own". The default
+    # by the rule of docs/experiment.md, "The source's long-sequence interests"
+    source_long_interest: Literal["own", "target", "target_for_adapters"] = \
+        "target_for_adapters"
     # the source's logit joins the served output, logit = target + w (source - c), w fitted
     # on each period's rows before they are trained on (the towers train as without it;
     # `training/output_fusion.py`); w = 0 at deployment, so CTNet starts as the target model.
@@ -681,10 +691,17 @@ class Config:
             token = 2 * dims.pop()
             _check(token % self.model.attention_heads == 0, "model.attention_heads",
                    f"must divide the behaviour token size {token} (item + category dims)")
-        _check(not self.ctnet.share_long_sequence_attention or self.model.use_sim
-               or self.model.use_eta, "ctnet.share_long_sequence_attention",
-               "the model has neither SIM nor ETA (model.use_sim, model.use_eta): no "
-               "long-sequence attention to share")
+        long_units = self.model.use_sim or self.model.use_eta
+        _check(not self.ctnet.share_long_sequence_attention or long_units,
+               "ctnet.share_long_sequence_attention", "the model has neither SIM nor ETA "
+               "(model.use_sim, model.use_eta): no long-sequence attention to share")
+        # without SIM and ETA every source_long_interest is "own": nothing to read
+        reused = self.ctnet.source_long_interest != "own" and long_units
+        _check(not (self.ctnet.share_long_sequence_attention and reused),
+               "ctnet.source_long_interest", f"{self.ctnet.source_long_interest!r} with "
+               "share_long_sequence_attention would have each tower read the other's "
+               "long-sequence interests; share_long_sequence_attention = true needs "
+               'source_long_interest = "own"')
 
     def _model_sections(self, *sections: str) -> dict[str, Any]:
         """Some sections as dicts, with their model settings only (`_model_settings`)."""
@@ -743,7 +760,8 @@ ADDED_LATER: dict[tuple[str, str], Any] = {("ctnet", "output_fusion"): False,
                                            ("ctnet", "adapter_gate"): False,
                                            ("ctnet", "adapter_input_norm"): False,
                                            ("ctnet", "output_fusion_min_z"): 0.0,
-                                           ("ctnet", "output_fusion_evidence"): "period"}
+                                           ("ctnet", "output_fusion_evidence"): "period",
+                                           ("ctnet", "source_long_interest"): "own"}
 _ABSENT = object()
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,32 @@ def test_template_config_loads():
 
 
 def test_shared_long_sequence_attention_needs_sim_or_eta(tmp_path):
-    text = DEMO_CONFIG.read_text()
+    """Sharing needs SIM or ETA; the source reading the target's interests does not (without
+    them it has none to read: `source_long_interest` then changes nothing)."""
+    text = DEMO_CONFIG.read_text().replace("use_sim = true", "use_sim = false") \
+        .replace("use_eta = true", "use_eta = false")
     path = tmp_path / "c.toml"
+    for value in ('"own"', '"target"', '"target_for_adapters"'):
+        path.write_text(re.sub("(?m)^source_long_interest = .*$",
+                               f"source_long_interest = {value}", text))
+        load_config(path)
     path.write_text(text.replace("share_long_sequence_attention = false",
-                                 "share_long_sequence_attention = true")
-                    .replace("use_sim = true", "use_sim = false")
-                    .replace("use_eta = true", "use_eta = false"))
+                                 "share_long_sequence_attention = true"))
     with pytest.raises(ConfigError, match="ctnet.share_long_sequence_attention: the model has "
                                           "neither SIM nor ETA"):
+        load_config(path)
+
+
+def test_each_tower_reading_the_other_long_sequence_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(DEMO_CONFIG.read_text().replace(
+        "share_long_sequence_attention = false", "share_long_sequence_attention = true"))
+    with pytest.raises(ConfigError, match="ctnet.source_long_interest: 'target_for_adapters' "
+                                          "with share_long_sequence_attention would have"):
+        load_config(path)
+    path.write_text(DEMO_CONFIG.read_text().replace(
+        'source_long_interest = "target_for_adapters"', 'source_long_interest = "theirs"'))
+    with pytest.raises(ConfigError, match="source_long_interest"):
         load_config(path)
 
 
@@ -120,9 +139,11 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     import hashlib
     import json
 
-    off = copy.deepcopy(demo_config)
-    off.ctnet.output_fusion = False  # as every CTNet was before the setting existed
     from ctnet_rec.config import ADDED_LATER
+
+    off = copy.deepcopy(demo_config)
+    for (section, key), value in ADDED_LATER.items():  # as CTNet was before they existed
+        setattr(getattr(off, section), key, value)
 
     older = {s: dataclasses.asdict(getattr(off, s)) for s in ("model", "ctnet")}
     for section, key in ADDED_LATER:  # none of the settings added since
@@ -131,7 +152,7 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
         del older["ctnet"][key]  # how it trains: never hashed (as the fusion's fit settings)
     recorded = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
     assert off.section_hash("model", "ctnet") == recorded
-    on = copy.deepcopy(demo_config)
+    on = copy.deepcopy(off)
     on.ctnet.output_fusion = True
     assert on.section_hash("model", "ctnet") != recorded
     as_written = dataclasses.asdict(off)
@@ -143,6 +164,7 @@ def test_a_model_setting_added_later_leaves_older_checkpoints_loadable(demo_conf
     # read back from such a record, the setting is off whatever today's default
     from ctnet_rec.config import recorded_config
     assert recorded_config(as_written).ctnet.output_fusion is False
+    assert recorded_config(as_written).ctnet.source_long_interest == "own"
 
 
 def test_a_run_recorded_before_the_pooled_guard_keeps_fitting_as_it_did(demo_config):

@@ -58,24 +58,33 @@ def test_adapter_taps(demo_config, tap, first_in):
     assert all(isinstance(a, GLUAdapter) for a in net.adapters)
 
 
-@pytest.mark.parametrize(("tap", "adapter"), [("same_layer", "glu"), ("previous_layer", "glu"),
-                                             ("same_layer", "linear")])
-def test_eq4_and_eq5_by_hand_with_different_towers(demo_config, batches, tap, adapter):
+@pytest.mark.parametrize(("tap", "adapter", "long_interest"), [
+    ("same_layer", "glu", "own"), ("previous_layer", "glu", "own"),
+    ("same_layer", "linear", "own"), ("same_layer", "glu", "target_for_adapters"),
+    ("previous_layer", "glu", "target_for_adapters")])
+def test_eq4_and_eq5_by_hand_with_different_towers(demo_config, batches, tap, adapter,
+                                                   long_interest):
     """z_l = psi(BN(W_l z_{l-1}) + g_l(z^S_tap)), g(x) = (U1 x) * sigmoid(U2 x) (or U1 x),
-    computed step by step from the two towers' own outputs. The towers differ (other seeds,
-    other widths), so an adapter wired to the target's states, to another layer, or with
-    the gate on the wrong branch gives other logits."""
+    computed step by step from the two towers' own outputs (with "target_for_adapters", the
+    source's states on the target's A_SIM/A_ETA). The towers differ (other seeds, other
+    widths), so an adapter wired to the target's states, to another layer, or with the gate
+    on the wrong branch gives other logits."""
     source, target = _different_towers(demo_config)
-    net = CTNet(source, target, CTNetConfig(adapter=adapter, adapter_tap=tap)).eval()
+    net = CTNet(source, target, CTNetConfig(adapter=adapter, adapter_tap=tap,
+                                            source_long_interest=long_interest)).eval()
     torch.manual_seed(3)
     for p in net.adapters.parameters():  # far from the near-zero start: every term counts
         torch.nn.init.normal_(p, std=0.3)
     b = batches[0]
     with torch.no_grad():
-        src = source(b.sparse, b.dense)
-        states = [src.inputs, *src.hidden]
+        z, interest = target.embed(b.sparse, b.dense)
+        if long_interest == "own":
+            src = source(b.sparse, b.dense)
+            states = [src.inputs, *src.hidden]
+        else:
+            e, _ = source.embed(b.sparse, b.dense, long_interest=interest)
+            states = [e, *source.mlp(e)[1]]
         taps = [1, 2, 3] if tap == "same_layer" else [0, 1, 2]
-        z, _ = target.embed(b.sparse, b.dense)
         mlp = target.mlp
         for layer, (lin, bn) in enumerate(zip(mlp.linears, mlp.norms, strict=True)):
             a, x = net.adapters[layer], states[taps[layer]]
@@ -90,14 +99,17 @@ def test_eq4_and_eq5_by_hand_with_different_towers(demo_config, batches, tap, ad
                                    target(b.sparse, b.dense).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("long_interest", ["own", "target_for_adapters"])
 def test_the_towers_share_the_ids_positions_only_where_they_make_the_same(
-        demo_config, batches, monkeypatch):
+        demo_config, batches, monkeypatch, long_interest):
     """CTNet makes a batch's behaviour positions (length groups, SIM's selection) once for
     both towers when they read the same ids with the same sequence settings: one call a
     step, and the same scores, bit for bit, in training and in eval, as when each tower makes
     its own. Towers with other sequence settings make their own."""
     source, target = _different_towers(demo_config)
-    net = CTNet(source, target, CTNetConfig())
+    net = CTNet(source, target, CTNetConfig(source_long_interest=long_interest))
+    # the tower that runs first makes its own first
+    apart = [source, target] if long_interest == "own" else [target, source]
     assert net.share_positions
     made = []
     make = Tower.behaviour_positions
@@ -111,7 +123,7 @@ def test_the_towers_share_the_ids_positions_only_where_they_make_the_same(
         assert made == [target]
         net.share_positions = False
         own = net(b.sparse, b.dense).logits
-        assert made == [target, source, target]
+        assert made == [target, *apart]
         assert torch.equal(shared, own)
         made.clear()
     other = copy.deepcopy(demo_config.model)
@@ -217,9 +229,10 @@ def test_shared_long_sequence_attention_equals_computing_it_twice(demo_config, b
     source, target = _towers(demo_config)
     target.load_state_dict(source.state_dict())  # same tables and attention weights
     torch.manual_seed(3)
-    twice = CTNet(source, target, CTNetConfig()).eval()
+    twice = CTNet(source, target, CTNetConfig(source_long_interest="own")).eval()
     once = CTNet(copy.deepcopy(source), copy.deepcopy(target),
-                 CTNetConfig(share_long_sequence_attention=True)).eval()
+                 CTNetConfig(share_long_sequence_attention=True,
+                             source_long_interest="own")).eval()
     once.adapters.load_state_dict(twice.adapters.state_dict())
     calls = []
     for m in (once.target.sim, once.target.eta):
@@ -238,7 +251,140 @@ def test_shared_attention_refused_when_towers_differ(demo_config):
     no_eta.use_eta = False
     source = Tower(demo_config.features, no_eta)
     with pytest.raises(ValueError, match="same long-sequence modules"):
-        CTNet(source, target, CTNetConfig(share_long_sequence_attention=True))
+        CTNet(source, target, CTNetConfig(share_long_sequence_attention=True,
+                                          source_long_interest="own"))
+
+
+@pytest.mark.parametrize("source_top_k", [None, 8])
+def test_a_source_reusing_the_target_long_sequence_keeps_the_target(demo_config, batches,
+                                                                      source_top_k):
+    """`source_long_interest = "target"`: a fresh CTNet still predicts as the target; the
+    source's long-sequence units never run and its long-sequence ids are never looked up; the
+    target's units get their gradients, through the target alone. `source_top_k`: the
+    source's own SIM depth (its ids' positions then made apart from the target's)."""
+    source, target = _towers(demo_config)
+    if source_top_k:
+        source.model_cfg = copy.deepcopy(source.model_cfg)
+        source.model_cfg.sim_top_k = source_top_k
+    net = CTNet(source, target, CTNetConfig(source_long_interest="target"))
+    assert net.share_positions == (source_top_k is None)
+    calls = []
+    for m in (net.source.sim, net.source.eta):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    target.eval()
+    net.eval()
+    long = demo_config.features.sequences[1]
+    short = demo_config.features.sequences[0].item_column
+    with torch.no_grad():
+        for b in batches:
+            viewed = net.view(b.sparse, b.dense)[0]
+            assert viewed[long.item_column].lengths().sum() == 0
+            assert viewed[long.category_column].lengths().sum() == 0
+            assert torch.equal(viewed[short].values(), b.sparse[short].values())
+            want = torch.sigmoid(target(b.sparse, b.dense).logits)
+            assert (torch.sigmoid(net(b.sparse, b.dense).logits) - want).abs().max() < 1e-4
+    assert calls == []
+    net.train()
+    net(batches[0].sparse, batches[0].dense).logits.sum().backward()
+    assert all(p.grad is not None for m in (net.target.sim, net.target.eta)
+               for p in m.parameters())
+    assert all(p.grad is None for p in net.source.parameters())
+
+
+def test_a_source_reusing_the_target_long_sequence_reads_the_target_interests(demo_config,
+                                                                              batches):
+    """With towers of the same weights, the source's outputs and CTNet's (adapters made
+    large, so that the source's states move the logits) are those of each tower computing
+    its own long-sequence interests."""
+    source, target = _towers(demo_config)
+    target.load_state_dict(source.state_dict())
+    torch.manual_seed(3)
+    twice = CTNet(source, target, CTNetConfig(source_long_interest="own")).eval()
+    for p in twice.adapters.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    once = CTNet(copy.deepcopy(source), copy.deepcopy(target),
+                 CTNetConfig(source_long_interest="target")).eval()
+    once.adapters.load_state_dict(twice.adapters.state_dict())
+    with torch.no_grad():
+        for b in batches:
+            parts = [net.output_parts(b.sparse, b.dense) for net in (once, twice)]
+            torch.testing.assert_close(*parts, rtol=0, atol=1e-5)
+            assert (parts[1][:, 0] - target(b.sparse, b.dense).logits).abs().max() > 1e-2
+
+
+def test_the_adapters_source_states_on_the_target_interests(demo_config, batches):
+    """`source_long_interest = "target_for_adapters"`: in training, what "target" computes
+    (no long-sequence work in the source, its long ids unread); in scoring, the same adapter
+    outputs (the states of the source on the target's interests) with the source's own logit
+    ("own"'s), its long ids read; a fresh CTNet scores as the target."""
+    torch.manual_seed(5)
+    source, target = _different_towers(demo_config)
+    nets = {}
+    for mode in ("own", "target", "target_for_adapters"):
+        torch.manual_seed(3)
+        nets[mode] = CTNet(copy.deepcopy(source), copy.deepcopy(target),
+                           CTNetConfig(source_long_interest=mode))
+    for p in nets["own"].adapters.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    for net in nets.values():
+        net.adapters.load_state_dict(nets["own"].adapters.state_dict())
+    hybrid = nets["target_for_adapters"]
+    calls = []
+    for m in (hybrid.source.sim, hybrid.source.eta):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    long = demo_config.features.sequences[1].item_column
+    b = batches[0]
+    with torch.no_grad():
+        hybrid.train()
+        nets["target"].train()
+        assert hybrid.view(b.sparse, b.dense)[0][long].lengths().sum() == 0
+        torch.testing.assert_close(hybrid(b.sparse, b.dense).logits,
+                                   nets["target"](b.sparse, b.dense).logits, rtol=0, atol=0)
+        assert calls == []
+        for net in nets.values():
+            net.eval()
+        assert torch.equal(hybrid.view(b.sparse, b.dense)[0][long].values(),
+                           b.sparse[long].values())
+        parts = {mode: net.output_parts(b.sparse, b.dense) for mode, net in nets.items()}
+        assert calls == [1, 1]
+    torch.testing.assert_close(parts["target_for_adapters"][:, 0], parts["target"][:, 0],
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts["target_for_adapters"][:, 1], parts["own"][:, 1],
+                               rtol=0, atol=1e-6)
+    assert (parts["own"][:, 0] - parts["target"][:, 0]).abs().max() > 1e-3
+    assert (parts["own"][:, 1] - parts["target"][:, 1]).abs().max() > 1e-4
+    fresh = CTNet(source, target, CTNetConfig(source_long_interest="target_for_adapters",
+                                              output_fusion=True)).eval()
+    fresh.fusion_weight.fill_(0.0)
+    with torch.no_grad():
+        want = torch.sigmoid(target(b.sparse, b.dense).logits)
+        assert (torch.sigmoid(fresh(b.sparse, b.dense).logits) - want).abs().max() < 1e-4
+    # without the output fusion nothing reads the source's logit: no long-sequence work
+    unfused = CTNet(source, target, CTNetConfig(source_long_interest="target_for_adapters",
+                                                output_fusion=False)).eval()
+    calls.clear()
+    for m in (unfused.source.sim, unfused.source.eta):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        assert unfused.view(b.sparse, b.dense)[0][long].lengths().sum() == 0
+        unfused(b.sparse, b.dense)
+    assert calls == []
+
+
+def test_each_tower_reading_the_other_long_sequence_is_refused(demo_config):
+    source, target = _towers(demo_config)
+    with pytest.raises(ValueError, match="choose one"):
+        CTNet(source, target, CTNetConfig(share_long_sequence_attention=True,
+                                          source_long_interest="target"))
+    no_long = copy.deepcopy(demo_config.model)
+    no_long.use_sim = no_long.use_eta = False
+    with pytest.raises(ValueError, match="source_long_interest = 'target' needs the same"):
+        CTNet(source, Tower(demo_config.features, no_long),
+              CTNetConfig(source_long_interest="target"))
+    # towers without SIM and ETA: nothing to read, the source's own (none) is used
+    net = CTNet(Tower(demo_config.features, no_long), Tower(demo_config.features, no_long),
+                CTNetConfig(source_long_interest="target_for_adapters"))
+    assert net.long_interest == "own" and not net.view.unread
 
 
 def _source_schema(demo_config):
@@ -299,7 +445,7 @@ def test_the_source_view_maps_dense_columns_by_name(demo_config, batches):
     target.numeric += [NumericFeatureConfig(name="income"), NumericFeatureConfig(name="clicks"),
                        NumericFeatureConfig(name="age")]
     view = SourceView(source, target)
-    assert not view.identity and view.dense_index == [2, 0]
+    assert not view.same_schema and view.dense_index == [2, 0]
     b = batches[0]
     dense = torch.arange(len(b) * 3, dtype=torch.float32).reshape(len(b), 3)  # income, clicks, age
     kjt, got = view(b.sparse, dense)
@@ -316,7 +462,8 @@ def test_both_taps_gates_and_normalised_states_by_hand(demo_config, batches):
     layer-normalises each state first; `adapter_gate` scales each adapter by its own learned
     scalar. Fresh, it predicts as the target; by hand with every weight far from its start."""
     source, target = _different_towers(demo_config)
-    cfg = CTNetConfig(adapter_tap="both", adapter_gate=True, adapter_input_norm=True)
+    cfg = CTNetConfig(adapter_tap="both", adapter_gate=True, adapter_input_norm=True,
+                      source_long_interest="own")
     net = CTNet(source, target, cfg).eval()
     b = batches[0]
     with torch.no_grad():

@@ -14,13 +14,17 @@ capability beside it (`curves-<set>-AVX512.json`), which that capability reads i
 
 A change that is meant to move them: `python -m pytest tests/test_golden.py --update-golden`
 on each set (and capability that has its own file) rewrites the file it reads and prints
-every value that changed; commit them with the change."""
+every value that changed; commit them with the change. A file that no machine at hand can
+rewrite (another CPU's) names the curves the change moved under "stale", with why: those are
+not compared there, and the warning says so, until `--update-golden` on such a CPU records
+them again."""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ CAPABILITY = Path(__file__).parent / "golden" / \
 GOLDEN = CAPABILITY if CAPABILITY.exists() else CAPABILITY.with_name(f"curves-{STACK}.json")
 TOLERANCE = 1e-5  # float summation order across BLAS builds; a real change moves far more
 KEYS = ("train_loss", "auc", "gauc", "fusion_weight")
+STALE = "stale"  # curve -> why it was recorded before a change that moved it
 
 
 def _curve(run: Path) -> list[dict[str, Any]]:
@@ -97,7 +102,14 @@ def test_training_curves_match_the_golden_ones(curves, request):
     assert GOLDEN.exists(), (f"no golden curves for this stack ({GOLDEN.name}): record them "
                              "with --update-golden")
     want = json.loads(GOLDEN.read_text())
-    assert differences(want, curves) == []
+    stale = want.pop(STALE, {})
+    if stale:
+        warnings.warn(f"{GOLDEN.name}: not compared, recorded before a change that moved them "
+                      "(record them with --update-golden on this CPU): " +
+                      "; ".join(f"{name} ({why})" for name, why in stale.items()), stacklevel=1)
+    assert differences(*({k: v for k, v in c.items() if k not in stale}
+                         for c in (want, curves))) == []
+    assert set(stale) <= set(curves)  # only curves that exist are excused
     assert all(len(rows) >= 2 for rows in curves.values())
 
 

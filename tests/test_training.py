@@ -863,6 +863,7 @@ def test_only_steps_that_leave_parameters_unused_make_ddp_search_for_them(small_
     env = init_distributed("cpu")
     shared = copy.deepcopy(small_config)
     shared.ctnet.share_long_sequence_attention = True
+    shared.ctnet.source_long_interest = "own"
     assert not PeriodTrainer(small_config, env).steps_leave_parameters_unused()
     assert not CTNetTrainer(small_config, small_config, env).steps_leave_parameters_unused()
     assert CTNetTrainer(shared, shared, env).steps_leave_parameters_unused()

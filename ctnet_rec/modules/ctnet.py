@@ -16,6 +16,8 @@ from ctnet_rec.modules.adapters import GLUAdapter, LinearAdapter
 from ctnet_rec.modules.embeddings import LookedUp
 from ctnet_rec.modules.tower import BehaviourPositions, Tower, TowerOutput
 
+SourceInput = tuple[KeyedJaggedTensor, torch.Tensor]  # the batch as the source reads it
+
 
 class CTNet(nn.Module):
     """`source` is frozen and read-only: no gradients, batch norm always in eval mode, run
@@ -29,7 +31,15 @@ class CTNet(nn.Module):
 
     With `output_fusion`, the served logit also adds w (source's logit - c), w and c set by
     the trainer on rows neither tower has trained on (`training/output_fusion.py`). The
-    designs are compared in docs/experiment.md, "When transfer helps"."""
+    designs are compared in docs/experiment.md, "When transfer helps".
+
+    The long-sequence interests A_SIM, A_ETA (the costliest part of a tower) may be computed
+    once: `share_long_sequence_attention`, the target reads the source's (the paper's
+    section 4.7; the target's scores move at deployment); `source_long_interest`, the source
+    reads the target's (the target computes what it did): "target", everywhere (the source
+    then never looks up its long-sequence ids); "target_for_adapters", for the states the
+    adapters read, while the source's logit, read only by the output fusion in scoring, is
+    its own (so a training step skips the source's long-sequence work)."""
 
     fusion_weight: torch.Tensor  # buffers, with `output_fusion`
     fusion_offset: torch.Tensor
@@ -59,10 +69,22 @@ class CTNet(nn.Module):
         # "both": a second adapter per layer reads the state one below (E^S for the first)
         self.input_adapters = one_per_layer([t - 1 for t in self.taps]) \
             if cfg.adapter_tap == "both" else None
-        self.view = SourceView(source.features, target.features)
+        # `source_long_interest`, "own" where the source has no long-sequence units
+        self.long_interest = cfg.source_long_interest \
+            if source.sim is not None or source.eta is not None else "own"
+        # the source's own long-sequence interests, for its logit in scoring: only with
+        # "target_for_adapters" and the output fusion (the one reader of that logit)
+        self.source_scores_own_interest = self.long_interest == "target_for_adapters" \
+            and cfg.output_fusion
+        # the source looks up none of its long-sequence ids where it reads the target's
+        # interests alone
+        unread = [source.long.item_column, source.long.category_column] \
+            if self.long_interest != "own" and source.long is not None else []
+        self.view = SourceView(source.features, target.features, unread,
+                               unread_in_eval=not self.source_scores_own_interest)
         # both towers read the same ids with the same sequence settings: the ids' positions
         # (length groups, SIM's selection) are made once, the same values either way
-        self.share_positions = self.view.identity and \
+        self.share_positions = self.view.same_schema and \
             source.positions_key() == target.positions_key()
         # off: the adapters add nothing, as if zeroed, and no source logit is fused (what the
         # source contributes is the difference); for evaluation, not a model setting
@@ -73,13 +95,20 @@ class CTNet(nn.Module):
         if cfg.output_fusion:  # w and c of the fused output, set by the trainer (0: none)
             self.register_buffer("fusion_weight", torch.zeros(()))
             self.register_buffer("fusion_offset", torch.zeros(()))
-        if cfg.share_long_sequence_attention:
+        sharing = [name for name, on in (
+            ("share_long_sequence_attention", cfg.share_long_sequence_attention),
+            (f"source_long_interest = {cfg.source_long_interest!r}",
+             self.long_interest != "own")) if on]
+        if len(sharing) > 1:
+            raise ValueError(f"{' and '.join(sharing)}: each tower would read the other's "
+                             "long-sequence interests; choose one")
+        if sharing:
             mine = [m is not None for m in (target.sim, target.eta)]
             theirs = [m is not None for m in (source.sim, source.eta)]
             if mine != theirs or target.layout.token_dim != source.layout.token_dim:
                 raise ValueError(
-                    "share_long_sequence_attention needs the same long-sequence modules in "
-                    f"both towers: SIM/ETA source {theirs} vs target {mine}, token dims "
+                    f"{sharing[0]} needs the same long-sequence modules in both towers: "
+                    f"SIM/ETA source {theirs} vs target {mine}, token dims "
                     f"{source.layout.token_dim} vs {target.layout.token_dim}")
 
     def train(self, mode: bool = True) -> CTNet:
@@ -91,16 +120,16 @@ class CTNet(nn.Module):
         """Target rows in the target's feature layout; the source reads them through its own.
         Both towers' lookups are called here, on the batch's features (or the source's view
         of them), so that TorchRec's train pipeline finds and pipelines them."""
-        src, positions = self.source_output(sparse, dense)
+        src_input, src_looked_up, positions = self.source_lookups(sparse, dense)
         assert self.target.embeddings is not None  # a tower with its own tables
         with torch.no_grad() if self.target_lookups_frozen else nullcontext():
             looked_up = self.target.embeddings(sparse)
-        return joined(self, src, sparse, dense, looked_up, positions)
+        return joined(self, sparse, dense, looked_up, src_input, src_looked_up, positions)
 
-    def source_output(self, sparse: KeyedJaggedTensor, dense: torch.Tensor
-                      ) -> tuple[TowerOutput, BehaviourPositions | None]:
-        """The frozen source's output for the batch, and the ids' positions when the towers
-        share them (`share_positions`)."""
+    def source_lookups(self, sparse: KeyedJaggedTensor, dense: torch.Tensor
+                       ) -> tuple[SourceInput, LookedUp, BehaviourPositions | None]:
+        """The batch as the source reads it, the source's table lookups, and the ids'
+        positions when the towers share them (`share_positions`)."""
         viewed = self.view(sparse, dense)
         positions = positions_of(self.target, sparse) if self.share_positions else None
         assert self.source.embeddings is not None  # a tower with its own tables
@@ -108,45 +137,66 @@ class CTNet(nn.Module):
         # behind the autograd dispatch key, which inference mode skips
         with torch.no_grad():
             looked_up = self.source.embeddings(viewed[0])
-        return frozen_after_lookups(self.source, viewed[0], viewed[1], looked_up,
-                                    positions), positions
+        return viewed, looked_up, positions
 
     def output_parts(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Per row, [the target tower's logit (adapters included), the source's logit]: what
         the fused output's weight is fitted on."""
-        src, positions = self.source_output(sparse, dense)
         assert self.target.embeddings is not None
-        out = self.from_source(src, sparse, dense, self.target.embeddings(sparse), fuse=False,
-                               positions=positions)
+        out, src = self.from_lookups(sparse, dense, self.target.embeddings(sparse),
+                                     *self.source_lookups(sparse, dense), fuse=False)
         return torch.stack([out.logits, src.logits], dim=1)
 
-    def from_source(self, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                    looked_up: LookedUp, fuse: bool = True,
-                    positions: BehaviourPositions | None = None) -> TowerOutput:
-        """The target tower on its embeddings `looked_up`, with the adapters reading `src`.
-        With `output_fusion`, in eval mode (what is scored and served), plus w (source's
-        logit - c); training fits the towers without it (w is fitted apart, out of sample).
-        `positions`: the ids' positions, made already (else the target makes its own)."""
-        states = [src.inputs, *src.hidden]
-        adds = None
-        if self.use_adapters:
-            adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)]
-            if self.input_adapters is not None:
-                adds = [x + a(states[t - 1]) for x, a, t in zip(adds, self.input_adapters,
-                                                               self.taps, strict=True)]
-        shared = src.long_interest if self.cfg.share_long_sequence_attention else None
-        out = self.target(sparse, dense, adds, long_interest=shared, looked_up=looked_up,
-                          positions=positions)
+    def from_lookups(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                     looked_up: LookedUp, src_input: SourceInput, src_looked_up: LookedUp,
+                     positions: BehaviourPositions | None, fuse: bool = True
+                     ) -> tuple[TowerOutput, TowerOutput]:
+        """Both towers after their lookups: the target's output (on its embeddings
+        `looked_up`, the adapters reading the source's states) and the source's. With
+        `output_fusion`, in eval mode (what is scored and served), the target's logit plus w
+        (source's logit - c); training fits the towers without it (w is fitted apart, out of
+        sample). `positions`: the ids' positions, made already (else each tower makes its
+        own)."""
+        if self.long_interest != "own":
+            inputs, interest = self.target.embed(sparse, dense, None, looked_up, positions)
+            reused = [a.detach() for a in interest]
+            if self.training or not self.source_scores_own_interest:
+                src = frozen_after_lookups(self.source, *src_input, src_looked_up, positions,
+                                           reused)
+            else:  # scoring: the source's own logit, the adapters' states as in training
+                own = frozen_after_lookups(self.source, *src_input, src_looked_up, positions)
+                src = frozen_on_interest(self.source, own, reused)
+            logits, hidden = self.target.mlp(inputs, self.adapter_outputs(src))
+            out = TowerOutput(logits, inputs, hidden, interest)
+        else:
+            src = frozen_after_lookups(self.source, *src_input, src_looked_up, positions)
+            shared = src.long_interest if self.cfg.share_long_sequence_attention else None
+            out = self.target(sparse, dense, self.adapter_outputs(src), long_interest=shared,
+                              looked_up=looked_up, positions=positions)
         if self.cfg.output_fusion and fuse and self.use_adapters and not self.training:
             out.logits = out.logits + self.fusion_weight * (src.logits - self.fusion_offset)
-        return out
+        return out, src
+
+    def adapter_outputs(self, src: TowerOutput) -> list[torch.Tensor | None] | None:
+        """What the adapters add to the target's MLP layers from the source's states (None
+        with `use_adapters` off)."""
+        if not self.use_adapters:
+            return None
+        states = [src.inputs, *src.hidden]
+        adds = [a(states[t]) for a, t in zip(self.adapters, self.taps, strict=True)]
+        if self.input_adapters is not None:
+            adds = [x + a(states[t - 1]) for x, a, t in zip(adds, self.input_adapters,
+                                                           self.taps, strict=True)]
+        return list(adds)
 
 
 @torch.fx.wrap
-def joined(ctnet: CTNet, src: TowerOutput, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-           looked_up: LookedUp, positions: BehaviourPositions | None) -> TowerOutput:
-    """`ctnet.from_source`, one opaque call to torch.fx (see `tower.after_lookups`)."""
-    return ctnet.from_source(src, sparse, dense, looked_up, positions=positions)
+def joined(ctnet: CTNet, sparse: KeyedJaggedTensor, dense: torch.Tensor, looked_up: LookedUp,
+           src_input: SourceInput, src_looked_up: LookedUp,
+           positions: BehaviourPositions | None) -> TowerOutput:
+    """`ctnet.from_lookups`' target output, one opaque call to torch.fx (see
+    `tower.after_lookups`)."""
+    return ctnet.from_lookups(sparse, dense, looked_up, src_input, src_looked_up, positions)[0]
 
 
 @torch.fx.wrap
@@ -156,33 +206,51 @@ def positions_of(tower: Tower, sparse: KeyedJaggedTensor) -> BehaviourPositions:
     return tower.behaviour_positions(sparse)
 
 
-@torch.fx.wrap
 def frozen_after_lookups(tower: Tower, sparse: KeyedJaggedTensor, dense: torch.Tensor,
-                         looked_up: LookedUp, positions: BehaviourPositions | None
-                         ) -> TowerOutput:
+                         looked_up: LookedUp, positions: BehaviourPositions | None,
+                         long_interest: list[torch.Tensor] | None = None) -> TowerOutput:
     """A frozen tower's `from_embeddings` in inference mode (no autograd records, no version
     counters: about a tenth of its time on the CPU), its outputs copied out of it, since
-    inference tensors cannot be saved for the adapters' backward. One opaque call to torch.fx
-    (see `tower.after_lookups`)."""
+    inference tensors cannot be saved for the adapters' backward."""
     with torch.inference_mode():
-        out = tower.from_embeddings(sparse, dense, looked_up, positions=positions)
+        out = tower.from_embeddings(sparse, dense, looked_up, long_interest=long_interest,
+                                    positions=positions)
     return TowerOutput(out.logits.clone(), out.inputs.clone(), [h.clone() for h in out.hidden],
                        [a.clone() for a in out.long_interest])
 
 
+def frozen_on_interest(tower: Tower, out: TowerOutput,
+                       long_interest: list[torch.Tensor]) -> TowerOutput:
+    """A frozen tower's output `out` with its MLP run again on its input E with
+    `long_interest` in place of its own A_SIM, A_ETA: the states it has when given those
+    (`from_embeddings(long_interest=...)`, the same floats), its own logit kept."""
+    cols = tower.long_interest_columns()
+    inputs = torch.cat([out.inputs[:, :cols.start], *long_interest, out.inputs[:, cols.stop:]],
+                       dim=-1)
+    with torch.inference_mode():
+        _, hidden = tower.mlp(inputs)
+    return TowerOutput(out.logits, inputs, [h.clone() for h in hidden], out.long_interest)
+
+
 class SourceView(nn.Module):
     """Target inputs as the source tower reads them: keys only the source has arrive empty,
-    keys only the target has are dropped; likewise dense columns (zeros when missing).
+    keys only the target has are dropped; likewise dense columns (zeros when missing). The
+    `unread` keys (ids the source is not to look up) arrive empty too, in training and,
+    with `unread_in_eval`, in scoring.
 
     Shared keys pass their ids through unchanged, so both schemas must treat a shared key's
     raw ids alike: the same id policy and, unless the policy is managed (each tower then maps
     the ids to its own rows), the same table size. Refused otherwise."""
 
-    def __init__(self, source: FeatureConfig, target: FeatureConfig) -> None:
+    def __init__(self, source: FeatureConfig, target: FeatureConfig,
+                 unread: list[str] | None = None, unread_in_eval: bool = True) -> None:
         super().__init__()
         src_keys, tgt_keys = source.sparse_keys(), target.sparse_keys()
         self.keys = src_keys
-        self.identity = src_keys == tgt_keys and source.dense_names() == target.dense_names()
+        self.unread = set(unread or [])
+        self.unread_in_eval = unread_in_eval
+        self.same_schema = src_keys == tgt_keys and \
+            source.dense_names() == target.dense_names()
         for key in [k for k in src_keys if k in tgt_keys]:
             mapping = _mapping_of(source, key), _mapping_of(target, key)
             if mapping[0] != mapping[1]:
@@ -196,9 +264,9 @@ class SourceView(nn.Module):
         self.dense_index = [tgt_dense.index(n) if n in tgt_dense else -1
                             for n in source.dense_names()]
 
-    def forward(self, sparse: KeyedJaggedTensor,
-                dense: torch.Tensor) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-        if self.identity:
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> SourceInput:
+        unread = self.unread if self.training or self.unread_in_eval else set()
+        if self.same_schema and not unread:
             return sparse, dense
         jts = sparse.to_dict()
         rows = sparse.stride()
@@ -206,7 +274,10 @@ class SourceView(nn.Module):
                                                 device=dense.device),
                              lengths=torch.zeros(rows, dtype=sparse.lengths().dtype,
                                                  device=dense.device))
-        kjt = KeyedJaggedTensor.from_jt_dict({k: jts.get(k, empty) for k in self.keys})
+        kjt = KeyedJaggedTensor.from_jt_dict({k: empty if k in unread else
+                                              jts.get(k, empty) for k in self.keys})
+        if self.same_schema:
+            return kjt, dense
         cols = [dense[:, i] if i >= 0 else dense.new_zeros(rows) for i in self.dense_index]
         return kjt, torch.stack(cols, 1) if cols else dense.new_zeros(rows, 0)
 

@@ -171,6 +171,12 @@ class Tower(nn.Module):
         with the world size and plan), the target, the attention units' interests."""
         return [*(pooled[k] for k in self.layout.pooled_keys), target, *interests]
 
+    def long_interest_columns(self) -> slice:
+        """Where A_SIM, A_ETA lie in E (`combine`: pooled, target, A_TA, then these)."""
+        token = 2 * self.layout.token_dim
+        start = self.layout.pooled_dim + token * (2 if self.ta is not None else 1)
+        return slice(start, start + token * sum(m is not None for m in (self.sim, self.eta)))
+
     def long_sequence_interest(self, emb: dict[str, JaggedTensor], target: torch.Tensor,
                                positions: BehaviourPositions) -> list[torch.Tensor]:
         """[A_SIM, A_ETA] (those switched on): the long sequence's retrieval + attention."""
