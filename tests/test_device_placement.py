@@ -26,8 +26,8 @@ from .conftest import write_tower_config
 CASES = {kind: (kind, "") for kind in kind_names()} | {
     "ctnet, managed ids": (CTNET, "managed"),
     "ctnet, shared long-sequence attention": (CTNET, "shared"),
-    "ctnet, the source reading the target's long-sequence interests": (CTNET, "target"),
-    "ctnet, the adapters' source states on the target's": (CTNET, "target_for_adapters"),
+    "ctnet, the source on its own long-sequence interests": (CTNET, "own"),
+    "ctnet, the source on the target's long-sequence interests": (CTNET, "target"),
     "tower, DIN unit": ("tower", "din"),
 }
 
@@ -39,7 +39,7 @@ def _config(base: Config, option: str) -> Config:
     elif option == "shared":
         cfg.ctnet.share_long_sequence_attention = True
         cfg.ctnet.source_long_interest = "own"
-    elif option.startswith("target"):
+    elif option in ("own", "target"):
         cfg.ctnet.source_long_interest = option  # type: ignore[assignment]
     elif option == "din":
         cfg.model.short_sequence = "din"
