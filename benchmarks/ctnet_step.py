@@ -133,7 +133,7 @@ def source_forward(dmp: DistributedModelParallel) -> Callable[[Batch], None]:
     their place: the same work)."""
     net = dmp.module
     src = net.source
-    reads_target = net.cfg.source_long_interest != "own"
+    reads_target = net.long_interest != "own"
     width = 2 * src.layout.token_dim
 
     def step(b: Batch) -> None:
